@@ -1,0 +1,1 @@
+"""LaMP: retrieval-augmented personalization of language models, with PEFT fine-tuning."""

@@ -1,0 +1,33 @@
+"""The small amount of plumbing every script shares: logging set-up and error handling."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+from LaMP.utils.errors import LampError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the root logger once, from a script's ``main``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    # rouge_score logs through absl at INFO on every scorer it builds; keep that out.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main``; a user mistake ends with one line on stderr and status 2."""
+    try:
+        main(argv)
+    except LampError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,102 @@
+"""Loading LaMP question files, the one loader every stage uses.
+
+A questions file is a JSON list of ``{"id", "input", "profile": [{"id", ...fields}]}``; a
+merged (ranked) file adds each question's gold ``"output"``. Files run to gigabytes for the
+train splits, so ``iter_questions`` streams them with ``ijson`` (memory bounded by one
+question) and validates each question as it arrives, naming file, index, id and field.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import check_readable
+from LaMP.utils.tasks import Task
+
+
+def as_id(value: Any) -> str | None:
+    """A LaMP id as a string (integers are accepted as their decimal text), else ``None``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def validate_question(question: Any, index: int, source: str, task: Task | None = None,
+                      require_output: bool = False) -> dict:
+    """Check one question's shape; ids become strings. Returns the question."""
+    where = f"{source}: question {index}"
+    if not isinstance(question, dict):
+        raise LampError(f"{where}: expected an object, found {type(question).__name__}")
+    qid = as_id(question.get("id"))
+    if qid is None:
+        raise LampError(f'{where}: missing or invalid "id"')
+    question["id"] = qid
+    where = f"{where} (id {qid})"
+    if not isinstance(question.get("input"), str):
+        raise LampError(f'{where}: missing or non-string "input"')
+    profile = question.get("profile")
+    if not isinstance(profile, list):
+        raise LampError(f'{where}: missing "profile" list')
+    fields = task.profile_fields if task is not None else ()
+    for position, item in enumerate(profile):
+        if not isinstance(item, dict):
+            raise LampError(f"{where}: profile item {position} is not an object")
+        item_id = as_id(item.get("id"))
+        if item_id is None:
+            raise LampError(f'{where}: profile item {position} has a missing or invalid "id"')
+        item["id"] = item_id
+        for field in fields:
+            value = item.get(field)
+            if value is None:
+                raise LampError(f"{where}: profile item {position} (id {item_id}) "
+                                f"lacks the {task.name} field {field!r}")
+            if not isinstance(value, str):
+                # Ratings sometimes arrive as numbers; every template treats fields as text.
+                item[field] = str(value)
+    if "output" in question and not isinstance(question["output"], str):
+        raise LampError(f'{where}: "output" must be a string')
+    if require_output and "output" not in question:
+        raise LampError(f'{where}: no "output" (a merged file with gold outputs is needed)')
+    return question
+
+
+def _check_is_list(path: Path) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:].lstrip()
+    if not head:
+        raise LampError(f"{path}: the file is empty")
+    if not head.startswith(b"["):
+        raise LampError(f"{path}: expected a JSON list of questions")
+
+
+def iter_questions(path: str | os.PathLike, task: Task | None = None,
+                   require_output: bool = False, what: str = "questions file"
+                   ) -> Iterator[dict]:
+    """Stream and validate the questions of a LaMP file, one at a time."""
+    import ijson
+
+    path = check_readable(path, what)
+    _check_is_list(path)
+    index = -1
+    with open(path, "rb") as handle:
+        try:
+            for index, question in enumerate(ijson.items(handle, "item", use_float=True)):
+                yield validate_question(question, index, str(path), task, require_output)
+        except ijson.JSONError as error:
+            raise LampError(f"{path}: malformed JSON after question {index} "
+                            f"({str(error).splitlines()[0][:200]})") from None
+
+
+def load_questions(path: str | os.PathLike, task: Task | None = None,
+                   require_output: bool = False) -> list[dict]:
+    """All questions of a file (small files, or when random access is needed)."""
+    questions = list(iter_questions(path, task, require_output))
+    if not questions:
+        raise LampError(f"{path}: no questions")
+    return questions

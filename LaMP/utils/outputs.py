@@ -1,0 +1,128 @@
+"""LaMP output files: gold labels and predictions share one format.
+
+    {"task": "LaMP_7", "golds": [{"id": "610", "output": "..."}, ...]}
+
+This module parses and validates such documents (from a path or from bytes read out of a
+zip) and writes them. Every problem is a ``LampError`` naming the source.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from LaMP.utils.data import as_id
+from LaMP.utils.errors import LampError, preview
+from LaMP.utils.fileio import atomic_write_json, check_readable, parse_json_bytes, read_json
+from LaMP.utils.tasks import Task, get_task
+
+# The largest published LaMP outputs file is a few tens of MB; anything far beyond that is
+# not a LaMP file (or is a zip bomb) and is refused before it is read.
+MAX_OUTPUTS_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class OutputsFile:
+    source: str  # the path, or "archive.zip:member.json"
+    task: Task
+    outputs: dict[str, str]  # id -> output, in file order
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+
+def parse_outputs(document: Any, source: str) -> OutputsFile:
+    """Validate a decoded outputs document."""
+    if not isinstance(document, dict):
+        raise LampError(f'{source}: expected an object with "task" and "golds", '
+                        f"found {type(document).__name__}")
+    for key in ("task", "golds"):
+        if key not in document:
+            raise LampError(f'{source}: missing the "{key}" field')
+    if not isinstance(document["task"], str):
+        raise LampError(f'{source}: "task" must be a string such as "LaMP_1"')
+    try:
+        task = get_task(document["task"])
+    except LampError as error:
+        raise LampError(f"{source}: {error}") from None
+    entries = document["golds"]
+    if not isinstance(entries, list):
+        raise LampError(f'{source}: "golds" must be a list of {{"id", "output"}} objects')
+    outputs: dict[str, str] = {}
+    duplicates: list[str] = []
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry or "output" not in entry:
+            raise LampError(f'{source}: golds[{position}] must be an object with "id" and "output"')
+        entry_id = as_id(entry["id"])
+        if entry_id is None:
+            # LaMP ids are strings; integer ids (a common slip when writing predictions) are
+            # accepted and compared as their decimal text.
+            raise LampError(f"{source}: golds[{position}] has id {entry['id']!r}; ids are strings")
+        if not isinstance(entry["output"], str):
+            raise LampError(f"{source}: id {entry_id} has a non-string output "
+                            f"({type(entry['output']).__name__}); outputs are strings")
+        if entry_id in outputs:
+            duplicates.append(entry_id)
+        outputs[entry_id] = entry["output"]
+    if duplicates:
+        raise LampError(f"{source}: duplicate ids: {preview(duplicates)}")
+    return OutputsFile(source=source, task=task, outputs=outputs)
+
+
+def load_outputs(path: str | os.PathLike, what: str = "outputs file") -> OutputsFile:
+    document = read_json(path, what=what, max_bytes=MAX_OUTPUTS_BYTES)
+    return parse_outputs(document, str(path))
+
+
+def parse_outputs_bytes(data: bytes, source: str) -> OutputsFile:
+    return parse_outputs(parse_json_bytes(data, source), source)
+
+
+def outputs_document(task: Task, pairs: Iterable[tuple[str, str]]) -> dict:
+    """The LaMP document for ``(id, output)`` pairs."""
+    return {"task": task.file_name,
+            "golds": [{"id": str(qid), "output": output} for qid, output in pairs]}
+
+
+def write_outputs(path: str | os.PathLike, task: Task, pairs: Iterable[tuple[str, str]]):
+    return atomic_write_json(path, outputs_document(task, pairs), indent=1)
+
+
+def _is_outputs_member(info: zipfile.ZipInfo) -> bool:
+    parts = info.filename.split("/")
+    return (not info.is_dir()
+            and "__MACOSX" not in parts
+            and not parts[-1].startswith("._")  # macOS resource forks
+            and parts[-1].lower().endswith(".json"))
+
+
+def read_outputs_zip(path: str | os.PathLike, what: str = "zip") -> dict[Task, OutputsFile]:
+    """Every LaMP outputs file inside a zip, by task; nothing is extracted to disk."""
+    path = check_readable(path, what)
+    if not zipfile.is_zipfile(path):
+        raise LampError(f"{path}: not a zip archive")
+    by_task: dict[Task, OutputsFile] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = sorted((info for info in archive.infolist() if _is_outputs_member(info)),
+                             key=lambda info: info.filename)
+            for info in members:
+                source = f"{path}:{info.filename}"
+                if info.file_size > MAX_OUTPUTS_BYTES:
+                    raise LampError(f"{source}: {info.file_size:,} bytes is too large to be a "
+                                    f"LaMP outputs file (limit {MAX_OUTPUTS_BYTES:,})")
+                with archive.open(info) as member:
+                    # Read at most one byte past the limit: a member whose header lies
+                    # about its size cannot make us inflate it all.
+                    data = member.read(MAX_OUTPUTS_BYTES + 1)
+                if len(data) > MAX_OUTPUTS_BYTES:
+                    raise LampError(f"{source}: too large to be a LaMP outputs file")
+                parsed = parse_outputs_bytes(data, source)
+                if parsed.task in by_task:
+                    raise LampError(f"{path}: two files for {parsed.task.file_name}: "
+                                    f"{by_task[parsed.task].source} and {source}")
+                by_task[parsed.task] = parsed
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+        raise LampError(f"{path}: damaged zip archive ({error})") from None
+    return by_task

@@ -1,0 +1,73 @@
+"""Scoring prediction files against gold files: pairing, checks, metrics and tables."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from LaMP.utils.errors import LampError, preview
+from LaMP.utils.metrics import (DEFAULT_BOOTSTRAP_SEED, InvalidGold, Metric, Prepared,
+                                bootstrap_intervals, metric_for)
+from LaMP.utils.outputs import OutputsFile
+from LaMP.utils.tasks import Task
+
+
+def paired_outputs(golds: OutputsFile, preds: OutputsFile, task: Task | None = None
+                   ) -> tuple[Task, list[str], list[str], list[str]]:
+    """Check that two files describe the same task and ids; return (task, ids, golds, preds)."""
+    task = task or golds.task
+    for side in (golds, preds):
+        if side.task is not task:
+            raise LampError(f"{side.source}: task is {side.task.file_name}, expected {task.file_name}")
+    if not golds.outputs:
+        raise LampError(f"{golds.source}: the gold set is empty")
+    missing = [qid for qid in golds.outputs if qid not in preds.outputs]
+    if missing:
+        raise LampError(f"{preds.source}: no prediction for {preview(missing)} gold ids")
+    extra = [qid for qid in preds.outputs if qid not in golds.outputs]
+    if extra:
+        raise LampError(f"{preds.source}: predictions for {preview(extra)} ids that have no gold")
+    ids = list(golds.outputs)
+    return task, ids, [golds.outputs[i] for i in ids], [preds.outputs[i] for i in ids]
+
+
+def prepare(metric: Metric, ids: list[str], golds: list[str], preds: list[str],
+            source: str) -> Prepared:
+    """``metric.prepare`` with gold problems reported by id."""
+    try:
+        return metric.prepare(golds, preds)
+    except InvalidGold as error:
+        raise LampError(f"{source}: {error} for {preview(ids[i] for i in error.positions)} ids") from None
+
+
+def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None,
+                bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
+    """Metrics of ``preds`` against ``golds`` under the official keys, with counts.
+
+    ``bootstrap`` > 0 adds ``ci95``: percentile intervals from that many seeded resamples.
+    """
+    task, ids, gold_texts, pred_texts = paired_outputs(golds, preds, task)
+    metric = metric_for(task)
+    prepared = prepare(metric, ids, gold_texts, pred_texts, golds.source)
+    result: dict = {**metric.aggregate(prepared), "count": len(ids), **prepared.counts}
+    if bootstrap > 0:
+        result["ci95"] = bootstrap_intervals(metric, prepared, bootstrap, seed)
+        result["bootstrap"] = {"samples": bootstrap, "seed": seed}
+    return result
+
+
+def format_results_table(results: Mapping[str, Mapping]) -> str:
+    """A plain-text table of ``{task file name: result}`` for the terminal."""
+    header = ("task", "metric", "value", "95% CI", "n", "invalid")
+    rows = []
+    for task_name, result in results.items():
+        metric_names = [key for key in result
+                        if key not in ("count", "invalid", "ci95", "bootstrap")]
+        for name in metric_names:
+            interval = result.get("ci95", {}).get(name)
+            rows.append((task_name, name, f"{result[name]:.4f}",
+                         f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "",
+                         str(result.get("count", "")), str(result.get("invalid", ""))))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

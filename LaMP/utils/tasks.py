@@ -1,0 +1,192 @@
+"""The one description of the seven LaMP tasks.
+
+Every stage looks a task up here instead of branching on its name: labels, profile fields,
+how to build the retrieval query and corpus, the prompt template, the metrics and the metric
+that picks a best checkpoint. Facts follow the LaMP paper and its published data format.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+from LaMP.utils.errors import LampError
+
+CLASSIFICATION = "classification"
+RATING = "rating"
+GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How retrieved profile items are written into the prompt.
+
+    ``item`` is a ``str.format`` pattern over profile fields. Only ``truncate_field`` may be
+    shortened to fit the budget. With ``insert_after`` set, the joined items are inserted
+    after the first occurrence of that word in the input (LaMP-1); otherwise they are placed
+    before the input, followed by ``suffix``.
+    """
+
+    item: str
+    truncate_field: str
+    joiner: str = ", and "
+    suffix: str = ". "
+    insert_after: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # "LaMP-3": the spelling used by the ranking and training scripts
+    file_name: str  # "LaMP_3": the spelling inside LaMP output files and zips
+    title: str
+    kind: str  # CLASSIFICATION, RATING or GENERATION
+    labels: tuple[str, ...] | None  # the valid outputs of a classification/rating task
+    metrics: tuple[str, ...]  # result keys, as the official evaluator names them
+    selection_metric: str  # the metric that picks a best checkpoint
+    greater_is_better: bool  # direction of selection_metric
+    profile_fields: tuple[str, ...]  # fields of a profile item besides id and date
+    query_marker: str | None  # the input's query is the text after this marker
+    corpus_fields: tuple[str, ...]  # profile fields joined (by a space) into the corpus text
+    prompt: PromptTemplate
+    query_fn: Callable[[str], str | None] | None = None  # overrides query_marker when set
+
+    def __str__(self) -> str:
+        return self.name
+
+    def query(self, text: str, question_id: str = "?") -> str:
+        """The retrieval query for one input; a missing marker is the user's data error."""
+        if self.query_fn is not None:
+            query = self.query_fn(text)
+        else:
+            position = text.find(self.query_marker)
+            query = None if position < 0 else text[position + len(self.query_marker):].strip()
+        if query is None:
+            raise LampError(
+                f"{self.name} question {question_id}: input lacks "
+                f"{self._query_description()}; cannot build the retrieval query"
+            )
+        return query
+
+    def corpus_text(self, item: Mapping[str, str], use_date: bool = False) -> str:
+        """The text of one profile item as the retrievers see it."""
+        text = " ".join(str(item[field]) for field in self.corpus_fields)
+        if use_date:
+            text += f" date: {item.get('date', '')}"
+        return text
+
+    def corpus(self, profile: Sequence[Mapping[str, str]], use_date: bool = False) -> list[str]:
+        return [self.corpus_text(item, use_date) for item in profile]
+
+    def _query_description(self) -> str:
+        if self.query_fn is not None:
+            return "the quoted candidate titles"
+        return f"the marker {self.query_marker!r}"
+
+
+def quoted_strings(text: str) -> list[str]:
+    """The strings between successive pairs of double quotes, in order (an unclosed one is dropped)."""
+    parts = text.split('"')
+    return parts[1:len(parts) - 1:2]
+
+
+def _citation_query(text: str) -> str | None:
+    # LaMP-1 inputs quote the author's paper title first, then the two candidate references;
+    # the query is the two candidates.
+    quoted = quoted_strings(text)
+    if len(quoted) < 3:
+        return None
+    return f"{quoted[1]} {quoted[2]}"
+
+
+MOVIE_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",
+    "dark comedy", "classic", "psychology", "fantasy", "romance", "thought-provoking",
+    "social commentary", "violence", "true story",
+)
+
+_CLASSIFICATION_METRICS = ("accuracy", "f1")
+_RATING_METRICS = ("MAE", "RMSE")
+_ROUGE_METRICS = ("rouge-1", "rouge-L")
+
+_TASKS = (
+    Task(
+        name="LaMP-1", file_name="LaMP_1", title="Personalized Citation Identification",
+        kind=CLASSIFICATION, labels=("[1]", "[2]"), metrics=_CLASSIFICATION_METRICS,
+        selection_metric="accuracy", greater_is_better=True,
+        profile_fields=("title", "abstract"), query_marker=None, query_fn=_citation_query,
+        corpus_fields=("title", "abstract"),
+        prompt=PromptTemplate(item='"{title}"', truncate_field="title", insert_after="title"),
+    ),
+    Task(
+        name="LaMP-2", file_name="LaMP_2", title="Personalized Movie Tagging",
+        kind=CLASSIFICATION, labels=MOVIE_TAGS, metrics=_CLASSIFICATION_METRICS,
+        selection_metric="accuracy", greater_is_better=True,
+        profile_fields=("description", "tag"), query_marker="description:",
+        corpus_fields=("description",),
+        prompt=PromptTemplate(item='the tag for the movie: "{description}" is "{tag}" ',
+                              truncate_field="description"),
+    ),
+    Task(
+        name="LaMP-3", file_name="LaMP_3", title="Personalized Product Rating",
+        kind=RATING, labels=("1", "2", "3", "4", "5"), metrics=_RATING_METRICS,
+        selection_metric="MAE", greater_is_better=False,
+        profile_fields=("text", "score"), query_marker="review:", corpus_fields=("text",),
+        prompt=PromptTemplate(item='{score} is the score for "{text}" ', truncate_field="text"),
+    ),
+    Task(
+        name="LaMP-4", file_name="LaMP_4", title="Personalized News Headline Generation",
+        kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
+        selection_metric="rouge-1", greater_is_better=True,
+        profile_fields=("text", "title"), query_marker="article:",
+        corpus_fields=("title", "text"),
+        prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
+    ),
+    Task(
+        name="LaMP-5", file_name="LaMP_5", title="Personalized Scholarly Title Generation",
+        kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
+        selection_metric="rouge-1", greater_is_better=True,
+        profile_fields=("title", "abstract"), query_marker="paper:",
+        corpus_fields=("title", "abstract"),
+        prompt=PromptTemplate(item='"{title}" is a title for "{abstract}" ',
+                              truncate_field="abstract",
+                              suffix=". Following the given patterns "),
+    ),
+    Task(
+        name="LaMP-6", file_name="LaMP_6", title="Personalized Email Subject Generation",
+        kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
+        selection_metric="rouge-1", greater_is_better=True,
+        profile_fields=("text", "title"), query_marker=":", corpus_fields=("text",),
+        prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
+    ),
+    Task(
+        name="LaMP-7", file_name="LaMP_7", title="Personalized Tweet Paraphrasing",
+        kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
+        selection_metric="rouge-1", greater_is_better=True,
+        profile_fields=("text",), query_marker=":", corpus_fields=("text",),
+        prompt=PromptTemplate(item='"{text}" ', truncate_field="text",
+                              suffix=" are written by a person. Following the given patterns "),
+    ),
+)
+
+TASKS: dict[str, Task] = {task.name: task for task in _TASKS}
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+_NAME_RE = re.compile(r"^lamp[-_]([1-7])$", re.IGNORECASE)
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by ``LaMP-N`` or ``LaMP_N`` in any case."""
+    match = _NAME_RE.match(str(name).strip())
+    if match is None:
+        valid = ", ".join(TASK_NAMES)
+        raise LampError(f"unknown task {name!r}; valid tasks: {valid} (or LaMP_1 … LaMP_7)")
+    return TASKS[f"LaMP-{match.group(1)}"]
+
+
+def task_arg(name: str) -> Task:
+    """argparse ``type=`` for task flags: the error message lists the valid names."""
+    import argparse
+
+    try:
+        return get_task(name)
+    except LampError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -1,0 +1,82 @@
+"""Score every LaMP task found in a zip of predictions against a zip of gold labels.
+
+Example:
+    python eval/eval_all.py --golds_zip golds.zip --preds_zip preds.zip \
+        --temp_dir /tmp/unused --output_file results.json
+
+JSON members are read straight out of both archives (any folder depth; ``__MACOSX/`` and
+non-JSON members are skipped); each file's task comes from its ``task`` field. Nothing is
+extracted, deleted or written except ``--output_file``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.outputs import read_outputs_zip
+from LaMP.utils.scoring import format_results_table, score_files
+from LaMP.utils.tasks import TASKS
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--golds_zip", required=True,
+                        help="zip holding one gold outputs JSON per task")
+    parser.add_argument("--preds_zip", required=True,
+                        help="zip holding one predictions JSON per task, same format as golds")
+    parser.add_argument("--temp_dir", default=None,
+                        help="accepted for compatibility with the original script and never "
+                             "touched: members are read from the zips in memory")
+    parser.add_argument("--output_file", required=True,
+                        help="where to write the results JSON ({task: metrics})")
+    parser.add_argument("--require_all", action="store_true",
+                        help="fail unless all seven tasks have both golds and predictions")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+    args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    golds = read_outputs_zip(args.golds_zip, what="golds zip")
+    preds = read_outputs_zip(args.preds_zip, what="predictions zip")
+    lacking = {}
+    for task in TASKS.values():
+        if task not in golds and task not in preds:
+            lacking[task.file_name] = "no golds and no predictions"
+        elif task not in golds:
+            lacking[task.file_name] = "no golds"
+        elif task not in preds:
+            lacking[task.file_name] = "no predictions"
+    if args.require_all and lacking:
+        raise LampError("--require_all: tasks not scored: "
+                        + ", ".join(f"{name} ({why})" for name, why in lacking.items()))
+    if not any(task in preds for task in golds):
+        raise LampError(f"{args.preds_zip}: no task has both golds and predictions")
+    results = {}
+    for task in TASKS.values():
+        if task in golds and task in preds:
+            results[task.file_name] = score_files(golds[task], preds[task], task,
+                                                  bootstrap=args.bootstrap, seed=args.seed)
+    atomic_write_json(args.output_file, results, indent=2)
+    print(format_results_table(results))
+    for name, why in lacking.items():
+        print(f"not scored: {name} ({why})")
+    logger.info("wrote %s", args.output_file)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,56 @@
+"""Score one LaMP task's predictions against its gold labels.
+
+Example:
+    python eval/eval_task.py --golds_json dev_outputs.json --preds_json preds.json \
+        --task_name LaMP_7 --output_file results.json
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.outputs import load_outputs
+from LaMP.utils.scoring import format_results_table, score_files
+from LaMP.utils.tasks import task_arg
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--golds_json", required=True,
+                        help="gold labels of the task, a LaMP outputs file")
+    parser.add_argument("--preds_json", required=True,
+                        help="predictions in the same format as the gold file")
+    parser.add_argument("--task_name", required=True, type=task_arg,
+                        help="the task: LaMP_1 … LaMP_7 (LaMP-N is accepted too)")
+    parser.add_argument("--output_file", required=True,
+                        help="where to write the results JSON")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+    args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    golds = load_outputs(args.golds_json, what="gold file")
+    preds = load_outputs(args.preds_json, what="predictions file")
+    result = score_files(golds, preds, task=args.task_name,
+                         bootstrap=args.bootstrap, seed=args.seed)
+    atomic_write_json(args.output_file, result, indent=2)
+    print(format_results_table({args.task_name.file_name: result}))
+    logger.info("wrote %s", args.output_file)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
