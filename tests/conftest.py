@@ -39,3 +39,92 @@ def write_json(path: Path, obj) -> Path:
 
 def outputs_doc(task_file_name: str, pairs) -> dict:
     return {"task": task_file_name, "golds": [{"id": i, "output": o} for i, o in pairs]}
+
+
+# -- tiny models built offline ------------------------------------------------------------
+# Random weights and tokenizers made here, so model tests need no hub and run in seconds.
+
+TOKENIZER_CORPUS = [
+    "Paraphrase the following tweet without any explanation before or after it:",
+    "Generate a headline for the following article:",
+    "Generate a title for the following abstract of a paper:",
+    "Generate a subject for the following email:",
+    "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5",
+    "Which tag does this movie relate to among the following tags? description: tags: [",
+    "For an author who has written the paper with the title, which reference is related? [1] [2]",
+    "sci-fi, based on a book, comedy, action, twist ending, dystopia, dark comedy, classic,",
+    "psychology, fantasy, romance, thought-provoking, social commentary, violence, true story",
+    '"is the title for" "is a title for" "is the score for" "the tag for the movie:"',
+    "are written by a person. Following the given patterns , and",
+    "the quick brown fox jumps over the lazy dog while the weather is nice today",
+    "I am so tired today but my friends and I will go to the beach tomorrow morning",
+    "new study finds that students who sleep more learn faster and remember better",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def make_unigram_tokenizer(chat_template: bool = True):
+    """A small sentencepiece-style Unigram tokenizer trained on the corpus above."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.Unigram())
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=400, unk_token="<unk>",
+                                      special_tokens=["<pad>", "</s>", "<unk>", "<s>"])
+    core.train_from_iterator(TOKENIZER_CORPUS * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_t5(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random T5 with the byte-level ByT5 tokenizer (which needs no files)."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=2,
+                      num_decoder_layers=2, num_heads=2, d_kv=16,
+                      decoder_start_token_id=tokenizer.pad_token_id,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama-style causal LM with a Unigram tokenizer and a chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = make_unigram_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(params=["t5", "llama"])
+def tiny_model(request, tiny_t5, tiny_llama) -> Path:
+    """Each test using this runs once with a seq2seq and once with a causal model."""
+    return {"t5": tiny_t5, "llama": tiny_llama}[request.param]

@@ -38,20 +38,23 @@ def prepare(metric: Metric, ids: list[str], golds: list[str], preds: list[str],
         raise LampError(f"{source}: {error} for {preview(ids[i] for i in error.positions)} ids") from None
 
 
-def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None,
-                bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
-    """Metrics of ``preds`` against ``golds`` under the official keys, with counts.
-
-    ``bootstrap`` > 0 adds ``ci95``: percentile intervals from that many seeded resamples.
-    """
-    task, ids, gold_texts, pred_texts = paired_outputs(golds, preds, task)
+def score_outputs(task: Task, ids: list[str], golds: list[str], preds: list[str], source: str,
+                  bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
+    """Metrics under the official keys, with counts; ``bootstrap`` > 0 adds ``ci95``."""
     metric = metric_for(task)
-    prepared = prepare(metric, ids, gold_texts, pred_texts, golds.source)
+    prepared = prepare(metric, ids, golds, preds, source)
     result: dict = {**metric.aggregate(prepared), "count": len(ids), **prepared.counts}
     if bootstrap > 0:
         result["ci95"] = bootstrap_intervals(metric, prepared, bootstrap, seed)
         result["bootstrap"] = {"samples": bootstrap, "seed": seed}
     return result
+
+
+def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None,
+                bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
+    """Metrics of ``preds`` against ``golds`` (see ``score_outputs``)."""
+    task, ids, gold_texts, pred_texts = paired_outputs(golds, preds, task)
+    return score_outputs(task, ids, gold_texts, pred_texts, golds.source, bootstrap, seed)
 
 
 def format_results_table(results: Mapping[str, Mapping]) -> str:

@@ -1,0 +1,106 @@
+"""Zero-shot (or adapter) evaluation of a language model on a LaMP task, with or without RAG.
+
+Example (from the LaMP/ folder):
+    python evaluate_llm.py --validation_data ../runs/LaMP_7_dev_merged.json \
+        --model_addr google/flan-t5-base --task LaMP-7 --output_dir ../runs/eval \
+        --use_profile --is_ranked --num_retrieved 2
+
+Writes ``predictions.json`` (the LaMP format the evaluator reads), ``results_output.json``
+(metrics, when the data carries gold outputs) and ``args.json`` into ``--output_dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
+                                  profile_options)
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.fileio import atomic_write_json, check_readable, save_run_args
+from LaMP.utils.tasks import task_arg
+
+logger = logging.getLogger(__name__)
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--validation_data", required=True,
+                        help="questions to evaluate: a merged file (with outputs) or a "
+                             "questions file (test split: predictions only)")
+    parser.add_argument("--model_addr", required=True,
+                        help="model to run: a hub name or a local folder")
+    parser.add_argument("--task", required=True, type=task_arg,
+                        help="LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for predictions.json, results_output.json and args.json")
+    add_profile_arguments(parser)
+    parser.add_argument("--generation_max_length", type=int, default=128,
+                        help="most new tokens generated per answer")
+    parser.add_argument("--per_device_batch_size", type=int, default=16,
+                        help="prompts per generation batch")
+    parser.add_argument("--generation_num_beams", type=int, default=4,
+                        help="beam width (1: greedy decoding)")
+    parser.add_argument("--adapter", default=None,
+                        help="a peft adapter folder (train_llm.py output) to load on the model")
+    parser.add_argument("--label_scoring", action="store_true",
+                        help="classification/rating tasks: answer with the label the model "
+                             "finds most likely instead of free text")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N questions (quick checks)")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    check_common(parser, args)
+    for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    if args.label_scoring and not args.task.labels:
+        parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    check_readable(args.validation_data, "--validation_data")
+    if args.adapter:
+        check_readable(Path(args.adapter) / "adapter_config.json", "--adapter config")
+
+    from transformers import set_seed
+
+    from LaMP.utils.examples import build_examples
+    from LaMP.utils.modeling import load_model
+    from LaMP.utils.predict import predict, write_predictions
+
+    set_seed(args.seed)
+    task = args.task
+    lamp_model = load_model(args.model_addr, device=args.device, adapter=args.adapter,
+                            chat_template=args.chat_template,
+                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    options = profile_options(args)
+    examples = build_examples(args.validation_data, task,
+                              lamp_model.prompt_builder(task, args.max_length), options,
+                              limit=args.limit)
+    started = time.perf_counter()
+    predictions = predict(lamp_model, task, examples, max_length=args.max_length,
+                          max_new_tokens=args.generation_max_length,
+                          num_beams=args.generation_num_beams,
+                          batch_size=args.per_device_batch_size,
+                          label_scoring=args.label_scoring)
+    elapsed = time.perf_counter() - started
+    output_dir = Path(args.output_dir)
+    results = write_predictions(output_dir, task, examples, predictions)
+    if results is not None:
+        results["seconds"] = elapsed
+        atomic_write_json(output_dir / "results_output.json", results, indent=2)
+    save_run_args(output_dir / "args.json", args)
+    logger.info("%d predictions in %.1f s (%.2f questions/s) → %s", len(examples), elapsed,
+                len(examples) / max(elapsed, 1e-9), output_dir)
+    return {"predictions": predictions, "results": results}
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

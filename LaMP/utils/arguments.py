@@ -1,0 +1,59 @@
+"""Command-line flags shared by evaluate_llm.py and train_llm.py."""
+from __future__ import annotations
+
+import argparse
+
+RETRIEVERS = ("bm25", "contriever", "recency", "random")  # the rankers of LaMP.utils.retrieval
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
+    """Flags that choose how profile items reach the prompt."""
+    parser.add_argument("--use_profile", action="store_true",
+                        help="personalize: put retrieved profile items into the prompt")
+    parser.add_argument("--retriever", default="bm25", choices=RETRIEVERS,
+                        help="ranker used on the fly when the data is not pre-ranked")
+    parser.add_argument("--is_ranked", action="store_true",
+                        help="the profiles are already ranked (merge_with_rank.py output): "
+                             "take the first --num_retrieved items as they are")
+    parser.add_argument("--num_retrieved", type=int, default=1,
+                        help="number of profile items in each prompt (0: the bare input)")
+    parser.add_argument("--use_date", action="store_true",
+                        help="on-the-fly ranking: add each item's date to its text")
+    parser.add_argument("--contriever_checkpoint", default="facebook/contriever",
+                        help="encoder for --retriever contriever (hub name or local folder)")
+    parser.add_argument("--max_length", type=int, default=max_length,
+                        help="token budget of the model input: instruction, profile and all")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that say how the model is loaded and run."""
+    parser.add_argument("--chat_template", action="store_true",
+                        help="send each prompt as a user turn through the tokenizer's chat "
+                             "template (instruction-tuned causal models)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow model code from the hub (off: only transformers' own)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Hugging Face cache folder for downloaded models")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed for everything stochastic (initialisation, shuffling, "
+                             "the random ranker)")
+
+
+def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate the shared flags before any model is loaded."""
+    if args.num_retrieved < 0:
+        parser.error("--num_retrieved must be >= 0")
+    if args.max_length < 16:
+        parser.error("--max_length must be at least 16 tokens")
+
+
+def profile_options(args: argparse.Namespace):
+    """The ``ProfileOptions`` that the parsed flags describe."""
+    from LaMP.utils.examples import ProfileOptions
+
+    return ProfileOptions(use_profile=args.use_profile, num_retrieved=args.num_retrieved,
+                          is_ranked=args.is_ranked, retriever=args.retriever,
+                          use_date=args.use_date, retriever_model=args.contriever_checkpoint,
+                          device=args.device, seed=args.seed)

@@ -1,0 +1,86 @@
+"""From a LaMP questions file to model examples: choose profile items, build prompts.
+
+Profile items come from the file's own order when it was ranked beforehand (``is_ranked``:
+the first k of a merged file) or are ranked on the fly by the retrieval stage's rankers, one
+code path for both stages.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+from LaMP.utils.data import iter_questions
+from LaMP.utils.errors import LampError
+from LaMP.utils.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    id: str
+    prompt: str
+    target: str | None  # the gold output, when the file has one
+
+
+@dataclass
+class ProfileOptions:
+    """How each question's profile reaches its prompt (the shared training/evaluation flags)."""
+
+    use_profile: bool = False
+    num_retrieved: int = 1
+    is_ranked: bool = False
+    retriever: str = "bm25"
+    use_date: bool = False
+    retriever_model: str = "facebook/contriever"  # only for the dense retriever
+    device: str | None = None
+    seed: int = 0
+
+    @property
+    def uses_items(self) -> bool:
+        return self.use_profile and self.num_retrieved > 0
+
+
+def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOptions
+                       ) -> Iterator[tuple[dict, list[dict]]]:
+    """Each question with the profile items its prompt gets, best first."""
+    k = options.num_retrieved
+    if not options.uses_items:
+        for question in questions:
+            yield question, []
+    elif options.is_ranked:
+        for question in questions:
+            yield question, question["profile"][:k]
+    else:
+        from LaMP.utils.retrieval import build_ranker, order_profile
+
+        ranker = build_ranker(options.retriever, task, use_date=options.use_date,
+                              model_name=options.retriever_model, device=options.device,
+                              seed=options.seed)
+        for question, ranked_ids in ranker.rank(questions):
+            yield question, order_profile(question["profile"], ranked_ids)[:k]
+
+
+def build_examples(path: str, task: Task, prompt_fn: Callable[[str, Sequence[Mapping]], str],
+                   options: ProfileOptions, *, limit: int | None = None,
+                   require_output: bool = False) -> list[Example]:
+    """The examples of a questions (or merged) file; only prompts stay in memory."""
+    questions = iter_questions(path, task, require_output=require_output)
+    if limit is not None:
+        questions = itertools.islice(questions, limit)
+    examples = [Example(id=question["id"], prompt=prompt_fn(question["input"], items),
+                        target=question.get("output"))
+                for question, items in with_profile_items(questions, task, options)]
+    if not examples:
+        raise LampError(f"{path}: no questions")
+    has_target = [example.target is not None for example in examples]
+    if any(has_target) and not all(has_target):
+        missing = [example.id for example in examples if example.target is None]
+        raise LampError(f"{path}: some questions have an output and some do not "
+                        f"(e.g. id {missing[0]}); merge the outputs for all of them")
+    logger.info("%s: %d examples, profile %s", path, len(examples),
+                f"top {options.num_retrieved} by {'file order' if options.is_ranked else options.retriever}"
+                if options.uses_items else "not used")
+    return examples

@@ -1,0 +1,44 @@
+"""Predicting with a loaded model and writing LaMP prediction files (shared by both stages)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from LaMP.utils.examples import Example
+from LaMP.utils.outputs import write_outputs
+from LaMP.utils.scoring import score_outputs
+from LaMP.utils.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+def predict(lamp_model, task: Task, examples: Sequence[Example], *, max_length: int,
+            max_new_tokens: int, num_beams: int = 1, batch_size: int = 8,
+            label_scoring: bool = False, progress: bool = True) -> list[str]:
+    """One output per example: generated text, or the most likely label."""
+    prompts = [example.prompt for example in examples]
+    if label_scoring:
+        return lamp_model.score_labels(prompts, task.labels, max_length=max_length,
+                                       batch_size=batch_size, progress=progress)
+    return lamp_model.generate(prompts, max_length=max_length, max_new_tokens=max_new_tokens,
+                               num_beams=num_beams, batch_size=batch_size, progress=progress)
+
+
+def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[str],
+                      source: str) -> dict | None:
+    """Metrics of the predictions when the examples carry gold outputs, else ``None``."""
+    if not examples or examples[0].target is None:
+        return None
+    return score_outputs(task, [e.id for e in examples], [e.target for e in examples],
+                         list(predictions), source)
+
+
+def write_predictions(output_dir: str | Path, task: Task, examples: Sequence[Example],
+                      predictions: Sequence[str], name: str = "predictions.json") -> dict | None:
+    """Write the LaMP predictions file; return the metrics when golds are known."""
+    output_dir = Path(output_dir)
+    path = write_outputs(output_dir / name, task,
+                         ((example.id, prediction) for example, prediction in zip(examples, predictions)))
+    logger.info("wrote %s", path)
+    return score_predictions(task, examples, predictions, str(path))

@@ -1,0 +1,128 @@
+"""Retrieval-augmented prompts: one budgeted builder; tasks supply only their template.
+
+The prompt formats are the published LaMP ones (so results compare with the paper); the
+templates themselves live in the task registry (``Task.prompt``). The builder fits them into
+``max_length`` tokens *of the model being run*:
+
+- the input keeps at most ``input_share`` (60%) of the budget; a longer input is cut at
+  the end;
+- the rest is shared equally by the retrieved items. An item's template words count against
+  its share and only its long field (``PromptTemplate.truncate_field``) is shortened; what
+  an item does not use rolls over to the next item;
+- the finished prompt is re-counted and, where sub-word merges across piece boundaries made
+  it longer than counted, the last item is shortened further, so it never exceeds the budget.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from LaMP.utils.tasks import PromptTemplate, Task
+
+INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (issue 5)
+
+
+class TokenCounter:
+    """Counts and truncates text in the tokens of one tokenizer (special tokens excluded)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count(self, text: str) -> int:
+        return len(self.ids(text)) if text else 0
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """``text`` cut to its first ``max_tokens`` tokens (unchanged when it fits)."""
+        if max_tokens <= 0:
+            return ""
+        ids = self.ids(text)
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip()
+
+
+class PromptBuilder:
+    """Builds the prompt for one input and its retrieved profile items.
+
+    ``reserved`` tokens are kept free for what the model adds around the prompt (special
+    tokens, a chat template), so that the model's full input fits ``max_length``.
+    """
+
+    def __init__(self, task: Task, counter: TokenCounter, max_length: int,
+                 reserved: int = 0, input_share: float = INPUT_SHARE):
+        if max_length - reserved < 8:
+            raise ValueError(f"max_length {max_length} leaves no room for a prompt")
+        self.task = task
+        self.template: PromptTemplate = task.prompt
+        self.counter = counter
+        self.budget = max_length - reserved
+        self.input_budget = int(self.budget * input_share)
+
+    def build(self, text: str, items: Sequence[Mapping[str, str]] = ()) -> str:
+        # With no profile the input may use the whole budget; with one it keeps its share.
+        input_budget = self.input_budget if items else self.budget
+        text = self.counter.truncate(text, input_budget)
+        if not items:
+            return text
+        input_tokens = self.counter.count(text)
+        fixed = self.counter.count(self._glue(text, "")) - input_tokens  # suffix/insertion words
+        joiners = self.counter.count(self.template.joiner) * (len(items) - 1)
+        fitted = self._fit_items(items, self.budget - input_tokens - fixed - joiners)
+        prompt = self._assemble(text, fitted)
+        # Pieces were counted apart; counted together they can differ by a token or two.
+        overflow = self.counter.count(prompt) - self.budget
+        while fitted and overflow > 0:
+            item, length = fitted[-1]
+            fitted[-1:] = [(item, length - overflow)] if length > overflow else []
+            prompt = self._assemble(text, fitted)
+            overflow = self.counter.count(prompt) - self.budget
+        return prompt
+
+    def _fit_items(self, items: Sequence[Mapping[str, str]], available: int
+                   ) -> list[tuple[Mapping[str, str], int]]:
+        """Each item that fits, with the number of tokens its long field may keep."""
+        share = max(available, 0) // len(items)
+        carry = 0
+        fitted = []
+        for item in items:
+            allowance = share + carry
+            field_budget = allowance - self.counter.count(self._render(item, ""))
+            if field_budget <= 0:
+                carry = allowance  # nothing of this item fits; its share rolls over
+                continue
+            field = self._field(item, field_budget)
+            fitted.append((item, field_budget))
+            carry = allowance - self.counter.count(self._render(item, field))
+        return fitted
+
+    def _field(self, item: Mapping[str, str], max_tokens: int) -> str:
+        return self.counter.truncate(str(item[self.template.truncate_field]), max_tokens)
+
+    def _assemble(self, text: str, fitted) -> str:
+        if not fitted:
+            return text
+        pieces = [self._render(item, self._field(item, length)) for item, length in fitted]
+        return self._glue(text, self.template.joiner.join(pieces))
+
+    def _render(self, item: Mapping[str, str], field_text: str) -> str:
+        values = {key: str(value) for key, value in item.items()}
+        values[self.template.truncate_field] = field_text
+        return self.template.item.format_map(values)
+
+    def _glue(self, text: str, joined: str) -> str:
+        template = self.template
+        if template.insert_after is not None:
+            position = text.find(template.insert_after)
+            if position < 0:
+                return text  # as published: an input without the word gets no profile items
+            end = position + len(template.insert_after)
+            return f"{text[:end]}, and {joined}{text[end:]}"
+        return f"{joined}{template.suffix}{text}"
+
+
+def make_prompt_fn(task: Task, tokenizer, max_length: int, reserved: int = 0
+                   ) -> Callable[[str, Sequence[Mapping[str, str]]], str]:
+    """``prompt(input, items)`` for ``task`` in ``tokenizer``'s tokens."""
+    return PromptBuilder(task, TokenCounter(tokenizer), max_length, reserved).build
