@@ -1,0 +1,311 @@
+"""Fine-tune a seq2seq or causal language model on a LaMP task with LoRA (or fully).
+
+Example (from the LaMP/ folder):
+    python train_llm.py --train_data ../runs/LaMP_7_train_merged.json \
+        --validation_data ../runs/LaMP_7_dev_merged.json --model_name google/flan-t5-base \
+        --task LaMP-7 --output_dir ../runs/train --retriever bm25 --use_profile \
+        --is_ranked --num_retrieved 2
+
+Evaluates by generation after every epoch (or every --eval_steps), keeps the checkpoint that is
+best by the task's own metric, and leaves in --output_dir: the adapter (standard peft format)
+or the full model, the tokenizer, args.json, predictions.json for the validation data,
+test_predictions.json for --test_data, and results_output.json. Runs unchanged under
+`torchrun` / `accelerate launch`; only the main process writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
+                                  profile_options)
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import atomic_write_json, check_readable, save_run_args
+from LaMP.utils.tasks import task_arg
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train_data", required=True,
+                        help="training questions with outputs (merge_with_rank.py output)")
+    parser.add_argument("--validation_data", required=True,
+                        help="validation questions with outputs; picks the best checkpoint")
+    parser.add_argument("--test_data", default=None,
+                        help="optional questions to predict after training (no outputs needed)")
+    parser.add_argument("--model_name", required=True,
+                        help="model to start from: a hub name or a local folder")
+    parser.add_argument("--task", required=True, type=task_arg,
+                        help="LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for the adapter, predictions, results and checkpoints")
+    add_profile_arguments(parser, max_length=256)
+    # The published LaMP hyper-parameters are the defaults.
+    parser.add_argument("--generation_max_length", type=int, default=128,
+                        help="most tokens of a target (training) and of an answer (evaluation)")
+    parser.add_argument("--per_device_batch_size", type=int, default=16,
+                        help="examples per device per step, training and evaluation")
+    parser.add_argument("--learning_rate", type=float, default=5e-5,
+                        help="peak learning rate (5e-5 as published for full fine-tuning; "
+                             "LoRA usually wants ~10x more, e.g. 5e-4)")
+    parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument("--num_train_epochs", type=float, default=10, help="training epochs")
+    parser.add_argument("--lr_scheduler_type", default="linear",
+                        help="learning-rate schedule after warm-up (transformers' names)")
+    parser.add_argument("--warmup_ratio", type=float, default=0.05,
+                        help="share of the training steps spent warming the learning rate up")
+    parser.add_argument("--generation_num_beams", type=int, default=4,
+                        help="beam width of evaluation generation (1: greedy)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="steps whose gradients add up before each optimizer update")
+    parser.add_argument("--label_scoring", action="store_true",
+                        help="classification/rating tasks: evaluate by the most likely label "
+                             "instead of free generation")
+    parser.add_argument("--peft", choices=("lora", "none"), default="lora",
+                        help="lora: train LoRA adapters only; none: full fine-tuning")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--lora_alpha", type=int, default=32,
+                        help="LoRA scaling numerator (the update is scaled by alpha / r)")
+    parser.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on LoRA inputs")
+    parser.add_argument("--lora_target_modules", nargs="+", default=None,
+                        help="layer names to adapt (default: peft's choice for the architecture)")
+    parser.add_argument("--load_in_4bit", action="store_true",
+                        help="load the frozen base model in 4-bit (QLoRA; needs CUDA and "
+                             "bitsandbytes)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 mixed precision (GPUs with bf16 support)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="recompute activations in the backward pass to save memory")
+    parser.add_argument("--max_steps", type=int, default=-1,
+                        help="stop after this many optimizer steps (overrides epochs; -1: off)")
+    parser.add_argument("--eval_steps", type=int, default=None,
+                        help="evaluate and checkpoint every N steps instead of every epoch")
+    parser.add_argument("--save_total_limit", type=int, default=2,
+                        help="checkpoints kept on disk (the best one is always kept)")
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help="a checkpoint folder to resume from, or 'last' for the newest "
+                             "one in --output_dir/checkpoints")
+    parser.add_argument("--report_to", default="none",
+                        help="where the Trainer reports logs: none, tensorboard, wandb, …")
+    parser.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    check_common(parser, args)
+    for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams",
+                 "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    if args.num_train_epochs <= 0 and args.max_steps <= 0:
+        parser.error("--num_train_epochs must be > 0 (or set --max_steps)")
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error("--warmup_ratio must be in [0, 1)")
+    if args.eval_steps is not None and args.eval_steps < 1:
+        parser.error("--eval_steps must be >= 1")
+    if args.label_scoring and not args.task.labels:
+        parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
+    if args.load_in_4bit and args.peft != "lora":
+        parser.error("--load_in_4bit trains adapters on a frozen 4-bit model: use --peft lora")
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail on user mistakes before anything expensive is loaded."""
+    check_readable(args.train_data, "--train_data")
+    check_readable(args.validation_data, "--validation_data")
+    if args.test_data:
+        check_readable(args.test_data, "--test_data")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "last":
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            raise LampError(f"--resume_from_checkpoint {path} is not a checkpoint folder")
+    if args.load_in_4bit:
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise LampError("--load_in_4bit needs a CUDA GPU and the bitsandbytes package")
+
+
+def load_for_training(args: argparse.Namespace):
+    """(LampModel, seq2seq) with the model ready for the Trainer (LoRA attached)."""
+    import torch
+
+    from LaMP.utils.modeling import LampModel, load_pretrained, load_tokenizer
+    from LaMP.utils.training import add_lora
+
+    quantization = None
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    # Weights stay fp32 (bf16 runs as autocast, which keeps trainable weights in fp32).
+    model, seq2seq = load_pretrained(args.model_name, dtype=torch.float32,
+                                     trust_remote_code=args.trust_remote_code,
+                                     cache_dir=args.cache_dir, quantization_config=quantization)
+    tokenizer = load_tokenizer(args.model_name, seq2seq=seq2seq,
+                               trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    if args.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LampError(f"--chat_template: the tokenizer of {args.model_name} has no chat template")
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if args.peft == "lora":
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    if args.peft == "lora":
+        model = add_lora(model, seq2seq=seq2seq, r=args.lora_r, alpha=args.lora_alpha,
+                         dropout=args.lora_dropout, target_modules=args.lora_target_modules)
+    lamp_model = LampModel(model=model, tokenizer=tokenizer, is_seq2seq=seq2seq,
+                           device=model.device, chat_template=args.chat_template)
+    return lamp_model
+
+
+def training_arguments(args: argparse.Namespace, checkpoint_dir: Path):
+    from transformers import TrainingArguments
+
+    task = args.task
+    strategy = "epoch"
+    eval_steps = args.eval_steps
+    if eval_steps is None and args.max_steps > 0:
+        eval_steps = args.max_steps  # a step budget may end before the first epoch does
+    if eval_steps is not None:
+        strategy = "steps"
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=args.per_device_batch_size,
+        per_device_eval_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a share of all steps
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=eval_steps,
+        save_steps=eval_steps,
+        save_total_limit=args.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=task.selection_metric,
+        greater_is_better=task.greater_is_better,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
+        report_to=args.report_to,
+        seed=args.seed,
+        data_seed=args.seed,
+        use_cpu=args.device == "cpu",
+        remove_unused_columns=False,  # features are plain dicts of exactly what the model takes
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if found is None:
+        raise LampError(f"--resume_from_checkpoint last: no checkpoint in {checkpoint_dir}")
+    return found
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    check_inputs(args)
+
+    from transformers import set_seed
+
+    from LaMP.utils.examples import build_examples
+    from LaMP.utils.modeling import LampModel
+    from LaMP.utils.predict import score_predictions
+    from LaMP.utils.outputs import write_outputs
+    from LaMP.utils.training import (GenerationEvalTrainer, GenerationSettings, PaddingCollator,
+                                     training_features)
+
+    set_seed(args.seed)
+    task = args.task
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume = args.resume_from_checkpoint
+    if resume == "last":
+        resume = last_checkpoint(checkpoint_dir)
+
+    lamp_model = load_for_training(args)
+    prompt_fn = lamp_model.prompt_builder(task, args.max_length)
+    options = profile_options(args)
+    train_examples = build_examples(args.train_data, task, prompt_fn, options, require_output=True)
+    eval_examples = build_examples(args.validation_data, task, prompt_fn, options,
+                                   require_output=True)
+    test_examples = (build_examples(args.test_data, task, prompt_fn, options)
+                     if args.test_data else [])
+    features = training_features(lamp_model, train_examples, max_length=args.max_length,
+                                 target_max_length=args.generation_max_length)
+
+    def wrap(model) -> LampModel:
+        return LampModel(model=model, tokenizer=lamp_model.tokenizer,
+                         is_seq2seq=lamp_model.is_seq2seq, device=model.device,
+                         chat_template=args.chat_template)
+
+    generation = GenerationSettings(max_length=args.max_length,
+                                    max_new_tokens=args.generation_max_length,
+                                    num_beams=args.generation_num_beams,
+                                    batch_size=args.per_device_batch_size,
+                                    label_scoring=args.label_scoring)
+    trainer = GenerationEvalTrainer(
+        model=lamp_model.model, args=training_arguments(args, checkpoint_dir),
+        train_dataset=features, eval_dataset=eval_examples,
+        data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
+        task=task, eval_examples=eval_examples, make_lamp_model=wrap, generation=generation)
+    if trainer.is_world_process_zero():
+        trainable = sum(p.numel() for p in lamp_model.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in lamp_model.model.parameters())
+        logger.info("%d training examples; %s of %s parameters train (%.2f%%)",
+                    len(features), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - started
+
+    # The best checkpoint is loaded at the end of training; predict with it.
+    eval_texts = trainer.generate_texts(eval_examples)
+    test_texts = trainer.generate_texts(test_examples) if test_examples else []
+    results = {
+        "task": task.name,
+        "validation": score_predictions(task, eval_examples, eval_texts, "validation data"),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_metric": {task.selection_metric: trainer.state.best_metric},
+        "train_loss": train_output.training_loss,
+        "train_seconds": train_seconds,
+        "global_step": trainer.state.global_step,
+        "eval_history": [entry for entry in trainer.state.log_history
+                         if any(key.startswith("eval_") for key in entry)],
+    }
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(output_dir)  # the adapter alone under LoRA
+        lamp_model.tokenizer.save_pretrained(output_dir)
+        write_outputs(output_dir / "predictions.json", task,
+                      zip((e.id for e in eval_examples), eval_texts))
+        if test_examples:
+            write_outputs(output_dir / "test_predictions.json", task,
+                          zip((e.id for e in test_examples), test_texts))
+        atomic_write_json(output_dir / "results_output.json", results, indent=2)
+        save_run_args(output_dir / "args.json", args)
+        logger.info("validation %s; outputs in %s", results["validation"], output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,146 @@
+"""Fine-tuning pieces: features, padding, LoRA set-up and a Trainer that evaluates by generation.
+
+- Seq2seq models learn ``labels`` = the target's tokens (the tokenizer adds its end token).
+- Causal models read ``prompt + target + eos``; the loss covers only the target and the eos
+  token: prompt and padding positions carry the ignore index -100.
+- Evaluation generates answers (or scores labels) with the same wrapper that
+  ``evaluate_llm.py`` uses, scores them with the shared metrics, and reports them to the
+  Trainer under ``eval_<metric>`` so that the best checkpoint follows the task's own metric.
+  Under several processes each one generates for a contiguous slice and all gather the
+  texts, so every process computes the same metrics.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import Trainer
+
+from LaMP.utils.examples import Example
+from LaMP.utils.modeling import LampModel
+from LaMP.utils.predict import predict
+from LaMP.utils.scoring import score_outputs
+from LaMP.utils.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # positions the loss skips (PyTorch's cross-entropy default)
+
+
+def training_features(lamp_model: LampModel, examples: Sequence[Example], *, max_length: int,
+                      target_max_length: int) -> list[dict[str, list[int]]]:
+    """Token ids and labels for each example (no padding yet)."""
+    tokenizer = lamp_model.tokenizer
+    features = []
+    for example in examples:
+        if lamp_model.is_seq2seq:
+            input_ids = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
+            labels = tokenizer(example.target, truncation=True,
+                               max_length=target_max_length)["input_ids"]
+        else:
+            prompt_ids = tokenizer(lamp_model.wrap(example.prompt),
+                                   add_special_tokens=not lamp_model.chat_template,
+                                   truncation=True, max_length=max_length)["input_ids"]
+            target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+            target_ids = target_ids[:max(target_max_length - 1, 0)] + [tokenizer.eos_token_id]
+            input_ids = prompt_ids + target_ids
+            labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        features.append({"input_ids": input_ids, "labels": labels})
+    return features
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads ``input_ids`` (pad id, mask 0) and ``labels`` (ignore index) per batch."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        label_width = max(len(f["labels"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), label_width), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"])
+            attention_mask[row, :n] = 1
+            labels[row, :len(feature["labels"])] = torch.tensor(feature["labels"])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def add_lora(model, *, seq2seq: bool, r: int, alpha: int, dropout: float,
+             target_modules: Sequence[str] | None):
+    """Wrap ``model`` with LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+                        r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules) if target_modules else None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        # peft knows default target modules only for the architectures it lists.
+        from LaMP.utils.errors import LampError
+
+        raise LampError(f"LoRA set-up failed ({str(error).splitlines()[0]}); "
+                        "name the layers with --lora_target_modules") from None
+
+
+def contiguous_slice(n_items: int, rank: int, world_size: int) -> slice:
+    """The part of ``range(n_items)`` process ``rank`` handles (contiguous, sizes ±1)."""
+    base, extra = divmod(n_items, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+@dataclass
+class GenerationSettings:
+    max_length: int
+    max_new_tokens: int
+    num_beams: int
+    batch_size: int
+    label_scoring: bool = False
+
+
+class GenerationEvalTrainer(Trainer):
+    """A Trainer whose evaluation generates answers and scores them with the task metric."""
+
+    def __init__(self, *args, task: Task, eval_examples: Sequence[Example],
+                 make_lamp_model, generation: GenerationSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task = task
+        self.eval_examples = list(eval_examples)
+        self.make_lamp_model = make_lamp_model  # model -> LampModel sharing its tokenizer
+        self.generation = generation
+
+    def generate_texts(self, examples: Sequence[Example]) -> list[str]:
+        """Predictions for ``examples``, split over the processes and gathered in order."""
+        from accelerate.utils import gather_object
+
+        world, rank = self.args.world_size, self.args.process_index
+        mine = list(examples)[contiguous_slice(len(examples), rank, world)]
+        lamp_model = self.make_lamp_model(self.model)
+        was_training = self.model.training
+        settings = self.generation
+        texts = predict(lamp_model, self.task, mine, max_length=settings.max_length,
+                        max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
+                        batch_size=settings.batch_size, label_scoring=settings.label_scoring,
+                        progress=self.is_local_process_zero())
+        if was_training:
+            self.model.train()
+        if world > 1:
+            texts = gather_object(texts)
+        return list(texts)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        examples = self.eval_examples
+        texts = self.generate_texts(examples)
+        scores = score_outputs(self.task, [e.id for e in examples], [e.target for e in examples],
+                               texts, "validation data")
+        metrics = {f"{metric_key_prefix}_{key}": float(value) for key, value in scores.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
