@@ -28,7 +28,8 @@ from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import input_problem, iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import JsonListWriter, atomic_write_json, read_json
-from LaMP.utils.outputs import invalid_gold_ids, load_outputs, write_outputs
+from LaMP.utils.outputs import (MAX_OUTPUTS_BYTES, OutputsFile, invalid_gold_ids,
+                                parse_outputs, write_outputs)
 from LaMP.utils.tasks import Task, get_task
 
 logger = logging.getLogger("download_data")
@@ -323,15 +324,35 @@ def inspect_file(path: Path, job: FileJob) -> FileResult:
         if result.records == 0:
             raise LampError(f"{path}: no questions")
     else:
-        outputs = load_outputs(path, what=f"downloaded {job.rel}")
-        if task is not None and outputs.task is not task:
-            raise LampError(f"{path}: holds {outputs.task.file_name} outputs, "
-                            f"expected {task.file_name}")
+        outputs = read_outputs(path, job)
         result.records = len(outputs)
         if task is not None:
             result.problems = [[qid, f"output {outputs.outputs[qid]!r} is not a "
                                      f"{task.name} label"] for qid in invalid_gold_ids(outputs)]
     return result
+
+
+def read_outputs(path: Path, job: FileJob) -> OutputsFile:
+    """A downloaded outputs file, checked to be the outputs of the job's task.
+
+    Another task's name in its "task" field means a wrong file. A name that is no task at all
+    (we have not seen every published file) is reported and read as the expected task.
+    """
+    expected = job.source.task.file_name if job.source.task else "LaMP_2"
+    document = read_json(path, f"downloaded {job.rel}", max_bytes=MAX_OUTPUTS_BYTES)
+    declared = document.get("task") if isinstance(document, dict) else None
+    if isinstance(document, dict) and declared != expected:
+        try:
+            other = get_task(str(declared))
+        except LampError:
+            other = None
+        if other is not None and other.file_name != expected:
+            raise LampError(f"{path}: holds {other.file_name} outputs, expected {expected}")
+        if other is None:
+            logger.warning("%s: its \"task\" is %r, not %s; read as %s outputs", job.rel,
+                           declared, expected, expected)
+            document = {**document, "task": expected}
+    return parse_outputs(document, str(path))
 
 
 class Manifest:
@@ -343,7 +364,13 @@ class Manifest:
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / MANIFEST_NAME
-        document = read_json(self.path, "download manifest") if self.path.exists() else {}
+        document: object = {}
+        if self.path.exists():
+            try:
+                document = read_json(self.path, "download manifest")
+            except LampError as error:
+                # Losing it costs one check of each file present, never a wrong skip.
+                logger.warning("%s; starting a new manifest", error)
         self.files: dict = document.get("files", {}) if isinstance(document, dict) else {}
 
     def get(self, rel: str) -> dict | None:
@@ -432,7 +459,7 @@ def drop_questions(job: FileJob, ids: set[str]) -> tuple[int, int]:
                     out.write(question)
                     items += len(question["profile"])
         return out.count, items
-    outputs = load_outputs(job.path)
+    outputs = read_outputs(job.path, job)
     kept = [(qid, text) for qid, text in outputs.outputs.items() if qid not in ids]
     write_outputs(job.path, outputs.task, kept)
     return len(kept), 0

@@ -12,7 +12,7 @@ from LaMP.utils.data import input_problem, iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.tasks import get_task
-from tests.conftest import load_script, write_json
+from conftest import load_script, write_json
 
 builder = load_script("data/avocado/create_avocado_dataset.py")
 evaluator = load_script("eval/eval_task.py")

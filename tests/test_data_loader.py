@@ -7,7 +7,7 @@ from LaMP.utils.data import input_problem, iter_questions, load_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.outputs import invalid_gold_ids, parse_outputs
 from LaMP.utils.tasks import get_task
-from tests.conftest import LAMP_REAL, outputs_doc, requires_real_data, write_json
+from conftest import LAMP_REAL, outputs_doc, requires_real_data, write_json
 
 LAMP3 = get_task("LaMP-3")
 REVIEW = ("What is the score of the following review on a scale of 1 to 5? just answer with "

@@ -15,7 +15,7 @@ import pytest
 
 from LaMP.utils.cli import run
 from LaMP.utils.errors import LampError
-from tests.conftest import load_script, outputs_doc
+from conftest import load_script, outputs_doc
 
 download = load_script("download_data.py")
 
@@ -176,6 +176,18 @@ def test_a_file_from_elsewhere_is_verified_not_fetched(server, tmp_path):
         "/downloads/LaMP/LaMP_7/dev/dev_outputs.json"]
 
 
+def test_a_damaged_manifest_costs_a_check_not_a_download(server, tmp_path, capsys):
+    publish_lamp7(server)
+    args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user", "--sets", "dev")
+    download.main(args)
+    (tmp_path / "download_manifest.json").write_text("{not json")
+    server.log.clear()
+    assert [r.status for r in download.main(args)] == ["verified", "verified"]
+    assert server.gets() == []
+    assert "starting a new manifest" in capsys.readouterr().err
+    assert json.loads((tmp_path / "download_manifest.json").read_text())["files"]
+
+
 def test_a_changed_server_file_is_downloaded_again(server, tmp_path):
     publish_lamp7(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user", "--sets", "test")
@@ -252,6 +264,17 @@ def test_corrupt_json_is_not_renamed_into_place(server, tmp_path, capsys):
     assert "dev_questions.json: the downloaded file is not valid" in err
     assert "malformed JSON after question 2" in err
     assert "holds LaMP_4 outputs, expected LaMP_7" in err
+
+
+def test_an_unknown_task_name_in_outputs_is_reported_not_refused(server, tmp_path, capsys):
+    published = publish_lamp7(server)
+    golds = json.loads(published["dev_outputs.json"])
+    server.put("LaMP_7/dev/dev_outputs.json", {**golds, "task": "LaMP_7_time"})
+    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+                                     "--sets", "dev"))
+    assert [r.status for r in results] == ["downloaded", "downloaded"]
+    assert results[1].records == 4
+    assert "its \"task\" is 'LaMP_7_time', not LaMP_7" in capsys.readouterr().err
 
 
 def test_network_failure_is_reported_per_file(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 from LaMP.utils.data import input_problem, iter_questions, load_questions
 from LaMP.utils.outputs import invalid_gold_ids, load_outputs
 from LaMP.utils.tasks import TASK_NAMES, TASKS, get_task
-from tests.conftest import SAMPLE, load_script
+from conftest import SAMPLE, load_script
 
 make_sample = load_script("data/make_sample.py")
 evaluator = load_script("eval/eval_task.py")
