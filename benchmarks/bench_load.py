@@ -65,7 +65,7 @@ def write_questions(path: Path, size_bytes: int, seed: int) -> int:
         while out.tell() < size_bytes:
             qid = f"20{questions}"
             profile = [{"text": review(rng), "score": str(rng.randint(1, 5)), "id": f"{qid}{i}",
-                        "date": f"20{rng.randint(10, 20)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"}
+                        "date": f"20{rng.randint(10, 20)}-0{rng.randint(1, 9)}-15"}
                        for i in range(rng.randint(100, 200))]
             question = {"id": qid, "input": f"{instruction} just answer with 1, 2, 3, 4, or 5 "
                                             f"without further explanation. review: {review(rng)}",
