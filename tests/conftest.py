@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The bundled synthetic sample (data/make_sample.py): the fixture for stage tests, laid out
+# like raw_data/user (SAMPLE / "LaMP_3" / "dev_questions.json").
+SAMPLE = REPO / "data" / "sample" / "user"
 # Real LaMP files for tests, present in CI and on the development machine but never in a
 # user's clone; tests that need them skip with a reason when they are absent.
 LAMP_REAL = Path(os.environ.get("LAMP_REAL_DIR", REPO.parent / "shared" / "lamp-real"))

@@ -64,11 +64,36 @@ def validate_question(question: Any, index: int, source: str, task: Task | None 
     return question
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _skip_bom(handle) -> None:
+    """Leave ``handle`` after a UTF-8 byte order mark (some editors on Windows write one)."""
+    if handle.read(len(_BOM)) != _BOM:
+        handle.seek(0)
+
+
+def input_problem(text: str, task: Task) -> str | None:
+    """Why ``text`` is not a well-formed input of ``task``, or ``None`` when it is.
+
+    The published files hold a few questions whose input lost its instruction (LaMP-2's
+    user-split dev question 110 starts with "x " and has neither the instruction nor the
+    tag list); such a question cannot be prompted or queried the way its task says.
+    """
+    if task.input_prefix is not None:
+        if not text.lstrip().casefold().startswith(task.input_prefix.casefold()):
+            return f"input does not start with the {task.name} instruction {task.input_prefix!r}"
+    try:
+        task.query(text)
+    except LampError:
+        return f"input lacks {task.query_description()}"
+    return None
+
+
 def _check_is_list(path: Path) -> None:
     with open(path, "rb") as handle:
+        _skip_bom(handle)
         head = handle.read(4096).lstrip()
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
     if not head:
         raise LampError(f"{path}: the file is empty")
     if not head.startswith(b"["):
@@ -83,13 +108,18 @@ def iter_questions(path: str | os.PathLike, task: Task | None = None,
 
     path = check_readable(path, what)
     _check_is_list(path)
-    index = -1
+    index, last_id = -1, None
     with open(path, "rb") as handle:
+        _skip_bom(handle)
         try:
             for index, question in enumerate(ijson.items(handle, "item", use_float=True)):
-                yield validate_question(question, index, str(path), task, require_output)
+                last_id = validate_question(question, index, str(path), task,
+                                            require_output)["id"]
+                yield question
         except ijson.JSONError as error:
-            raise LampError(f"{path}: malformed JSON after question {index} "
+            where = ("before the first question" if index < 0
+                     else f"after question {index} (id {last_id})")
+            raise LampError(f"{path}: malformed JSON {where} "
                             f"({str(error).splitlines()[0][:200]})") from None
 
 

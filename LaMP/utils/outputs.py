@@ -70,6 +70,21 @@ def parse_outputs(document: Any, source: str) -> OutputsFile:
     return OutputsFile(source=source, task=task, outputs=outputs)
 
 
+def invalid_gold_ids(outputs: OutputsFile) -> list[str]:
+    """Ids whose output the evaluator would refuse as a gold (e.g. a LaMP-2 output that is
+    not one of the 15 tags); generation tasks accept any text."""
+    if outputs.task.labels is None:
+        return []
+    from LaMP.utils.metrics import InvalidGold, metric_for
+
+    ids, texts = list(outputs.outputs), list(outputs.outputs.values())
+    try:
+        metric_for(outputs.task).prepare(texts, texts)
+    except InvalidGold as error:
+        return [ids[i] for i in error.positions]
+    return []
+
+
 def load_outputs(path: str | os.PathLike, what: str = "outputs file") -> OutputsFile:
     document = read_json(path, what=what, max_bytes=MAX_OUTPUTS_BYTES)
     return parse_outputs(document, str(path))

@@ -49,6 +49,9 @@ class Task:
     corpus_fields: tuple[str, ...]  # profile fields joined (by a space) into the corpus text
     prompt: PromptTemplate
     query_fn: Callable[[str], str | None] | None = None  # overrides query_marker when set
+    # The fixed opening of every input in the published data; an input without it is a
+    # malformed question (LaMP-2's user-split dev question 110 is one).
+    input_prefix: str | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -63,7 +66,7 @@ class Task:
         if query is None:
             raise LampError(
                 f"{self.name} question {question_id}: input lacks "
-                f"{self._query_description()}; cannot build the retrieval query"
+                f"{self.query_description()}; cannot build the retrieval query"
             )
         return query
 
@@ -77,7 +80,7 @@ class Task:
     def corpus(self, profile: Sequence[Mapping[str, str]], use_date: bool = False) -> list[str]:
         return [self.corpus_text(item, use_date) for item in profile]
 
-    def _query_description(self) -> str:
+    def query_description(self) -> str:
         if self.query_fn is not None:
             return "the quoted candidate titles"
         return f"the marker {self.query_marker!r}"
@@ -116,6 +119,7 @@ _TASKS = (
         profile_fields=("title", "abstract"), query_marker=None, query_fn=_citation_query,
         corpus_fields=("title", "abstract"),
         prompt=PromptTemplate(item='"{title}"', truncate_field="title", insert_after="title"),
+        input_prefix="For an author who has written the paper with the title",
     ),
     Task(
         name="LaMP-2", file_name="LaMP_2", title="Personalized Movie Tagging",
@@ -125,6 +129,7 @@ _TASKS = (
         corpus_fields=("description",),
         prompt=PromptTemplate(item='the tag for the movie: "{description}" is "{tag}" ',
                               truncate_field="description"),
+        input_prefix="Which tag does this movie relate to among the following tags?",
     ),
     Task(
         name="LaMP-3", file_name="LaMP_3", title="Personalized Product Rating",
@@ -132,6 +137,7 @@ _TASKS = (
         selection_metric="MAE", greater_is_better=False,
         profile_fields=("text", "score"), query_marker="review:", corpus_fields=("text",),
         prompt=PromptTemplate(item='{score} is the score for "{text}" ', truncate_field="text"),
+        input_prefix="What is the score of the following review on a scale of 1 to 5?",
     ),
     Task(
         name="LaMP-4", file_name="LaMP_4", title="Personalized News Headline Generation",
@@ -140,6 +146,7 @@ _TASKS = (
         profile_fields=("text", "title"), query_marker="article:",
         corpus_fields=("title", "text"),
         prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
+        input_prefix="Generate a headline for the following article:",
     ),
     Task(
         name="LaMP-5", file_name="LaMP_5", title="Personalized Scholarly Title Generation",
@@ -150,6 +157,7 @@ _TASKS = (
         prompt=PromptTemplate(item='"{title}" is a title for "{abstract}" ',
                               truncate_field="abstract",
                               suffix=". Following the given patterns "),
+        input_prefix="Generate a title for the following abstract of a paper:",
     ),
     Task(
         name="LaMP-6", file_name="LaMP_6", title="Personalized Email Subject Generation",
@@ -157,6 +165,7 @@ _TASKS = (
         selection_metric="rouge-1", greater_is_better=True,
         profile_fields=("text", "title"), query_marker=":", corpus_fields=("text",),
         prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
+        input_prefix="Generate a subject for the following email:",
     ),
     Task(
         name="LaMP-7", file_name="LaMP_7", title="Personalized Tweet Paraphrasing",
@@ -165,6 +174,7 @@ _TASKS = (
         profile_fields=("text",), query_marker=":", corpus_fields=("text",),
         prompt=PromptTemplate(item='"{text}" ', truncate_field="text",
                               suffix=" are written by a person. Following the given patterns "),
+        input_prefix="Paraphrase the following tweet without any explanation before or after it:",
     ),
 )
 

@@ -1,0 +1,122 @@
+"""Build LaMP-6 (personalized email subject generation) from the licensed Avocado corpus.
+
+Example:
+    python data/avocado/create_avocado_dataset.py \
+        --avocado_files_dir avocado-1.0.2/data/text --extract_addr /tmp/avocado \
+        --output_dir raw_data/user/LaMP_6 \
+        --input_question_file_train LaMP_6/train_questions.json \
+        --input_question_file_dev LaMP_6/dev_questions.json \
+        --input_question_file_test LaMP_6/test_questions.json
+
+LaMP's LaMP-6 question files name Avocado emails (``147-000874-EM.txt``) instead of holding
+them. Only those emails are read, straight from the zips; nothing is extracted. The output
+folder gets ``train``/``dev`` questions and outputs and ``test`` questions, in the LaMP format
+of the other tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from LaMP.utils.avocado import build_question, read_emails, referenced_emails, zip_files
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.data import iter_questions
+from LaMP.utils.errors import LampError, preview
+from LaMP.utils.fileio import JsonListWriter, check_readable, save_run_args
+from LaMP.utils.outputs import write_outputs
+from LaMP.utils.tasks import get_task
+
+logger = logging.getLogger("create_avocado_dataset")
+
+SETS = ("train", "dev", "test")
+GOLD_SETS = ("train", "dev")  # test golds stay with the leaderboard
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--avocado_files_dir", required=True,
+                        help="the folder of Avocado's text zips: avocado-1.0.2/data/text")
+    parser.add_argument("--extract_addr", default=None,
+                        help="accepted for the published command line; emails are read from "
+                             "the zips directly, so this folder is never written or emptied")
+    parser.add_argument("--output_dir", required=True,
+                        help="where {train,dev,test}_questions.json and "
+                             "{train,dev}_outputs.json are written")
+    for set_name in SETS:
+        parser.add_argument(f"--input_question_file_{set_name}", required=True,
+                            help=f"LaMP's LaMP-6 {set_name}_questions.json (email file names)")
+    parser.add_argument("--time_based_separation", action="store_true",
+                        help="the question files are the time-based split: keep each "
+                             "question's user_id")
+    parser.add_argument("--allow_missing", action="store_true",
+                        help="build even when referenced emails are not in the zips: drop "
+                             "questions whose own email is missing and profile items whose "
+                             "email is missing (default: fail and list them)")
+    args = parser.parse_args(argv)
+    args.avocado_files_dir = Path(args.avocado_files_dir)
+    if not args.avocado_files_dir.is_dir():
+        parser.error(f"--avocado_files_dir {args.avocado_files_dir} is not a folder")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} is a file")
+    return args
+
+
+def question_files(args) -> dict[str, Path]:
+    return {set_name: check_readable(getattr(args, f"input_question_file_{set_name}"),
+                                     f"--input_question_file_{set_name}")
+            for set_name in SETS}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    files = question_files(args)
+    questions = {set_name: list(iter_questions(path, what=f"{set_name} questions file"))
+                 for set_name, path in files.items()}
+    wanted: set[str] = set()
+    for set_name, items in questions.items():
+        wanted |= referenced_emails(items, str(files[set_name]))
+    zips = zip_files(args.avocado_files_dir)
+    logger.info("looking for %d emails in %d zips", len(wanted), len(zips))
+    emails = read_emails(zips, wanted)
+    missing = sorted(wanted - emails.keys())
+    if missing and not args.allow_missing:
+        raise LampError(f"{len(missing)} of {len(wanted)} referenced emails are not in the zips "
+                        f"of {args.avocado_files_dir}: {preview(missing)}; pass "
+                        f"--allow_missing to build without them")
+    if missing:
+        logger.warning("%s referenced emails are missing; building without them",
+                       preview(missing))
+
+    output_dir = Path(args.output_dir)
+    task = get_task("LaMP-6")
+    summary: dict = {"emails": len(emails), "missing_emails": len(missing)}
+    for set_name in SETS:
+        golds, dropped, items_dropped = [], [], 0
+        with JsonListWriter(output_dir / f"{set_name}_questions.json") as out:
+            for question in questions[set_name]:
+                built = build_question(question, emails, args.time_based_separation)
+                if built is None:
+                    dropped.append(question["id"])
+                    continue
+                built_question, subject = built
+                items_dropped += len(question["profile"]) - len(built_question["profile"])
+                out.write(built_question)
+                golds.append((built_question["id"], subject))
+        if set_name in GOLD_SETS:
+            write_outputs(output_dir / f"{set_name}_outputs.json", task, golds)
+        if dropped:
+            logger.warning("%s: dropped %s questions whose email is missing", set_name,
+                           preview(dropped))
+        summary[set_name] = {"questions": len(golds), "dropped_questions": len(dropped),
+                             "dropped_profile_items": items_dropped}
+        logger.info("%s: %d questions", set_name, len(golds))
+    save_run_args(output_dir / "create_avocado_dataset.args.json", args)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

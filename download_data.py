@@ -1,0 +1,555 @@
+"""Download the LaMP benchmark (tasks 1–5 and 7, user and time splits) into raw_data/.
+
+Example:
+    python download_data.py --splits user --tasks LaMP_3 LaMP_7 --sets train dev
+
+Files land in ``{out_dir}/{user|time}/LaMP_{k}/{set}_{questions|outputs}.json``. A file that
+is already complete is skipped, an interrupted one resumes from its ``.part`` file, and a
+file appears under its final name only after it parses as the LaMP file it should be.
+``--dry_run`` asks the server for the sizes only (the disk space a selection needs).
+LaMP-6 is built from the licensed Avocado corpus instead: data/avocado/create_avocado_dataset.py.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm import tqdm
+
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.data import input_problem, iter_questions
+from LaMP.utils.errors import LampError, preview
+from LaMP.utils.fileio import JsonListWriter, atomic_write_json, read_json
+from LaMP.utils.outputs import (MAX_OUTPUTS_BYTES, OutputsFile, invalid_gold_ids,
+                                parse_outputs, write_outputs)
+from LaMP.utils.tasks import Task, get_task
+
+logger = logging.getLogger("download_data")
+
+DEFAULT_BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One downloadable dataset: its local folder name and its path on the server."""
+
+    name: str  # the local folder and the --tasks spelling
+    remote: str  # the path under the base URL (and under "time/" for the time split)
+    task: Task | None  # the registry task its files follow; None: not a registry task
+    default: bool  # downloaded when --tasks is not given
+
+
+# The URL scheme, in one place: {base}/{split dir}{remote}/{set}/{set}_{kind}.json.
+# The current LaMP-2 (movie tagging) lives under LaMP_2/new/ in both splits; the older
+# LaMP-2 (news categorization, another profile schema) stayed under LaMP_2/ and is only
+# fetched when asked for by name. LaMP-6 is not on the server (Avocado is licensed).
+SOURCES = (
+    Source("LaMP_1", "LaMP_1", get_task("LaMP-1"), True),
+    Source("LaMP_2", "LaMP_2/new", get_task("LaMP-2"), True),
+    Source("LaMP_3", "LaMP_3", get_task("LaMP-3"), True),
+    Source("LaMP_4", "LaMP_4", get_task("LaMP-4"), True),
+    Source("LaMP_5", "LaMP_5", get_task("LaMP-5"), True),
+    Source("LaMP_7", "LaMP_7", get_task("LaMP-7"), True),
+    Source("LaMP_2_old", "LaMP_2", None, False),
+)
+SPLIT_DIRS = {"user": "", "time": "time/"}
+SET_KINDS = {"train": ("questions", "outputs"), "dev": ("questions", "outputs"),
+             "test": ("questions",)}  # test golds are kept by the leaderboard
+URL_TEMPLATE = "{base}/{split_dir}{remote}/{set}/{set}_{kind}.json"
+MANIFEST_NAME = "download_manifest.json"
+
+# Published defects that others found and our checks confirm. The checks find any question
+# of this kind in any file; this table only marks which findings are expected.
+KNOWN_ISSUES = {
+    ("user", "LaMP_2", "dev", "110"):
+        "its input is 'x …' with neither the instruction nor the tag list",
+}
+
+CHUNK_BYTES = 1 << 20  # read size: large enough for speed, small enough for a smooth bar
+# HTTP statuses worth another try; any other 4xx (404 above all) is final.
+RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class DownloadError(Exception):
+    """A file that could not be fetched; one line, reported per file."""
+
+
+class HttpStatus(DownloadError):
+    """The server answered with an error status that another try will not change."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Retry(Exception):
+    """A transient failure: the attempt may be repeated (resuming where it stopped)."""
+
+
+@dataclass
+class FileJob:
+    split: str
+    source: Source
+    set: str
+    kind: str
+    url: str
+    path: Path  # final location
+    rel: str  # path relative to out_dir, the manifest key
+
+    @property
+    def part(self) -> Path:
+        return self.path.with_name(self.path.name + ".part")
+
+
+@dataclass
+class FileResult:
+    rel: str
+    status: str  # downloaded, resumed, verified, up to date, failed
+    bytes: int = 0
+    records: int = 0  # questions, or gold outputs
+    profile_items: int = 0
+    problems: list = field(default_factory=list)  # [[id, why], ...]
+    removed_ids: list = field(default_factory=list)
+    remote_bytes: int | None = None
+    url: str = ""
+    error: str = ""
+
+
+def parse_source(name: str) -> Source:
+    """argparse ``type=`` for --tasks: a registry task name or LaMP_2_old."""
+    by_name = {source.name.lower(): source for source in SOURCES}
+    spelled = name.strip().lower().replace("-", "_")
+    if spelled in by_name:
+        return by_name[spelled]
+    try:
+        task = get_task(name)
+    except LampError:
+        task = None
+    for source in SOURCES:
+        if task is not None and source.task is task:
+            return source
+    valid = ", ".join(source.name for source in SOURCES)
+    if task is not None:  # a real task that is not on the server: LaMP-6
+        raise argparse.ArgumentTypeError(
+            f"{task.name} is not downloadable; build it from the Avocado corpus with "
+            f"data/avocado/create_avocado_dataset.py (downloadable: {valid})")
+    raise argparse.ArgumentTypeError(f"unknown task {name!r}; valid: {valid}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", default="raw_data",
+                        help="where the user/ and time/ folders are written (default: raw_data)")
+    parser.add_argument("--tasks", nargs="+", type=parse_source,
+                        default=[source for source in SOURCES if source.default],
+                        help="tasks to fetch: LaMP_1 … LaMP_5, LaMP_7 (LaMP-N works too); "
+                             "LaMP_2_old is the older news-categorization LaMP-2, only on "
+                             "request (default: all but LaMP_2_old)")
+    parser.add_argument("--splits", nargs="+", choices=sorted(SPLIT_DIRS), default=["user", "time"],
+                        help="user-based and/or time-based splits (default: both)")
+    parser.add_argument("--sets", nargs="+", choices=list(SET_KINDS), default=list(SET_KINDS),
+                        help="train, dev and/or test; test has questions only (default: all)")
+    parser.add_argument("--base_url", default=DEFAULT_BASE_URL,
+                        help=f"the server or a mirror with the same layout (default: "
+                             f"{DEFAULT_BASE_URL})")
+    parser.add_argument("--fix_known_issues", action="store_true",
+                        help="drop malformed questions (an input without its task's "
+                             "instruction, such as LaMP-2 user-split dev id 110, or a gold that "
+                             "is not a label) from the questions and outputs files alike")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="only ask the server for file sizes and print what the selection "
+                             "needs on disk; download nothing")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="extra attempts per file after a network failure (default: 5)")
+    parser.add_argument("--backoff", type=float, default=2.0,
+                        help="seconds before the first retry, doubled after each (default: 2)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds without data before a connection counts as dropped "
+                             "(default: 60)")
+    args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error("--retries must be >= 0")
+    if args.backoff < 0:
+        parser.error("--backoff must be >= 0")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    if not args.base_url.startswith(("http://", "https://")):
+        parser.error("--base_url must be an http:// or https:// URL")
+    args.base_url = args.base_url.rstrip("/")
+    # Sorted and unique: the same selection always runs in the same order.
+    args.tasks = sorted(set(args.tasks), key=SOURCES.index)
+    args.splits = sorted(set(args.splits), key=["user", "time"].index)
+    args.sets = sorted(set(args.sets), key=list(SET_KINDS).index)
+    return args
+
+
+def plan(args) -> list[FileJob]:
+    """Every file of the selection, in a fixed order."""
+    out_dir = Path(args.out_dir)
+    jobs = []
+    for split in args.splits:
+        for source in args.tasks:
+            for set_name in args.sets:
+                for kind in SET_KINDS[set_name]:
+                    url = URL_TEMPLATE.format(base=args.base_url, split_dir=SPLIT_DIRS[split],
+                                              remote=source.remote, set=set_name, kind=kind)
+                    rel = f"{split}/{source.name}/{set_name}_{kind}.json"
+                    jobs.append(FileJob(split, source, set_name, kind, url, out_dir / rel, rel))
+    return jobs
+
+
+class Fetcher:
+    """HTTP with retries and resumable downloads, on the standard library only."""
+
+    def __init__(self, retries: int, backoff: float, timeout: float,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.retries, self.backoff, self.timeout, self.sleep = retries, backoff, timeout, sleep
+
+    def _with_retries(self, what: str, attempt_fn):
+        for attempt in range(self.retries + 1):
+            try:
+                return attempt_fn()
+            except _Retry as reason:
+                if attempt == self.retries:
+                    raise DownloadError(f"{reason} (gave up after {attempt + 1} attempts)") \
+                        from None
+                delay = self.backoff * 2 ** attempt
+                logger.warning("%s: %s; retrying in %.1f s (%d of %d)", what, reason, delay,
+                               attempt + 1, self.retries)
+                self.sleep(delay)
+
+    def _open(self, request: urllib.request.Request):
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:
+            error.close()
+            if error.code in RETRYABLE_STATUS:
+                raise _Retry(f"HTTP {error.code} {error.reason}") from None
+            raise HttpStatus(error.code, f"HTTP {error.code} {error.reason} for "
+                                         f"{request.full_url}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            raise _Retry(_network_reason(error)) from None
+
+    def remote_size(self, url: str) -> int | None:
+        """The file's size from a HEAD request, or None when the server does not say."""
+        def attempt():
+            try:
+                response = self._open(urllib.request.Request(url, method="HEAD"))
+            except HttpStatus as error:
+                if error.code in (405, 501):
+                    return None  # no HEAD support: the file is checked after the download
+                raise
+            with response:
+                length = response.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+        return self._with_retries(url, attempt)
+
+    def download(self, url: str, part: Path, size: int | None, label: str) -> bool:
+        """Fetch ``url`` into ``part``, resuming what is there; True when it resumed."""
+        resumed = part.exists() and part.stat().st_size > 0
+        self._with_retries(label, lambda: self._attempt(url, part, size, label))
+        return resumed
+
+    def _attempt(self, url: str, part: Path, size: int | None, label: str) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:  # not a prefix of this file: start again
+            part.unlink()
+            have = 0
+        if size is not None and have == size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            response = self._open(urllib.request.Request(url, headers=headers))
+        except HttpStatus as error:
+            if have and error.code == 416:  # nothing past what we have: it is complete
+                return
+            raise
+        with response:
+            if have and not _resumes_at(response, have):
+                logger.info("%s: the server does not resume; starting again", label)
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = size if size is not None else (
+                have + int(length) if length and length.isdigit() else None)
+            with open(part, "ab" if have else "wb") as out, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                         unit_divisor=1024, desc=label, leave=False, disable=None) as bar:
+                try:
+                    while chunk := response.read(CHUNK_BYTES):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                except (OSError, http.client.HTTPException) as error:
+                    raise _Retry(f"connection dropped at {out.tell():,} bytes "
+                                 f"({_network_reason(error)})") from None
+        got = part.stat().st_size
+        if size is not None and got < size:
+            raise _Retry(f"connection ended at {got:,} of {size:,} bytes")
+
+
+def _resumes_at(response, offset: int) -> bool:
+    """Whether a response to a Range request continues the file at ``offset``."""
+    content_range = response.headers.get("Content-Range", "")
+    return response.status == 206 and content_range.startswith(f"bytes {offset}-")
+
+
+def _network_reason(error: BaseException) -> str:
+    reason = getattr(error, "reason", None) or error
+    return f"{type(error).__name__}: {reason}" if str(reason) else type(error).__name__
+
+
+def inspect_file(path: Path, job: FileJob) -> FileResult:
+    """Parse a downloaded file as the LaMP file it should be; count it and find problems.
+
+    Raises LampError when it is not that file (truncated, corrupt, another task).
+    """
+    task = job.source.task
+    result = FileResult(job.rel, "", bytes=path.stat().st_size)
+    if job.kind == "questions":
+        questions = iter_questions(path, task, what=f"downloaded {job.rel}")
+        for question in tqdm(questions, desc=f"checking {job.rel}", unit=" questions",
+                             leave=False, disable=None):
+            result.records += 1
+            result.profile_items += len(question["profile"])
+            problem = input_problem(question["input"], task) if task is not None else None
+            if problem is not None:
+                result.problems.append([question["id"], problem])
+        if result.records == 0:
+            raise LampError(f"{path}: no questions")
+    else:
+        outputs = read_outputs(path, job)
+        result.records = len(outputs)
+        if task is not None:
+            result.problems = [[qid, f"output {outputs.outputs[qid]!r} is not a "
+                                     f"{task.name} label"] for qid in invalid_gold_ids(outputs)]
+    return result
+
+
+def read_outputs(path: Path, job: FileJob) -> OutputsFile:
+    """A downloaded outputs file, checked to be the outputs of the job's task.
+
+    Another task's name in its "task" field means a wrong file. A name that is no task at all
+    (we have not seen every published file) is reported and read as the expected task.
+    """
+    expected = job.source.task.file_name if job.source.task else "LaMP_2"
+    document = read_json(path, f"downloaded {job.rel}", max_bytes=MAX_OUTPUTS_BYTES)
+    declared = document.get("task") if isinstance(document, dict) else None
+    if isinstance(document, dict) and declared != expected:
+        try:
+            other = get_task(str(declared))
+        except LampError:
+            other = None
+        if other is not None and other.file_name != expected:
+            raise LampError(f"{path}: holds {other.file_name} outputs, expected {expected}")
+        if other is None:
+            logger.warning("%s: its \"task\" is %r, not %s; read as %s outputs", job.rel,
+                           declared, expected, expected)
+            document = {**document, "task": expected}
+    return parse_outputs(document, str(path))
+
+
+class Manifest:
+    """What was downloaded, from where and with what size: ``{out_dir}/download_manifest.json``.
+
+    It lets a later run recognise a complete file without reading it again, even after
+    --fix_known_issues made it smaller than the server's copy.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / MANIFEST_NAME
+        document: object = {}
+        if self.path.exists():
+            try:
+                document = read_json(self.path, "download manifest")
+            except LampError as error:
+                # Losing it costs one check of each file present, never a wrong skip.
+                logger.warning("%s; starting a new manifest", error)
+        self.files: dict = document.get("files", {}) if isinstance(document, dict) else {}
+
+    def get(self, rel: str) -> dict | None:
+        entry = self.files.get(rel)
+        return entry if isinstance(entry, dict) else None
+
+    def record(self, result: FileResult) -> None:
+        entry = {key: value for key, value in asdict(result).items()
+                 if key not in ("rel", "status", "error")}
+        self.files[result.rel] = entry
+        atomic_write_json(self.path, {"files": dict(sorted(self.files.items()))}, indent=1)
+
+
+def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest) -> FileResult:
+    """Bring one file up to date; DownloadError or LampError when it cannot be."""
+    remote = fetcher.remote_size(job.url)
+    entry = manifest.get(job.rel)
+    if job.path.exists():
+        local = job.path.stat().st_size
+        # A mirror with the same files counts as the same source: sizes decide, not URLs.
+        if entry is not None and local == entry.get("bytes") \
+                and remote in (None, entry.get("remote_bytes")):
+            return _from_entry(job, entry, "up to date")
+        if entry is None and remote in (None, local):
+            # A file from elsewhere (a copy, a run without the manifest): check it once.
+            result = inspect_file(job.path, job)
+            return _finish(job, result, "verified", local, manifest)
+        logger.info("%s differs from the server's copy; downloading it again", job.rel)
+    job.path.parent.mkdir(parents=True, exist_ok=True)
+    resumed = fetcher.download(job.url, job.part, remote, job.rel)
+    try:
+        result = inspect_file(job.part, job)
+    except LampError as error:
+        job.part.unlink(missing_ok=True)  # a complete download that is wrong: do not resume it
+        raise LampError(f"{job.rel}: the downloaded file is not valid, not kept ({error})") \
+            from None
+    job.part.replace(job.path)
+    return _finish(job, result, "resumed" if resumed else "downloaded", remote, manifest)
+
+
+def _from_entry(job: FileJob, entry: dict, status: str) -> FileResult:
+    known = {key: entry[key] for key in ("bytes", "records", "profile_items", "problems",
+                                         "removed_ids", "remote_bytes", "url") if key in entry}
+    return FileResult(job.rel, status, **known)
+
+
+def _finish(job: FileJob, result: FileResult, status: str, remote: int | None,
+            manifest: Manifest) -> FileResult:
+    result.status, result.url = status, job.url
+    result.remote_bytes = remote if remote is not None else result.bytes
+    manifest.record(result)
+    return result
+
+
+def report_problems(jobs: list[FileJob], results: dict[str, FileResult]) -> dict[tuple, list]:
+    """Log the malformed questions of each (split, task, set); return their ids by group."""
+    by_group: dict[tuple, list] = {}
+    for job in jobs:
+        result = results.get(job.rel)
+        if result is None or result.status == "failed":
+            continue
+        pending = [(qid, why) for qid, why in result.problems if qid not in result.removed_ids]
+        if not pending:
+            continue
+        group = (job.split, job.source.name, job.set)
+        for qid, why in pending:
+            known = KNOWN_ISSUES.get((*group, qid))
+            logger.warning("%s: question %s is malformed: %s%s", job.rel, qid, why,
+                           f" (known issue: {known})" if known else "")
+            by_group.setdefault(group, [])
+            if qid not in by_group[group]:
+                by_group[group].append(qid)
+    return by_group
+
+
+def drop_questions(job: FileJob, ids: set[str]) -> tuple[int, int]:
+    """Rewrite one questions or outputs file without ``ids`` (atomically).
+
+    Returns the records and profile items that remain.
+    """
+    if job.kind == "questions":
+        items = 0
+        with JsonListWriter(job.path) as out:
+            for question in iter_questions(job.path, job.source.task):
+                if question["id"] not in ids:
+                    out.write(question)
+                    items += len(question["profile"])
+        return out.count, items
+    outputs = read_outputs(job.path, job)
+    kept = [(qid, text) for qid, text in outputs.outputs.items() if qid not in ids]
+    write_outputs(job.path, outputs.task, kept)
+    return len(kept), 0
+
+
+def fix_known_issues(jobs: list[FileJob], results: dict[str, FileResult],
+                     problems: dict[tuple, list], manifest: Manifest) -> None:
+    """Drop each group's malformed questions from its questions and outputs files alike."""
+    for job in jobs:
+        ids = problems.get((job.split, job.source.name, job.set))
+        result = results.get(job.rel)
+        if not ids or result is None or result.status == "failed":
+            continue
+        present = [qid for qid in ids if qid not in result.removed_ids]
+        if not present:
+            continue
+        result.records, result.profile_items = drop_questions(job, set(present))
+        result.removed_ids = sorted(set(result.removed_ids) | set(present))
+        result.bytes = job.path.stat().st_size
+        manifest.record(result)
+        logger.info("%s: dropped %s", job.rel, preview(present))
+
+
+def format_table(header: Iterable[str], rows: list[Iterable]) -> str:
+    rows = [tuple(str(cell) for cell in row) for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def summary_table(results: list[FileResult]) -> str:
+    rows = []
+    for result in results:
+        is_questions = result.rel.endswith("_questions.json")
+        mean = (f"{result.profile_items / result.records:.1f}"
+                if is_questions and result.records else "")
+        rows.append((result.rel, result.status, f"{result.bytes:,}" if result.bytes else "",
+                     f"{result.records:,}" if result.records else "", mean))
+    total = sum(result.bytes for result in results)
+    rows.append((f"{len(results)} files", "", f"{total:,}", "", ""))
+    return format_table(("file", "status", "bytes", "questions/golds", "mean profile"), rows)
+
+
+def dry_run(jobs: list[FileJob], fetcher: Fetcher) -> list[FileResult]:
+    results = []
+    for job in jobs:
+        try:
+            size = fetcher.remote_size(job.url)
+            results.append(FileResult(job.rel, "on server" if size is not None else "size unknown",
+                                      bytes=size or 0, url=job.url, remote_bytes=size))
+        except DownloadError as error:
+            results.append(FileResult(job.rel, "failed", url=job.url, error=str(error)))
+    return results
+
+
+def main(argv=None) -> list[FileResult]:
+    args = parse_args(argv)
+    setup_logging()
+    jobs = plan(args)
+    fetcher = Fetcher(args.retries, args.backoff, args.timeout)
+    if args.dry_run:
+        results = dry_run(jobs, fetcher)
+        print(summary_table(results))
+        return results
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out_dir)
+    results: dict[str, FileResult] = {}
+    for job in tqdm(jobs, desc="files", unit=" file", disable=None):
+        try:
+            results[job.rel] = fetch_file(job, fetcher, manifest)
+        except (DownloadError, LampError) as error:
+            logger.error("%s: %s", job.rel, error)
+            results[job.rel] = FileResult(job.rel, "failed", url=job.url, error=str(error))
+    problems = report_problems(jobs, results)
+    if problems and args.fix_known_issues:
+        fix_known_issues(jobs, results, problems, manifest)
+    elif problems:
+        logger.warning("run again with --fix_known_issues to drop the malformed questions "
+                       "from the questions and outputs files")
+    ordered = [results[job.rel] for job in jobs]
+    print(summary_table(ordered))
+    failed = [result.rel for result in ordered if result.status == "failed"]
+    if failed:
+        raise LampError(f"{len(failed)} of {len(ordered)} files failed (see the messages "
+                        f"above; run again to resume): {preview(failed)}")
+    return ordered
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
