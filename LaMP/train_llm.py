@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
     train_seconds = time.perf_counter() - started
 
     # The best checkpoint is loaded at the end of training; predict with it.
-    eval_texts = trainer.generate_texts(eval_examples)
+    eval_texts = trainer.best_eval_predictions()
     test_texts = trainer.generate_texts(test_examples) if test_examples else []
     results = {
         "task": task.name,

@@ -115,6 +115,7 @@ class GenerationEvalTrainer(Trainer):
         self.eval_examples = list(eval_examples)
         self.make_lamp_model = make_lamp_model  # model -> LampModel sharing its tokenizer
         self.generation = generation
+        self.eval_predictions: dict[int, list[str]] = {}  # global step -> validation texts
 
     def generate_texts(self, examples: Sequence[Example]) -> list[str]:
         """Predictions for ``examples``, split over the processes and gathered in order."""
@@ -138,9 +139,18 @@ class GenerationEvalTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         examples = self.eval_examples
         texts = self.generate_texts(examples)
+        self.eval_predictions[self.state.global_step] = texts
         scores = score_outputs(self.task, [e.id for e in examples], [e.target for e in examples],
                                texts, "validation data")
         metrics = {f"{metric_key_prefix}_{key}": float(value) for key, value in scores.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def best_eval_predictions(self) -> list[str]:
+        """Validation predictions of the model as it is now (the best checkpoint, after
+        training), reusing the evaluation that selected it instead of generating again."""
+        best_step = self.state.best_global_step
+        if best_step in self.eval_predictions:
+            return self.eval_predictions[best_step]
+        return self.generate_texts(self.eval_examples)
