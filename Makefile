@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) data/demo.py
+	$(PY) demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
