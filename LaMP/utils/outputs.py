@@ -101,7 +101,14 @@ def _is_outputs_member(info: zipfile.ZipInfo) -> bool:
 def read_outputs_zip(path: str | os.PathLike, what: str = "zip") -> dict[Task, OutputsFile]:
     """Every LaMP outputs file inside a zip, by task; nothing is extracted to disk."""
     path = check_readable(path, what)
-    if not zipfile.is_zipfile(path):
+    # Opened here because zipfile.is_zipfile(path) answers False for a file it cannot open,
+    # which would call an unreadable zip "not a zip archive".
+    try:
+        with open(path, "rb") as handle:
+            is_zip = zipfile.is_zipfile(handle)
+    except OSError as error:
+        raise LampError(f"{path}: cannot read ({error.strerror})") from None
+    if not is_zip:
         raise LampError(f"{path}: not a zip archive")
     by_task: dict[Task, OutputsFile] = {}
     try:
