@@ -2,6 +2,7 @@
 bad input of issue 2 item 4, and a few runs as a user would start them (a fresh interpreter)."""
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import struct
@@ -493,6 +494,24 @@ def test_eval_all_bad_input_names_the_file_and_writes_nothing(tmp_path, case):
     output = tmp_path / "out" / "results.json"
     assert_lamp_error(eval_all.main, eval_all_argv(paths["golds"], paths["preds"], output),
                       output, str(paths[culprit]), *fragments)
+
+
+def test_eval_all_unreadable_zip(tmp_path, monkeypatch):
+    golds, preds = golds_zip(tmp_path / "golds.zip"), preds_zip(tmp_path / "preds.zip")
+
+    # chmod does not stop root, so every open() of the archive is refused instead
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == preds:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "results.json"
+    assert_lamp_error(eval_all.main, eval_all_argv(golds, preds, output), output,
+                      str(preds), "cannot read", "Permission denied")
 
 
 def test_eval_all_member_too_large(tmp_path, monkeypatch):
