@@ -133,7 +133,10 @@ def child_env() -> dict:
 
 # Runs a script with some packages made unimportable, as if they were not installed.
 HIDING_LAUNCHER = """
-import runpy, sys
+import atexit, resource, runpy, sys
+# RUSAGE_CHILDREN in the parent is already raised by the earlier runs: report our own peak
+atexit.register(lambda: print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                              file=sys.stderr))
 HIDDEN = set(sys.argv[1].split(","))
 class Hide:
     def find_spec(self, name, path=None, target=None):
@@ -248,8 +251,14 @@ def main(argv=None) -> dict:
         optional = loaded_anywhere(traced.stderr, ("sklearn", "scipy"))
         phases = phase_profile(golds_zip, preds_zip)
         # requirements.txt installs neither: time the run a fresh clone gets, too
-        without_optional = [run_eval_all(eval_argv, hide=tuple(optional))[0]
-                            for _ in range(args.repeats)] if optional else []
+        without_optional, without_optional_peak_mib = [], 0.0
+        for _ in range(args.repeats if optional else 0):
+            seconds, process = run_eval_all(eval_argv, hide=tuple(optional))
+            without_optional.append(seconds)
+            peak_line = [line for line in process.stderr.splitlines()
+                         if line.startswith("peak_kib ")][-1]
+            without_optional_peak_mib = max(without_optional_peak_mib,
+                                            int(peak_line.split()[1]) / 1024)
         results = json.loads((work / "results.json").read_text(encoding="utf-8"))
 
     best = min(walls)
@@ -264,7 +273,8 @@ def main(argv=None) -> dict:
     print(f"scikit-learn/scipy imported through nltk: {', '.join(optional) if optional else 'no'}")
     if without_optional:
         print(f"wall with {' and '.join(optional)} hidden (as installed from requirements.txt): "
-              + ", ".join(f"{seconds:.2f} s" for seconds in without_optional))
+              + ", ".join(f"{seconds:.2f} s" for seconds in without_optional)
+              + f"; peak memory {without_optional_peak_mib:.0f} MiB")
     print("phases (one more fresh interpreter):")
     scoring = phases.pop("scoring")
     for name, seconds in phases.items():
@@ -276,7 +286,8 @@ def main(argv=None) -> dict:
         for task, result in results.items()))
     return {"predictions": total, "wall_seconds": walls, "peak_mib": peak_mib,
             "heavy_imports": heavy, "import_seconds": import_seconds, "imports": packages,
-            "phases": {**phases, "scoring": scoring}, "wall_without_optional": without_optional}
+            "phases": {**phases, "scoring": scoring}, "wall_without_optional": without_optional,
+            "peak_mib_without_optional": without_optional_peak_mib}
 
 
 if __name__ == "__main__":
