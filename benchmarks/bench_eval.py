@@ -6,7 +6,7 @@ Example:
 It writes a golds zip and a predictions zip (LaMP-1 2,500, LaMP-2 1,410, LaMP-3 2,500,
 LaMP-4 1,925, LaMP-5 2,500, LaMP-6 1,500, LaMP-7 1,500 examples; ``--scale`` shrinks or grows
 them), runs ``python eval/eval_all.py`` in a fresh interpreter ``--repeats`` times, and prints
-the wall time and peak memory of each run. One more run under ``-X importtime`` says where
+the wall time of each run and the peak memory of all. One more run under ``-X importtime`` says where
 the start-up time goes and whether torch or transformers were imported. Generation texts are
 the real LaMP-4/LaMP-7 dev golds and predictions when ../shared/lamp-real is present (LaMP-5
 and LaMP-6 borrow LaMP-4's headline pairs), otherwise generated words of similar lengths.
@@ -26,6 +26,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from LaMP.utils.tasks import MOVIE_TAGS
+
 REPO = Path(__file__).resolve().parents[1]
 LAMP_REAL = Path(os.environ.get("LAMP_REAL_DIR", REPO.parent / "shared" / "lamp-real"))
 TARGET_SECONDS = 5.0  # issue 2
@@ -35,9 +37,6 @@ DEV_SIZES = {"LaMP_1": 2500, "LaMP_2": 1410, "LaMP_3": 2500, "LaMP_4": 1925, "La
              "LaMP_6": 1500, "LaMP_7": 1500}
 # mean words per gold text when no real text is at hand: headline, title, subject, tweet
 GENERATED_WORDS = {"LaMP_4": 10, "LaMP_5": 11, "LaMP_6": 6, "LaMP_7": 17}
-MOVIE_TAGS = ["sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",
-              "dark comedy", "classic", "psychology", "fantasy", "romance", "thought-provoking",
-              "social commentary", "violence", "true story"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +100,7 @@ def synthesize(scale: float, seed: int) -> tuple[dict, dict]:
                 pred = rng.choice(["[1]", "[2]", "[1]", "[2]", " [1]", "I think [2]"])
             elif task == "LaMP_2":
                 gold = rng.choice(MOVIE_TAGS)
-                pred = gold if rng.random() < 0.4 else rng.choice(MOVIE_TAGS + ["horror"])
+                pred = gold if rng.random() < 0.4 else rng.choice([*MOVIE_TAGS, "horror"])
             elif task == "LaMP_3":
                 gold = str(rng.randint(1, 5))
                 pred = rng.choice([gold, str(rng.randint(1, 5)), "4.5", "five"])
