@@ -6,10 +6,11 @@ Example:
 It writes a golds zip and a predictions zip (LaMP-1 2,500, LaMP-2 1,410, LaMP-3 2,500,
 LaMP-4 1,925, LaMP-5 2,500, LaMP-6 1,500, LaMP-7 1,500 examples; ``--scale`` shrinks or grows
 them), runs ``python eval/eval_all.py`` in a fresh interpreter ``--repeats`` times, and prints
-the wall time of each run and the peak memory of all. One more run under ``-X importtime`` says where
-the start-up time goes and whether torch or transformers were imported. Generation texts are
-the real LaMP-4/LaMP-7 dev golds and predictions when ../shared/lamp-real is present (LaMP-5
-and LaMP-6 borrow LaMP-4's headline pairs), otherwise generated words of similar lengths.
+the wall time of each run and the peak memory of all. One more run under ``-X importtime``
+says where the start-up time goes and whether torch or transformers were imported. Generation
+texts are the real LaMP-4/LaMP-7 dev golds and predictions when ../shared/lamp-real is present
+(LaMP-5 and LaMP-6 borrow LaMP-4's headline pairs), otherwise generated words of similar
+lengths.
 Target (issue 2): under 5 s on the 2-core development machine, without importing torch.
 """
 from __future__ import annotations
