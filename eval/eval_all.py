@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _task_list(by_task) -> str:
+    return ", ".join(sorted(task.file_name for task in by_task)) or "no LaMP outputs file"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
@@ -64,7 +68,10 @@ def main(argv=None) -> dict:
         raise LampError("--require_all: tasks not scored: "
                         + ", ".join(f"{name} ({why})" for name, why in lacking.items()))
     if not any(task in preds for task in golds):
-        raise LampError(f"{args.preds_zip}: no task has both golds and predictions")
+        # Name both archives and what each holds: either one may be the wrong file.
+        raise LampError("no task has both golds and predictions: "
+                        f"{args.golds_zip} holds {_task_list(golds)}, "
+                        f"{args.preds_zip} holds {_task_list(preds)}")
     results = {}
     for task in TASKS.values():
         if task in golds and task in preds:

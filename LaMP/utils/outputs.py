@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -115,7 +116,14 @@ def _is_outputs_member(info: zipfile.ZipInfo) -> bool:
 def read_outputs_zip(path: str | os.PathLike, what: str = "zip") -> dict[Task, OutputsFile]:
     """Every LaMP outputs file inside a zip, by task; nothing is extracted to disk."""
     path = check_readable(path, what)
-    if not zipfile.is_zipfile(path):
+    # Opened here because zipfile.is_zipfile(path) answers False for a file it cannot open,
+    # which would call an unreadable zip "not a zip archive".
+    try:
+        with open(path, "rb") as handle:
+            is_zip = zipfile.is_zipfile(handle)
+    except OSError as error:
+        raise LampError(f"{path}: cannot read ({error.strerror})") from None
+    if not is_zip:
         raise LampError(f"{path}: not a zip archive")
     by_task: dict[Task, OutputsFile] = {}
     try:
@@ -124,6 +132,9 @@ def read_outputs_zip(path: str | os.PathLike, what: str = "zip") -> dict[Task, O
                              key=lambda info: info.filename)
             for info in members:
                 source = f"{path}:{info.filename}"
+                if info.flag_bits & 0x1:
+                    # zipfile would ask for a password with a RuntimeError
+                    raise LampError(f"{source}: encrypted; LaMP outputs files must be plain JSON")
                 if info.file_size > MAX_OUTPUTS_BYTES:
                     raise LampError(f"{source}: {info.file_size:,} bytes is too large to be a "
                                     f"LaMP outputs file (limit {MAX_OUTPUTS_BYTES:,})")
@@ -138,6 +149,9 @@ def read_outputs_zip(path: str | os.PathLike, what: str = "zip") -> dict[Task, O
                     raise LampError(f"{path}: two files for {parsed.task.file_name}: "
                                     f"{by_task[parsed.task].source} and {source}")
                 by_task[parsed.task] = parsed
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+    except NotImplementedError as error:  # a compression method zipfile cannot read
+        raise LampError(f"{path}: cannot read this zip archive ({error})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError) as error:
+        # zlib.error: the directory is intact but a member's compressed bytes are not
         raise LampError(f"{path}: damaged zip archive ({error})") from None
     return by_task

@@ -1,0 +1,108 @@
+"""The task registry: name lookup in both spellings, and each task's facts as issue 2 lists them."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from LaMP.utils.errors import LampError
+from LaMP.utils.tasks import (CLASSIFICATION, GENERATION, MOVIE_TAGS, RATING, TASK_NAMES, TASKS,
+                              get_task, task_arg)
+
+ALL_NAMES = [f"LaMP-{n}" for n in range(1, 8)]
+
+
+def test_registry_holds_exactly_the_seven_tasks_in_order():
+    assert list(TASK_NAMES) == ALL_NAMES
+    assert list(TASKS) == ALL_NAMES
+    for name, task in TASKS.items():
+        assert task.name == name
+        assert task.file_name == name.replace("-", "_")
+        assert str(task) == name
+
+
+@pytest.mark.parametrize("spelling", [
+    "LaMP-3", "LaMP_3", "lamp-3", "lamp_3", "LAMP-3", "LAMP_3", "lAmP_3", " LaMP_3 ", "\tlamp-3\n",
+])
+def test_both_spellings_in_any_case_find_the_same_task(spelling):
+    assert get_task(spelling) is TASKS["LaMP-3"]
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_every_task_is_found_by_its_file_name_and_its_name(n):
+    task = TASKS[f"LaMP-{n}"]
+    assert get_task(task.file_name) is task
+    assert get_task(task.name.lower()) is task
+
+
+@pytest.mark.parametrize("bad", [
+    "LaMP-8", "LaMP_0", "LaMP3", "LaMP 3", "LaMP-03", "LaMP--3", "LaMP-3x", "xLaMP-3",
+    "LaMP-", "LaMP", "3", "", "   ", "LaMP-３",  # the last one is a full-width digit
+])
+def test_unknown_names_are_rejected_with_every_valid_name(bad):
+    with pytest.raises(LampError) as caught:
+        get_task(bad)
+    message = str(caught.value)
+    assert repr(bad) in message
+    for name in ALL_NAMES:
+        assert name in message
+    assert "\n" not in message
+
+
+def test_task_arg_turns_an_unknown_name_into_an_argparse_error():
+    assert task_arg("lamp_7") is TASKS["LaMP-7"]
+    with pytest.raises(argparse.ArgumentTypeError, match="LaMP-1, LaMP-2"):
+        task_arg("LaMP-8")
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task_name", type=task_arg)
+    assert parser.parse_args(["--task_name", "LaMP_2"]).task_name is TASKS["LaMP-2"]
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--task_name", "LaMP3"])
+    assert exited.value.code == 2
+
+
+def test_movie_tags_are_the_fifteen_of_issue_2_in_order():
+    assert MOVIE_TAGS == (
+        "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",
+        "dark comedy", "classic", "psychology", "fantasy", "romance", "thought-provoking",
+        "social commentary", "violence", "true story",
+    )
+    assert len(set(MOVIE_TAGS)) == 15
+
+
+# name: (kind, labels, metrics, selection metric, greater is better, profile fields)
+EXPECTED = {
+    "LaMP-1": (CLASSIFICATION, ("[1]", "[2]"), ("accuracy", "f1"), "accuracy", True,
+               {"title", "abstract"}),
+    "LaMP-2": (CLASSIFICATION, MOVIE_TAGS, ("accuracy", "f1"), "accuracy", True,
+               {"description", "tag"}),
+    "LaMP-3": (RATING, ("1", "2", "3", "4", "5"), ("MAE", "RMSE"), "MAE", False,
+               {"text", "score"}),
+    "LaMP-4": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"text", "title"}),
+    "LaMP-5": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"title", "abstract"}),
+    "LaMP-6": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"text", "title"}),
+    "LaMP-7": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"text"}),
+}
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_each_task_matches_issue_2(name):
+    kind, labels, metrics, selection, greater, fields = EXPECTED[name]
+    task = TASKS[name]
+    assert task.kind == kind
+    assert task.labels == labels
+    assert task.metrics == metrics
+    assert task.selection_metric == selection
+    assert task.selection_metric in task.metrics
+    assert task.greater_is_better is greater
+    assert set(task.profile_fields) == fields
+    # id and date are common to all profiles and are not listed as task fields
+    assert "id" not in task.profile_fields and "date" not in task.profile_fields
+    # the retrieval corpus is built only from fields the profile has
+    assert set(task.corpus_fields) <= fields
+
+
+def test_tasks_are_immutable():
+    with pytest.raises(AttributeError):
+        TASKS["LaMP-1"].labels = ("x",)
