@@ -55,10 +55,10 @@ def parse_outputs(document: Any, source: str) -> OutputsFile:
     for position, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry or "output" not in entry:
             raise LampError(f'{source}: golds[{position}] must be an object with "id" and "output"')
+        # LaMP ids are strings; integer ids (a common slip when writing predictions) are
+        # accepted by as_id and compared as their decimal text.
         entry_id = as_id(entry["id"])
         if entry_id is None:
-            # LaMP ids are strings; integer ids (a common slip when writing predictions) are
-            # accepted and compared as their decimal text.
             raise LampError(f"{source}: golds[{position}] has id {entry['id']!r}; ids are strings")
         if not isinstance(entry["output"], str):
             raise LampError(f"{source}: id {entry_id} has a non-string output "
