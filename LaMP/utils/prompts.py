@@ -34,13 +34,34 @@ class TokenCounter:
         return len(self.ids(text)) if text else 0
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        """``text`` cut to its first ``max_tokens`` tokens (unchanged when it fits)."""
+        """The start of ``text`` that fits ``max_tokens`` tokens (unchanged when it fits).
+
+        The cut is made in ``text`` itself at a token boundary, not decoded from the kept
+        ids: decoding drops the characters a tokenizer does not know (``<unk>``) and turns a
+        character split across byte-level tokens into U+FFFD, which would change the words
+        the model sees and can count more tokens than were kept. The cut is re-counted,
+        since the start of a word may split into more pieces than it had inside the word.
+        """
         if max_tokens <= 0:
             return ""
-        ids = self.ids(text)
+        if getattr(self.tokenizer, "is_fast", False):
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        else:
+            ids, offsets = self.ids(text), None
         if len(ids) <= max_tokens:
             return text
-        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip()
+        for keep in range(max_tokens, 0, -1):
+            if offsets is not None:
+                end = offsets[keep - 1][1]
+            else:
+                # Without offsets (slow tokenizers such as ByT5's) the decoded length stands
+                # in for the end: exact for bytes, short of it where characters were dropped.
+                end = len(self.tokenizer.decode(ids[:keep], skip_special_tokens=True))
+            cut = text[:end].rstrip()
+            if self.count(cut) <= max_tokens:
+                return cut
+        return ""
 
 
 class PromptBuilder:
