@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
+from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import PromptTemplate, Task
 
 INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (issue 5)
@@ -74,7 +75,9 @@ class PromptBuilder:
     def __init__(self, task: Task, counter: TokenCounter, max_length: int,
                  reserved: int = 0, input_share: float = INPUT_SHARE):
         if max_length - reserved < 8:
-            raise ValueError(f"max_length {max_length} leaves no room for a prompt")
+            # A user's flag (--max_length too small for the model's chat wrapping): one line.
+            raise LampError(f"--max_length {max_length} leaves no room for a prompt "
+                            f"({reserved} tokens go to special tokens and chat wrapping)")
         self.task = task
         self.template: PromptTemplate = task.prompt
         self.counter = counter
