@@ -68,10 +68,14 @@ def main(argv=None) -> dict:
     check_readable(args.validation_data, "--validation_data")
     if args.adapter:
         check_readable(Path(args.adapter) / "adapter_config.json", "--adapter config")
+    from LaMP.utils.examples import build_examples, check_questions
+
+    # The whole file is checked before the model loads: a data mistake in the last question
+    # should not cost a model load first.
+    check_questions(args.validation_data, args.task, limit=args.limit)
 
     from transformers import set_seed
 
-    from LaMP.utils.examples import build_examples
     from LaMP.utils.modeling import load_model
     from LaMP.utils.predict import predict, write_predictions
 

@@ -131,3 +131,17 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_model(request, tiny_t5, tiny_llama) -> Path:
     """Each test using this runs once with a seq2seq and once with a causal model."""
     return {"t5": tiny_t5, "llama": tiny_llama}[request.param]
+
+
+@pytest.fixture
+def torch_single_thread():
+    """One torch thread for the test. Tiny models run as many small ops, each ending at a
+    barrier that waits for every thread; on a shared machine a descheduled thread turns
+    seconds into minutes (tests/test_modeling.py: 13 s with one thread, 215 s with two
+    while other jobs held the cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

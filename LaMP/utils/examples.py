@@ -63,23 +63,47 @@ def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOp
             yield question, order_profile(question["profile"], ranked_ids)[:k]
 
 
+def _all_or_none_outputs(questions: Iterable[dict], path: str) -> Iterator[dict]:
+    """The questions, checked as they stream by: either every one has a gold output or none."""
+    first = None
+    for question in questions:
+        if first is None:
+            first = question
+        elif ("output" in question) != ("output" in first):
+            missing = question if "output" in first else first
+            raise LampError(f"{path}: some questions have an output and some do not "
+                            f"(e.g. id {missing['id']}); merge the outputs for all of them")
+        yield question
+
+
+def _questions(path: str, task: Task, limit: int | None, require_output: bool) -> Iterator[dict]:
+    questions = iter_questions(path, task, require_output=require_output)
+    if limit is not None:
+        questions = itertools.islice(questions, limit)
+    return _all_or_none_outputs(questions, path)
+
+
+def check_questions(path: str, task: Task, *, limit: int | None = None,
+                    require_output: bool = False) -> int:
+    """Validate a questions file without building prompts, so that a data mistake is
+    reported before a model is loaded; returns the number of questions. Streams the file
+    (a second read, cheap next to loading a model)."""
+    count = sum(1 for _ in _questions(path, task, limit, require_output))
+    if not count:
+        raise LampError(f"{path}: no questions")
+    return count
+
+
 def build_examples(path: str, task: Task, prompt_fn: Callable[[str, Sequence[Mapping]], str],
                    options: ProfileOptions, *, limit: int | None = None,
                    require_output: bool = False) -> list[Example]:
     """The examples of a questions (or merged) file; only prompts stay in memory."""
-    questions = iter_questions(path, task, require_output=require_output)
-    if limit is not None:
-        questions = itertools.islice(questions, limit)
+    questions = _questions(path, task, limit, require_output)
     examples = [Example(id=question["id"], prompt=prompt_fn(question["input"], items),
                         target=question.get("output"))
                 for question, items in with_profile_items(questions, task, options)]
     if not examples:
         raise LampError(f"{path}: no questions")
-    has_target = [example.target is not None for example in examples]
-    if any(has_target) and not all(has_target):
-        missing = [example.id for example in examples if example.target is None]
-        raise LampError(f"{path}: some questions have an output and some do not "
-                        f"(e.g. id {missing[0]}); merge the outputs for all of them")
     logger.info("%s: %d examples, profile %s", path, len(examples),
                 f"top {options.num_retrieved} by {'file order' if options.is_ranked else options.retriever}"
                 if options.uses_items else "not used")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
+from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import PromptTemplate, Task
 
 INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (issue 5)
@@ -34,13 +35,34 @@ class TokenCounter:
         return len(self.ids(text)) if text else 0
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        """``text`` cut to its first ``max_tokens`` tokens (unchanged when it fits)."""
+        """The start of ``text`` that fits ``max_tokens`` tokens (unchanged when it fits).
+
+        The cut is made in ``text`` itself at a token boundary, not decoded from the kept
+        ids: decoding drops the characters a tokenizer does not know (``<unk>``) and turns a
+        character split across byte-level tokens into U+FFFD, which would change the words
+        the model sees and can count more tokens than were kept. The cut is re-counted,
+        since the start of a word may split into more pieces than it had inside the word.
+        """
         if max_tokens <= 0:
             return ""
-        ids = self.ids(text)
+        if getattr(self.tokenizer, "is_fast", False):
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        else:
+            ids, offsets = self.ids(text), None
         if len(ids) <= max_tokens:
             return text
-        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip()
+        for keep in range(max_tokens, 0, -1):
+            if offsets is not None:
+                end = offsets[keep - 1][1]
+            else:
+                # Without offsets (slow tokenizers such as ByT5's) the decoded length stands
+                # in for the end: exact for bytes, short of it where characters were dropped.
+                end = len(self.tokenizer.decode(ids[:keep], skip_special_tokens=True))
+            cut = text[:end].rstrip()
+            if self.count(cut) <= max_tokens:
+                return cut
+        return ""
 
 
 class PromptBuilder:
@@ -53,7 +75,9 @@ class PromptBuilder:
     def __init__(self, task: Task, counter: TokenCounter, max_length: int,
                  reserved: int = 0, input_share: float = INPUT_SHARE):
         if max_length - reserved < 8:
-            raise ValueError(f"max_length {max_length} leaves no room for a prompt")
+            # A user's flag (--max_length too small for the model's chat wrapping): one line.
+            raise LampError(f"--max_length {max_length} leaves no room for a prompt "
+                            f"({reserved} tokens go to special tokens and chat wrapping)")
         self.task = task
         self.template: PromptTemplate = task.prompt
         self.counter = counter
