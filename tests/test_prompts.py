@@ -449,3 +449,28 @@ def test_some_outputs_missing_is_a_user_error(tmp_path, tokenizers):
     prompt_fn = make_prompt_fn(get_task("LaMP-6"), tokenizers["unigram"], GENEROUS)
     with pytest.raises(LampError, match="q1"):
         build_examples(str(path), get_task("LaMP-6"), prompt_fn, ProfileOptions())
+
+
+def test_when_items_crowd_out_the_lowest_ranked_is_dropped_not_the_best(tokenizers):
+    # LaMP-4 template words include the whole title: two long titles and a short one. With
+    # room for about two items the best two stay, in rank order, and the third is dropped.
+    task = get_task("LaMP-4")
+    counter = TokenCounter(tokenizers["bytes"])
+    text = "Generate a headline for the following article: rain returns to the valley"
+    items = [{"id": "1", "title": "A" * 60, "text": "first body " * 20},
+             {"id": "2", "title": "B" * 60, "text": "second body " * 20},
+             {"id": "3", "title": "C", "text": "third body " * 20}]
+    budget = counter.count(text) + 2 * 100
+    prompt = PromptBuilder(task, counter, budget).build(text, items)
+    assert "A" * 60 in prompt and "B" * 60 in prompt and prompt.index("A") < prompt.index("B")
+    assert '"C" is the title' not in prompt
+    assert counter.count(prompt) <= budget
+
+
+def test_when_no_item_fits_the_input_gets_the_whole_budget(tokenizers):
+    task = get_task("LaMP-4")
+    counter = TokenCounter(tokenizers["bytes"])
+    text = "Generate a headline for the following article: " + "word " * 40
+    items = [{"id": "1", "title": "T" * 200, "text": "body"}]
+    budget = counter.count(text) + 5  # the title alone overruns any share
+    assert PromptBuilder(task, counter, budget).build(text, items) == text

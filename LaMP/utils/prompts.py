@@ -85,15 +85,24 @@ class PromptBuilder:
         self.input_budget = int(self.budget * input_share)
 
     def build(self, text: str, items: Sequence[Mapping[str, str]] = ()) -> str:
+        original = text
         # With no profile the input may use the whole budget; with one it keeps its share.
-        input_budget = self.input_budget if items else self.budget
-        text = self.counter.truncate(text, input_budget)
+        text = self.counter.truncate(original, self.input_budget if items else self.budget)
         if not items:
             return text
         input_tokens = self.counter.count(text)
         fixed = self.counter.count(self._glue(text, "")) - input_tokens  # suffix/insertion words
-        joiners = self.counter.count(self.template.joiner) * (len(items) - 1)
-        fitted = self._fit_items(items, self.budget - input_tokens - fixed - joiners)
+        joiner_tokens = self.counter.count(self.template.joiner)
+        # Best items first: when an item's template words alone overrun its share, the
+        # lowest-ranked item is dropped and the shares are recomputed, rather than letting a
+        # worse item take the place of a better one.
+        for n in range(len(items), 0, -1):
+            available = self.budget - input_tokens - fixed - joiner_tokens * (n - 1)
+            fitted = self._fit_items(items[:n], available)
+            if len(fitted) == n:
+                break
+        else:
+            return self.counter.truncate(original, self.budget)  # no item fits: bare input
         prompt = self._assemble(text, fitted)
         # Pieces were counted apart; counted together they can differ by a token or two.
         overflow = self.counter.count(prompt) - self.budget
@@ -106,7 +115,8 @@ class PromptBuilder:
 
     def _fit_items(self, items: Sequence[Mapping[str, str]], available: int
                    ) -> list[tuple[Mapping[str, str], int]]:
-        """Each item that fits, with the number of tokens its long field may keep."""
+        """Each item that fits, with the number of tokens its long field may keep; an item
+        whose share is used up by its template words is left out and its share rolls over."""
         share = max(available, 0) // len(items)
         carry = 0
         fitted = []
