@@ -136,7 +136,7 @@ def load_for_training(args: argparse.Namespace):
     """(LampModel, seq2seq) with the model ready for the Trainer (LoRA attached)."""
     import torch
 
-    from LaMP.utils.modeling import LampModel, load_pretrained, load_tokenizer
+    from LaMP.utils.modeling import LampModel, load_model_and_tokenizer
     from LaMP.utils.training import add_lora
 
     quantization = None
@@ -146,13 +146,10 @@ def load_for_training(args: argparse.Namespace):
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=torch.bfloat16)
     # Weights stay fp32 (bf16 runs as autocast, which keeps trainable weights in fp32).
-    model, seq2seq = load_pretrained(args.model_name, dtype=torch.float32,
-                                     trust_remote_code=args.trust_remote_code,
-                                     cache_dir=args.cache_dir, quantization_config=quantization)
-    tokenizer = load_tokenizer(args.model_name, seq2seq=seq2seq,
-                               trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
-    if args.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise LampError(f"--chat_template: the tokenizer of {args.model_name} has no chat template")
+    model, tokenizer, seq2seq = load_model_and_tokenizer(
+        args.model_name, chat_template=args.chat_template, dtype=torch.float32,
+        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+        quantization_config=quantization)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 

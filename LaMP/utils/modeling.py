@@ -34,12 +34,26 @@ def is_seq2seq_config(config) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def load_tokenizer(name_or_path: str, *, seq2seq: bool, trust_remote_code: bool = False,
-                   cache_dir: str | None = None):
+def load_config(name_or_path: str, *, trust_remote_code: bool = False,
+                cache_dir: str | None = None):
+    """The model's config: it says whether the model is seq2seq or causal."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                          cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise LampError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
+
+
+def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = False,
+                   trust_remote_code: bool = False, cache_dir: str | None = None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                               cache_dir=cache_dir)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise LampError(f"--chat_template: the tokenizer of {name_or_path} has no chat template")
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; padding is masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
@@ -48,17 +62,15 @@ def load_tokenizer(name_or_path: str, *, seq2seq: bool, trust_remote_code: bool 
     return tokenizer
 
 
-def load_pretrained(name_or_path: str, *, dtype: torch.dtype | None = None,
+def load_pretrained(name_or_path: str, *, config=None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, cache_dir: str | None = None,
                     quantization_config=None):
     """(model, is_seq2seq) for a hub name or a local folder; the class comes from the config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                            cache_dir=cache_dir)
-    except (OSError, ValueError) as error:
-        raise LampError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    if config is None:
+        config = load_config(name_or_path, trust_remote_code=trust_remote_code,
+                             cache_dir=cache_dir)
     seq2seq = is_seq2seq_config(config)
     model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     extra = {"quantization_config": quantization_config} if quantization_config else {}
@@ -66,6 +78,20 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype | None = None,
                                         trust_remote_code=trust_remote_code,
                                         cache_dir=cache_dir, **extra)
     return model, seq2seq
+
+
+def load_model_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
+                             dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                             cache_dir: str | None = None, quantization_config=None):
+    """(model, tokenizer, is_seq2seq); the tokenizer is checked before the weights load."""
+    options = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    config = load_config(name_or_path, **options)
+    seq2seq = is_seq2seq_config(config)
+    tokenizer = load_tokenizer(name_or_path, seq2seq=seq2seq, chat_template=chat_template,
+                               **options)
+    model, _ = load_pretrained(name_or_path, config=config, dtype=dtype,
+                               quantization_config=quantization_config, **options)
+    return model, tokenizer, seq2seq
 
 
 @dataclass
@@ -215,16 +241,13 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
     """Load a model (and optionally a peft adapter) for inference, once."""
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
-    model, seq2seq = load_pretrained(name_or_path, dtype=dtype,
-                                     trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-    tokenizer = load_tokenizer(name_or_path, seq2seq=seq2seq,
-                               trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    model, tokenizer, seq2seq = load_model_and_tokenizer(
+        name_or_path, chat_template=chat_template, dtype=dtype,
+        trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise LampError(f"--chat_template: the tokenizer of {name_or_path} has no chat template")
     model.to(device).eval()
     logger.info("loaded %s (%s, %s) on %s%s", name_or_path,
                 "seq2seq" if seq2seq else "causal", dtype, device,
