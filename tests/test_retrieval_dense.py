@@ -199,3 +199,21 @@ def test_minilm_ranks_an_exact_duplicate_of_the_query_first(tmp_path_factory):
     for question, ranking in ranker.rank(questions):
         assert ranking[0] == "duplicate", question["id"]
         assert sorted(ranking) == sorted(item["id"] for item in question["profile"])
+
+
+def test_rank_profiles_main_with_a_local_encoder(tiny_encoder, tmp_path):
+    from LaMP import rank_profiles
+
+    questions = [make_question(f"q{i}", TWEETS[i], TWEETS[i + 1:i + 5]) for i in range(3)]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(questions), encoding="utf-8")
+    output = tmp_path / "dense.json"
+    rankings = rank_profiles.main(["--input_data_addr", str(path), "--output_ranking_addr",
+                                   str(output), "--task", "LaMP_7", "--ranker", "contriever",
+                                   "--contriever_checkpoint", tiny_encoder, "--device", "cpu",
+                                   "--batch_size", "2"])
+    assert json.loads(output.read_text()) == rankings
+    for question in questions:
+        assert sorted(rankings[question["id"]]) == [item["id"] for item in question["profile"]]
+    args = json.loads((tmp_path / "dense.args.json").read_text())
+    assert (args["model"], args["device"], args["dtype"]) == (tiny_encoder, "cpu", "float32")
