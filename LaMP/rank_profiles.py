@@ -23,7 +23,7 @@ from tqdm import tqdm
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import args_path_for, atomic_write_json, check_readable, save_run_args
+from LaMP.utils.fileio import JsonObjectWriter, args_path_for, check_readable, save_run_args
 from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS,
                                   build_ranker, count_questions, shard_range)
 from LaMP.utils.tasks import task_arg
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict[str, list[str]]:
+def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging(args.verbose)
     input_path = check_readable(args.input_data_addr, "questions file")
@@ -98,19 +98,20 @@ def main(argv=None) -> dict[str, list[str]]:
         batch_size=args.batch_size, seed=args.seed,
         allow_download=args.contriever_checkpoint is not None)
 
-    rankings: dict[str, list[str]] = {}
-    progress = tqdm(ranker.rank(questions), total=total, unit="question", desc="ranking")
-    for question, ranking in progress:
-        if question["id"] in rankings:
-            raise LampError(f"{input_path}: question id {question['id']} occurs twice")
-        rankings[question["id"]] = ranking
-    if not rankings and args.num_shards == 1:
-        raise LampError(f"{input_path}: no questions to rank")
-
-    atomic_write_json(output_path, rankings)
+    # Written as it goes: a train split's ranking holds millions of ids, too many to keep.
+    seen: set[str] = set()
+    with JsonObjectWriter(output_path) as writer:
+        progress = tqdm(ranker.rank(questions), total=total, unit="question", desc="ranking")
+        for question, ranking in progress:
+            if question["id"] in seen:
+                raise LampError(f"{input_path}: question id {question['id']} occurs twice")
+            seen.add(question["id"])
+            writer.write(question["id"], ranking)
+        if not seen and args.num_shards == 1:
+            raise LampError(f"{input_path}: no questions to rank")
     save_run_args(args_path_for(output_path), {**vars(args), **ranker.describe()})
-    logger.info("ranked %d questions with %s; wrote %s", len(rankings), args.ranker, output_path)
-    return rankings
+    logger.info("ranked %d questions with %s; wrote %s", writer.count, args.ranker, output_path)
+    return {"questions": writer.count, "output": str(output_path)}
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def test_duplicate_question_ids_and_overlapping_shards(files, tmp_path):
         merge(files)
     write_json(files["questions"], QUESTIONS)
     overlap = write_json(tmp_path / "other.json", {"71": ["711"]})
-    with pytest.raises(LampError, match=r"questions already ranked in .*ranking.json: "
-                                        r"1 \(first: 71\)"):
+    with pytest.raises(LampError, match=r"question 71 is ranked in .*ranking.json and "
+                                        r".*other.json"):
         merge(files, rankings=[str(files["ranking"]), str(overlap)])
 
 

@@ -123,15 +123,19 @@ def test_order_profile_with_a_repeated_profile_id():
 def test_load_rankings_combines_shards_and_rejects_overlap(tmp_path):
     first = write_json(tmp_path / "s0.json", {"1": ["x", "y"], "2": []})
     second = write_json(tmp_path / "s1.json", {"3": ["z", 5]})
-    assert load_rankings([first, second]) == {"1": ["x", "y"], "2": [], "3": ["z", "5"]}
+    rankings = load_rankings([first, second])
+    assert dict(rankings) == {"1": ["x", "y"], "2": [], "3": ["z", "5"]}
+    assert "3" in rankings and "4" not in rankings and len(rankings) == 3
     overlapping = write_json(tmp_path / "s2.json", {"2": ["w"], "4": []})
-    with pytest.raises(LampError, match=r"s2.json: questions already ranked in .*s0.json: "
-                                        r"1 \(first: 2\)"):
+    with pytest.raises(LampError, match=r"question 2 is ranked in .*s0.json and .*s2.json"):
         load_rankings([first, overlapping])
+    (tmp_path / "twice.json").write_text('{"7": ["a"], "7": ["b"]}', encoding="utf-8")
+    with pytest.raises(LampError, match=r"question 7 is ranked twice in .*twice.json"):
+        load_rankings([tmp_path / "twice.json"])
 
 
 @pytest.mark.parametrize("content, message", [
-    ([["x"]], "expected a JSON object"),
+    ([["x"]], r"expected a JSON object \{question id: \[profile ids\]\}"),
     ({"1": "x y"}, "the ranking of question 1 must be a list of profile ids"),
     ({"1": [None]}, "the ranking of question 1 must be a list of profile ids"),
 ])
@@ -160,3 +164,21 @@ def test_count_questions(tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps(questions)[:-30], encoding="utf-8")
     with pytest.raises(LampError, match="broken.json: malformed JSON"):
         count_questions(tmp_path / "broken.json")
+
+
+def test_json_object_writer_streams_and_is_atomic(tmp_path):
+    from LaMP.utils.fileio import JsonObjectWriter
+
+    path = tmp_path / "r.json"
+    with JsonObjectWriter(path) as writer:
+        writer.write("1", ["a", "é"])
+        writer.write("2", [])
+    assert json.loads(path.read_text(encoding="utf-8")) == {"1": ["a", "é"], "2": []}
+    with JsonObjectWriter(tmp_path / "empty.json"):
+        pass
+    assert json.loads((tmp_path / "empty.json").read_text()) == {}
+    with pytest.raises(RuntimeError):
+        with JsonObjectWriter(tmp_path / "failed.json") as writer:
+            writer.write("1", ["a"])
+            raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "r.json"]

@@ -19,6 +19,7 @@ The query and the corpus text of each profile item come from the task registry
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -28,9 +29,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from LaMP.utils.bm25 import bm25_scores_many
-from LaMP.utils.data import as_id
+from LaMP.utils.data import as_id, check_json_start
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import read_json
+from LaMP.utils.fileio import check_readable
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 RANKERS = ("bm25", "contriever", "recency", "random")
 DEFAULT_DENSE_MODEL = "facebook/contriever"  # the published dense ranker
 DEFAULT_BATCH_SIZE = 32  # texts per encoder forward pass; raise it on a GPU
-# A ranking file holds ids only (tens of MB for the largest splits); far more is not one.
-MAX_RANKING_BYTES = 2 * 1024 ** 3
 
 Ranked = tuple[dict, list[str]]
 
@@ -249,30 +248,63 @@ def order_profile(profile: list[dict], ranked_ids: Sequence[str],
     return [profile[next(queues[item_id])] for item_id in ranked_ids]
 
 
-def load_rankings(paths: Sequence[str | os.PathLike]) -> dict[str, list[str]]:
+class Rankings(Mapping[str, list[str]]):
+    """Question id -> ranked profile ids, stored compactly (each ranking as its JSON text).
+
+    A train split's ranking has millions of ids; as Python lists they would take ~65 bytes
+    each, as text ~10. A ranking is decoded when it is looked up.
+    """
+
+    def __init__(self) -> None:
+        self._text: dict[str, str] = {}
+        self._source: dict[str, str] = {}
+
+    def __getitem__(self, question_id: str) -> list[str]:
+        return json.loads(self._text[question_id])
+
+    def __contains__(self, question_id: object) -> bool:
+        return question_id in self._text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._text)
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+    def add(self, question_id: str, ranking: list[str], source: str) -> None:
+        if question_id in self._text:
+            where = ("twice in " + source if self._source[question_id] == source
+                     else f"in {self._source[question_id]} and {source}")
+            raise LampError(f"question {question_id} is ranked {where}")
+        self._text[question_id] = json.dumps(ranking, ensure_ascii=False)
+        self._source[question_id] = source
+
+
+def load_rankings(paths: Sequence[str | os.PathLike]) -> Rankings:
     """Read one ranking file, or several shard files to combine: ``{question id: [ids]}``.
 
-    A question ranked in two files is an error naming the ids; so is a malformed entry.
+    Files are streamed. A question ranked twice (within a file or across shard files) is an
+    error naming it; so is a malformed entry.
     """
-    combined: dict[str, list[str]] = {}
-    source_of: dict[str, str] = {}
+    import ijson
+
+    rankings = Rankings()
     for path in paths:
-        document = read_json(path, what="ranking file", max_bytes=MAX_RANKING_BYTES)
-        if not isinstance(document, dict):
-            raise LampError(f"{path}: expected a JSON object {{question id: [profile ids]}}, "
-                            f"found {type(document).__name__}")
-        repeated = [question_id for question_id in document if question_id in combined]
-        if repeated:
-            raise LampError(f"{path}: questions already ranked in {source_of[repeated[0]]}: "
-                            f"{preview(repeated)}")
-        for question_id, ranking in document.items():
-            ids = [as_id(item_id) for item_id in ranking] if isinstance(ranking, list) else None
-            if ids is None or None in ids:
-                raise LampError(f"{path}: the ranking of question {question_id} must be a list "
-                                "of profile ids (strings)")
-            combined[question_id] = ids
-            source_of[question_id] = str(path)
-    return combined
+        path = check_readable(path, "ranking file")
+        check_json_start(path, b"{", "a JSON object {question id: [profile ids]}")
+        with open(path, "rb") as handle:
+            try:
+                for question_id, ranking in ijson.kvitems(handle, ""):
+                    ids = ([as_id(item_id) for item_id in ranking] if isinstance(ranking, list)
+                           else None)
+                    if ids is None or None in ids:
+                        raise LampError(f"{path}: the ranking of question {question_id} must be "
+                                        "a list of profile ids (strings)")
+                    rankings.add(question_id, ids, str(path))
+            except ijson.JSONError as error:
+                raise LampError(f"{path}: malformed JSON "
+                                f"({str(error).splitlines()[0][:200]})") from None
+    return rankings
 
 
 def count_questions(path: str | os.PathLike) -> int:
