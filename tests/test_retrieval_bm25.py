@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from LaMP.utils.bm25 import bm25_scores, bm25_scores_many, tokenize
-from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.bm25 import TermIndex, bm25_scores, bm25_scores_ids, bm25_scores_many, tokenize
+from LaMP.utils.retrieval import BM25Ranker, build_ranker
 from LaMP.utils.tasks import get_task
 from tests.conftest import LAMP_REAL, REPO, requires_real_data
 
@@ -131,3 +131,53 @@ def test_bm25_path_imports_neither_torch_nor_transformers(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "heavy: []" in result.stdout
     assert json.loads((tmp_path / "r.json").read_text()) == {"1": ["i2", "i1", "i3"]}
+
+
+def test_term_index_ids_and_memo():
+    index = TermIndex()
+    first, second = index.text_ids(["a b  a", "b c\n"])
+    assert first[0] == first[2] == index.token_ids(["a"])[0]
+    assert first[1] == second[0] and len(set(first.tolist() + second.tolist())) == 3
+    assert index.text_ids(["a b  a"])[0] is first  # memoised
+    query = index.text_ids(["z a"], remember=False)[0]
+    assert query[1] == first[0]
+    assert index.text_ids(["z a"], remember=False)[0] is not query
+    assert index.text_ids([""])[0].shape == (0,)
+
+
+def test_term_index_trim_empties_tables_past_their_limits():
+    index = TermIndex(max_terms=3)
+    memo = index.text_ids(["a b c"])[0]
+    index.trim()
+    assert index.text_ids(["a b c"])[0] is memo  # 3 terms: within the limit
+    index.text_ids(["d"])
+    index.trim()
+    assert index.text_ids(["a b c"])[0] is not memo
+
+
+def test_huge_ids_take_the_unpacked_sort_and_give_the_same_scores():
+    query, corpus = CASES["long profile"]
+    vocabulary = {token: 2 ** 60 + 977 * number for number, token in
+                  enumerate(dict.fromkeys(" ".join([query, *corpus]).split()))}
+    as_ids = lambda text: np.array([vocabulary[token] for token in text.split()], dtype=np.int64)
+    other_query, other_corpus = CASES["plain"]
+    vocabulary.update({token: 2 ** 61 + number for number, token in
+                       enumerate(" ".join([other_query, *other_corpus]).split())
+                       if token not in vocabulary})
+    scores = bm25_scores_ids([as_ids(query), as_ids(other_query)],
+                             [[as_ids(text) for text in corpus],
+                              [as_ids(text) for text in other_corpus]])
+    assert np.array_equal(scores[0], reference_scores(query, corpus))
+    assert np.array_equal(scores[1], reference_scores(other_query, other_corpus))
+
+
+def test_chunk_sizes_and_index_resets_do_not_change_rankings():
+    task = get_task("LaMP-7")
+    questions = [{"id": str(n), "input": f"Paraphrase: {CASES[name][0]}",
+                  "profile": [{"id": f"{n}-{i}", "text": text}
+                              for i, text in enumerate(CASES[name][1])]}
+                 for n, name in enumerate(sorted(CASES) * 3)]
+    default = [ranking for _, ranking in build_ranker("bm25", task).rank(questions)]
+    small = BM25Ranker(task, chunk_questions=2, chunk_tokens=5)
+    small.terms = TermIndex(max_terms=4, max_text_chars=10)
+    assert [ranking for _, ranking in small.rank(questions)] == default
