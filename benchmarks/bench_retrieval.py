@@ -123,9 +123,9 @@ def report(label: str, ours: tuple, theirs: tuple, unit_count: int, unit: str) -
     _, their_wall, their_cpu = theirs
     print(f"  {label}")
     print(f"    published: {their_wall:8.2f} s wall {their_cpu:8.2f} s CPU "
-          f"({unit_count / their_wall:,.0f} {unit}/s)")
+          f"({unit_count / their_wall:,.1f} {unit}/s)")
     print(f"    ours:      {our_wall:8.2f} s wall {our_cpu:8.2f} s CPU "
-          f"({unit_count / our_wall:,.0f} {unit}/s)")
+          f"({unit_count / our_wall:,.1f} {unit}/s)")
     print(f"    speed-up:  {their_wall / our_wall:8.1f}x wall {their_cpu / our_cpu:8.1f}x CPU")
 
 
@@ -213,8 +213,13 @@ def minilm_folder(work: Path) -> str | None:
     return str(folder)
 
 
-def bench_dense(work: Path, questions: int, device: str | None) -> None:
+def bench_dense(work: Path, questions: int, device: str | None, threads: int | None) -> None:
     import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per model load otherwise
+    if threads:
+        torch.set_num_threads(threads)
 
     print(f"Dense, all-MiniLM-L6-v2, {questions} real LaMP-7 dev questions")
     folder = minilm_folder(work)
@@ -296,6 +301,9 @@ def main(argv=None) -> None:
                         help="real questions for the dense comparison (default 100)")
     parser.add_argument("--device", default=None,
                         help="device for our dense ranker (default: cuda if available)")
+    parser.add_argument("--torch_threads", type=int, default=None,
+                        help="CPU threads for torch in the dense part (default: torch's own; "
+                             "1 gives steadier numbers on a machine shared with other work)")
     parser.add_argument("--memory_gb", type=float, default=1.0,
                         help="size of the generated file for the memory part (default 1.0)")
     args = parser.parse_args(argv)
@@ -308,7 +316,7 @@ def main(argv=None) -> None:
         if "bm25" in args.only:
             bench_bm25(work, args.repeats)
         if "dense" in args.only:
-            bench_dense(work, args.dense_questions, args.device)
+            bench_dense(work, args.dense_questions, args.device, args.torch_threads)
         if "memory" in args.only:
             bench_memory(work, args.memory_gb)
 

@@ -167,7 +167,8 @@ def run_script(args, cwd):
 
 
 def test_readme_command_from_the_lamp_folder(files):
-    result = run_script(["utils/merge_with_rank.py", "--lamp_questions_addr", str(files["questions"]),
+    result = run_script(["utils/merge_with_rank.py",
+                         "--lamp_questions_addr", str(files["questions"]),
                          "--lamp_output_addr", str(files["outputs"]), "--profile_ranking_addr",
                          str(files["ranking"]), "--merged_output_addr", str(files["merged"])],
                         cwd=REPO / "LaMP")
@@ -175,7 +176,8 @@ def test_readme_command_from_the_lamp_folder(files):
     assert [profile_ids(q) for q in json.loads(files["merged"].read_text())][0] == RANKING["70"]
 
     write_json(files["ranking"], {"70": RANKING["70"]})
-    result = run_script(["utils/merge_with_rank.py", "--lamp_questions_addr", str(files["questions"]),
+    result = run_script(["utils/merge_with_rank.py",
+                         "--lamp_questions_addr", str(files["questions"]),
                          "--profile_ranking_addr", str(files["ranking"]),
                          "--merged_output_addr", str(files["merged"])], cwd=REPO / "LaMP")
     assert result.returncode == 2

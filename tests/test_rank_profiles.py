@@ -92,9 +92,11 @@ def test_shards_combine_to_the_full_ranking(questions_file, tmp_path, ranker):
         combined.update(json.loads(open(path).read()))
     assert combined == full
     # merge_with_rank takes the shard files together and gives the same merged file.
-    for name, rankings in (("from_full", [str(tmp_path / "full.json")]), ("from_shards", shard_files)):
-        merge_with_rank.main(["--lamp_questions_addr", str(questions_file), "--profile_ranking_addr",
-                              *rankings, "--merged_output_addr", str(tmp_path / f"{name}.json")])
+    for name, rankings in (("from_full", [str(tmp_path / "full.json")]),
+                           ("from_shards", shard_files)):
+        merge_with_rank.main(["--lamp_questions_addr", str(questions_file),
+                              "--profile_ranking_addr", *rankings,
+                              "--merged_output_addr", str(tmp_path / f"{name}.json")])
     assert ((tmp_path / "from_full.json").read_text()
             == (tmp_path / "from_shards.json").read_text())
 
@@ -127,7 +129,8 @@ def test_duplicate_question_ids_are_an_error(tmp_path):
     ("[]", "no questions to rank"),
     ('{"id": 1}', "expected a JSON list of questions"),
     ('[{"id": "1", "input": "x"}]', 'missing "profile" list'),
-    ('[{"id": "1", "input": "review: x", "profile": [{"id": "a"}]}]', "lacks the LaMP-3 field 'text'"),
+    ('[{"id": "1", "input": "review: x", "profile": [{"id": "a"}]}]',
+     "lacks the LaMP-3 field 'text'"),
 ])
 def test_bad_input_files(tmp_path, content, message):
     path = tmp_path / "q.json"
@@ -174,3 +177,29 @@ def test_readme_command_from_the_lamp_folder(questions_file, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: questions file {tmp_path / 'missing.json'} does not exist"]
+
+
+@pytest.mark.parametrize("ranker", ["bm25", "recency"])
+def test_every_task_ranks_through_the_registry(tmp_path, ranker):
+    # The published script crashed on LaMP-2; here no code branches on the task.
+    from tests.test_retrieval_tasks import (LAMP_1_INPUT, LAMP_2_INPUT, LAMP_3_INPUT,
+                                            LAMP_5_INPUT, LAMP_6_INPUT, PROFILE_ITEMS)
+
+    inputs = {"LaMP-1": LAMP_1_INPUT, "LaMP-2": LAMP_2_INPUT, "LaMP-3": LAMP_3_INPUT,
+              "LaMP-4": "Generate a headline for the following article: Stocks rose.",
+              "LaMP-5": LAMP_5_INPUT, "LaMP-6": LAMP_6_INPUT,
+              "LaMP-7": "Paraphrase the following tweet without any explanation before or "
+                        "after it: a tweet"}
+    for name, text in inputs.items():
+        item, _ = PROFILE_ITEMS[name]
+        profile = [{**item, "id": f"{name}-{n}", "date": f"20{10 + n}"} for n in range(3)]
+        path = write_json(tmp_path / f"{name}.json", [{"id": "1", "input": text,
+                                                       "profile": profile}])
+        output = tmp_path / f"{name}-ranking.json"
+        rank_profiles.main(["--input_data_addr", str(path), "--output_ranking_addr",
+                            str(output), "--task", name.replace("-", "_"), "--ranker", ranker,
+                            "--use_date"])
+        ranking = json.loads(output.read_text())["1"]
+        assert sorted(ranking) == [f"{name}-{n}" for n in range(3)]
+        if ranker == "recency":
+            assert ranking == [f"{name}-2", f"{name}-1", f"{name}-0"]

@@ -59,7 +59,8 @@ def test_random_is_seeded_per_question_and_independent_of_order():
     assert forward == backward
     again = dict((q["id"], r) for q, r in build_ranker("random", LAMP_3, seed=3).rank(questions))
     assert again == forward
-    other_seed = dict((q["id"], r) for q, r in build_ranker("random", LAMP_3, seed=4).rank(questions))
+    other_ranker = build_ranker("random", LAMP_3, seed=4)
+    other_seed = dict((q["id"], r) for q, r in other_ranker.rank(questions))
     assert other_seed != forward
     for q in questions:
         assert sorted(forward[q["id"]]) == sorted(item["id"] for item in q["profile"])

@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from LaMP.utils.dense_retrieval import DenseRanker, cache_key, mean_pool, resolve_device  # noqa: E402
+from LaMP.utils.dense_retrieval import (DenseRanker, cache_key, mean_pool,  # noqa: E402
+                                        resolve_device)
 from LaMP.utils.errors import LampError  # noqa: E402
 from LaMP.utils.retrieval import build_ranker  # noqa: E402
 from LaMP.utils.tasks import get_task  # noqa: E402
@@ -58,7 +59,8 @@ def reference_embedding(ranker: DenseRanker, text: str) -> np.ndarray:
     with torch.no_grad():
         hidden = ranker.model(**tokens).last_hidden_state
     mask = tokens["attention_mask"]
-    pooled = hidden.masked_fill(~mask[..., None].bool(), 0.0).sum(dim=1) / mask.sum(dim=1)[..., None]
+    summed = hidden.masked_fill(~mask[..., None].bool(), 0.0).sum(dim=1)
+    pooled = summed / mask.sum(dim=1)[..., None]
     return pooled[0].numpy()
 
 

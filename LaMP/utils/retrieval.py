@@ -319,7 +319,8 @@ def count_questions(path: str | os.PathLike) -> int:
         try:
             return sum(1 for _ in ijson.items(handle, "item.id"))
         except ijson.JSONError as error:
-            raise LampError(f"{path}: malformed JSON ({str(error).splitlines()[0][:200]})") from None
+            reason = str(error).splitlines()[0][:200]
+            raise LampError(f"{path}: malformed JSON ({reason})") from None
 
 
 def shard_range(total: int, num_shards: int, shard_id: int) -> range:

@@ -84,7 +84,8 @@ class Task:
         try:
             values = list(map(getter, profile))
         except KeyError as error:
-            missing = next(item for item in profile if any(f not in item for f in self.corpus_fields))
+            missing = next(item for item in profile
+                           if any(field not in item for field in self.corpus_fields))
             raise LampError(f"{self.name} profile item {missing.get('id', '?')} lacks the field "
                             f"{error.args[0]!r} needed for retrieval") from None
         if len(self.corpus_fields) == 1:
