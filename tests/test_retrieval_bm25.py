@@ -139,6 +139,7 @@ def test_term_index_ids_and_memo():
     assert first[0] == first[2] == index.token_ids(["a"])[0]
     assert first[1] == second[0] and len(set(first.tolist() + second.tolist())) == 3
     assert index.text_ids(["a b  a"])[0] is first  # memoised
+    assert first.base is None  # its own memory, not a view pinning a larger array
     query = index.text_ids(["z a"], remember=False)[0]
     assert query[1] == first[0]
     assert index.text_ids(["z a"], remember=False)[0] is not query

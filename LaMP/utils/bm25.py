@@ -87,7 +87,8 @@ class TermIndex:
             for index, start, end in zip(missing, [0, *ends[:-1]], ends):
                 known[index] = flat[start:end]
                 if remember:
-                    self._texts[texts[index]] = known[index]
+                    # A copy: a remembered view would pin the whole array it was cut from.
+                    known[index] = self._texts[texts[index]] = known[index].copy()
                     self._text_chars += len(texts[index])
         return known
 
