@@ -4,7 +4,7 @@ Example:
     python benchmarks/bench_retrieval.py            # everything (several minutes on a laptop)
     python benchmarks/bench_retrieval.py --only bm25 memory
 
-Parts (each prints its numbers):
+Parts (each prints its numbers; memory runs first):
   bm25    the real LaMP-7 dev file and a 3,000-question x 100-item file made from its tweets:
           rank_profiles.py end to end vs the published algorithm reimplemented below
           (json.load, a rank_bm25 BM25Okapi index per question, get_top_n, json.dump), plus
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -286,7 +287,9 @@ def bench_memory(work: Path, gigabytes: float) -> None:
     print(f"Peak memory, ranking a generated ~{gigabytes:g} GB LaMP-7-shaped file with bm25")
     path = work / "large_questions.json"
     count = write_large_file(path, int(gigabytes * 1e9))
-    print(f"  {path.stat().st_size / 1e9:.2f} GB, {count:,} questions x 100 items")
+    print(f"  {path.stat().st_size / 1e9:.2f} GB, {count:,} questions x 100 items "
+          f"(this process, which the children are forked from: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB)")
     ours_mb, ours_s, status = child_peak([
         sys.executable, "LaMP/rank_profiles.py", "--input_data_addr", str(path),
         "--output_ranking_addr", str(work / "large_ranking.json"), "--task", "LaMP-7",
@@ -322,12 +325,14 @@ def main(argv=None) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as folder:
         work = Path(folder)
+        # Memory first: a child's peak RSS counts the parent's pages it was forked from,
+        # so it must be measured before this process holds datasets or a model.
+        if "memory" in args.only:
+            bench_memory(work, args.memory_gb)
         if "bm25" in args.only:
             bench_bm25(work, args.repeats)
         if "dense" in args.only:
             bench_dense(work, args.dense_questions, args.device, args.torch_threads)
-        if "memory" in args.only:
-            bench_memory(work, args.memory_gb)
 
 
 if __name__ == "__main__":
