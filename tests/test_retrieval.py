@@ -183,3 +183,13 @@ def test_json_object_writer_streams_and_is_atomic(tmp_path):
             writer.write("1", ["a"])
             raise RuntimeError("stop")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "r.json"]
+
+
+def test_batched_by_cost_closes_on_cost_or_count():
+    from LaMP.utils.retrieval import batched_by_cost
+
+    assert list(batched_by_cost([3, 1, 1, 5, 2], cost=lambda x: x, limit=4)) == [
+        [3, 1], [1, 5], [2]]
+    assert list(batched_by_cost(range(5), cost=lambda x: 0, limit=1, max_items=2)) == [
+        [0, 1], [2, 3], [4]]
+    assert list(batched_by_cost([], cost=len, limit=1)) == []

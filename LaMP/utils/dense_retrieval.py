@@ -27,7 +27,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from LaMP.utils.errors import LampError
-from LaMP.utils.retrieval import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranked, Ranker, ranked_ids
+from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranked, Ranker,
+                                  batched_by_cost, ranked_ids)
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -148,23 +149,23 @@ class DenseRanker(Ranker):
                 "dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size}
 
     def rank(self, questions: Iterable[dict]) -> Iterator[Ranked]:
-        pending: list[tuple[dict, str, list, list[str]]] = []
-        to_encode = 0
-        for question in questions:
-            query = self.task.query(question["input"], question["id"])
-            texts = self.task.corpus(question["profile"], self.use_date)
-            keys = [cache_key(item["id"], text) for item, text in zip(question["profile"], texts)]
-            pending.append((question, query, keys, texts))
-            to_encode += 1 + sum(key not in self.cache for key in keys)
-            if to_encode >= self.window:
-                yield from self._flush(pending)
-                pending, to_encode = [], 0
-        yield from self._flush(pending)
+        # A window closes once it holds enough texts to encode (queries and items not yet
+        # cached); the cache is consulted as each question arrives, after earlier windows.
+        for window in batched_by_cost(map(self._prepare, questions), self._texts_to_encode,
+                                      self.window):
+            yield from self._flush(window)
+
+    def _prepare(self, question: dict) -> tuple[dict, str, list, list[str]]:
+        query = self.task.query(question["input"], question["id"])
+        texts = self.task.corpus(question["profile"], self.use_date)
+        keys = [cache_key(item["id"], text) for item, text in zip(question["profile"], texts)]
+        return question, query, keys, texts
+
+    def _texts_to_encode(self, entry) -> int:
+        return 1 + sum(key not in self.cache for key in entry[2])
 
     def _flush(self, pending) -> Iterator[Ranked]:
         """Encode what a window of questions needs, then rank each of them."""
-        if not pending:
-            return
         vectors: dict[Any, np.ndarray | None] = {}
         new_keys, new_texts = [], []
         for _, _, keys, texts in pending:

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -65,6 +65,23 @@ class Ranker:
         return {"ranker": self.name, "task": self.task.name, "use_date": self.use_date}
 
 
+def batched_by_cost(items: Iterable, cost: Callable[[Any], int], limit: int,
+                    max_items: int | None = None) -> Iterator[list]:
+    """Consecutive items in lists that close once their total ``cost`` reaches ``limit`` (or
+    they hold ``max_items``); the last list may be smaller. Lazy: an item's cost is taken
+    when it is reached, after the lists before it have been handed out and used."""
+    batch: list = []
+    total = 0
+    for item in items:
+        batch.append(item)
+        total += cost(item)
+        if total >= limit or (max_items is not None and len(batch) >= max_items):
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
 def ranked_ids(profile: Sequence[Mapping], scores: np.ndarray) -> list[str]:
     """Profile ids by descending score; equal scores keep profile order."""
     order = np.argsort(-scores, kind="stable")
@@ -87,23 +104,19 @@ class BM25Ranker(Ranker):
         self.terms = TermIndex()
 
     def rank(self, questions: Iterable[dict]) -> Iterator[Ranked]:
-        chunk: list[tuple[dict, np.ndarray, list[np.ndarray]]] = []
-        tokens = 0
-        for question in questions:
-            query = self.task.query(question["input"], question["id"])
-            # Queries are one-off texts: not worth remembering.
-            query_ids = self.terms.text_ids([query], remember=False)[0]
-            corpus = self.terms.text_ids(self.task.corpus(question["profile"], self.use_date))
-            chunk.append((question, query_ids, corpus))
-            tokens += sum(map(len, corpus))
-            if tokens >= self.chunk_tokens or len(chunk) >= self.chunk_questions:
-                yield from self._score(chunk)
-                chunk, tokens = [], 0
-        yield from self._score(chunk)
+        prepared = map(self._prepare, questions)
+        for chunk in batched_by_cost(prepared, lambda entry: sum(map(len, entry[2])),
+                                     self.chunk_tokens, self.chunk_questions):
+            yield from self._score(chunk)
+
+    def _prepare(self, question: dict) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+        query = self.task.query(question["input"], question["id"])
+        # Queries are one-off texts: not worth remembering.
+        query_ids = self.terms.text_ids([query], remember=False)[0]
+        corpus = self.terms.text_ids(self.task.corpus(question["profile"], self.use_date))
+        return question, query_ids, corpus
 
     def _score(self, chunk) -> Iterator[Ranked]:
-        if not chunk:
-            return
         scores = bm25_scores_ids([query for _, query, _ in chunk],
                                  [corpus for _, _, corpus in chunk])
         self.terms.trim()  # only between chunks: ids are compared within a chunk
