@@ -320,7 +320,9 @@ def main(argv=None) -> None:
                         help="size of the generated file for the memory part (default 1.0)")
     args = parser.parse_args(argv)
     if not LAMP_7_DEV.exists():
-        sys.exit(f"needs the real LaMP-7 dev file at {LAMP_7_DEV} (set LAMP_REAL_DIR)")
+        # A skip, not a failure: `make bench` runs every benchmark on any clone.
+        print(f"skipped: needs the real LaMP-7 dev file at {LAMP_7_DEV} (set LAMP_REAL_DIR)")
+        return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as folder:
