@@ -90,14 +90,19 @@ def input_problem(text: str, task: Task) -> str | None:
     return None
 
 
-def _check_is_list(path: Path) -> None:
+def check_json_start(path: Path, opener: bytes, expected: str) -> None:
+    """Refuse, before streaming it, a file whose JSON does not start with ``opener``."""
     with open(path, "rb") as handle:
         _skip_bom(handle)
         head = handle.read(4096).lstrip()
     if not head:
         raise LampError(f"{path}: the file is empty")
-    if not head.startswith(b"["):
-        raise LampError(f"{path}: expected a JSON list of questions")
+    if not head.startswith(opener):
+        raise LampError(f"{path}: expected {expected}")
+
+
+def _check_is_list(path: Path) -> None:
+    check_json_start(path, b"[", "a JSON list of questions")
 
 
 def iter_questions(path: str | os.PathLike, task: Task | None = None,

@@ -93,6 +93,8 @@ class JsonListWriter:
     Memory stays bounded by one element; if the block raises, nothing appears at ``path``.
     """
 
+    _open, _close = "[", "]"
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.count = 0
@@ -104,21 +106,38 @@ class JsonListWriter:
         handle, self._tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
                                                   dir=self.path.parent)
         self._handle = os.fdopen(handle, "w", encoding="utf-8")
-        self._handle.write("[")
+        self._handle.write(self._open)
         return self
 
     def write(self, element: Any) -> None:
+        self._write_entry(json.dumps(element, ensure_ascii=False))
+
+    def _write_entry(self, text: str) -> None:
         self._handle.write(",\n" if self.count else "\n")
-        self._handle.write(json.dumps(element, ensure_ascii=False))
+        self._handle.write(text)
         self.count += 1
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         try:
             if exc_type is None:
-                self._handle.write("\n]\n")
+                self._handle.write(f"\n{self._close}\n")
             self._handle.close()
             if exc_type is None:
                 os.replace(self._tmp_name, self.path)
         finally:
             if os.path.exists(self._tmp_name):
                 os.unlink(self._tmp_name)
+
+
+class JsonObjectWriter(JsonListWriter):
+    """Write a JSON object one ``key: value`` entry at a time, then rename it into place.
+
+    Same guarantees as ``JsonListWriter``: memory bounded by one entry, nothing at ``path``
+    if the block raises. Keys are not checked for repeats; the caller knows its keys.
+    """
+
+    _open, _close = "{", "}"
+
+    def write(self, key: str, value: Any) -> None:  # type: ignore[override]
+        self._write_entry(f"{json.dumps(key, ensure_ascii=False)}: "
+                          f"{json.dumps(value, ensure_ascii=False)}")

@@ -1,0 +1,118 @@
+"""Rank every question's profile by relevance to its input; write {question id: [item ids]}.
+
+Example:
+    cd LaMP
+    python rank_profiles.py --input_data_addr ../raw_data/user/LaMP_7/dev_questions.json \
+        --output_ranking_addr ../runs/LaMP_7_dev_bm25.json --task LaMP-7 --ranker bm25
+
+The ranking lists each question's profile item ids, best first (ties in profile order). The
+questions file is streamed; the output is written atomically, with the run's arguments
+beside it (``<output>.args.json``). Big jobs can be split with ``--num_shards N --shard_id i``
+(questions in N contiguous slices); ``utils/merge_with_rank.py`` accepts all the shard files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from itertools import chain, islice
+from pathlib import Path
+
+from tqdm import tqdm
+
+from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.data import iter_questions
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import JsonObjectWriter, args_path_for, check_readable, save_run_args
+from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS,
+                                  build_ranker, count_questions, shard_range)
+from LaMP.utils.tasks import task_arg
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input_data_addr", required=True,
+                        help="LaMP questions file (JSON list of {id, input, profile})")
+    parser.add_argument("--output_ranking_addr", required=True,
+                        help="where to write the ranking JSON {question id: [profile ids]}")
+    parser.add_argument("--task", required=True, type=task_arg,
+                        help="the task: LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+    parser.add_argument("--ranker", required=True, choices=RANKERS,
+                        help="bm25 (Okapi BM25), contriever (any Hugging Face encoder, see "
+                             "--contriever_checkpoint), recency (newest first) or random")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="texts per encoder forward pass for contriever (default "
+                             f"{DEFAULT_BATCH_SIZE}; 128 or more suits a GPU)")
+    parser.add_argument("--use_date", action="store_true",
+                        help="append ' date: <date>' to each profile item's text")
+    parser.add_argument("--contriever_checkpoint", default=None,
+                        help=f"encoder for contriever: a local folder or a hub name (default "
+                             f"{DEFAULT_DENSE_MODEL}, used only if already in the local Hugging "
+                             "Face cache; a name given here may be downloaded)")
+    parser.add_argument("--device", default=None,
+                        help="device for contriever: cpu, cuda or cuda:N (default: cuda when "
+                             "available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random ranker (each question's order depends only on "
+                             "the seed and the question id)")
+    parser.add_argument("--num_shards", type=int, default=1,
+                        help="split the questions into this many contiguous slices (default 1)")
+    parser.add_argument("--shard_id", type=int, default=0,
+                        help="which slice to rank, 0 … num_shards-1 (default 0)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.num_shards < 1:
+        parser.error("--num_shards must be at least 1")
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    input_path = check_readable(args.input_data_addr, "questions file")
+    output_path = Path(args.output_ranking_addr)
+    if output_path.is_dir():
+        raise LampError(f"--output_ranking_addr {output_path} is a directory; give a file name")
+
+    questions = iter_questions(input_path, args.task)
+    total = None
+    if args.num_shards > 1:
+        shard = shard_range(count_questions(input_path), args.num_shards, args.shard_id)
+        logger.info("shard %d of %d: questions %d … %d", args.shard_id, args.num_shards,
+                    shard.start, shard.stop - 1)
+        questions = islice(questions, shard.start, shard.stop)
+        total = len(shard)
+    # Read the first question before building the ranker (for contriever, loading a
+    # model), so that a malformed file fails at once.
+    first = next(questions, None)
+    questions = chain([first], questions) if first is not None else iter(())
+    ranker = build_ranker(
+        args.ranker, args.task, use_date=args.use_date,
+        model_name=args.contriever_checkpoint or DEFAULT_DENSE_MODEL, device=args.device,
+        batch_size=args.batch_size, seed=args.seed,
+        allow_download=args.contriever_checkpoint is not None)
+
+    # Written as it goes: a train split's ranking holds millions of ids, too many to keep.
+    seen: set[str] = set()
+    with JsonObjectWriter(output_path) as writer:
+        progress = tqdm(ranker.rank(questions), total=total, unit="question", desc="ranking")
+        for question, ranking in progress:
+            if question["id"] in seen:
+                raise LampError(f"{input_path}: question id {question['id']} occurs twice")
+            seen.add(question["id"])
+            writer.write(question["id"], ranking)
+        if not seen and args.num_shards == 1:
+            raise LampError(f"{input_path}: no questions to rank")
+    save_run_args(args_path_for(output_path), {**vars(args), **ranker.describe()})
+    logger.info("ranked %d questions with %s; wrote %s", writer.count, args.ranker, output_path)
+    return {"questions": writer.count, "output": str(output_path)}
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

