@@ -306,3 +306,35 @@ def test_smollm2_paraphrases_real_lamp7_tweets(tmp_path):
     for prediction in predictions:  # answers only: no chat markup, no echoed prompt
         assert "<|im_start|>" not in prediction and "Following the given patterns" not in prediction
     assert returned["results"]["rouge-1"] > SMOLLM2_ROUGE1_FLOOR
+
+
+@pytest.mark.parametrize("ranker", ["bm25", "recency", "random"])
+def test_on_the_fly_ranking_equals_the_ranked_file(tmp_path, ranker):
+    """--retriever X ranks through the retrieval stage's code: the prompts equal those built
+    from rank_profiles.py + merge_with_rank.py output read with --is_ranked."""
+    from LaMP import rank_profiles
+    from LaMP.utils import merge_with_rank
+    from LaMP.utils.examples import ProfileOptions, build_examples
+    from LaMP.utils.prompts import make_prompt_fn
+    from LaMP.utils.tasks import get_task
+    from transformers import ByT5Tokenizer
+
+    from conftest import SAMPLE
+
+    task = get_task("LaMP-4")
+    questions = SAMPLE / "LaMP_4" / "dev_questions.json"
+    ranking, merged = tmp_path / "ranking.json", tmp_path / "merged.json"
+    rank_profiles.main(["--input_data_addr", str(questions), "--output_ranking_addr",
+                        str(ranking), "--task", "LaMP-4", "--ranker", ranker, "--seed", "7"])
+    merge_with_rank.main(["--lamp_questions_addr", str(questions), "--profile_ranking_addr",
+                          str(ranking), "--merged_output_addr", str(merged)])
+    prompt_fn = make_prompt_fn(task, ByT5Tokenizer(), 2048)
+    on_the_fly = build_examples(str(questions), task, prompt_fn, ProfileOptions(
+        use_profile=True, num_retrieved=3, retriever=ranker, seed=7))
+    from_file = build_examples(str(merged), task, prompt_fn, ProfileOptions(
+        use_profile=True, num_retrieved=3, is_ranked=True))
+    assert [e.prompt for e in on_the_fly] == [e.prompt for e in from_file]
+    # And ranking changed something: the prompts differ from the profile's own order.
+    in_file_order = build_examples(str(questions), task, prompt_fn, ProfileOptions(
+        use_profile=True, num_retrieved=3, is_ranked=True))
+    assert [e.prompt for e in on_the_fly] != [e.prompt for e in in_file_order]

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-RETRIEVERS = ("bm25", "contriever", "recency", "random")  # the rankers of LaMP.utils.retrieval
+from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, RANKERS
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
     """Flags that choose how profile items reach the prompt."""
     parser.add_argument("--use_profile", action="store_true",
                         help="personalize: put retrieved profile items into the prompt")
-    parser.add_argument("--retriever", default="bm25", choices=RETRIEVERS,
+    parser.add_argument("--retriever", default="bm25", choices=RANKERS,
                         help="ranker used on the fly when the data is not pre-ranked")
     parser.add_argument("--is_ranked", action="store_true",
                         help="the profiles are already ranked (merge_with_rank.py output): "
@@ -19,8 +19,10 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
                         help="number of profile items in each prompt (0: the bare input)")
     parser.add_argument("--use_date", action="store_true",
                         help="on-the-fly ranking: add each item's date to its text")
-    parser.add_argument("--contriever_checkpoint", default="facebook/contriever",
-                        help="encoder for --retriever contriever (hub name or local folder)")
+    parser.add_argument("--contriever_checkpoint", default=None,
+                        help="encoder for --retriever contriever: a local folder or a hub name "
+                             f"(default {DEFAULT_DENSE_MODEL}, used only if already in the "
+                             "local Hugging Face cache; a name given here may be downloaded)")
     parser.add_argument("--max_length", type=int, default=max_length,
                         help="token budget of the model input: instruction, profile and all")
 
@@ -55,5 +57,7 @@ def profile_options(args: argparse.Namespace):
 
     return ProfileOptions(use_profile=args.use_profile, num_retrieved=args.num_retrieved,
                           is_ranked=args.is_ranked, retriever=args.retriever,
-                          use_date=args.use_date, retriever_model=args.contriever_checkpoint,
+                          use_date=args.use_date,
+                          retriever_model=args.contriever_checkpoint or DEFAULT_DENSE_MODEL,
+                          allow_download=args.contriever_checkpoint is not None,
                           device=args.device, seed=args.seed)

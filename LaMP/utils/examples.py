@@ -35,6 +35,7 @@ class ProfileOptions:
     retriever: str = "bm25"
     use_date: bool = False
     retriever_model: str = "facebook/contriever"  # only for the dense retriever
+    allow_download: bool = False  # may the dense model come from the hub (a name the user gave)
     device: str | None = None
     seed: int = 0
 
@@ -58,9 +59,9 @@ def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOp
 
         ranker = build_ranker(options.retriever, task, use_date=options.use_date,
                               model_name=options.retriever_model, device=options.device,
-                              seed=options.seed)
+                              seed=options.seed, allow_download=options.allow_download)
         for question, ranked_ids in ranker.rank(questions):
-            yield question, order_profile(question["profile"], ranked_ids)[:k]
+            yield question, order_profile(question["profile"], ranked_ids, question["id"])[:k]
 
 
 def _all_or_none_outputs(questions: Iterable[dict], path: str) -> Iterator[dict]:
