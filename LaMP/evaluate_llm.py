@@ -11,10 +11,17 @@ Writes ``predictions.json`` (the LaMP format the evaluator reads), ``results_out
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
+
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)

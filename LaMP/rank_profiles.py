@@ -13,12 +13,18 @@ beside it (``<output>.args.json``). Big jobs can be split with ``--num_shards N 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from itertools import chain, islice
 from pathlib import Path
 
 from tqdm import tqdm
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import iter_questions

@@ -15,6 +15,7 @@ same bytes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import random
 import sys
@@ -23,6 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.fileio import JsonListWriter

@@ -11,8 +11,15 @@ numbers repeat).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
+from pathlib import Path
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.fileio import atomic_write_json

@@ -14,9 +14,16 @@ without ``--lamp_output_addr`` (a test split) there is no ``output``. Several ra
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
+
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import iter_questions

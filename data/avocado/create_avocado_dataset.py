@@ -16,9 +16,16 @@ of the other tasks.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
+
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from LaMP.utils.avocado import build_question, read_emails, referenced_emails, zip_files
 from LaMP.utils.cli import run, setup_logging
