@@ -76,7 +76,9 @@ def rank_and_merge(args, task, split: str) -> Path:
 
 
 def model_flags(args, task) -> list[str]:
-    return ["--task", task.name, "--use_profile", "--is_ranked",
+    # A 135M model rarely answers with a valid label in free text: score the labels instead.
+    scoring = ["--label_scoring"] if task.labels else []
+    return [*scoring, "--task", task.name, "--use_profile", "--is_ranked",
             "--num_retrieved", str(args.num_retrieved), "--max_length", "256",
             "--generation_max_length", str(MAX_NEW_TOKENS[task.kind]),
             "--generation_num_beams", "1", "--per_device_batch_size", "8",

@@ -173,61 +173,86 @@ class LampModel:
         """For each prompt, the label the model finds most likely (sum of token log-probs).
 
         Each label is scored followed by the end-of-sequence token, so that a label that is
-        the start of another ("comedy" / "dark comedy" aside, e.g. "1" / "10") is not
-        favoured for being a prefix.
+        the start of another (e.g. "1" / "10") is not favoured for being a prefix. Each
+        prompt is read once: causal models continue its key/value cache with every label,
+        seq2seq models reuse its encoding.
         """
         self.model.eval()
         label_ids = [self._label_ids(label) for label in labels]
-        best: list[str] = []
-        per_batch = max(1, batch_size // max(1, len(labels)))
-        batches = [list(range(i, min(i + per_batch, len(prompts))))
-                   for i in range(0, len(prompts), per_batch)]
+        # Each prompt fans out into one row per label; keep that fan-out's memory bounded.
+        per_batch = max(1, min(batch_size, LABEL_ROWS_PER_BATCH // len(labels)))
+        order = _longest_first(self.prompt_lengths(prompts))
+        batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+        best: list[str] = [""] * len(prompts)
         for batch in tqdm(batches, desc="scoring labels", unit="batch", disable=not progress):
-            scores = self._label_log_likelihoods([prompts[i] for i in batch], label_ids, max_length)
-            best.extend(labels[j] for j in scores.argmax(dim=1).tolist())
+            encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
+            scores = self._label_log_likelihoods(encoded, label_ids)
+            for i, j in zip(batch, scores.argmax(dim=1).tolist()):
+                best[i] = labels[j]
         return best
 
     def _label_ids(self, label: str) -> list[int]:
         ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
         return ids + [self.tokenizer.eos_token_id]
 
-    def _label_log_likelihoods(self, prompts, label_ids, max_length) -> torch.Tensor:
-        n_prompts, n_labels = len(prompts), len(label_ids)
-        longest = max(len(ids) for ids in label_ids)
-        targets = torch.full((n_labels, longest), -100, dtype=torch.long)
-        for j, ids in enumerate(label_ids):
-            targets[j, :len(ids)] = torch.tensor(ids)
-        targets = targets.repeat(n_prompts, 1).to(self.device)  # row = prompt * n_labels + label
+    def _label_log_likelihoods(self, encoded, label_ids) -> torch.Tensor:
+        """(prompts, labels) summed log-probabilities of each label after each prompt."""
+        n_prompts, n_labels = encoded["input_ids"].shape[0], len(label_ids)
         if self.is_seq2seq:
-            encoded = self.encode(prompts, max_length).to(self.device)
-            encoded = {key: value.repeat_interleave(n_labels, dim=0) for key, value in encoded.items()}
-            logits = self.model(**encoded, labels=targets).logits
-        else:
-            logits, targets = self._causal_logits(prompts, label_ids, max_length)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        mask = targets != -100
-        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * mask).sum(dim=1).view(n_prompts, n_labels)
+            from transformers.modeling_outputs import BaseModelOutput
 
-    def _causal_logits(self, prompts, label_ids, max_length):
-        """Logits aligned with label targets for prompt+label sequences (right-padded)."""
-        prompt_ids = [self.tokenizer(self.wrap(p), add_special_tokens=not self.chat_template,
-                                     truncation=True, max_length=max_length)["input_ids"]
-                      for p in prompts]
-        sequences = [(ids + label, len(label)) for ids in prompt_ids for label in label_ids]
-        width = max(len(sequence) for sequence, _ in sequences)
-        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        targets = torch.full((len(sequences), width), -100)
-        for row, (sequence, span) in enumerate(sequences):
-            # Right padding keeps every sequence at positions 0…n-1, as when run alone.
-            input_ids[row, :len(sequence)] = torch.tensor(sequence)
-            attention[row, :len(sequence)] = 1
-            targets[row, len(sequence) - span:len(sequence)] = torch.tensor(sequence[-span:])
-        logits = self.model(input_ids=input_ids.to(self.device),
-                            attention_mask=attention.to(self.device)).logits
-        # The token at position t is predicted by the logits at t - 1.
-        return logits[:, :-1], targets[:, 1:].to(self.device)
+            hidden = self.model.get_encoder()(**encoded).last_hidden_state
+            targets = _padded(label_ids, IGNORE).repeat(n_prompts, 1).to(self.device)
+            logits = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_labels, 0)),
+                attention_mask=encoded["attention_mask"].repeat_interleave(n_labels, 0),
+                labels=targets).logits
+            return _summed_log_probs(logits, targets).view(n_prompts, n_labels)
+
+        mask = encoded["attention_mask"]
+        prompt_lengths = mask.sum(dim=1)
+        out = self.model(input_ids=encoded["input_ids"], attention_mask=mask,
+                         position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
+        # The prompt's last real token predicts every label's first token.
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+        first = torch.log_softmax(out.logits[torch.arange(n_prompts), last].float(), dim=-1)
+        scores = first[:, [ids[0] for ids in label_ids]]
+        longest = max(len(ids) for ids in label_ids)
+        if longest == 1:
+            return scores
+        # The rest of each label, read after the cached prompt: token t predicts token t+1.
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n_labels)
+        inputs = _padded([ids[:-1] for ids in label_ids], self.tokenizer.pad_token_id)
+        targets = _padded([ids[1:] for ids in label_ids], IGNORE)
+        inputs, targets = (t.repeat(n_prompts, 1).to(self.device) for t in (inputs, targets))
+        steps = torch.arange(longest - 1, device=self.device)
+        logits = self.model(
+            input_ids=inputs,
+            attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0),
+                                      torch.ones_like(inputs)], dim=1),
+            position_ids=prompt_lengths.repeat_interleave(n_labels)[:, None] + steps,
+            past_key_values=cache, use_cache=True).logits
+        return scores + _summed_log_probs(logits, targets).view(n_prompts, n_labels)
+
+
+IGNORE = -100  # target positions that are not scored
+LABEL_ROWS_PER_BATCH = 128  # prompt x label rows per label-scoring batch (bounds cache copies)
+
+
+def _padded(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+    width = max(1, max(len(row) for row in rows))
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _summed_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of log p(target) over the positions whose target is not IGNORE."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (targets != IGNORE)).sum(dim=1)
 
 
 def _longest_first(lengths: Sequence[int]) -> list[int]:
