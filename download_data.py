@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import format_table, run, setup_logging
 from LaMP.utils.data import input_problem, iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import JsonListWriter, atomic_write_json, read_json
@@ -481,15 +481,6 @@ def fix_known_issues(jobs: list[FileJob], results: dict[str, FileResult],
         result.bytes = job.path.stat().st_size
         manifest.record(result)
         logger.info("%s: dropped %s", job.rel, preview(present))
-
-
-def format_table(header: Iterable[str], rows: list[Iterable]) -> str:
-    rows = [tuple(str(cell) for cell in row) for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
 
 
 def summary_table(results: list[FileResult]) -> str:

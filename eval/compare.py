@@ -21,7 +21,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import format_table, run, setup_logging
 from LaMP.utils.fileio import atomic_write_json
 from LaMP.utils.metrics import metric_for, paired_bootstrap
 from LaMP.utils.outputs import load_outputs
@@ -63,11 +63,7 @@ def format_comparison(metric, comparison: dict) -> str:
         rows.append((name, f"{values['first']:.4f}", f"{values['second']:.4f}",
                      f"{difference:+.4f}", f"[{low:+.4f}, {high:+.4f}]",
                      f"{values['p_value']:.4f}", better))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return format_table(header, rows)
 
 
 def main(argv=None) -> dict:

@@ -25,7 +25,8 @@ from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import atomic_write_json
 from LaMP.utils.outputs import read_outputs_zip
-from LaMP.utils.scoring import format_results_table, score_files
+from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
+                                format_results_table, score_files)
 from LaMP.utils.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -44,13 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where to write the results JSON ({task: metrics})")
     parser.add_argument("--require_all", action="store_true",
                         help="fail unless all seven tasks have both golds and predictions")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+    add_bootstrap_arguments(parser)
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be >= 0")
+    check_bootstrap_arguments(parser, args)
     return args
 
 

@@ -20,7 +20,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.fileio import atomic_write_json
 from LaMP.utils.outputs import load_outputs
-from LaMP.utils.scoring import format_results_table, score_files
+from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
+                                format_results_table, score_files)
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the task: LaMP_1 … LaMP_7 (LaMP-N is accepted too)")
     parser.add_argument("--output_file", required=True,
                         help="where to write the results JSON")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+    add_bootstrap_arguments(parser)
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be >= 0")
+    check_bootstrap_arguments(parser, args)
     return args
 
 

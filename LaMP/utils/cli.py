@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from LaMP.utils.errors import LampError
 
@@ -31,3 +31,13 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def format_table(header: Iterable[str], rows: Iterable[Iterable]) -> str:
+    """A plain-text table for the terminal: left-aligned columns under a dashed rule."""
+    rows = [tuple(str(cell) for cell in row) for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from LaMP.utils.cli import format_table
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.metrics import (DEFAULT_BOOTSTRAP_SEED, InvalidGold, Metric, Prepared,
                                 bootstrap_intervals, metric_for)
@@ -57,6 +58,19 @@ def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None
     return score_outputs(task, ids, gold_texts, pred_texts, golds.source, bootstrap, seed)
 
 
+def add_bootstrap_arguments(parser) -> None:
+    """The evaluators' ``--bootstrap N`` and ``--seed`` flags."""
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_BOOTSTRAP_SEED,
+                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+
+
+def check_bootstrap_arguments(parser, args) -> None:
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be >= 0")
+
+
 def format_results_table(results: Mapping[str, Mapping]) -> str:
     """A plain-text table of ``{task file name: result}`` for the terminal."""
     header = ("task", "metric", "value", "95% CI", "n", "invalid")
@@ -69,8 +83,4 @@ def format_results_table(results: Mapping[str, Mapping]) -> str:
             rows.append((task_name, name, f"{result[name]:.4f}",
                          f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "",
                          str(result.get("count", "")), str(result.get("invalid", ""))))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return format_table(header, rows)
