@@ -193,3 +193,18 @@ def test_batched_by_cost_closes_on_cost_or_count():
     assert list(batched_by_cost(range(5), cost=lambda x: 0, limit=1, max_items=2)) == [
         [0, 1], [2, 3], [4]]
     assert list(batched_by_cost([], cost=len, limit=1)) == []
+
+
+def test_ranking_many_profiles_at_once_equals_one_at_a_time():
+    import numpy as np
+
+    from LaMP.utils.retrieval import ranked_ids, ranked_ids_many
+
+    rng = np.random.default_rng(0)
+    profiles, scores = [], []
+    for size in (0, 1, 5, 12, 3):
+        profiles.append([{"id": f"{size}-{i}"} for i in range(size)])
+        # Few distinct values, so many ties that must keep profile order.
+        scores.append(rng.integers(0, 3, size).astype(float))
+    assert ranked_ids_many(profiles, scores) == [ranked_ids(p, s)
+                                                 for p, s in zip(profiles, scores)]

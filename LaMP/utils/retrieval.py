@@ -88,6 +88,23 @@ def ranked_ids(profile: Sequence[Mapping], scores: np.ndarray) -> list[str]:
     return [profile[index]["id"] for index in order.tolist()]
 
 
+def ranked_ids_many(profiles: Sequence[Sequence[Mapping]], scores: Sequence[np.ndarray]
+                    ) -> list[list[str]]:
+    """``ranked_ids`` of several profiles with one sort: by question, descending score, then
+    profile position (so equal scores keep profile order, as in ``ranked_ids``)."""
+    sizes = [len(profile) for profile in profiles]
+    flat = np.concatenate(scores) if scores else np.zeros(0)
+    question = np.repeat(np.arange(len(profiles)), sizes)
+    position = np.arange(len(flat)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    order = np.lexsort((position, -flat, question)).tolist()
+    ids = [item["id"] for profile in profiles for item in profile]
+    ranked, start = [], 0
+    for size in sizes:
+        ranked.append([ids[index] for index in order[start:start + size]])
+        start += size
+    return ranked
+
+
 class BM25Ranker(Ranker):
     """Okapi BM25 with rank_bm25's parameters, questions scored in chunks for speed."""
 
@@ -105,23 +122,24 @@ class BM25Ranker(Ranker):
 
     def rank(self, questions: Iterable[dict]) -> Iterator[Ranked]:
         prepared = map(self._prepare, questions)
-        for chunk in batched_by_cost(prepared, lambda entry: sum(map(len, entry[2])),
-                                     self.chunk_tokens, self.chunk_questions):
+        # A chunk's cost is its profiles' characters, a cheap stand-in for their tokens
+        # (LaMP text runs about five characters a token) that bounds memory all the same.
+        for chunk in batched_by_cost(prepared, lambda entry: entry[3],
+                                     self.chunk_tokens * 5, self.chunk_questions):
             yield from self._score(chunk)
 
-    def _prepare(self, question: dict) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    def _prepare(self, question: dict) -> tuple[dict, np.ndarray, list[np.ndarray], int]:
         query = self.task.query(question["input"], question["id"])
         # Queries are one-off texts: not worth remembering.
         query_ids = self.terms.text_ids([query], remember=False)[0]
-        corpus = self.terms.text_ids(self.task.corpus(question["profile"], self.use_date))
-        return question, query_ids, corpus
+        texts = self.task.corpus(question["profile"], self.use_date)
+        return question, query_ids, self.terms.text_ids(texts), sum(map(len, texts))
 
     def _score(self, chunk) -> Iterator[Ranked]:
-        scores = bm25_scores_ids([query for _, query, _ in chunk],
-                                 [corpus for _, _, corpus in chunk])
+        scores = bm25_scores_ids([entry[1] for entry in chunk], [entry[2] for entry in chunk])
         self.terms.trim()  # only between chunks: ids are compared within a chunk
-        for (question, _, _), question_scores in zip(chunk, scores):
-            yield question, ranked_ids(question["profile"], question_scores)
+        questions = [entry[0] for entry in chunk]
+        yield from zip(questions, ranked_ids_many([q["profile"] for q in questions], scores))
 
 
 _DATE_RE = re.compile(r"(\d{4})(?:-(\d{1,2})(?:-(\d{1,2}))?)?(?:[T ].*)?")
