@@ -161,8 +161,9 @@ def main(argv=None) -> dict:
           f"{args.num_retrieved}, sample dev) ==")
     print(f"{'task':<8} {'metric':<9} {'zero-shot':>9} {'LoRA':>9}")
     for name, metric, zero, lora in rows:
-        print(f"{name:<8} {metric:<9} {zero if zero is None else f'{zero:.4f}':>9} "
-              f"{'' if lora is None else f'{lora:.4f}':>9}")
+        zero_text = "" if zero is None else f"{zero:.4f}"
+        lora_text = "" if lora is None else f"{lora:.4f}"
+        print(f"{name:<8} {metric:<9} {zero_text:>9} {lora_text:>9}")
     print("\n" + "  ".join(f"{stage}: {seconds:.0f} s" for stage, seconds in timings.items()))
     summary = {"rows": rows, "timings": timings, "scores": scores}
     atomic_write_json(work / "demo_summary.json", summary, indent=2)

@@ -516,6 +516,7 @@ def main(argv=None) -> list[FileResult]:
     if args.dry_run:
         results = dry_run(jobs, fetcher)
         print(summary_table(results))
+        raise_if_failed(results, "size requests")
         return results
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -535,11 +536,15 @@ def main(argv=None) -> list[FileResult]:
                        "from the questions and outputs files")
     ordered = [results[job.rel] for job in jobs]
     print(summary_table(ordered))
-    failed = [result.rel for result in ordered if result.status == "failed"]
-    if failed:
-        raise LampError(f"{len(failed)} of {len(ordered)} files failed (see the messages "
-                        f"above; run again to resume): {preview(failed)}")
+    raise_if_failed(ordered, "files")
     return ordered
+
+
+def raise_if_failed(results: list[FileResult], what: str) -> None:
+    failed = [result.rel for result in results if result.status == "failed"]
+    if failed:
+        raise LampError(f"{len(failed)} of {len(results)} {what} failed (see the messages "
+                        f"above; run again to resume): {preview(failed)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)
 from LaMP.utils.cli import run, setup_logging
-from LaMP.utils.fileio import atomic_write_json, check_readable, save_run_args
+from LaMP.utils.fileio import atomic_write_json, check_output_dir, check_readable, save_run_args
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
     check_readable(args.validation_data, "--validation_data")
+    check_output_dir(args.output_dir)
     if args.adapter:
         check_readable(Path(args.adapter) / "adapter_config.json", "--adapter config")
     from LaMP.utils.examples import build_examples, check_questions
@@ -83,12 +84,13 @@ def main(argv=None) -> dict:
 
     from transformers import set_seed
 
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling import load_model, resolve_device
     from LaMP.utils.predict import predict, write_predictions
 
+    device = resolve_device(args.device)  # a device this machine lacks: one line, no load
     set_seed(args.seed)
     task = args.task
-    lamp_model = load_model(args.model_addr, device=args.device, adapter=args.adapter,
+    lamp_model = load_model(args.model_addr, device=str(device), adapter=args.adapter,
                             chat_template=args.chat_template,
                             trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
     options = profile_options(args)

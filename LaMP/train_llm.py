@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, ch
                                   profile_options)
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import atomic_write_json, check_readable, save_run_args
+from LaMP.utils.fileio import atomic_write_json, check_output_dir, check_readable, save_run_args
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -122,10 +123,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on user mistakes before anything expensive is loaded."""
+    from LaMP.utils.examples import check_questions
+
+    check_output_dir(args.output_dir)
     check_readable(args.train_data, "--train_data")
     check_readable(args.validation_data, "--validation_data")
     if args.test_data:
         check_readable(args.test_data, "--test_data")
+    # The data, golds included, is read once before the model loads: a mistake in the last
+    # question should not cost a model load, and a bad validation label not a training epoch.
+    check_questions(args.train_data, args.task, require_output=True)
+    check_questions(args.validation_data, args.task, require_output=True)
+    if args.test_data:
+        check_questions(args.test_data, args.task)
+    if args.device not in (None, "cpu", "cuda"):
+        raise LampError(f"--device {args.device}: training takes cpu or cuda (the launcher "
+                        "gives each process its GPU; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if args.device == "cuda":
+        from LaMP.utils.modeling import resolve_device
+
+        resolve_device("cuda")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "last":
         path = Path(args.resume_from_checkpoint)
         if not path.is_dir():
@@ -146,17 +163,20 @@ def load_for_training(args: argparse.Namespace):
     from LaMP.utils.modeling import LampModel, load_model_and_tokenizer
     from LaMP.utils.training import add_lora
 
-    quantization = None
+    quantization, device_map = None, None
     if args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        # A 4-bit model cannot move after loading: place it on this process's GPU now
+        # (the launcher's LOCAL_RANK), not on GPU 0 in every process.
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     # Weights stay fp32 (bf16 runs as autocast, which keeps trainable weights in fp32).
     model, tokenizer, seq2seq = load_model_and_tokenizer(
         args.model_name, chat_template=args.chat_template, dtype=torch.float32,
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
-        quantization_config=quantization)
+        quantization_config=quantization, device_map=device_map)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -246,6 +266,10 @@ def main(argv=None) -> dict:
     resume = args.resume_from_checkpoint
     if resume == "last":
         resume = last_checkpoint(checkpoint_dir)
+    try:  # before the model loads: a bad schedule name or bf16 on a CPU is one line, early
+        trainer_arguments = training_arguments(args, checkpoint_dir)
+    except ValueError as error:
+        raise LampError(f"training arguments: {str(error).splitlines()[0]}") from None
 
     lamp_model = load_for_training(args)
     prompt_fn = lamp_model.prompt_builder(task, args.max_length)
@@ -269,7 +293,7 @@ def main(argv=None) -> dict:
                                     batch_size=args.per_device_batch_size,
                                     label_scoring=args.label_scoring)
     trainer = GenerationEvalTrainer(
-        model=lamp_model.model, args=training_arguments(args, checkpoint_dir),
+        model=lamp_model.model, args=trainer_arguments,
         train_dataset=features, eval_dataset=eval_examples,
         data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
         task=task, eval_examples=eval_examples, make_lamp_model=wrap, generation=generation)

@@ -338,3 +338,24 @@ def test_on_the_fly_ranking_equals_the_ranked_file(tmp_path, ranker):
     in_file_order = build_examples(str(questions), task, prompt_fn, ProfileOptions(
         use_profile=True, num_retrieved=3, is_ranked=True))
     assert [e.prompt for e in on_the_fly] != [e.prompt for e in in_file_order]
+
+
+def test_more_user_errors_stop_before_any_model_loads(tmp_path, no_model_loads):
+    data = write_json(tmp_path / "merged.json", lamp7_questions())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(LampError, match="not a folder"):
+        evaluate_llm.main(run_args(data, "some/model", "LaMP-7", a_file))
+    with pytest.raises(LampError, match="unknown device 'gpu'"):
+        evaluate_llm.main(run_args(data, "some/model", "LaMP-7", tmp_path / "o", "--device",
+                                   "gpu"))
+    # A gold rating that is not a number is found before generation, naming its id.
+    from conftest import SAMPLE
+
+    questions = json.loads((SAMPLE / "LaMP_3" / "dev_questions.json").read_text())[:3]
+    for question, output in zip(questions, ("4", "five", "2")):
+        question["output"] = output
+    bad_golds = write_json(tmp_path / "bad_golds.json", questions)
+    with pytest.raises(LampError, match=f"not numbers for 1 .*{questions[1]['id']}"):
+        evaluate_llm.main(run_args(bad_golds, "some/model", "LaMP-3", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

@@ -260,3 +260,10 @@ def test_a_saved_adapter_changes_outputs_and_reloads_identically(tiny_model, tmp
     assert (reloaded.score_labels(PROMPTS, labels, max_length=MAX_LENGTH, progress=False)
             == in_memory_lamp.score_labels(PROMPTS, labels, max_length=MAX_LENGTH,
                                            progress=False))
+
+
+def test_no_prompts_give_no_answers(llama, t5):
+    # Under several processes a small evaluation set can leave a process nothing to do.
+    for lamp in (llama, t5):
+        assert lamp.generate([], max_length=MAX_LENGTH, max_new_tokens=2, progress=False) == []
+        assert lamp.score_labels([], ["1", "2"], max_length=MAX_LENGTH, progress=False) == []

@@ -203,3 +203,19 @@ def test_every_task_ranks_through_the_registry(tmp_path, ranker):
         assert sorted(ranking) == [f"{name}-{n}" for n in range(3)]
         if ranker == "recency":
             assert ranking == [f"{name}-2", f"{name}-1", f"{name}-0"]
+
+
+def test_a_byte_order_mark_is_accepted_when_sharding_and_merging(questions_file, tmp_path):
+    with_bom = tmp_path / "bom_questions.json"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + questions_file.read_bytes())
+    full = rank(questions_file, tmp_path / "full.json", "--ranker", "bm25")
+    shard = rank(with_bom, tmp_path / "shard0.json", "--ranker", "bm25", "--num_shards", "2",
+                 "--shard_id", "0")
+    assert shard and all(full[qid] == ids for qid, ids in shard.items())
+    ranking_with_bom = tmp_path / "bom_ranking.json"
+    ranking_with_bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "full.json").read_bytes())
+    merge_with_rank.main(["--lamp_questions_addr", str(with_bom), "--profile_ranking_addr",
+                          str(ranking_with_bom), "--merged_output_addr",
+                          str(tmp_path / "merged.json")])
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [[item["id"] for item in q["profile"]] for q in merged] == list(full.values())

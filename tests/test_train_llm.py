@@ -229,6 +229,20 @@ def test_user_errors_stop_before_loading(tmp_path):
         train_llm.main(["--train_data", valid, "--validation_data", valid, "--model_name",
                         "none", "--task", "LaMP-7", "--output_dir", str(tmp_path / "o"),
                         "--label_scoring"])
+    bad_golds = json.loads(open(valid).read())
+    bad_golds[1]["output"] = "five"
+    bad_golds_path = tmp_path / "bad.json"
+    bad_golds_path.write_text(json.dumps(bad_golds))
+    for extra, message in ((["--lr_scheduler_type", "cosin"], "training arguments"),
+                           (["--device", "cuda:1"], "CUDA_VISIBLE_DEVICES")):
+        with pytest.raises(LampError, match=message):
+            train_llm.main(["--train_data", valid, "--validation_data", valid, "--model_name",
+                            "none", "--task", "LaMP-3", "--output_dir", str(tmp_path / "o"),
+                            *extra])
+    with pytest.raises(LampError, match="not numbers"):  # found before any training epoch
+        train_llm.main(["--train_data", valid, "--validation_data", str(bad_golds_path),
+                        "--model_name", "none", "--task", "LaMP-3",
+                        "--output_dir", str(tmp_path / "o")])
     with pytest.raises(LampError, match="checkpoint"):
         train_llm.main(["--train_data", valid, "--validation_data", valid, "--model_name",
                         "none", "--task", "LaMP-3", "--output_dir", str(tmp_path / "o"),

@@ -7,6 +7,10 @@ from typing import Callable, Iterable, Sequence
 
 from LaMP.utils.errors import LampError
 
+# The default --seed of every stage that draws random numbers, so that on-the-fly ranking in
+# evaluate/train_llm.py orders profiles as rank_profiles.py does with default flags.
+DEFAULT_SEED = 42
+
 
 def setup_logging(verbose: bool = False) -> None:
     """Configure the root logger once, from a script's ``main``."""

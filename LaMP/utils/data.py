@@ -73,6 +73,13 @@ def _skip_bom(handle) -> None:
         handle.seek(0)
 
 
+def open_json_stream(path: str | os.PathLike):
+    """A binary handle on a JSON file for ijson, past any byte order mark."""
+    handle = open(path, "rb")
+    _skip_bom(handle)
+    return handle
+
+
 def input_problem(text: str, task: Task) -> str | None:
     """Why ``text`` is not a well-formed input of ``task``, or ``None`` when it is.
 
@@ -114,8 +121,7 @@ def iter_questions(path: str | os.PathLike, task: Task | None = None,
     path = check_readable(path, what)
     _check_is_list(path)
     index, last_id = -1, None
-    with open(path, "rb") as handle:
-        _skip_bom(handle)
+    with open_json_stream(path) as handle:
         try:
             for index, question in enumerate(ijson.items(handle, "item", use_float=True)):
                 last_id = validate_question(question, index, str(path), task,

@@ -27,33 +27,12 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from LaMP.utils.errors import LampError
+from LaMP.utils.modeling import resolve_device
 from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranked, Ranker,
                                   batched_by_cost, ranked_ids)
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """``device`` checked against this machine; ``None`` means cuda when present, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LampError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LampError(f"device {device!r} asked for, but CUDA is not available here")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise LampError(f"device {device!r} asked for, but this machine has "
-                            f"{torch.cuda.device_count()} CUDA device(s)")
-    elif resolved.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise LampError(f"device {device!r} asked for, but MPS is not available here")
-    elif resolved.type != "cpu":
-        raise LampError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    return resolved
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

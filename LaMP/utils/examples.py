@@ -11,8 +11,10 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from LaMP.utils.cli import DEFAULT_SEED
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
+from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, build_ranker, order_profile
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -34,10 +36,10 @@ class ProfileOptions:
     is_ranked: bool = False
     retriever: str = "bm25"
     use_date: bool = False
-    retriever_model: str = "facebook/contriever"  # only for the dense retriever
+    retriever_model: str = DEFAULT_DENSE_MODEL  # only for the dense retriever
     allow_download: bool = False  # may the dense model come from the hub (a name the user gave)
     device: str | None = None
-    seed: int = 0
+    seed: int = DEFAULT_SEED
 
     @property
     def uses_items(self) -> bool:
@@ -55,7 +57,6 @@ def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOp
         for question in questions:
             yield question, question["profile"][:k]
     else:
-        from LaMP.utils.retrieval import build_ranker, order_profile
 
         ranker = build_ranker(options.retriever, task, use_date=options.use_date,
                               model_name=options.retriever_model, device=options.device,
@@ -89,10 +90,20 @@ def check_questions(path: str, task: Task, *, limit: int | None = None,
     """Validate a questions file without building prompts, so that a data mistake is
     reported before a model is loaded; returns the number of questions. Streams the file
     (a second read, cheap next to loading a model)."""
-    count = sum(1 for _ in _questions(path, task, limit, require_output))
-    if not count:
+    ids, golds = [], []
+    for question in _questions(path, task, limit, require_output):
+        ids.append(question["id"])
+        golds.append(question.get("output"))
+    if not ids:
         raise LampError(f"{path}: no questions")
-    return count
+    if task.labels and golds[0] is not None:
+        # Gold labels the metric cannot score would otherwise surface only after
+        # generation (or after a training epoch).
+        from LaMP.utils.metrics import metric_for
+        from LaMP.utils.scoring import prepare
+
+        prepare(metric_for(task), ids, golds, golds, path)
+    return len(ids)
 
 
 def build_examples(path: str, task: Task, prompt_fn: Callable[[str, Sequence[Mapping]], str],

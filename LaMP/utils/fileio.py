@@ -50,17 +50,37 @@ def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None
     return parse_json_bytes(data, str(path))
 
 
+def check_output_dir(path: str | os.PathLike, what: str = "--output_dir") -> Path:
+    """A folder outputs can go to (created later): refuse a path that is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LampError(f"{what} {path} exists and is not a folder")
+    return path
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder (created if needed), as LampError on failure."""
+    if path.is_dir():
+        raise LampError(f"{path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise LampError(f"{path}: cannot write ({error.strerror})") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp_name = _temporary_beside(path)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as tmp:
             tmp.write(text)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise LampError(f"{path}: cannot write ({error.strerror})") from None
         raise
     return path
 
@@ -102,9 +122,7 @@ class JsonListWriter:
         self._tmp_name = None
 
     def __enter__(self) -> "JsonListWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, self._tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                                  dir=self.path.parent)
+        handle, self._tmp_name = _temporary_beside(self.path)
         self._handle = os.fdopen(handle, "w", encoding="utf-8")
         self._handle.write(self._open)
         return self

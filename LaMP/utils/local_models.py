@@ -50,10 +50,6 @@ def smollm2_available() -> bool:
             and importlib.util.find_spec("gguf") is not None)
 
 
-def minilm_available() -> bool:
-    return importlib.util.find_spec(MINILM_PACKAGE) is not None
-
-
 def _build_once(target: Path, build) -> Path:
     """Run ``build(tmp_folder)`` unless ``target`` exists; publish it with a rename."""
     if target.is_dir() and (target / "config.json").exists():

@@ -19,8 +19,26 @@ from LaMP.utils.errors import LampError
 logger = logging.getLogger(__name__)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: str | None = None) -> torch.device:
+    """``device`` checked against this machine; ``None`` means cuda when present, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LampError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LampError(f"device {device!r} asked for, but CUDA is not available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LampError(f"device {device!r} asked for, but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LampError(f"device {device!r} asked for, but MPS is not available here")
+    elif resolved.type != "cpu":
+        raise LampError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return resolved
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -50,8 +68,12 @@ def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = Fa
                    trust_remote_code: bool = False, cache_dir: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                              cache_dir=cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                  cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise LampError(f"cannot load the tokenizer of {name_or_path!r}: "
+                        f"{str(error).splitlines()[0]}") from None
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise LampError(f"--chat_template: the tokenizer of {name_or_path} has no chat template")
     if tokenizer.pad_token is None:
@@ -64,7 +86,7 @@ def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = Fa
 
 def load_pretrained(name_or_path: str, *, config=None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, cache_dir: str | None = None,
-                    quantization_config=None):
+                    quantization_config=None, device_map=None):
     """(model, is_seq2seq) for a hub name or a local folder; the class comes from the config."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -74,15 +96,22 @@ def load_pretrained(name_or_path: str, *, config=None, dtype: torch.dtype | None
     seq2seq = is_seq2seq_config(config)
     model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     extra = {"quantization_config": quantization_config} if quantization_config else {}
-    model = model_class.from_pretrained(name_or_path, config=config, dtype=dtype,
-                                        trust_remote_code=trust_remote_code,
-                                        cache_dir=cache_dir, **extra)
+    if device_map is not None:
+        extra["device_map"] = device_map
+    try:
+        model = model_class.from_pretrained(name_or_path, config=config, dtype=dtype,
+                                            trust_remote_code=trust_remote_code,
+                                            cache_dir=cache_dir, **extra)
+    except (OSError, ValueError) as error:
+        raise LampError(f"cannot load the weights of {name_or_path!r}: "
+                        f"{str(error).splitlines()[0]}") from None
     return model, seq2seq
 
 
 def load_model_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
                              dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-                             cache_dir: str | None = None, quantization_config=None):
+                             cache_dir: str | None = None, quantization_config=None,
+                             device_map=None):
     """(model, tokenizer, is_seq2seq); the tokenizer is checked before the weights load."""
     options = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     config = load_config(name_or_path, **options)
@@ -90,7 +119,8 @@ def load_model_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
     tokenizer = load_tokenizer(name_or_path, seq2seq=seq2seq, chat_template=chat_template,
                                **options)
     model, _ = load_pretrained(name_or_path, config=config, dtype=dtype,
-                               quantization_config=quantization_config, **options)
+                               quantization_config=quantization_config, device_map=device_map,
+                               **options)
     return model, tokenizer, seq2seq
 
 
@@ -151,6 +181,8 @@ class LampModel:
 
         Prompts are grouped by length so that batches carry little padding.
         """
+        if not prompts:
+            return []  # e.g. a process whose share of a small evaluation set is empty
         self.model.eval()
         config = self.generation_config(max_new_tokens, num_beams)
         order = _longest_first(self.prompt_lengths(prompts))
@@ -177,6 +209,8 @@ class LampModel:
         prompt is read once: causal models continue its key/value cache with every label,
         seq2seq models reuse its encoding.
         """
+        if not prompts:
+            return []
         self.model.eval()
         label_ids = [self._label_ids(label) for label in labels]
         # Each prompt fans out into one row per label; keep that fan-out's memory bounded.
@@ -236,7 +270,7 @@ class LampModel:
         return scores + _summed_log_probs(logits, targets).view(n_prompts, n_labels)
 
 
-IGNORE = -100  # target positions that are not scored
+IGNORE = -100  # target positions that are not scored (PyTorch's cross-entropy default)
 LABEL_ROWS_PER_BATCH = 128  # prompt x label rows per label-scoring batch (bounds cache copies)
 
 
@@ -264,7 +298,7 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
                chat_template: bool = False, trust_remote_code: bool = False,
                cache_dir: str | None = None, dtype: torch.dtype | None = None) -> LampModel:
     """Load a model (and optionally a peft adapter) for inference, once."""
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     model, tokenizer, seq2seq = load_model_and_tokenizer(
         name_or_path, chat_template=chat_template, dtype=dtype,
@@ -272,7 +306,11 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: shape mismatch
+            raise LampError(f"cannot load adapter {adapter} onto {name_or_path}: "
+                            f"{str(error).splitlines()[0]}") from None
     model.to(device).eval()
     logger.info("loaded %s (%s, %s) on %s%s", name_or_path,
                 "seq2seq" if seq2seq else "causal", dtype, device,

@@ -38,7 +38,9 @@ def write_predictions(output_dir: str | Path, task: Task, examples: Sequence[Exa
                       predictions: Sequence[str], name: str = "predictions.json") -> dict | None:
     """Write the LaMP predictions file; return the metrics when golds are known."""
     output_dir = Path(output_dir)
+    # Scored first: a problem with the golds must not leave a predictions file without results.
+    results = score_predictions(task, examples, predictions, "the gold outputs")
     path = write_outputs(output_dir / name, task,
                          ((example.id, prediction) for example, prediction in zip(examples, predictions)))
     logger.info("wrote %s", path)
-    return score_predictions(task, examples, predictions, str(path))
+    return results

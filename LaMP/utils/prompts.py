@@ -152,7 +152,8 @@ class PromptBuilder:
             if position < 0:
                 return text  # as published: an input without the word gets no profile items
             end = position + len(template.insert_after)
-            return f"{text[:end]}, and {joined}{text[end:]}"
+            # The items are preceded by the same ", and " that joins them (published format).
+            return f"{text[:end]}{template.joiner}{joined}{text[end:]}"
         return f"{joined}{template.suffix}{text}"
 
 

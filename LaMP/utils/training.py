@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer
 
 from LaMP.utils.examples import Example
+from LaMP.utils.modeling import IGNORE as IGNORE_INDEX  # positions the loss skips
 from LaMP.utils.modeling import LampModel
 from LaMP.utils.predict import predict
 from LaMP.utils.scoring import score_outputs
@@ -26,7 +27,6 @@ from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # positions the loss skips (PyTorch's cross-entropy default)
 
 
 def training_features(lamp_model: LampModel, examples: Sequence[Example], *, max_length: int,
