@@ -16,6 +16,7 @@ Target (issue 2): under 5 s on the 2-core development machine, without importing
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -186,7 +187,10 @@ def loaded_anywhere(stderr: str, names: tuple[str, ...]) -> list[str]:
     for line in stderr.splitlines():
         if line.startswith("import time:") and line.count("|") == 2:
             seen.add(line.rsplit("|", 1)[1].strip().split(".")[0])
-    return [name for name in names if name in seen]
+    # -X importtime also lists imports that failed (nltk tries scipy whether or not it is
+    # there): count only packages that are installed.
+    return [name for name in names
+            if name in seen and importlib.util.find_spec(name) is not None]
 
 
 # Run in a fresh interpreter: where one eval_all run spends its time, phase by phase.
