@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="examples per device per step, training and evaluation")
     parser.add_argument("--learning_rate", type=float, default=5e-5,
                         help="peak learning rate (5e-5 as published for full fine-tuning; "
-                             "LoRA usually wants ~10x more, e.g. 5e-4)")
+                             "LoRA usually wants 10-40x more, 5e-4 to 2e-3)")
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--num_train_epochs", type=float, default=10, help="training epochs")
     parser.add_argument("--lr_scheduler_type", default="linear",

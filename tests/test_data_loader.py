@@ -30,6 +30,20 @@ def test_streams_questions_and_normalises_ids(tmp_path):
     assert questions[1]["profile"] == [{"id": "3010", "text": "meh", "score": "2"}]
 
 
+def test_one_bad_item_among_clean_ones_is_still_found(tmp_path):
+    # Clean profiles are checked in bulk; a single odd item must still be converted or named.
+    clean = [{"id": f"i{n}", "text": "fine", "score": "3"} for n in range(50)]
+    path = write_json(tmp_path / "q.json", [
+        question("1", profile=clean + [{"id": 7, "text": "ok", "score": 5}]),
+        question("2", profile=clean + [{"id": "i99", "text": None, "score": "1"}]),
+    ])
+    stream = iter_questions(path, LAMP3)
+    assert next(stream)["profile"][-1] == {"id": "7", "text": "ok", "score": "5"}
+    with pytest.raises(LampError, match=r"question 1 \(id 2\): profile item 50 \(id i99\) "
+                                        r"lacks the LaMP-3 field 'text'"):
+        next(stream)
+
+
 def test_yields_early_questions_before_reading_the_rest(tmp_path):
     path = tmp_path / "q.json"
     good = '{"id": "300", "input": "a review: b", "profile": []}'

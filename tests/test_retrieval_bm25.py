@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from LaMP.utils.bm25 import TermIndex, bm25_scores, bm25_scores_ids, bm25_scores_many, tokenize
+from LaMP.utils.bm25 import (TermIndex, _argsort_distinct, _distinct, bm25_scores, bm25_scores_ids,
+                             bm25_scores_many, tokenize)
 from LaMP.utils.retrieval import BM25Ranker, build_ranker
 from LaMP.utils.tasks import get_task
 from tests.conftest import LAMP_REAL, REPO, requires_real_data
@@ -182,3 +183,16 @@ def test_chunk_sizes_and_index_resets_do_not_change_rankings():
     small = BM25Ranker(task, chunk_questions=2, chunk_tokens=5)
     small.terms = TermIndex(max_terms=4, max_text_chars=10)
     assert [ranking for _, ranking in small.rank(questions)] == default
+
+
+@pytest.mark.parametrize("spread", [10, 10_000_000])  # the table path, and the sort fallback
+def test_sort_free_helpers_match_numpy(spread):
+    rng = np.random.default_rng(spread)
+    keys = rng.integers(0, spread, size=5_000)
+    distinct, inverse = _distinct(keys)
+    expected, expected_inverse = np.unique(keys, return_inverse=True)
+    assert np.array_equal(distinct, expected)
+    assert np.array_equal(inverse, expected_inverse.reshape(-1))
+    positions = rng.choice(spread * 1_000, size=3_000, replace=False)
+    assert np.array_equal(_argsort_distinct(positions), np.argsort(positions))
+    assert len(_distinct(np.zeros(0, dtype=np.int64))[0]) == 0

@@ -23,7 +23,8 @@ instead of Python loops per token, per document and per (query token, document) 
 from __future__ import annotations
 
 import math
-from itertools import chain, count
+from itertools import accumulate, chain, compress, count, repeat
+from operator import is_
 from typing import Sequence
 
 import numpy as np
@@ -79,11 +80,12 @@ class TermIndex:
     def text_ids(self, texts: Sequence[str], remember: bool = True) -> list[np.ndarray]:
         """Ids of the whitespace tokens of each text (memoised when ``remember``)."""
         known = list(map(self._texts.get, texts))
-        missing = [index for index, ids in enumerate(known) if ids is None]
+        # Indices of the texts not seen before, found without Python code per text.
+        missing = list(compress(range(len(known)), map(is_, known, repeat(None))))
         if missing:
             split = [texts[index].split() for index in missing]
             flat = self.token_ids(list(chain.from_iterable(split)))
-            ends = np.cumsum([len(tokens) for tokens in split]).tolist()
+            ends = list(accumulate(map(len, split)))
             for index, start, end in zip(missing, [0, *ends[:-1]], ends):
                 known[index] = flat[start:end]
                 if remember:
@@ -136,7 +138,7 @@ def bm25_scores_ids(queries: Sequence[np.ndarray], corpora: Sequence[Sequence[np
     # profile's terms ("groups"); within a run, positions ascend, so its first element is the
     # term's first appearance in the profile and its documents come in order.
     question, term, position = _sort_tokens(doc_question[token_doc],
-                                            np.concatenate(documents).astype(np.int64))
+                                            np.concatenate(documents, dtype=np.int64))
     new_group = np.concatenate(([True], (question[1:] != question[:-1])
                                 | (term[1:] != term[:-1])))
     group_start = np.flatnonzero(new_group)
@@ -223,18 +225,18 @@ def _idf(doc_freq: np.ndarray, num_docs: np.ndarray, group_question: np.ndarray,
     # There are few distinct (profile size, document frequency) combinations.
     group_size = num_docs[group_question]
     width = int(doc_freq.max()) + 1
-    distinct, inverse = np.unique(group_size * width + doc_freq, return_inverse=True)
+    distinct, inverse = _distinct(group_size * width + doc_freq)
     sizes, freqs = np.divmod(distinct, width)
     table = np.array([math.log(size - n + 0.5) - math.log(n + 0.5)
                       for size, n in zip(sizes.tolist(), freqs.tolist())])
-    idf = table[inverse.reshape(-1)]
+    idf = table[inverse]
 
     # The published average is a running sum over the profile's terms in order of first
     # appearance. Lay each question's IDFs out in a row, in that order, padded with zeros
     # (adding 0.0 changes no sum), and cumsum along rows: a sequential sum, exactly the
     # published one (np.sum would add pairwise and can differ in the last bit).
     # Token positions run question by question, so this order also groups by question.
-    appearance = np.argsort(group_first)
+    appearance = _argsort_distinct(group_first)
     terms = np.bincount(group_question, minlength=num_questions)
     row_start = np.cumsum(terms) - terms
     in_row = np.arange(len(idf)) - np.repeat(row_start, terms)
@@ -242,6 +244,32 @@ def _idf(doc_freq: np.ndarray, num_docs: np.ndarray, group_question: np.ndarray,
     rows[group_question[appearance], in_row] = idf[appearance]
     average = np.cumsum(rows, axis=1)[:, -1] / np.maximum(terms, 1)
     return np.where(idf < 0, (epsilon * average)[group_question], idf)
+
+
+def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for non-negative integers; without a sort
+    when their range is small (the usual case here)."""
+    top = int(keys.max()) + 1 if len(keys) else 0
+    if top > 4 * len(keys) + 65_536:
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        return distinct, inverse.reshape(-1)
+    present = np.zeros(top, dtype=bool)
+    present[keys] = True
+    distinct = np.flatnonzero(present)
+    slot = np.zeros(top, dtype=np.int64)
+    slot[distinct] = np.arange(len(distinct))
+    return distinct, slot[keys]
+
+
+def _argsort_distinct(values: np.ndarray) -> np.ndarray:
+    """``np.argsort(values)`` for distinct non-negative integers (token positions): placed
+    by value into a table of the range, then read back in order, without a sort."""
+    top = int(values.max()) + 1 if len(values) else 0
+    if top > 4 * len(values) + 65_536:
+        return np.argsort(values)
+    slot = np.full(top, -1, dtype=np.int64)
+    slot[values] = np.arange(len(values))
+    return slot[slot >= 0]
 
 
 def _accumulate_in_order(scores: np.ndarray, doc: np.ndarray, contribution: np.ndarray) -> None:

@@ -8,6 +8,8 @@ question) and validates each question as it arrives, naming file, index, id and 
 from __future__ import annotations
 
 import os
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +44,27 @@ def validate_question(question: Any, index: int, source: str, task: Task | None 
     if not isinstance(profile, list):
         raise LampError(f'{where}: missing "profile" list')
     fields = task.profile_fields if task is not None else ()
+    if not _profile_is_clean(profile, fields):
+        _check_profile(profile, fields, where, task)
+    if "output" in question and not isinstance(question["output"], str):
+        raise LampError(f'{where}: "output" must be a string')
+    if require_output and "output" not in question:
+        raise LampError(f'{where}: no "output" (a merged file with gold outputs is needed)')
+    return question
+
+
+def _profile_is_clean(profile: list, fields: tuple[str, ...]) -> bool:
+    """Whether every item is an object whose id and ``fields`` are all strings (the usual
+    case), checked with C-level calls: per-item Python code costs as much as ranking."""
+    try:
+        values = list(map(itemgetter("id", *fields), profile))
+    except (TypeError, KeyError, IndexError):
+        return False
+    return set(map(type, chain.from_iterable(values) if fields else values)) <= {str}
+
+
+def _check_profile(profile: list, fields: tuple[str, ...], where: str, task: Task | None) -> None:
+    """Item by item: the first problem as an error; integer ids and numeric fields as text."""
     for position, item in enumerate(profile):
         if not isinstance(item, dict):
             raise LampError(f"{where}: profile item {position} is not an object")
@@ -57,11 +80,6 @@ def validate_question(question: Any, index: int, source: str, task: Task | None 
             if not isinstance(value, str):
                 # Ratings sometimes arrive as numbers; every template treats fields as text.
                 item[field] = str(value)
-    if "output" in question and not isinstance(question["output"], str):
-        raise LampError(f'{where}: "output" must be a string')
-    if require_output and "output" not in question:
-        raise LampError(f'{where}: no "output" (a merged file with gold outputs is needed)')
-    return question
 
 
 _BOM = b"\xef\xbb\xbf"

@@ -24,6 +24,8 @@ import logging
 import os
 import re
 from collections import defaultdict
+from itertools import chain
+from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -97,10 +99,10 @@ def ranked_ids_many(profiles: Sequence[Sequence[Mapping]], scores: Sequence[np.n
     question = np.repeat(np.arange(len(profiles)), sizes)
     position = np.arange(len(flat)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     order = np.lexsort((position, -flat, question)).tolist()
-    ids = [item["id"] for profile in profiles for item in profile]
+    ids = list(map(itemgetter("id"), chain.from_iterable(profiles)))
     ranked, start = [], 0
     for size in sizes:
-        ranked.append([ids[index] for index in order[start:start + size]])
+        ranked.append(list(map(ids.__getitem__, order[start:start + size])))
         start += size
     return ranked
 
@@ -131,7 +133,7 @@ class BM25Ranker(Ranker):
     def _prepare(self, question: dict) -> tuple[dict, np.ndarray, list[np.ndarray], int]:
         query = self.task.query(question["input"], question["id"])
         # Queries are one-off texts: not worth remembering.
-        query_ids = self.terms.text_ids([query], remember=False)[0]
+        query_ids = self.terms.token_ids(query.split())
         texts = self.task.corpus(question["profile"], self.use_date)
         return question, query_ids, self.terms.text_ids(texts), sum(map(len, texts))
 

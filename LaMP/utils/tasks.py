@@ -92,7 +92,7 @@ class Task:
             raise LampError(f"{self.name} profile item {missing.get('id', '?')} lacks the field "
                             f"{error.args[0]!r} needed for retrieval") from None
         if len(self.corpus_fields) == 1:
-            texts = [value if type(value) is str else str(value) for value in values]
+            texts = list(map(str, values))  # str() of a str is that same str, at C speed
         else:
             texts = [" ".join(map(str, parts)) for parts in values]
         if use_date:
