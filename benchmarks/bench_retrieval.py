@@ -75,8 +75,10 @@ def published_bm25_file(input_path: Path, output_path: Path) -> dict[str, list[s
     return rankings
 
 
-def published_dense_rank(dataset: list[dict], model_dir: str, batch_size: int = 16):
-    """The published contriever loop: model and tokenizer loaded for every question."""
+def published_dense_rank(dataset: list[dict], model_dir: str, device: str,
+                         batch_size: int = 16):
+    """The published contriever loop: model and tokenizer loaded for every question, on the
+    same device as ours (the published script hard-codes cuda:0)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -89,15 +91,15 @@ def published_dense_rank(dataset: list[dict], model_dir: str, batch_size: int = 
         profile = data["profile"]
         corpus = [f'{item["text"]}' for item in profile]
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModel.from_pretrained(model_dir)
+        model = AutoModel.from_pretrained(model_dir).to(device)
         model.eval()
         tokens = tokenizer([after_colon(data["input"])], padding=True, truncation=True,
-                           return_tensors="pt")
+                           return_tensors="pt").to(device)
         query = pool(model(**tokens).last_hidden_state, tokens["attention_mask"])
         scores = []
         for start in range(0, len(corpus), batch_size):
             batch = tokenizer(corpus[start:start + batch_size], padding=True, truncation=True,
-                              return_tensors="pt")
+                              return_tensors="pt").to(device)
             embedded = pool(model(**batch).last_hidden_state, batch["attention_mask"])
             scores.extend((query.squeeze() @ embedded.T).tolist())
         _, top = torch.topk(torch.tensor(scores), len(profile))
@@ -244,10 +246,10 @@ def bench_dense(work: Path, questions: int, device: str | None, threads: int | N
                               batch_size=32)
         return dict((q["id"], r) for q, r in ranker.rank(dataset))
 
-    if device not in (None, "cpu"):
-        print("  (the published loop runs on the CPU here)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"  both on {device}")
     ours_result = timed(ours)
-    theirs_result = timed(lambda: published_dense_rank(dataset, folder))
+    theirs_result = timed(lambda: published_dense_rank(dataset, folder, device))
     report("model load + ranking", ours_result, theirs_result, len(dataset), "questions")
     same = sum(ours_result[0][q["id"]] == theirs_result[0][q["id"]] for q in dataset)
     same_top = sum(ours_result[0][q["id"]][0] == theirs_result[0][q["id"]][0] for q in dataset)
@@ -312,7 +314,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dense_questions", type=int, default=100,
                         help="real questions for the dense comparison (default 100)")
     parser.add_argument("--device", default=None,
-                        help="device for our dense ranker (default: cuda if available)")
+                        help="device of both dense rankers (default: cuda if available)")
     parser.add_argument("--torch_threads", type=int, default=None,
                         help="CPU threads for torch in the dense part (default: torch's own; "
                              "1 gives steadier numbers on a machine shared with other work)")
