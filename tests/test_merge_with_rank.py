@@ -11,7 +11,7 @@ import pytest
 from LaMP.utils import merge_with_rank
 from LaMP.utils.errors import LampError
 from LaMP.utils.outputs import load_outputs
-from tests.conftest import LAMP_REAL, REPO, outputs_doc, requires_real_data, write_json
+from conftest import LAMP_REAL, REPO, outputs_doc, requires_real_data, write_json
 
 QUESTIONS = [
     {"id": "70", "input": "Paraphrase: a", "profile": [{"id": "701", "text": "x"},

@@ -11,7 +11,7 @@ import pytest
 from LaMP import rank_profiles
 from LaMP.utils import merge_with_rank
 from LaMP.utils.errors import LampError
-from tests.conftest import REPO, write_json
+from conftest import REPO, write_json
 
 REVIEW_INPUT = ("What is the score of the following review on a scale of 1 to 5? just answer "
                 "with 1, 2, 3, 4, or 5 without further explanation. review: {}")

@@ -9,7 +9,7 @@ from LaMP.utils.errors import LampError
 from LaMP.utils.retrieval import (RANKERS, build_ranker, count_questions, date_key,
                                   load_rankings, order_profile, ranking_problem, shard_range)
 from LaMP.utils.tasks import get_task
-from tests.conftest import write_json
+from conftest import write_json
 
 LAMP_3 = get_task("LaMP-3")
 

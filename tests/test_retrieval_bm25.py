@@ -13,7 +13,7 @@ from LaMP.utils.bm25 import (TermIndex, _argsort_distinct, _distinct, bm25_score
                              bm25_scores_many, tokenize)
 from LaMP.utils.retrieval import BM25Ranker, build_ranker
 from LaMP.utils.tasks import get_task
-from tests.conftest import LAMP_REAL, REPO, requires_real_data
+from conftest import LAMP_REAL, REPO, requires_real_data
 
 
 def reference_scores(query: str, corpus: list[str]) -> np.ndarray:

@@ -16,7 +16,7 @@ from LaMP.utils.dense_retrieval import (DenseRanker, cache_key, mean_pool,  # no
 from LaMP.utils.errors import LampError  # noqa: E402
 from LaMP.utils.retrieval import build_ranker  # noqa: E402
 from LaMP.utils.tasks import get_task  # noqa: E402
-from tests.conftest import LAMP_REAL  # noqa: E402
+from conftest import LAMP_REAL  # noqa: E402
 
 LAMP_7 = get_task("LaMP-7")
 PREFIX = "Paraphrase the following tweet without any explanation before or after it: "

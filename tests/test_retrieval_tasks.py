@@ -7,7 +7,7 @@ import pytest
 
 from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import TASK_NAMES, get_task, quoted_strings
-from tests.conftest import LAMP_REAL, requires_real_data
+from conftest import LAMP_REAL, requires_real_data
 
 LAMP_1_INPUT = ('For an author who has written the paper with the title "Deep Learning for '
                 'Graphs: A Survey", which reference is related? Just answer with [1] or [2] '
