@@ -31,6 +31,7 @@ from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validation_data", required=True,
