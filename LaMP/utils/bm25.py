@@ -262,14 +262,12 @@ def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _argsort_distinct(values: np.ndarray) -> np.ndarray:
-    """``np.argsort(values)`` for distinct non-negative integers (token positions): placed
-    by value into a table of the range, then read back in order, without a sort."""
-    top = int(values.max()) + 1 if len(values) else 0
-    if top > 4 * len(values) + 65_536:
-        return np.argsort(values)
-    slot = np.full(top, -1, dtype=np.int64)
-    slot[values] = np.arange(len(values))
-    return slot[slot >= 0]
+    """``np.argsort(values)`` for distinct non-negative integers (token positions): each
+    value's rank from ``_distinct``, inverted."""
+    _, rank = _distinct(values)
+    order = np.empty_like(rank)
+    order[rank] = np.arange(len(rank))
+    return order
 
 
 def _accumulate_in_order(scores: np.ndarray, doc: np.ndarray, contribution: np.ndarray) -> None:
