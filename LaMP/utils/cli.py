@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from typing import Callable, Iterable, Sequence
 
 from LaMP.utils.errors import LampError
@@ -24,8 +26,25 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that ``finally`` blocks (which remove the
+    temporaries of outputs being written) run before the process exits."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a script's ``main``; a user mistake ends with one line on stderr and status 2."""
+    """Run a script's ``main``; a user mistake ends with one line on stderr and status 2.
+
+    SIGTERM (what ``kill``, a batch scheduler or a container stop sends) ends the run like
+    Ctrl-C does: writes in progress are abandoned and their temporaries removed; status 143.
+    """
+    # signal.signal works only in the main thread; elsewhere (a test runner's worker) the
+    # default SIGTERM handling stays.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         main(argv)
     except LampError as error:
@@ -34,6 +53,12 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

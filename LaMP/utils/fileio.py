@@ -1,17 +1,27 @@
 """Reading and writing the JSON files stages hand to each other.
 
-Reads fail with a ``LampError`` that names the file; writes go to a temporary name in the
-same folder and are renamed into place, so a failed run never leaves a half-written output.
+Reads fail with a ``LampError`` that names the file; writes follow the output policy below
+(a regular file goes to a temporary name in the same folder and is renamed into place, so a
+failed run never leaves a half-written output).
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import stat
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from LaMP.utils.errors import LampError
+
+logger = logging.getLogger(__name__)
 
 
 def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
@@ -50,43 +60,379 @@ def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None
     return parse_json_bytes(data, str(path))
 
 
+# -- the output policy ------------------------------------------------------------------
+# Every file a stage writes goes through _Output below, and every script checks its output
+# paths with check_outputs before any work starts:
+#  - an output that is, contains or lies inside one of the run's inputs is refused;
+#  - a regular file is replaced atomically (temporary beside it, then a rename) and keeps
+#    its mode; a new file gets 0666 & ~umask, as `open` would give it;
+#  - a symlink is followed: its target is replaced, the link stays;
+#  - a character device, FIFO or an inherited descriptor (/dev/stdout, /dev/fd/N,
+#    /proc/self/fd/N) is written to directly: renaming over it would replace /dev/null;
+#  - temporaries are named after the writing process, so a run killed mid-write (SIGKILL)
+#    leaves something the next run for the same output recognises and removes;
+#  - JSON is strict: non-finite numbers are written as null (and counted in the log).
+
+# Paths that name an already open descriptor: writing through a rename would detach them.
+_DESCRIPTOR_PATH = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd/\d+)$")
+# `.{name}.lamp-tmp-{pid}-{random}`: the pid says whose temporary it is, so that a stale
+# one (its writer is gone) can be told from one another run is writing right now.
+_TMP_MARK = ".lamp-tmp-"
+_active_temporaries: set[str] = set()  # this process's temporaries being written now
+
+
+def _is_direct(path: Path) -> bool:
+    """Whether ``path`` is written in place: a device, a FIFO or an open descriptor."""
+    if _DESCRIPTOR_PATH.match(str(path)):
+        return True
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: /dev/stdin links to /proc/…
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def _first_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def _check_writable_place(path: Path, what: str, folder: bool) -> None:
+    """``path`` can be created or replaced: no file in the way, write permission held."""
+    named = f"{what} {path}" if what else str(path)
+    ancestor = _first_existing(path if folder else path.parent)
+    if ancestor.exists() and not ancestor.is_dir():
+        raise LampError(f"{named}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LampError(f"{named}: cannot write in {ancestor} (permission denied)")
+    if not folder and path.is_file() and not os.access(path, os.W_OK):
+        raise LampError(f"{named}: the file is read-only (permission denied)")
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "--output_dir") -> Path:
-    """A folder outputs can go to (created later): refuse a path that is an existing file."""
+    """A folder outputs can go to (created later): refuse a file in the way or no permission."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LampError(f"{what} {path} exists and is not a folder")
+    _check_writable_place(path, what, folder=True)
     return path
 
 
-def _temporary_beside(path: Path) -> tuple[int, str]:
-    """A new temporary file in ``path``'s folder (created if needed), as LampError on failure."""
-    if path.is_dir():
-        raise LampError(f"{path} is a folder; give a file name")
+def _inputs(inputs: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(flag, path as given, resolved path) of every input that exists as a path (a hub
+    model name such as ``google/flan-t5-base`` is not a path and cannot be overwritten)."""
+    for flag, value in inputs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if item is not None and os.path.exists(item):
+                yield flag, str(item), os.path.realpath(item)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None = None,
+                  folders: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before any work, outputs that would overwrite the run's inputs or cannot be
+    written. Each mapping is ``{flag: path}`` (``None`` skipped; an input may be a list).
+
+    An output conflicts with an input when both resolve to the same file (symlinks and hard
+    links included), when an output folder contains an input, or when an output lies inside
+    an input folder (a model folder, say).
+    """
+    outputs = [(flag, Path(path), False) for flag, path in (files or {}).items() if path]
+    outputs += [(flag, Path(path), True) for flag, path in (folders or {}).items() if path]
+    known_inputs = list(_inputs(inputs))
+    for flag, path, folder in outputs:
+        if _is_direct(path):
+            continue  # written in place, never replaced: nothing is lost
+        if folder:
+            check_output_dir(path, flag)
+        elif path.is_dir():
+            raise LampError(f"{flag} {path} is a folder; give a file name")
+        _check_writable_place(path, flag, folder)
+        resolved = os.path.realpath(path)
+        for in_flag, given, in_resolved in known_inputs:
+            if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
+                how = "is"
+            elif _inside(in_resolved, resolved):
+                how = "contains"
+            elif _inside(resolved, in_resolved):
+                how = "is inside"
+            else:
+                continue
+            raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
+                            "choose another output path")
+
+
+# What a training run leaves in its folder (train_llm.py, a Trainer, save_pretrained).
+TRAINING_RUN_FILES = ("checkpoints", "adapter_config.json", "adapter_model.safetensors",
+                      "adapter_model.bin", "config.json", "model.safetensors",
+                      "model.safetensors.index.json", "pytorch_model.bin", "test_predictions.json")
+# What any stage's run leaves (evaluate_llm.py writes exactly these three).
+RUN_FILES = ("args.json", "predictions.json", "results_output.json")
+
+
+def _present(folder: Path, names: Sequence[str]) -> list[str]:
+    return [name for name in names if os.path.lexists(folder / name)]
+
+
+def _records_training(args_file: Path) -> bool:
+    """Whether an ``args.json`` is a training run's (it names ``train_data``)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        saved = json.loads(args_file.read_bytes())
+    except (OSError, ValueError):
+        return True  # not one we can read as ours: treat it as someone else's run
+    return not isinstance(saved, dict) or "train_data" in saved
+
+
+def check_new_run_folder(path: str | os.PathLike, flag: str, allowed_by: str) -> None:
+    """Refuse a folder that holds a previous run; ``allowed_by`` names the flags that allow it
+    (a new training run would replace its files and rotate away its checkpoints)."""
+    path = Path(path)
+    found = _present(path, TRAINING_RUN_FILES + RUN_FILES) if path.is_dir() else []
+    if found:
+        raise LampError(f"{flag} {path} holds a previous run ({', '.join(found)}); "
+                        f"pass {allowed_by}, or choose another folder")
+
+
+def check_evaluation_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a training run's folder as an evaluation's output: its predictions.json,
+    results_output.json and args.json would replace the run's own. An earlier evaluation's
+    folder is accepted (its files are the ones being redone)."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    found = _present(path, TRAINING_RUN_FILES)
+    if (path / "args.json").exists() and _records_training(path / "args.json"):
+        found.append("args.json")
+    if found:
+        raise LampError(f"{flag} {path} holds a training run ({', '.join(found)}); an "
+                        "evaluation does not write over it: choose another folder")
+
+
+def remove_outputs(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Remove what a rerun does not produce again, so that no stale result sits beside the
+    new ones (a symlink is removed, not what it points to)."""
+    for name in names:
+        path = Path(folder) / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                path.unlink()
+            else:
+                continue
+        except OSError as error:
+            raise LampError(f"{path}: cannot remove the previous run's output "
+                            f"({error.strerror})") from None
+        logger.info("removed %s from the previous run", path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove temporaries of ``target`` left by writers that were killed (their pid is gone,
+    or is ours but not one of our current writes)."""
+    prefix = f".{target.name}{_TMP_MARK}"
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        stale = target.parent / name
+        pid = int(pid_text)
+        if str(stale) in _active_temporaries or (pid != os.getpid() and _pid_alive(pid)):
+            continue
+        logger.info("removing %s, left by an interrupted run", stale)
+        try:
+            stale.unlink()
+        except OSError:
+            pass  # removed by a concurrent run, or not ours to remove: harmless either way
+
+
+def _strict_json(obj: Any, indent: int | None = None) -> tuple[str, int]:
+    """JSON text of ``obj`` with non-finite numbers as null, and how many there were.
+
+    ``json.dumps`` would write bare ``NaN``/``Infinity``, which is not JSON and which no
+    strict reader (jq, JavaScript, ijson) accepts.
+    """
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False), 0
+    except ValueError:
+        pass
+    count = 0
+
+    def clean(value):
+        nonlocal count
+        if isinstance(value, float) and not math.isfinite(value):
+            count += 1
+            return None
+        if isinstance(value, Mapping):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    return json.dumps(clean(obj), indent=indent, ensure_ascii=False, allow_nan=False), count
+
+
+class _Output:
+    """One output being written: to a temporary renamed over the target on ``commit``, or
+    straight into a device/FIFO/descriptor. Errors are ``LampError`` naming the path."""
+
+    def __init__(self, path: str | os.PathLike, binary: bool = False):
+        self.path = Path(path)
+        self.direct = _is_direct(self.path)
+        self.tmp_name: str | None = None
+        self.non_finite = 0
+        if self.direct:
+            # Whatever this process printed before must come first on a shared descriptor.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # O_APPEND and no O_TRUNC: /dev/stdout redirected to a file keeps what the
+            # shell (or an earlier write) put there.
+            flags, mode = os.O_WRONLY | os.O_APPEND, 0
+        else:
+            self._prepare_target()
+            flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666  # umask applies
+        opened = self.tmp_name or str(self.path)
+        try:
+            handle = os.open(opened, flags | getattr(os, "O_CLOEXEC", 0), mode)
+        except OSError as error:
+            self._forget()
+            raise self._error(error) from None
+        if self.tmp_name is not None:
+            _active_temporaries.add(self.tmp_name)
+            if self.keep_mode is not None:
+                os.fchmod(handle, self.keep_mode)
+        self.handle = (os.fdopen(handle, "wb") if binary
+                       else os.fdopen(handle, "w", encoding="utf-8"))
+
+    def _prepare_target(self) -> None:
+        # A symlink is followed so that the link survives and its target gets the content.
+        self.target = Path(os.path.realpath(self.path)) if self.path.is_symlink() else self.path
+        if self.target.is_dir():
+            raise LampError(f"{self.path} is a folder; give a file name")
+        _check_writable_place(self.target, "", folder=False)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.keep_mode = (stat.S_IMODE(self.target.stat().st_mode)
+                              if self.target.exists() else None)
+        except OSError as error:
+            raise self._error(error) from None
+        _remove_stale_temporaries(self.target)
+        self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}"
+                                                 f"{os.getpid()}-{secrets.token_hex(4)}")
+
+    def _error(self, error: OSError) -> LampError:
+        return LampError(f"{self.path}: cannot write ({error.strerror or error})")
+
+    def write(self, data: str | bytes) -> None:
+        try:
+            self.handle.write(data)
+        except OSError as error:
+            raise self._error(error) from None
+
+    def commit(self) -> None:
+        try:
+            self.handle.close()  # a full disk often shows only here, when buffers flush
+            if self.tmp_name is not None:
+                os.replace(self.tmp_name, self.target)
+        except OSError as error:
+            raise self._error(error) from None
+        finally:
+            self._forget()
+        if self.non_finite:
+            logger.warning("%s: %d non-finite numbers (NaN or infinity) written as null",
+                           self.path, self.non_finite)
+
+    def abort(self) -> None:
+        try:
+            self.handle.close()
+        except OSError:
+            pass  # the write already failed; the temporary goes either way
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.tmp_name is not None:
+            _active_temporaries.discard(self.tmp_name)
+            if os.path.lexists(self.tmp_name):
+                os.unlink(self.tmp_name)
+            self.tmp_name = None
+
+    def write_json(self, obj: Any, indent: int | None = None) -> None:
+        text, count = _strict_json(obj, indent)
+        self.non_finite += count
+        self.write(text)
+
+
+@contextmanager
+def open_output(path: str | os.PathLike, binary: bool = False) -> Iterator[Any]:
+    """A file object for a whole output (``binary`` for zips), under the output policy:
+    nothing appears at ``path`` if the block raises.
+
+        with open_output("golds.zip", binary=True) as handle:
+            zipfile.ZipFile(handle, "w")…
+    """
+    output = _Output(path, binary=binary)
+    try:
+        yield output.handle
+    except BaseException:
+        output.abort()
+        raise
+    output.commit()
+
+
+@contextmanager
+def writing_into(folder: str | os.PathLike) -> Iterator[None]:
+    """For writes made by other libraries (a Trainer's checkpoints, ``save_pretrained``): an
+    ``OSError`` (a full disk, no permission) becomes one ``LampError`` naming the file."""
+    try:
+        yield
     except OSError as error:
-        raise LampError(f"{path}: cannot write ({error.strerror})") from None
+        raise LampError(f"{error.filename or folder}: {error.strerror or error}") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    handle, tmp_name = _temporary_beside(path)
+    """Write ``text`` to ``path`` under the output policy (atomic for regular files)."""
+    output = _Output(path)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-        os.replace(tmp_name, path)
-    except BaseException as error:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise LampError(f"{path}: cannot write ({error.strerror})") from None
+        output.write(text)
+    except BaseException:
+        output.abort()
         raise
-    return path
+    output.commit()
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """Write ``obj`` as strict JSON (non-finite numbers as null) under the output policy."""
+    output = _Output(path)
+    try:
+        output.write_json(obj, indent)
+        output.write("\n")
+    except BaseException:
+        output.abort()
+        raise
+    output.commit()
+    return Path(path)
 
 
 def args_path_for(output: str | os.PathLike) -> Path:
@@ -110,7 +456,8 @@ class JsonListWriter:
             for question in questions:
                 out.write(question)
 
-    Memory stays bounded by one element; if the block raises, nothing appears at ``path``.
+    Memory stays bounded by one element; if the block raises, nothing appears at ``path``
+    (a device or FIFO output gets what was written so far: it cannot be taken back).
     """
 
     _open, _close = "[", "]"
@@ -118,33 +465,38 @@ class JsonListWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.count = 0
-        self._handle = None
-        self._tmp_name = None
+        self._output: _Output | None = None
 
     def __enter__(self) -> "JsonListWriter":
-        handle, self._tmp_name = _temporary_beside(self.path)
-        self._handle = os.fdopen(handle, "w", encoding="utf-8")
-        self._handle.write(self._open)
+        self._output = _Output(self.path)
+        try:
+            self._output.write(self._open)
+        except BaseException:
+            self._output.abort()
+            raise
         return self
 
     def write(self, element: Any) -> None:
-        self._write_entry(json.dumps(element, ensure_ascii=False))
+        self._write_entry(element)
 
-    def _write_entry(self, text: str) -> None:
-        self._handle.write(",\n" if self.count else "\n")
-        self._handle.write(text)
+    def _write_entry(self, element: Any, key: str | None = None) -> None:
+        self._output.write(",\n" if self.count else "\n")
+        if key is not None:
+            self._output.write_json(key)
+            self._output.write(": ")
+        self._output.write_json(element)
         self.count += 1
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._output.abort()
+            return
         try:
-            if exc_type is None:
-                self._handle.write(f"\n{self._close}\n")
-            self._handle.close()
-            if exc_type is None:
-                os.replace(self._tmp_name, self.path)
-        finally:
-            if os.path.exists(self._tmp_name):
-                os.unlink(self._tmp_name)
+            self._output.write(f"\n{self._close}\n")
+        except BaseException:
+            self._output.abort()
+            raise
+        self._output.commit()
 
 
 class JsonObjectWriter(JsonListWriter):
@@ -157,5 +509,4 @@ class JsonObjectWriter(JsonListWriter):
     _open, _close = "{", "}"
 
     def write(self, key: str, value: Any) -> None:  # type: ignore[override]
-        self._write_entry(f"{json.dumps(key, ensure_ascii=False)}: "
-                          f"{json.dumps(value, ensure_ascii=False)}")
+        self._write_entry(value, key=key)
