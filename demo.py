@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 from LaMP.utils.cli import run, setup_logging
-from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.fileio import atomic_write_json, check_outputs, open_output
 from LaMP.utils.tasks import TASKS, get_task
 
 REPO = Path(__file__).resolve().parent
@@ -86,7 +86,8 @@ def model_flags(args, task) -> list[str]:
 
 
 def zip_outputs(path: Path, files: dict[str, Path]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    with open_output(path, binary=True) as handle, \
+            zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, file in files.items():
             archive.write(file, f"{path.stem}/{name}.json")
     return path
@@ -95,6 +96,8 @@ def zip_outputs(path: Path, files: dict[str, Path]) -> Path:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    check_outputs(folders={"--work_dir": args.work_dir},
+                  inputs={"--data_dir": args.data_dir, "--model": args.model})
     from LaMP import evaluate_llm, train_llm
     from LaMP.utils.local_models import smollm2_path
 
@@ -130,6 +133,8 @@ def main(argv=None) -> dict:
                         "--num_train_epochs", str(args.epochs),
                         "--learning_rate", str(args.learning_rate),
                         "--save_total_limit", "1", "--logging_steps", "2",
+                        # a rerun of the demo redoes its own training run
+                        "--overwrite_output_dir",
                         *model_flags(args, args.train_task)])
         timings["LoRA training"] = time.perf_counter() - stage
 

@@ -29,7 +29,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import DEFAULT_SEED, run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import JsonObjectWriter, args_path_for, check_readable, save_run_args
+from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
+                               save_run_args)
 from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS,
                                   build_ranker, count_questions, shard_range)
 from LaMP.utils.tasks import task_arg
@@ -85,6 +86,10 @@ def main(argv=None) -> dict:
     output_path = Path(args.output_ranking_addr)
     if output_path.is_dir():
         raise LampError(f"--output_ranking_addr {output_path} is a directory; give a file name")
+    check_outputs(files={"--output_ranking_addr": output_path,
+                         "--output_ranking_addr (its arguments file)": args_path_for(output_path)},
+                  inputs={"--input_data_addr": input_path,
+                          "--contriever_checkpoint": args.contriever_checkpoint})
 
     questions = iter_questions(input_path, args.task)
     total = None

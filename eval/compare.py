@@ -22,7 +22,7 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli import format_table, run, setup_logging
-from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.metrics import metric_for, paired_bootstrap
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.scoring import paired_outputs, prepare
@@ -69,6 +69,9 @@ def format_comparison(metric, comparison: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    check_outputs(files={"--output_file": args.output_file},
+                  inputs={"--golds_json": args.golds_json, "--preds_a": args.preds_a,
+                          "--preds_b": args.preds_b})
     task = args.task_name
     golds = load_outputs(args.golds_json, what="gold file")
     preds_a = load_outputs(args.preds_a, what="predictions file")

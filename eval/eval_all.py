@@ -23,7 +23,7 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.outputs import read_outputs_zip
 from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
                                 format_results_table, score_files)
@@ -58,6 +58,8 @@ def _task_list(by_task) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    check_outputs(files={"--output_file": args.output_file},
+                  inputs={"--golds_zip": args.golds_zip, "--preds_zip": args.preds_zip})
     golds = read_outputs_zip(args.golds_zip, what="golds zip")
     preds = read_outputs_zip(args.preds_zip, what="predictions zip")
     lacking = {}

@@ -18,7 +18,7 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli import run, setup_logging
-from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
                                 format_results_table, score_files)
@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    check_outputs(files={"--output_file": args.output_file},
+                  inputs={"--golds_json": args.golds_json, "--preds_json": args.preds_json})
     golds = load_outputs(args.golds_json, what="gold file")
     preds = load_outputs(args.preds_json, what="predictions file")
     result = score_files(golds, preds, task=args.task_name,

@@ -28,7 +28,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import JsonListWriter, args_path_for, check_readable, save_run_args
+from LaMP.utils.fileio import (JsonListWriter, args_path_for, check_outputs, check_readable,
+                               save_run_args)
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.retrieval import load_rankings, order_profile
 
@@ -57,6 +58,11 @@ def main(argv=None) -> dict:
     output_path = Path(args.merged_output_addr)
     if output_path.is_dir():
         raise LampError(f"--merged_output_addr {output_path} is a directory; give a file name")
+    check_outputs(files={"--merged_output_addr": output_path,
+                         "--merged_output_addr (its arguments file)": args_path_for(output_path)},
+                  inputs={"--lamp_questions_addr": questions_path,
+                          "--lamp_output_addr": args.lamp_output_addr,
+                          "--profile_ranking_addr": args.profile_ranking_addr})
     outputs = load_outputs(args.lamp_output_addr).outputs if args.lamp_output_addr else None
     rankings = load_rankings(args.profile_ranking_addr) if args.profile_ranking_addr else None
 

@@ -31,7 +31,7 @@ from LaMP.utils.avocado import build_question, read_emails, referenced_emails, z
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import JsonListWriter, check_readable, save_run_args
+from LaMP.utils.fileio import JsonListWriter, check_outputs, check_readable, save_run_args
 from LaMP.utils.outputs import write_outputs
 from LaMP.utils.tasks import get_task
 
@@ -81,6 +81,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
     files = question_files(args)
+    # Before the emails are read: --output_dir = the folder of LaMP's question files would
+    # replace them with the built ones.
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  inputs={"--avocado_files_dir": args.avocado_files_dir,
+                          **{f"--input_question_file_{name}": path
+                             for name, path in files.items()}})
     questions = {set_name: list(iter_questions(path, what=f"{set_name} questions file"))
                  for set_name, path in files.items()}
     wanted: set[str] = set()
