@@ -6,7 +6,9 @@ Example (from the LaMP/ folder):
         --use_profile --is_ranked --num_retrieved 2
 
 Writes ``predictions.json`` (the LaMP format the evaluator reads), ``results_output.json``
-(metrics, when the data carries gold outputs) and ``args.json`` into ``--output_dir``.
+(metrics, when the data carries gold outputs) and ``args.json`` into ``--output_dir``. A rerun
+into the same folder replaces them (and removes a results_output.json the new data has no
+golds for); a training run's folder is refused, since these names would replace its own.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)
 from LaMP.utils.cli import run, setup_logging
-from LaMP.utils.fileio import atomic_write_json, check_output_dir, check_readable, save_run_args
+from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
+                               check_outputs, check_readable, remove_outputs, save_run_args)
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,10 @@ def main(argv=None) -> dict:
     setup_logging()
     check_readable(args.validation_data, "--validation_data")
     check_output_dir(args.output_dir)
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  inputs={"--validation_data": args.validation_data,
+                          "--model_addr": args.model_addr, "--adapter": args.adapter})
+    check_evaluation_folder(args.output_dir, "--output_dir")
     if args.adapter:
         check_readable(Path(args.adapter) / "adapter_config.json", "--adapter config")
     from LaMP.utils.examples import build_examples, check_questions
@@ -106,6 +113,9 @@ def main(argv=None) -> dict:
                           label_scoring=args.label_scoring)
     elapsed = time.perf_counter() - started
     output_dir = Path(args.output_dir)
+    # Removed first: written again below only if these questions carry golds, and never left
+    # from an earlier run beside predictions it does not describe.
+    remove_outputs(output_dir, ["results_output.json"])
     results = write_predictions(output_dir, task, examples, predictions)
     if results is not None:
         results["seconds"] = elapsed

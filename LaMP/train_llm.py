@@ -32,7 +32,9 @@ from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, ch
                                   profile_options)
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import atomic_write_json, check_output_dir, check_readable, save_run_args
+from LaMP.utils.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
+                               check_outputs, check_readable, remove_outputs, save_run_args,
+                               writing_into)
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume_from_checkpoint", default=None,
                         help="a checkpoint folder to resume from, or 'last' for the newest "
                              "one in --output_dir/checkpoints")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="train into an --output_dir that holds a previous run: its "
+                             "checkpoints are removed and its files replaced (default: refuse, "
+                             "as the Hugging Face Trainer does)")
     parser.add_argument("--report_to", default="none",
                         help="where the Trainer reports logs: none, tensorboard, wandb, …")
     parser.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
@@ -248,6 +254,15 @@ def last_checkpoint(checkpoint_dir: Path) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    # The resume checkpoint is not among the inputs: it lies inside --output_dir by design.
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  inputs={"--train_data": args.train_data,
+                          "--validation_data": args.validation_data,
+                          "--test_data": args.test_data, "--model_name": args.model_name})
+    if not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        check_new_run_folder(args.output_dir, "--output_dir",
+                             "--overwrite_output_dir to replace it or --resume_from_checkpoint "
+                             "to continue it")
     check_inputs(args)
 
     from transformers import set_seed
@@ -271,6 +286,11 @@ def main(argv=None) -> dict:
     except ValueError as error:
         raise LampError(f"training arguments: {str(error).splitlines()[0]}") from None
 
+    if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
+        # The old run's checkpoints would outrank the new ones in the Trainer's rotation
+        # (by step number) and in --resume_from_checkpoint last. One process removes them.
+        remove_outputs(output_dir, ["checkpoints"] + ([] if args.test_data
+                                                      else ["test_predictions.json"]))
     lamp_model = load_for_training(args)
     prompt_fn = lamp_model.prompt_builder(task, args.max_length)
     options = profile_options(args)
@@ -304,7 +324,8 @@ def main(argv=None) -> dict:
                     len(features), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    with writing_into(checkpoint_dir):  # a full disk while checkpointing: one line
+        train_output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
 
     # The best checkpoint is loaded at the end of training; predict with it.
@@ -322,8 +343,9 @@ def main(argv=None) -> dict:
                          if any(key.startswith("eval_") for key in entry)],
     }
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(output_dir)  # the adapter alone under LoRA
-        lamp_model.tokenizer.save_pretrained(output_dir)
+        with writing_into(output_dir):
+            trainer.model.save_pretrained(output_dir)  # the adapter alone under LoRA
+            lamp_model.tokenizer.save_pretrained(output_dir)
         write_outputs(output_dir / "predictions.json", task,
                       zip((e.id for e in eval_examples), eval_texts))
         if test_examples:
