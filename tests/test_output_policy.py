@@ -1,0 +1,552 @@
+"""The one output policy (LaMP/utils/fileio.py) as every script meets it.
+
+An output that is, contains or lies inside an input is refused before any work; a device, FIFO
+or descriptor is written in place; a symlink keeps pointing where it did; modes follow the
+umask or the replaced file; interrupted writes leave nothing the next run keeps; JSON is strict.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLE, load_script, outputs_doc, write_json
+from LaMP import evaluate_llm, rank_profiles, train_llm
+from LaMP.utils import fileio, merge_with_rank
+from LaMP.utils.cli import run
+from LaMP.utils.errors import LampError
+
+eval_task = load_script("eval/eval_task.py")
+eval_all = load_script("eval/eval_all.py")
+compare = load_script("eval/compare.py")
+avocado = load_script("data/avocado/create_avocado_dataset.py")
+demo = load_script("demo.py")
+
+LAMP7_DEV = SAMPLE / "LaMP_7" / "dev_questions.json"
+LAMP7_GOLDS = SAMPLE / "LaMP_7" / "dev_outputs.json"
+
+
+def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of a script run as its ``__main__`` would run it."""
+    capsys.readouterr()
+    status = run(main, [str(arg) for arg in argv])
+    return status, capsys.readouterr().err.splitlines()
+
+
+def snapshot(*paths: Path) -> dict[Path, bytes]:
+    files = []
+    for path in paths:
+        files += sorted(p for p in Path(path).rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {path: path.read_bytes() for path in files}
+
+
+def hidden_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def lamp3_files(tmp_path: Path, prediction: str = "4") -> tuple[Path, Path]:
+    golds = write_json(tmp_path / "golds.json", outputs_doc("LaMP_3", [("1", "3"), ("2", "5")]))
+    preds = write_json(tmp_path / "preds.json", outputs_doc("LaMP_3", [("1", prediction),
+                                                                         ("2", "5")]))
+    return golds, preds
+
+
+def zip_of(path: Path, member: Path) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(member, "LaMP_3/" + member.name)
+    return path
+
+
+# -- output == input, for every script ----------------------------------------------------
+
+def refused_cases(tmp_path: Path):
+    """(name, main, argv, inputs that must stay byte-identical) for each way an output can
+    name an input."""
+    golds, preds = lamp3_files(tmp_path)
+    golds_zip, preds_zip = zip_of(tmp_path / "g.zip", golds), zip_of(tmp_path / "p.zip", preds)
+    questions = tmp_path / "q" / "dev_questions.json"
+    questions.parent.mkdir()
+    questions.write_bytes(LAMP7_DEV.read_bytes())
+    named_like_args = tmp_path / "q" / "dev.args.json"
+    named_like_args.write_bytes(LAMP7_DEV.read_bytes())
+    ranking = tmp_path / "ranking.json"
+    rank_profiles.main(["--input_data_addr", str(questions), "--output_ranking_addr",
+                        str(ranking), "--task", "LaMP-7", "--ranker", "recency"])
+    link = tmp_path / "link.json"
+    link.symlink_to(golds)
+    hard = tmp_path / "hard.json"
+    os.link(golds, hard)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    lamp6 = tmp_path / "lamp6"
+    lamp6.mkdir()
+    for name in ("train", "dev", "test"):
+        write_json(lamp6 / f"{name}_questions.json", [{"id": "1", "input": "a-EM.txt",
+                                                      "profile": []}])
+    text_dir = tmp_path / "avocado"
+    text_dir.mkdir()
+    evaluation = ["--golds_json", golds, "--preds_json", preds, "--task_name", "LaMP_3"]
+    avocado_files = [arg for name in ("train", "dev", "test")
+                     for arg in (f"--input_question_file_{name}", lamp6 / f"{name}_questions.json")]
+    training = ["--train_data", questions, "--validation_data", questions, "--task", "LaMP-7",
+                "--model_name", model]
+    return [
+        ("eval_task output = golds", eval_task.main, [*evaluation, "--output_file", golds],
+         [golds]),
+        ("eval_task output = preds", eval_task.main, [*evaluation, "--output_file", preds],
+         [preds]),
+        ("eval_task output = a symlink to golds", eval_task.main,
+         [*evaluation, "--output_file", link], [golds]),
+        ("eval_task output = a hard link to golds", eval_task.main,
+         [*evaluation, "--output_file", hard], [golds]),
+        ("eval_all output = golds zip", eval_all.main,
+         ["--golds_zip", golds_zip, "--preds_zip", preds_zip, "--output_file", golds_zip],
+         [golds_zip]),
+        ("compare output = preds_b", compare.main,
+         ["--golds_json", golds, "--preds_a", preds, "--preds_b", preds, "--task_name", "LaMP_3",
+          "--output_file", preds], [preds]),
+        ("rank_profiles output = its input", rank_profiles.main,
+         ["--input_data_addr", questions, "--output_ranking_addr", questions, "--task", "LaMP-7",
+          "--ranker", "bm25"], [questions]),
+        # The ranking's arguments go to dev.args.json beside dev.json: here, the input.
+        ("rank_profiles arguments file = its input", rank_profiles.main,
+         ["--input_data_addr", named_like_args, "--output_ranking_addr",
+          named_like_args.with_name("dev.json"), "--task", "LaMP-7", "--ranker", "bm25"],
+         [named_like_args]),
+        ("merge output = the ranking", merge_with_rank.main,
+         ["--lamp_questions_addr", questions, "--profile_ranking_addr", ranking,
+          "--merged_output_addr", ranking], [ranking]),
+        ("merge output = the questions", merge_with_rank.main,
+         ["--lamp_questions_addr", questions, "--merged_output_addr", questions], [questions]),
+        ("avocado output_dir = the folder of the question files", avocado.main,
+         ["--avocado_files_dir", text_dir, "--output_dir", lamp6, *avocado_files], [lamp6]),
+        ("train_llm --peft none into the base model", train_llm.main,
+         [*training, "--peft", "none", "--output_dir", model], [model]),
+        ("train_llm into a folder inside the base model", train_llm.main,
+         [*training, "--output_dir", model / "lora"], [model]),
+        ("train_llm output_dir holding the training data", train_llm.main,
+         [*training, "--output_dir", questions.parent], [questions]),
+        ("evaluate_llm into the model folder", evaluate_llm.main,
+         ["--validation_data", questions, "--model_addr", model, "--task", "LaMP-7",
+          "--output_dir", model], [model]),
+        ("demo work_dir = data_dir", demo.main,
+         ["--data_dir", lamp6, "--work_dir", lamp6], [lamp6]),
+    ]
+
+
+def test_an_output_that_names_an_input_is_refused_before_any_work(tmp_path, capsys):
+    cases = refused_cases(tmp_path)
+    for name, main, argv, inputs in cases:
+        before = snapshot(*inputs)
+        listing = sorted(p.name for p in tmp_path.rglob("*"))
+        status, err = run_cli(main, argv, capsys)
+        assert status == 2, name
+        assert len(err) == 1 and err[0].startswith("error: --"), (name, err)
+        assert "the input --" in err[0], (name, err)
+        assert snapshot(*inputs) == before, name
+        assert sorted(p.name for p in tmp_path.rglob("*")) == listing, name  # nothing written
+
+
+def test_the_message_names_both_flags_and_the_paths(tmp_path, capsys):
+    golds, preds = lamp3_files(tmp_path)
+    status, err = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                           "--task_name", "LaMP_3", "--output_file", preds],
+                          capsys)
+    assert status == 2
+    assert err == [f"error: --output_file {preds} is the input --preds_json {preds}; "
+                   "choose another output path"]
+
+
+def test_a_hub_name_is_not_a_path_to_protect(tmp_path):
+    # "org/model" does not exist on disk: nothing to overwrite, no refusal.
+    fileio.check_outputs(folders={"--output_dir": tmp_path / "org"},
+                         inputs={"--model_name": "org/model"})
+
+
+# -- devices, FIFOs, descriptors, symlinks ----------------------------------------------------
+
+def test_dev_null_stays_a_character_device(tmp_path, capsys):
+    assert fileio._is_direct(Path("/dev/null"))  # else this test would replace /dev/null
+    golds, preds = lamp3_files(tmp_path)
+    status, _ = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                         "--task_name", "LaMP_3", "--output_file", "/dev/null"],
+                        capsys)
+    assert status == 0
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+    assert not [name for name in os.listdir("/dev") if name.startswith(".null")]
+
+
+def test_a_fifo_gets_the_content_and_stays_a_fifo(tmp_path, capsys):
+    golds, preds = lamp3_files(tmp_path)
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    status, _ = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                         "--task_name", "LaMP_3", "--output_file", fifo], capsys)
+    reader.join(timeout=60)
+    assert status == 0
+    assert json.loads(received[0])["MAE"] == pytest.approx(0.5)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert hidden_files(tmp_path) == []
+
+
+def test_dev_stdout_and_an_inherited_descriptor_are_written_in_place(tmp_path):
+    golds, preds = lamp3_files(tmp_path)
+    for target in ("/dev/stdout", "/proc/self/fd/1"):
+        completed = subprocess.run(
+            [sys.executable, str(REPO / "eval" / "eval_task.py"), "--golds_json", str(golds),
+             "--preds_json", str(preds), "--task_name", "LaMP_3", "--output_file", target],
+            capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr
+        # The results JSON comes first on stdout, then the table.
+        document, _ = json.JSONDecoder().raw_decode(completed.stdout)
+        assert document["MAE"] == pytest.approx(0.5)
+
+
+def test_a_symlink_stays_and_its_target_gets_the_content(tmp_path, capsys):
+    golds, preds = lamp3_files(tmp_path)
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "results.json"
+    target.write_text("old")
+    link = tmp_path / "results.json"
+    link.symlink_to(target)
+    dangling = tmp_path / "new.json"
+    dangling.symlink_to(tmp_path / "store" / "made.json")
+    for output in (link, dangling):
+        status, _ = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                             "--task_name", "LaMP_3", "--output_file", output],
+                            capsys)
+        assert status == 0
+        assert output.is_symlink()
+        assert json.loads(output.resolve().read_text())["MAE"] == pytest.approx(0.5)
+    assert os.readlink(link) == str(target)
+    assert hidden_files(tmp_path) == hidden_files(tmp_path / "store") == []
+
+
+# -- modes ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_new_files_follow_the_umask(tmp_path, umask, expected):
+    old = os.umask(umask)
+    try:
+        fileio.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        with fileio.JsonListWriter(tmp_path / "b.json") as out:
+            out.write(1)
+        with fileio.JsonObjectWriter(tmp_path / "c.json") as out:
+            out.write("k", [1])
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.json", "c.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o664])
+def test_a_replaced_file_keeps_its_mode(tmp_path, mode):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    path.chmod(mode)
+    old = os.umask(0o077)
+    try:
+        fileio.atomic_write_json(path, {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert json.loads(path.read_text()) == {"x": 1}
+
+
+# -- places that cannot be written ----------------------------------------------------------
+
+def test_an_output_under_a_file_is_one_line(tmp_path, capsys):
+    golds, preds = lamp3_files(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    status, err = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                           "--task_name", "LaMP_3", "--output_file",
+                                           blocker / "sub" / "r.json"], capsys)
+    assert status == 2
+    assert err == [f"error: --output_file {blocker / 'sub' / 'r.json'}: {blocker} is a file, "
+                   "not a folder"]
+    assert blocker.read_text() == "a file"
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    questions = tmp_path / "q.json"
+    questions.write_bytes(LAMP7_DEV.read_bytes())
+    cases = {
+        "evaluate_llm": (evaluate_llm.main, ["--validation_data", questions, "--model_addr",
+                                             "org/model", "--task", "LaMP-7", "--output_dir"]),
+        "train_llm": (train_llm.main, ["--train_data", questions, "--validation_data", questions,
+                                       "--model_name", "org/model", "--task", "LaMP-7",
+                                       "--output_dir"]),
+    }
+    for name, (main, argv) in cases.items():
+        for output_dir in (blocker, blocker / "run"):
+            status, err = run_cli(main, [*argv, output_dir], capsys)
+            assert status == 2, name
+            assert len(err) == 1 and err[0].startswith("error: --output_dir"), (name, err)
+            assert str(blocker) in err[0]
+    assert blocker.read_text() == "a file"
+
+
+def test_a_full_device_is_one_error_naming_the_path(tmp_path):
+    with pytest.raises(LampError, match=r"^/dev/full: cannot write \(No space left on device\)$"):
+        fileio.atomic_write_json("/dev/full", {"x": 1})
+    with pytest.raises(LampError, match="^/dev/full: cannot write"):
+        with fileio.JsonListWriter("/dev/full") as out:
+            for i in range(100_000):  # more than a buffer's worth
+                out.write(i)
+
+
+def test_library_writes_into_a_run_folder_fail_with_one_line(tmp_path):
+    # What save_pretrained or a Trainer checkpoint raises on a full disk.
+    with pytest.raises(LampError, match=r"^/run/model.safetensors: No space left on device$"):
+        with fileio.writing_into(tmp_path):
+            raise OSError(28, "No space left on device", "/run/model.safetensors")
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        # Past the limit a write fails with EFBIG, like a full disk; without ignoring
+        # SIGXFSZ the process would be killed instead.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_write_that_fails_midway_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ranking = out / "ranking.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "LaMP" / "rank_profiles.py"), "--input_data_addr",
+         str(LAMP7_DEV), "--output_ranking_addr", str(ranking), "--task", "LaMP-7", "--ranker",
+         "recency"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=_limit_file_size(300))
+    assert completed.returncode == 2
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {ranking}: cannot write (File too large)"], completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert list(out.iterdir()) == []
+
+
+# -- run folders -----------------------------------------------------------------------------
+
+def fake_training_run(folder: Path) -> dict[Path, bytes]:
+    (folder / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"w")
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "args.json").write_text('{"train_data": "t.json", "task": "LaMP-7"}')
+    (folder / "results_output.json").write_text('{"task": "LaMP-7"}')
+    (folder / "predictions.json").write_text('{"task": "LaMP_7", "golds": []}')
+    return snapshot(folder)
+
+
+def merged(tmp_path: Path, name: str, count: int, with_output: bool = True) -> Path:
+    questions = json.loads(LAMP7_DEV.read_text())[:count]
+    golds = {g["id"]: g["output"] for g in json.loads(LAMP7_GOLDS.read_text())["golds"]}
+    if with_output:
+        for question in questions:
+            question["output"] = golds[question["id"]]
+    return write_json(tmp_path / name, questions)
+
+
+def test_train_llm_refuses_a_folder_with_a_previous_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    before = fake_training_run(run_dir)
+    data = merged(tmp_path, "train.json", 4)
+    status, err = run_cli(train_llm.main, ["--train_data", data, "--validation_data", data,
+                                           "--model_name", "org/model", "--task", "LaMP-7",
+                                           "--output_dir", run_dir], capsys)
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith(f"error: --output_dir {run_dir} holds a previous "
+                                               "run (checkpoints, adapter_config.json")
+    assert "--overwrite_output_dir" in err[0] and "--resume_from_checkpoint" in err[0]
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+def test_train_llm_overwrites_a_previous_run_when_asked(tmp_path, tiny_llama):
+    run_dir = tmp_path / "run"
+    fake_training_run(run_dir)
+    (run_dir / "test_predictions.json").write_text("stale")
+    data = merged(tmp_path, "train.json", 4)
+    train_llm.main(["--train_data", str(data), "--validation_data", str(data),
+                    "--model_name", str(tiny_llama), "--task", "LaMP-7",
+                    "--output_dir", str(run_dir), "--overwrite_output_dir", "--max_steps", "1",
+                    "--per_device_batch_size", "4", "--generation_max_length", "4",
+                    "--generation_num_beams", "1", "--device", "cpu", "--max_length", "64"])
+    assert not (run_dir / "checkpoints" / "checkpoint-5").exists()
+    assert not (run_dir / "test_predictions.json").exists()  # this run had no --test_data
+    assert json.loads((run_dir / "args.json").read_text())["overwrite_output_dir"] is True
+    assert json.loads((run_dir / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_evaluate_llm_does_not_write_over_a_training_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    before = fake_training_run(run_dir)
+    data = merged(tmp_path, "dev.json", 4)
+    status, err = run_cli(evaluate_llm.main, ["--validation_data", data, "--model_addr",
+                                              "org/model", "--task", "LaMP-7",
+                                              "--output_dir", run_dir], capsys)
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith(f"error: --output_dir {run_dir} holds a training "
+                                               "run (checkpoints, adapter_config.json")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+def test_an_evaluation_rerun_removes_results_it_no_longer_produces(tmp_path, tiny_llama):
+    out = tmp_path / "eval"
+    common = ["--model_addr", str(tiny_llama), "--task", "LaMP-7", "--output_dir", str(out),
+              "--generation_max_length", "4", "--generation_num_beams", "1", "--device", "cpu",
+              "--max_length", "64", "--per_device_batch_size", "4"]
+    evaluate_llm.main(["--validation_data", str(merged(tmp_path, "dev.json", 3)), *common])
+    assert (out / "results_output.json").exists()
+    # The same folder again, on questions without golds (a test split): no stale metrics.
+    evaluate_llm.main(["--validation_data", str(merged(tmp_path, "test.json", 2, False)),
+                       *common])
+    assert not (out / "results_output.json").exists()
+    assert len(json.loads((out / "predictions.json").read_text())["golds"]) == 2
+    assert json.loads((out / "args.json").read_text())["validation_data"].endswith("test.json")
+
+
+# -- interrupted writes ------------------------------------------------------------------------
+
+def big_questions(path: Path, count: int = 40_000) -> Path:
+    """Questions enough that ranking them takes seconds, so a signal lands mid-write."""
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel"]
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("[")
+        for i in range(count):
+            profile = [{"id": f"{i}-{j}", "text": " ".join(words[(i + j + k) % 8] for k in range(6))}
+                       for j in range(6)]
+            out.write(("," if i else "") + json.dumps({"id": str(i), "input": f"Paraphrase the "
+                      f"following tweet without any explanation before or after it: {words[i % 8]}",
+                      "profile": profile}))
+        out.write("]")
+    return path
+
+
+def start_ranking(questions: Path, output: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "LaMP" / "rank_profiles.py"), "--input_data_addr",
+         str(questions), "--output_ranking_addr", str(output), "--task", "LaMP-7",
+         "--ranker", "bm25"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_temporary(folder: Path, process: subprocess.Popen) -> Path:
+    """The writer's temporary, once it holds data (the write is under way)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        found = [p for p in folder.iterdir() if p.name.startswith(".ranking.json.")]
+        if found and found[0].stat().st_size > 0:
+            return found[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no temporary appeared (status {process.poll()})")
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory) -> Path:
+    return big_questions(tmp_path_factory.mktemp("big") / "questions.json")
+
+
+def test_sigkill_mid_write_leaves_a_temporary_the_next_run_removes(tmp_path, big_input):
+    output = tmp_path / "ranking.json"
+    process = start_ranking(big_input, output)
+    temporary = wait_for_temporary(tmp_path, process)
+    process.kill()
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not output.exists() and temporary.exists()  # what SIGKILL cannot prevent
+    # The next run for the same output recognises the dead writer's temporary.
+    status = run(rank_profiles.main, ["--input_data_addr", str(LAMP7_DEV),
+                                      "--output_ranking_addr", str(output), "--task", "LaMP-7",
+                                      "--ranker", "recency"])
+    assert status == 0
+    assert hidden_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranking.args.json", "ranking.json"]
+    assert len(json.loads(output.read_text())) == 24
+
+
+def test_sigterm_mid_write_exits_cleanly_without_a_temporary(tmp_path, big_input):
+    output = tmp_path / "ranking.json"
+    process = start_ranking(big_input, output)
+    wait_for_temporary(tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert stderr.splitlines()[-1] == "terminated (SIGTERM)"
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_live_writers_temporary_is_left_alone(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".out.json.lamp-tmp-{sleeper.pid}-00000000"
+        live.write_text("being written")
+        dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout.strip()
+        dead = tmp_path / f".out.json.lamp-tmp-{dead_pid}-00000000"
+        dead.write_text("left by a killed run")
+        other = tmp_path / f".other.json.lamp-tmp-{dead_pid}-00000000"
+        other.write_text("another output's")
+        fileio.atomic_write_json(tmp_path / "out.json", [1])
+        assert live.exists() and other.exists() and not dead.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# -- strict JSON -------------------------------------------------------------------------------
+
+def strict_loads(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_huge_rating_gives_valid_json(tmp_path, capsys):
+    golds, preds = lamp3_files(tmp_path, prediction="1e200")
+    output = tmp_path / "results.json"
+    status, err = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                           "--task_name", "LaMP_3", "--output_file", output],
+                          capsys)
+    assert status == 0, err
+    results = strict_loads(output.read_text())
+    # (1e200 - 3)^2 overflows: RMSE is infinite and written as null; MAE is finite.
+    assert results["RMSE"] is None
+    assert results["MAE"] == pytest.approx(1e200 / 2)
+    # The log (stderr, configured by the script) counts what was nulled.
+    assert any(line.endswith(f"{output}: 1 non-finite numbers (NaN or infinity) written as null")
+               for line in err), err
+
+
+def test_every_writer_is_strict(tmp_path):
+    value = {"a": float("nan"), "b": [float("inf"), 1.5], "c": "x"}
+    fileio.atomic_write_json(tmp_path / "a.json", value)
+    with fileio.JsonListWriter(tmp_path / "b.json") as out:
+        out.write(value)
+    with fileio.JsonObjectWriter(tmp_path / "c.json") as out:
+        out.write("k", value)
+    expected = {"a": None, "b": [None, 1.5], "c": "x"}
+    assert strict_loads((tmp_path / "a.json").read_text()) == expected
+    assert strict_loads((tmp_path / "b.json").read_text()) == [expected]
+    assert strict_loads((tmp_path / "c.json").read_text()) == {"k": expected}
