@@ -269,6 +269,16 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, mode):
     assert json.loads(path.read_text()) == {"x": 1}
 
 
+def test_a_replaced_file_keeps_its_owner_where_allowed(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    os.chown(path, 12345, 23456)
+    fileio.atomic_write_json(path, {"x": 1})
+    assert (path.stat().st_uid, path.stat().st_gid) == (12345, 23456)
+
+
 # -- places that cannot be written ----------------------------------------------------------
 
 def test_an_output_under_a_file_is_one_line(tmp_path, capsys):
@@ -495,6 +505,26 @@ def test_sigterm_mid_write_exits_cleanly_without_a_temporary(tmp_path, big_input
     assert stderr.splitlines()[-1] == "terminated (SIGTERM)"
     assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored(tmp_path):
+    script = ("import os, signal, sys\n"
+              "from LaMP.utils.cli import run\n"
+              "def main(argv):\n"
+              "    try:\n"
+              "        os.kill(os.getpid(), signal.SIGHUP)\n"
+              "    finally:\n"
+              "        print('cleaned up', file=sys.stderr)\n"
+              "sys.exit(run(main))\n")
+    hung = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert hung.returncode == 128 + signal.SIGHUP
+    assert hung.stderr.splitlines() == ["cleaned up", "terminated (SIGHUP)"]
+    # Under nohup SIGHUP is ignored, and run() must not undo that.
+    ignored = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=60, preexec_fn=lambda: signal.signal(signal.SIGHUP,
+                                                                          signal.SIG_IGN))
+    assert ignored.returncode == 0 and ignored.stderr.splitlines() == ["cleaned up"]
 
 
 def test_a_live_writers_temporary_is_left_alone(tmp_path):

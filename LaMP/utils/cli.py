@@ -27,24 +27,35 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, turned into an exception so that ``finally`` blocks (which remove the
-    temporaries of outputs being written) run before the process exits."""
+    """SIGTERM or SIGHUP, turned into an exception so that ``finally`` blocks (which remove
+    the temporaries of outputs being written) run before the process exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
+
+
+# What `kill`, a batch scheduler, a container stop or a closed terminal sends.
+_CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; a user mistake ends with one line on stderr and status 2.
 
-    SIGTERM (what ``kill``, a batch scheduler or a container stop sends) ends the run like
-    Ctrl-C does: writes in progress are abandoned and their temporaries removed; status 143.
+    SIGTERM and SIGHUP end the run like Ctrl-C does: writes in progress are abandoned and
+    their temporaries removed; the status is 128 + the signal number (143 for SIGTERM).
     """
+    previous = {}
     # signal.signal works only in the main thread; elsewhere (a test runner's worker) the
-    # default SIGTERM handling stays.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    # default handling stays. A signal already ignored (nohup) or handled stays so.
+    if threading.current_thread() is threading.main_thread():
+        for signum in _CLEAN_EXIT_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _raise_terminated)
     try:
         main(argv)
     except LampError as error:
@@ -53,12 +64,12 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as stop:
+        print(f"terminated ({signal.Signals(stop.signum).name})", file=sys.stderr)
+        return 128 + stop.signum
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -322,6 +322,10 @@ class _Output:
             _active_temporaries.add(self.tmp_name)
             if self.keep_mode is not None:
                 os.fchmod(handle, self.keep_mode)
+                try:  # the owner too, where allowed (root; or a group of ours)
+                    os.fchown(handle, *self.keep_owner)
+                except OSError:
+                    pass  # not allowed: the file becomes ours, as any rewrite would make it
         self.handle = (os.fdopen(handle, "wb") if binary
                        else os.fdopen(handle, "w", encoding="utf-8"))
 
@@ -333,10 +337,11 @@ class _Output:
         _check_writable_place(self.target, "", folder=False)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.keep_mode = (stat.S_IMODE(self.target.stat().st_mode)
-                              if self.target.exists() else None)
+            existing = self.target.stat() if self.target.exists() else None
         except OSError as error:
             raise self._error(error) from None
+        self.keep_mode = stat.S_IMODE(existing.st_mode) if existing else None
+        self.keep_owner = (existing.st_uid, existing.st_gid) if existing else None
         _remove_stale_temporaries(self.target)
         self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}"
                                                  f"{os.getpid()}-{secrets.token_hex(4)}")
