@@ -27,7 +27,7 @@ from tqdm import tqdm
 from LaMP.utils.cli import format_table, run, setup_logging
 from LaMP.utils.data import input_problem, iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import JsonListWriter, atomic_write_json, read_json
+from LaMP.utils.fileio import JsonListWriter, atomic_write_json, check_output_dir, read_json
 from LaMP.utils.outputs import (MAX_OUTPUTS_BYTES, OutputsFile, invalid_gold_ids,
                                 parse_outputs, write_outputs)
 from LaMP.utils.tasks import Task, get_task
@@ -511,6 +511,7 @@ def dry_run(jobs: list[FileJob], fetcher: Fetcher) -> list[FileResult]:
 def main(argv=None) -> list[FileResult]:
     args = parse_args(argv)
     setup_logging()
+    check_output_dir(args.out_dir, "--out_dir")  # a file in the way: one line, no download
     jobs = plan(args)
     fetcher = Fetcher(args.retries, args.backoff, args.timeout)
     if args.dry_run:

@@ -315,6 +315,25 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert blocker.read_text() == "a file"
 
 
+def test_an_out_dir_that_is_a_file_is_one_line_before_any_download_or_build(tmp_path, capsys):
+    download = load_script("download_data.py")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    # Port 9 (discard) is never asked: the check comes first.
+    status, err = run_cli(download.main, ["--out_dir", blocker, "--base_url",
+                                          "http://127.0.0.1:9/LaMP/"], capsys)
+    assert (status, err) == (2, [f"error: --out_dir {blocker} exists and is not a folder"])
+    lamp6 = tmp_path / "lamp6"
+    files = []
+    for name in ("train", "dev", "test"):
+        path = write_json(lamp6 / f"{name}_questions.json", [])
+        files += [f"--input_question_file_{name}", path]
+    status, err = run_cli(avocado.main, ["--avocado_files_dir", tmp_path, "--output_dir",
+                                         blocker, *files], capsys)
+    assert (status, err) == (2, [f"error: --output_dir {blocker} exists and is not a folder"])
+    assert blocker.read_text() == "a file"
+
+
 def test_a_full_device_is_one_error_naming_the_path(tmp_path):
     with pytest.raises(LampError, match=r"^/dev/full: cannot write \(No space left on device\)$"):
         fileio.atomic_write_json("/dev/full", {"x": 1})
