@@ -546,19 +546,25 @@ def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored(tmp_path
     assert ignored.returncode == 0 and ignored.stderr.splitlines() == ["cleaned up"]
 
 
-def test_a_live_writers_temporary_is_left_alone(tmp_path):
+def test_only_a_dead_writers_temporary_of_the_same_output_is_removed(tmp_path):
+    host = fileio._HOST
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live = tmp_path / f".out.json.lamp-tmp-{sleeper.pid}-00000000"
-        live.write_text("being written")
         dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                                   capture_output=True, text=True).stdout.strip()
-        dead = tmp_path / f".out.json.lamp-tmp-{dead_pid}-00000000"
-        dead.write_text("left by a killed run")
-        other = tmp_path / f".other.json.lamp-tmp-{dead_pid}-00000000"
-        other.write_text("another output's")
+        kept = {
+            "a live writer's": f".out.json.lamp-tmp-{host}-{sleeper.pid}-0000abcd",
+            "another output's": f".other.json.lamp-tmp-{host}-{dead_pid}-0000abcd",
+            "another machine's": f".out.json.lamp-tmp-{host}x-{dead_pid}-0000abcd",
+            "not ours": f".out.json.{dead_pid}.tmp",
+        }
+        dead = tmp_path / f".out.json.lamp-tmp-{host}-{dead_pid}-0000abcd"
+        for name in [*kept.values(), dead.name]:
+            (tmp_path / name).write_text("partial")
         fileio.atomic_write_json(tmp_path / "out.json", [1])
-        assert live.exists() and other.exists() and not dead.exists()
+        assert not dead.exists()
+        for why, name in kept.items():
+            assert (tmp_path / name).exists(), why
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -75,9 +75,12 @@ def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None
 
 # Paths that name an already open descriptor: writing through a rename would detach them.
 _DESCRIPTOR_PATH = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd/\d+)$")
-# `.{name}.lamp-tmp-{pid}-{random}`: the pid says whose temporary it is, so that a stale
-# one (its writer is gone) can be told from one another run is writing right now.
+# `.{name}.lamp-tmp-{host}-{pid}-{random}`: host and pid say whose temporary it is, so that
+# a stale one (its writer is gone) can be told from one another run is writing right now; a
+# pid says nothing about another machine's processes (a shared file system), so only this
+# host's temporaries are ever judged.
 _TMP_MARK = ".lamp-tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename) or "host"
 _active_temporaries: set[str] = set()  # this process's temporaries being written now
 
 
@@ -153,7 +156,8 @@ def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None 
             check_output_dir(path, flag)
         elif path.is_dir():
             raise LampError(f"{flag} {path} is a folder; give a file name")
-        _check_writable_place(path, flag, folder)
+        else:
+            _check_writable_place(path, flag, folder=False)
         resolved = os.path.realpath(path)
         for in_flag, given, in_resolved in known_inputs:
             if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
@@ -245,19 +249,17 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove temporaries of ``target`` left by writers that were killed (their pid is gone,
     or is ours but not one of our current writes)."""
-    prefix = f".{target.name}{_TMP_MARK}"
+    pattern = re.compile(re.escape(f".{target.name}{_TMP_MARK}{_HOST}-") + r"(\d+)-[0-9a-f]{8}")
     try:
         names = os.listdir(target.parent)
     except OSError:
         return
     for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid_text = name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit():
+        match = pattern.fullmatch(name)
+        if match is None:
             continue
         stale = target.parent / name
-        pid = int(pid_text)
+        pid = int(match.group(1))
         if str(stale) in _active_temporaries or (pid != os.getpid() and _pid_alive(pid)):
             continue
         logger.info("removing %s, left by an interrupted run", stale)
@@ -343,7 +345,7 @@ class _Output:
         self.keep_mode = stat.S_IMODE(existing.st_mode) if existing else None
         self.keep_owner = (existing.st_uid, existing.st_gid) if existing else None
         _remove_stale_temporaries(self.target)
-        self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}"
+        self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}{_HOST}-"
                                                  f"{os.getpid()}-{secrets.token_hex(4)}")
 
     def _error(self, error: OSError) -> LampError:
