@@ -350,6 +350,21 @@ def test_library_writes_into_a_run_folder_fail_with_one_line(tmp_path):
             raise OSError(28, "No space left on device", "/run/model.safetensors")
 
 
+def test_open_output_turns_a_failed_write_into_one_line(tmp_path):
+    import zipfile
+
+    with pytest.raises(LampError, match=r"^/dev/full: cannot write \(No space left on device\)$"):
+        with fileio.open_output("/dev/full", binary=True) as handle, \
+                zipfile.ZipFile(handle, "w") as archive:
+            archive.writestr("a.json", "x" * 100_000)
+    missing = tmp_path / "missing.json"
+    with pytest.raises(LampError, match=f"^{missing}: cannot read"):
+        with fileio.open_output(tmp_path / "g.zip", binary=True) as handle, \
+                zipfile.ZipFile(handle, "w") as archive:
+            archive.write(missing, "m.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _limit_file_size(limit: int):
     def apply():
         # Past the limit a write fails with EFBIG, like a full disk; without ignoring

@@ -401,6 +401,13 @@ def open_output(path: str | os.PathLike, binary: bool = False) -> Iterator[Any]:
     output = _Output(path, binary=binary)
     try:
         yield output.handle
+    except OSError as error:
+        # The caller writes to the handle itself (zipfile does), so a full disk shows up
+        # here; an error reading another file names that file.
+        output.abort()
+        raise LampError(f"{error.filename or path}: cannot "
+                        f"{'read' if error.filename else 'write'} ({error.strerror or error})"
+                        ) from None
     except BaseException:
         output.abort()
         raise
