@@ -568,12 +568,12 @@ def test_only_a_dead_writers_temporary_of_the_same_output_is_removed(tmp_path):
         dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                                   capture_output=True, text=True).stdout.strip()
         kept = {
-            "a live writer's": f".out.json.lamp-tmp-{host}-{sleeper.pid}-0000abcd",
-            "another output's": f".other.json.lamp-tmp-{host}-{dead_pid}-0000abcd",
-            "another machine's": f".out.json.lamp-tmp-{host}x-{dead_pid}-0000abcd",
+            "a live writer's": f".out.json.lamp-tmp-{host}-{sleeper.pid}-0000abcd.tmp",
+            "another output's": f".other.json.lamp-tmp-{host}-{dead_pid}-0000abcd.tmp",
+            "another machine's": f".out.json.lamp-tmp-{host}x-{dead_pid}-0000abcd.tmp",
             "not ours": f".out.json.{dead_pid}.tmp",
         }
-        dead = tmp_path / f".out.json.lamp-tmp-{host}-{dead_pid}-0000abcd"
+        dead = tmp_path / f".out.json.lamp-tmp-{host}-{dead_pid}-0000abcd.tmp"
         for name in [*kept.values(), dead.name]:
             (tmp_path / name).write_text("partial")
         fileio.atomic_write_json(tmp_path / "out.json", [1])

@@ -75,7 +75,7 @@ def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None
 
 # Paths that name an already open descriptor: writing through a rename would detach them.
 _DESCRIPTOR_PATH = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd/\d+)$")
-# `.{name}.lamp-tmp-{host}-{pid}-{random}`: host and pid say whose temporary it is, so that
+# `.{name}.lamp-tmp-{host}-{pid}-{random}.tmp`: host and pid say whose temporary it is, so that
 # a stale one (its writer is gone) can be told from one another run is writing right now; a
 # pid says nothing about another machine's processes (a shared file system), so only this
 # host's temporaries are ever judged.
@@ -249,7 +249,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove temporaries of ``target`` left by writers that were killed (their pid is gone,
     or is ours but not one of our current writes)."""
-    pattern = re.compile(re.escape(f".{target.name}{_TMP_MARK}{_HOST}-") + r"(\d+)-[0-9a-f]{8}")
+    pattern = re.compile(re.escape(f".{target.name}{_TMP_MARK}{_HOST}-") + r"(\d+)-[0-9a-f]{8}\.tmp")
     try:
         names = os.listdir(target.parent)
     except OSError:
@@ -346,7 +346,7 @@ class _Output:
         self.keep_owner = (existing.st_uid, existing.st_gid) if existing else None
         _remove_stale_temporaries(self.target)
         self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}{_HOST}-"
-                                                 f"{os.getpid()}-{secrets.token_hex(4)}")
+                                                 f"{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
     def _error(self, error: OSError) -> LampError:
         return LampError(f"{self.path}: cannot write ({error.strerror or error})")
