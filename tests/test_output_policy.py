@@ -561,6 +561,26 @@ def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored(tmp_path
     assert ignored.returncode == 0 and ignored.stderr.splitlines() == ["cleaned up"]
 
 
+def test_a_forked_worker_dies_quietly_on_sigterm():
+    # A pool worker inherits run()'s handler but not its except clause: no traceback there.
+    script = ("import os, signal, sys, time\n"
+              "from LaMP.utils.cli import run\n"
+              "def main(argv):\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n"
+              "        time.sleep(30)\n"
+              "        os._exit(0)\n"
+              "    time.sleep(0.2)\n"
+              "    os.kill(child, signal.SIGTERM)\n"
+              "    _, status = os.waitpid(child, 0)\n"
+              "    print('child', os.waitstatus_to_exitcode(status), file=sys.stderr)\n"
+              "sys.exit(run(main))\n")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               timeout=60)
+    assert completed.returncode == 0
+    assert completed.stderr.splitlines() == [f"child {-signal.SIGTERM}"]
+
+
 def test_only_a_dead_writers_temporary_of_the_same_output_is_removed(tmp_path):
     host = fileio._HOST
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -35,7 +36,16 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_handler_owner: list[int] = []  # the pid that installed the handler (run() of this process)
+
+
 def _raise_terminated(signum, frame) -> None:
+    if os.getpid() not in _handler_owner:
+        # A forked worker (a multiprocessing pool) inherits the handler; it has no run() to
+        # catch the exception and would print a traceback: it dies the default way instead.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated(signum)
 
 
@@ -53,6 +63,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     # signal.signal works only in the main thread; elsewhere (a test runner's worker) the
     # default handling stays. A signal already ignored (nohup) or handled stays so.
     if threading.current_thread() is threading.main_thread():
+        _handler_owner[:] = [os.getpid()]
         for signum in _CLEAN_EXIT_SIGNALS:
             if signal.getsignal(signum) is signal.SIG_DFL:
                 previous[signum] = signal.signal(signum, _raise_terminated)
