@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -541,42 +542,46 @@ def test_sigterm_mid_write_exits_cleanly_without_a_temporary(tmp_path, big_input
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored(tmp_path):
-    script = ("import os, signal, sys\n"
+def run_under_cli(body: str, **options) -> subprocess.CompletedProcess:
+    """A fresh interpreter running ``main`` (whose body is ``body``) through cli.run."""
+    script = ("import os, signal, sys, time\n"
               "from LaMP.utils.cli import run\n"
-              "def main(argv):\n"
-              "    try:\n"
-              "        os.kill(os.getpid(), signal.SIGHUP)\n"
-              "    finally:\n"
-              "        print('cleaned up', file=sys.stderr)\n"
+              "def main(argv):\n" + textwrap.indent(textwrap.dedent(body), "    ") +
               "sys.exit(run(main))\n")
-    hung = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, **options)
+
+
+SIGHUP_SELF = """
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+    finally:
+        print("cleaned up", file=sys.stderr)
+"""
+
+
+def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored():
+    hung = run_under_cli(SIGHUP_SELF)
     assert hung.returncode == 128 + signal.SIGHUP
     assert hung.stderr.splitlines() == ["cleaned up", "terminated (SIGHUP)"]
     # Under nohup SIGHUP is ignored, and run() must not undo that.
-    ignored = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=60, preexec_fn=lambda: signal.signal(signal.SIGHUP,
+    ignored = run_under_cli(SIGHUP_SELF, preexec_fn=lambda: signal.signal(signal.SIGHUP,
                                                                           signal.SIG_IGN))
     assert ignored.returncode == 0 and ignored.stderr.splitlines() == ["cleaned up"]
 
 
 def test_a_forked_worker_dies_quietly_on_sigterm():
     # A pool worker inherits run()'s handler but not its except clause: no traceback there.
-    script = ("import os, signal, sys, time\n"
-              "from LaMP.utils.cli import run\n"
-              "def main(argv):\n"
-              "    child = os.fork()\n"
-              "    if child == 0:\n"
-              "        time.sleep(30)\n"
-              "        os._exit(0)\n"
-              "    time.sleep(0.2)\n"
-              "    os.kill(child, signal.SIGTERM)\n"
-              "    _, status = os.waitpid(child, 0)\n"
-              "    print('child', os.waitstatus_to_exitcode(status), file=sys.stderr)\n"
-              "sys.exit(run(main))\n")
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                               timeout=60)
+    completed = run_under_cli("""
+        child = os.fork()
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        print("child", os.waitstatus_to_exitcode(status), file=sys.stderr)
+    """)
     assert completed.returncode == 0
     assert completed.stderr.splitlines() == [f"child {-signal.SIGTERM}"]
 
