@@ -25,6 +25,7 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)
+from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_output_dir, check_readable, save_run_args
 from LaMP.utils.tasks import task_arg
@@ -75,8 +76,9 @@ def main(argv=None) -> dict:
     setup_logging()
     check_readable(args.validation_data, "--validation_data")
     check_output_dir(args.output_dir)
+    check_model_folder(args.model_addr, "--model_addr")
     if args.adapter:
-        check_readable(Path(args.adapter) / "adapter_config.json", "--adapter config")
+        check_adapter_folder(args.adapter)
     from LaMP.utils.examples import build_examples, check_questions
 
     # The whole file is checked before the model loads: a data mistake in the last question
