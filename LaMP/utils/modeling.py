@@ -116,7 +116,9 @@ def load_pretrained(name_or_path: str, *, config=None, dtype: torch.dtype | None
                                             trust_remote_code=trust_remote_code,
                                             cache_dir=cache_dir,
                                             local_files_only=is_local(name_or_path), **extra)
-    except (OSError, ValueError) as error:
+    except torch.OutOfMemoryError:
+        raise  # not a mistake in the input; the traceback says where memory ran out
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: weights of another shape
         raise LampError(f"cannot load the weights of {name_or_path!r}: "
                         f"{str(error).splitlines()[0]}") from None
     return model, seq2seq
