@@ -265,8 +265,10 @@ def resume_checkpoint(args: argparse.Namespace) -> str | None:
     else:
         checkpoint = Path(args.resume_from_checkpoint)
         check_checkpoint(checkpoint)
-    # The flags of a finished run in this folder; checkpoints carry their own.
-    check_resume_compatible(checkpoint, vars(args), output_dir / "args.json")
+    # The flags of the finished run the checkpoint belongs to (<run>/checkpoints/checkpoint-N
+    # beside <run>/args.json); checkpoints carry their own as well.
+    check_resume_compatible(checkpoint, vars(args),
+                            checkpoint.resolve().parent.parent / "args.json")
     return str(checkpoint)
 
 

@@ -219,6 +219,33 @@ def test_a_damaged_model_stops_evaluate_llm_before_loading(tmp_path, tiny_t5, no
     assert not (tmp_path / "out").exists()
 
 
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut config", "cannot load model"),
+    ("cut tokenizer", "cannot load the tokenizer"),
+    ("other shapes", "cannot load the weights"),
+])
+def test_a_model_folder_that_does_not_load_is_one_error(tmp_path, tiny_llama, no_network,
+                                                        damage, message):
+    from LaMP.utils.modeling import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    if damage == "cut config":
+        (folder / "config.json").write_text((folder / "config.json").read_text()[:30])
+    elif damage == "cut tokenizer":
+        (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text()[:50])
+    else:  # the weights of another model size under this config
+        edit_json(folder / "config.json", hidden_size=64, intermediate_size=128)
+    with pytest.raises(LampError, match=message) as raised:
+        load_model(str(folder), device="cpu")
+    assert str(folder) in str(raised.value) and "\n" not in str(raised.value)
+    assert no_network == []
+
+
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama, tmp_path_factory) -> Path:
     from LaMP.utils.modeling import load_pretrained
@@ -269,6 +296,14 @@ def test_a_whole_adapter_loads_without_any_network(tiny_llama, tiny_adapter, no_
 
     lamp_model = load_model(str(tiny_llama), device="cpu", adapter=str(tiny_adapter))
     assert isinstance(lamp_model.model, PeftModel)
+    assert no_network == []
+
+
+def test_an_adapter_of_another_model_is_one_error(tiny_t5, tiny_adapter, no_network):
+    from LaMP.utils.modeling import load_model
+
+    with pytest.raises(LampError, match=f"cannot load adapter {tiny_adapter} onto {tiny_t5}"):
+        load_model(str(tiny_t5), device="cpu", adapter=str(tiny_adapter))
     assert no_network == []
 
 
@@ -471,6 +506,21 @@ def test_the_adapter_config_alone_still_catches_a_changed_shape(trained_run, tmp
     with pytest.raises(LampError, match=r"--lora_r 4 \(now: 8\); --lora_alpha 8 \(now: 32\)"):
         train_llm.main(replace_flag(replace_flag(argv, "--lora_r", "8"), "--lora_alpha", "32")
                        + ["--resume_from_checkpoint", "last"])
+
+
+def test_an_explicit_checkpoint_is_checked_against_its_own_run(trained_run, tmp_path,
+                                                                no_model_loads):
+    # No flags saved in the checkpoint: those of the run it belongs to still count, even
+    # when this run writes elsewhere.
+    argv = copied_run(trained_run, tmp_path)
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    (checkpoint / checkpoints.RUN_ARGS).unlink()
+    lamp5 = merged_sample(tmp_path, 5, "dev", 2)
+    other = replace_flag(replace_flag(replace_flag(replace_flag(
+        argv, "--task", "LaMP-5"), "--train_data", lamp5), "--validation_data", lamp5),
+        "--output_dir", str(tmp_path / "elsewhere"))
+    with pytest.raises(LampError, match=r"--task LaMP-7 \(now: LaMP-5\)"):
+        train_llm.main(other + ["--resume_from_checkpoint", str(checkpoint)])
 
 
 def test_a_full_fine_tune_checkpoint_refuses_a_lora_resume(tmp_path):
