@@ -299,6 +299,11 @@ def test_a_whole_adapter_loads_without_any_network(tiny_llama, tiny_adapter, no_
     assert no_network == []
 
 
+def test_a_whole_model_given_as_adapter_says_so(tiny_t5):
+    with pytest.raises(LampError, match="no adapter_config.json .*whole model"):
+        checkpoints.check_adapter_folder(str(tiny_t5))
+
+
 def test_an_adapter_of_another_model_is_one_error(tiny_t5, tiny_adapter, no_network):
     from LaMP.utils.modeling import load_model
 

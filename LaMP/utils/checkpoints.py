@@ -132,7 +132,11 @@ def check_adapter_folder(path: str) -> None:
     if not folder.is_dir():
         raise LampError(f"--adapter {path} is not a folder (a peft adapter folder, e.g. "
                         "train_llm.py's --output_dir)")
-    problem = (None if (folder / ADAPTER_CONFIG).is_file() else f"no {ADAPTER_CONFIG}")
+    problem = None
+    if not (folder / ADAPTER_CONFIG).is_file():
+        problem = f"no {ADAPTER_CONFIG}"
+        if (folder / "config.json").is_file():  # e.g. train_llm.py --peft none output
+            problem += " (this is a whole model: pass it as the model instead)"
     problem = problem or _json_problem(folder / ADAPTER_CONFIG) or weights_problem(
         folder, ADAPTER_WEIGHTS)
     if problem:
