@@ -27,6 +27,7 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)
+from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
                                check_outputs, check_readable, remove_outputs, save_run_args)
@@ -82,8 +83,9 @@ def main(argv=None) -> dict:
                   inputs={"--validation_data": args.validation_data,
                           "--model_addr": args.model_addr, "--adapter": args.adapter})
     check_evaluation_folder(args.output_dir, "--output_dir")
+    check_model_folder(args.model_addr, "--model_addr")
     if args.adapter:
-        check_readable(Path(args.adapter) / "adapter_config.json", "--adapter config")
+        check_adapter_folder(args.adapter)
     from LaMP.utils.examples import build_examples, check_questions
 
     # The whole file is checked before the model loads: a data mistake in the last question

@@ -26,7 +26,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import DEFAULT_SEED, run, setup_logging
+from LaMP.utils.cli import DEFAULT_SEED, run, seed_arg, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="device for contriever: cpu, cuda or cuda:N (default: cuda when "
                              "available, else cpu)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED,
                         help="seed of the random ranker (each question's order depends only on "
                              "the seed and the question id)")
     parser.add_argument("--num_shards", type=int, default=1,

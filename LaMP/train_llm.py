@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 import sys
 import time
@@ -30,6 +31,8 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)
+from LaMP.utils.checkpoints import (check_checkpoint, check_model_folder,
+                                    check_resume_compatible, last_complete_checkpoint)
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
@@ -99,7 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="checkpoints kept on disk (the best one is always kept)")
     parser.add_argument("--resume_from_checkpoint", default=None,
                         help="a checkpoint folder to resume from, or 'last' for the newest "
-                             "one in --output_dir/checkpoints")
+                             "complete one in --output_dir/checkpoints (incomplete ones, as a "
+                             "kill during a save leaves them, are skipped); the model, task, "
+                             "--peft and LoRA shape must match the checkpoint's")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="train into an --output_dir that holds a previous run: its "
                              "checkpoints are removed and its files replaced (default: refuse, "
@@ -110,10 +115,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_common(parser, args)
+    # Every number is checked here: a bad one would otherwise surface only after the model
+    # has loaded (the optimizer rejects a negative learning rate) or train on nonsense (nan).
     for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams",
-                 "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps"):
+                 "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps",
+                 "save_total_limit"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
+    for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio",
+                 "lora_dropout"):
+        if not math.isfinite(getattr(args, flag)):
+            parser.error(f"--{flag} must be a finite number, not {getattr(args, flag)}")
+    if args.learning_rate <= 0:
+        parser.error("--learning_rate must be > 0")
+    if args.weight_decay < 0:
+        parser.error("--weight_decay must be >= 0")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error("--lora_dropout must be in [0, 1)")
+    if args.max_steps != -1 and args.max_steps < 1:
+        parser.error("--max_steps must be >= 1 (or -1: train for --num_train_epochs)")
     if args.num_train_epochs <= 0 and args.max_steps <= 0:
         parser.error("--num_train_epochs must be > 0 (or set --max_steps)")
     if not 0 <= args.warmup_ratio < 1:
@@ -149,10 +169,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         from LaMP.utils.modeling import resolve_device
 
         resolve_device("cuda")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "last":
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            raise LampError(f"--resume_from_checkpoint {path} is not a checkpoint folder")
+    check_model_folder(args.model_name, "--model_name")
     if args.load_in_4bit:
         import importlib.util
 
@@ -242,13 +259,23 @@ def training_arguments(args: argparse.Namespace, checkpoint_dir: Path):
     )
 
 
-def last_checkpoint(checkpoint_dir: Path) -> str:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if found is None:
-        raise LampError(f"--resume_from_checkpoint last: no checkpoint in {checkpoint_dir}")
-    return found
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from, checked before the model loads: complete (``last``
+    skips the incomplete ones a kill leaves) and trained with the same model, task and
+    adapter shape as this run."""
+    if not args.resume_from_checkpoint:
+        return None
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "last":
+        checkpoint = last_complete_checkpoint(output_dir / "checkpoints")
+    else:
+        checkpoint = Path(args.resume_from_checkpoint)
+        check_checkpoint(checkpoint)
+    # The flags of the finished run the checkpoint belongs to (<run>/checkpoints/checkpoint-N
+    # beside <run>/args.json); checkpoints carry their own as well.
+    check_resume_compatible(checkpoint, vars(args),
+                            checkpoint.resolve().parent.parent / "args.json")
+    return str(checkpoint)
 
 
 def main(argv=None) -> dict:
@@ -272,15 +299,13 @@ def main(argv=None) -> dict:
     from LaMP.utils.predict import score_predictions
     from LaMP.utils.outputs import write_outputs
     from LaMP.utils.training import (GenerationEvalTrainer, GenerationSettings, PaddingCollator,
-                                     training_features)
+                                     RunArgsInCheckpoints, training_features)
 
     set_seed(args.seed)
     task = args.task
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    resume = args.resume_from_checkpoint
-    if resume == "last":
-        resume = last_checkpoint(checkpoint_dir)
+    resume = resume_checkpoint(args)
     try:  # before the model loads: a bad schedule name or bf16 on a CPU is one line, early
         trainer_arguments = training_arguments(args, checkpoint_dir)
     except ValueError as error:
@@ -316,7 +341,8 @@ def main(argv=None) -> dict:
         model=lamp_model.model, args=trainer_arguments,
         train_dataset=features, eval_dataset=eval_examples,
         data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
-        task=task, eval_examples=eval_examples, make_lamp_model=wrap, generation=generation)
+        task=task, eval_examples=eval_examples, make_lamp_model=wrap, generation=generation,
+        callbacks=[RunArgsInCheckpoints(vars(args))])  # what a later resume is checked against
     if trainer.is_world_process_zero():
         trainable = sum(p.numel() for p in lamp_model.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in lamp_model.model.parameters())

@@ -30,7 +30,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import run, seed_arg, setup_logging
 from LaMP.utils.fileio import JsonListWriter
 from LaMP.utils.outputs import write_outputs
 from LaMP.utils.tasks import MOVIE_TAGS, TASK_NAMES, Task, get_task, task_arg
@@ -494,7 +494,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "sample"),
                         help="where user/LaMP_{k}/ is written (default: data/sample)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="seed of every random choice; the committed sample uses 0")
     parser.add_argument("--tasks", nargs="+", type=task_arg,
                         default=[get_task(name) for name in TASK_NAMES],

@@ -21,7 +21,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import format_table, run, setup_logging
+from LaMP.utils.cli import format_table, run, seed_arg, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.metrics import metric_for, paired_bootstrap
 from LaMP.utils.outputs import load_outputs
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="optional path for the comparison as JSON")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="number of paired bootstrap resamples (1000 is the usual choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the resampling")
     args = parser.parse_args(argv)
     if args.bootstrap < 1:
         parser.error("--bootstrap must be >= 1")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from LaMP.utils.cli import DEFAULT_SEED
+from LaMP.utils.cli import DEFAULT_SEED, seed_arg
 from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, RANKERS
 
 
@@ -39,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow model code from the hub (off: only transformers' own)")
     parser.add_argument("--cache_dir", default=None,
                         help="Hugging Face cache folder for downloaded models")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED,
                         help="seed for everything stochastic (initialisation, shuffling, "
                              "the random ranker)")
 

@@ -1,6 +1,7 @@
 """The small amount of plumbing every script shares: logging set-up and error handling."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -13,6 +14,20 @@ from LaMP.utils.errors import LampError
 # The default --seed of every stage that draws random numbers, so that on-the-fly ranking in
 # evaluate/train_llm.py orders profiles as rank_profiles.py does with default flags.
 DEFAULT_SEED = 42
+# The largest seed every generator we seed accepts: numpy's legacy seeding (which
+# transformers' set_seed calls) takes 0 … 2**32 - 1 and rejects anything else with a traceback.
+MAX_SEED = 2**32 - 1
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of every --seed: an integer in 0 … 2**32 - 1, checked while parsing."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0 … {MAX_SEED}")
+    return seed
 
 
 def setup_logging(verbose: bool = False) -> None:

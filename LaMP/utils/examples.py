@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from LaMP.utils.cli import DEFAULT_SEED
 from LaMP.utils.data import iter_questions
-from LaMP.utils.errors import LampError
+from LaMP.utils.errors import LampError, preview
 from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, build_ranker, order_profile
 from LaMP.utils.tasks import Task
 
@@ -96,6 +97,11 @@ def check_questions(path: str, task: Task, *, limit: int | None = None,
         golds.append(question.get("output"))
     if not ids:
         raise LampError(f"{path}: no questions")
+    # Predictions are keyed by id: a repeated id would be written twice (and rejected by the
+    # evaluator) or, in training, validate one question under two golds.
+    repeated = sorted({qid for qid, count in Counter(ids).items() if count > 1})
+    if repeated:
+        raise LampError(f"{path}: duplicate question ids: {preview(repeated)}")
     if task.labels and golds[0] is not None:
         # Gold labels the metric cannot score would otherwise surface only after
         # generation (or after a training epoch).

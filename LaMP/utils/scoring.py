@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from LaMP.utils.cli import format_table
+from LaMP.utils.cli import format_table, seed_arg
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.metrics import (DEFAULT_BOOTSTRAP_SEED, InvalidGold, Metric, Prepared,
                                 bootstrap_intervals, metric_for)
@@ -62,7 +62,7 @@ def add_bootstrap_arguments(parser) -> None:
     """The evaluators' ``--bootstrap N`` and ``--seed`` flags."""
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_BOOTSTRAP_SEED,
+    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_BOOTSTRAP_SEED,
                         help="seed of the bootstrap resampling (fixed so intervals repeat)")
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
+from LaMP.utils.checkpoints import RUN_ARGS
 from LaMP.utils.examples import Example
+from LaMP.utils.fileio import save_run_args
 from LaMP.utils.modeling import IGNORE as IGNORE_INDEX  # positions the loss skips
 from LaMP.utils.modeling import LampModel
 from LaMP.utils.predict import predict
@@ -87,6 +90,19 @@ def add_lora(model, *, seq2seq: bool, r: int, alpha: int, dropout: float,
 
         raise LampError(f"LoRA set-up failed ({str(error).splitlines()[0]}); "
                         "name the layers with --lora_target_modules") from None
+
+
+class RunArgsInCheckpoints(TrainerCallback):
+    """Saves the run's flags into every checkpoint, after the Trainer's own files, so that
+    a resume with another model, task or adapter shape is caught before anything loads."""
+
+    def __init__(self, run_args: Mapping):
+        self.run_args = dict(run_args)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_run_args(folder / RUN_ARGS, self.run_args)
 
 
 def contiguous_slice(n_items: int, rank: int, world_size: int) -> slice:

@@ -1,0 +1,291 @@
+"""Checks on saved weights and training checkpoints, made before anything loads them.
+
+A run killed while it saves leaves a ``checkpoint-N`` folder with some files missing or cut
+short, and a copied model folder can lose its weights the same way. Loading either fails deep
+inside torch, safetensors or peft with a traceback (or, for peft, with a hub look-up for a
+local folder). These functions read only file sizes and headers, so they answer in
+milliseconds and need neither torch nor a network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from LaMP.utils.errors import LampError
+
+logger = logging.getLogger(__name__)
+
+# Weight files in the order transformers / peft look for them in a folder.
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+RUN_ARGS = "lamp_args.json"  # our flags, written into each checkpoint after the Trainer's files
+# safetensors refuses headers above 100 MB; a larger length is a damaged file, not a header.
+SAFETENSORS_MAX_HEADER = 100_000_000
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why the safetensors file at ``path`` cannot be loaded (truncated, not safetensors),
+    or ``None``. Reads the 8-byte header length and the JSON header, and checks that every
+    tensor's data offsets lie inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            return f"truncated ({size} bytes, shorter than the safetensors header)"
+        header_length = int.from_bytes(raw, "little")
+        if header_length > min(size - 8, SAFETENSORS_MAX_HEADER):
+            return (f"truncated or not safetensors (a {header_length}-byte header announced, "
+                    f"{size} bytes in the file)")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, ValueError):
+            return "damaged (its safetensors header is not JSON)"
+    if not isinstance(header, dict):
+        return "damaged (its safetensors header is not a JSON object)"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            return f"damaged (tensor {name!r} has no valid data offsets)"
+        end = max(end, offsets[1])
+    if 8 + header_length + end > size:
+        return (f"truncated ({size} bytes; its tensors need {8 + header_length + end})")
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file is cut short, or ``None``. Current torch writes a zip archive,
+    whose directory sits at the end: a truncated one is no longer a readable zip. Files in
+    the legacy pickle format (no zip signature) are accepted unchecked."""
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    if not magic:
+        return "empty"
+    if magic == b"PK" and not zipfile.is_zipfile(path):
+        return "truncated (an incomplete zip archive)"
+    return None
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """Why one weights file (or a sharded index and its shards) cannot be loaded, or ``None``."""
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{path.name} is not a valid shard index"
+        for shard in shards:
+            shard_path = path.parent / shard
+            if not shard_path.is_file():
+                return f"shard {shard} listed in {path.name} is missing"
+            problem = weight_file_problem(shard_path)
+            if problem:
+                return problem
+        return None
+    try:
+        problem = (safetensors_problem(path) if path.suffix == ".safetensors"
+                   else _torch_file_problem(path))
+    except OSError as error:
+        problem = f"unreadable ({error.strerror or error})"
+    return f"{path.name} is {problem}" if problem else None
+
+
+def weights_problem(folder: Path, names: Sequence[str]) -> str | None:
+    """Why ``folder`` has no loadable weights among ``names`` (first present one wins, as
+    in transformers and peft), or ``None``."""
+    for name in names:
+        if (folder / name).is_file():
+            return weight_file_problem(folder / name)
+    return f"no weights ({' or '.join(names)})"
+
+
+def check_model_folder(name_or_path: str, what: str = "model") -> None:
+    """For a local model folder, one error line if its weights are missing or damaged;
+    hub names pass through (they are checked by the download)."""
+    folder = Path(name_or_path)
+    if not (folder / "config.json").is_file():
+        # Not a model folder (a hub name, or a folder transformers reports on itself).
+        return
+    problem = weights_problem(folder, MODEL_WEIGHTS)
+    if problem:
+        raise LampError(f"{what} {name_or_path}: {problem}")
+
+
+def check_adapter_folder(path: str) -> None:
+    """One error line unless ``path`` is a folder with a peft config and loadable weights
+    (without this, peft looks the missing weights up on the hub under the folder's name)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LampError(f"--adapter {path} is not a folder (a peft adapter folder, e.g. "
+                        "train_llm.py's --output_dir)")
+    problem = None
+    if not (folder / ADAPTER_CONFIG).is_file():
+        problem = f"no {ADAPTER_CONFIG}"
+        if (folder / "config.json").is_file():  # e.g. train_llm.py --peft none output
+            problem += " (this is a whole model: pass it as the model instead)"
+    problem = problem or _json_problem(folder / ADAPTER_CONFIG) or weights_problem(
+        folder, ADAPTER_WEIGHTS)
+    if problem:
+        raise LampError(f"--adapter {path}: {problem}")
+
+
+def _json_problem(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        return f"{path.name} is unreadable ({error.strerror or error})"
+    except (UnicodeDecodeError, ValueError):
+        return f"{path.name} is not valid JSON (cut short?)"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete Trainer checkpoint, or ``None``: the Trainer state
+    (written last) must parse and the weights (adapter or full model) must be whole."""
+    if not (folder / TRAINER_STATE).is_file():
+        return f"no {TRAINER_STATE}"
+    problem = _json_problem(folder / TRAINER_STATE)
+    if problem:
+        return problem
+    names = ADAPTER_WEIGHTS if (folder / ADAPTER_CONFIG).is_file() else MODEL_WEIGHTS
+    if (folder / ADAPTER_CONFIG).is_file():
+        problem = _json_problem(folder / ADAPTER_CONFIG)
+    problem = problem or weights_problem(folder, names)
+    for name in TRAINER_FILES:  # written before the state; checked in case of a copy cut short
+        if not problem and (folder / name).is_file():
+            problem = weight_file_problem(folder / name)
+    return problem
+
+
+def checkpoint_folders(checkpoint_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders in ``checkpoint_dir``, newest (largest N) first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in checkpoint_dir.iterdir()
+             if (match := _CHECKPOINT.match(path.name)) and path.is_dir()]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path:
+    """The newest complete checkpoint; incomplete newer ones are logged and skipped."""
+    skipped = []
+    for folder in checkpoint_folders(checkpoint_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s", folder.name)
+            return folder
+        logger.warning("skipping %s: incomplete (%s), e.g. a run killed while saving it",
+                       folder, problem)
+        skipped.append(folder.name)
+    if skipped:
+        raise LampError(f"--resume_from_checkpoint last: no complete checkpoint in "
+                        f"{checkpoint_dir} (incomplete: {', '.join(skipped)})")
+    raise LampError(f"--resume_from_checkpoint last: no checkpoint in {checkpoint_dir}")
+
+
+def check_checkpoint(folder: Path) -> None:
+    """One error line unless ``folder`` is a complete checkpoint (an explicit resume path)."""
+    if not folder.is_dir():
+        raise LampError(f"--resume_from_checkpoint {folder} is not a checkpoint folder")
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise LampError(f"--resume_from_checkpoint {folder}: incomplete checkpoint ({problem}); "
+                        "pass an older one or 'last'")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _same_model(a, b) -> bool:
+    """Two --model_name values name the same model: equal, or the same local folder."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def _sorted_or_none(modules):
+    return sorted(modules) if modules else None
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    return " ".join(sorted(value)) if isinstance(value, list) else str(value)
+
+
+def resume_differences(checkpoint: Path, now: Mapping, saved_args: Path | None = None
+                       ) -> list[str]:
+    """``--flag saved (now: value)`` for each flag of the current run (``now``: the parsed
+    arguments as a mapping) that the checkpoint was trained with differently.
+
+    What the checkpoint was made with comes from the run arguments saved in it (or in
+    ``saved_args``, the run's args.json) and from its adapter_config.json, which peft writes
+    with the weights, so a checkpoint of a run that never finished is still checked. An
+    unreadable arguments file counts as absent: the weights' own config still speaks.
+    """
+    recorded = _read_json(saved_args) if saved_args else {}
+    recorded.update(_read_json(checkpoint / RUN_ARGS))
+    adapter = _read_json(checkpoint / ADAPTER_CONFIG) if (checkpoint / ADAPTER_CONFIG).is_file() \
+        else None
+    before: dict = {}
+    for flag in ("model_name", "task", "peft", "lora_r", "lora_alpha", "lora_target_modules"):
+        if flag in recorded:
+            before[flag] = recorded[flag]
+    if (checkpoint / TRAINER_STATE).is_file():
+        # The folder's own files settle what it holds, whatever the arguments say.
+        before["peft"] = "lora" if adapter is not None else "none"
+    if adapter:
+        before.setdefault("model_name", adapter.get("base_model_name_or_path"))
+        before["lora_r"] = adapter.get("r", before.get("lora_r"))
+        before["lora_alpha"] = adapter.get("lora_alpha", before.get("lora_alpha"))
+        if now.get("lora_target_modules") and not recorded.get("lora_target_modules"):
+            # peft saves the modules it chose (its default when none were named): compare
+            # those with the modules the user names now.
+            before["lora_target_modules"] = adapter.get("target_modules")
+    lora = before.get("peft", now.get("peft")) == "lora" and now.get("peft") == "lora"
+    differences = []
+    for flag, old in before.items():
+        new = now.get(flag)
+        if flag.startswith("lora_") and not lora:
+            continue
+        if flag == "model_name":
+            same = old is None or _same_model(old, new)
+        elif flag == "lora_target_modules":
+            same = _sorted_or_none(old) == _sorted_or_none(new)
+        else:
+            same = str(old) == str(new)
+        if not same:
+            differences.append(f"--{flag} {_shown(old)} (now: {_shown(new)})")
+    return differences
+
+
+def check_resume_compatible(checkpoint: Path, now: Mapping, saved_args: Path | None = None
+                            ) -> None:
+    """One error line naming the differing flags if ``checkpoint`` was trained otherwise."""
+    differences = resume_differences(checkpoint, now, saved_args)
+    if differences:
+        raise LampError(f"--resume_from_checkpoint {checkpoint} was trained with other flags: "
+                        f"{'; '.join(differences)}; resume with the same flags or start a new "
+                        "--output_dir")
