@@ -274,25 +274,26 @@ class Fetcher:
                                attempt + 1, self.retries)
                 self.sleep(delay)
 
-    def _open(self, request: urllib.request.Request):
+    def _open(self, url: str, **request_options):
         try:
+            request = urllib.request.Request(url, **request_options)
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as error:
             error.close()
             if error.code in RETRYABLE_STATUS:
                 raise _Retry(f"HTTP {error.code} {error.reason}") from None
-            raise HttpStatus(error.code, f"HTTP {error.code} {error.reason} for "
-                                         f"{request.full_url}") from None
+            raise HttpStatus(error.code, f"HTTP {error.code} {error.reason} for {url}") \
+                from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             raise _Retry(_network_reason(error)) from None
         except ValueError as error:  # a URL that parse_args let through; no try will fix it
-            raise DownloadError(f"cannot request {request.full_url} ({error})") from None
+            raise DownloadError(f"cannot request {url} ({error})") from None
 
     def remote_size(self, url: str) -> int | None:
         """The file's size from a HEAD request, or None when the server does not say."""
         def attempt():
             try:
-                response = self._open(urllib.request.Request(url, method="HEAD"))
+                response = self._open(url, method="HEAD")
             except HttpStatus as error:
                 if error.code in (405, 501):
                     return None  # no HEAD support: the file is checked after the download
@@ -317,7 +318,7 @@ class Fetcher:
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            response = self._open(urllib.request.Request(url, headers=headers))
+            response = self._open(url, headers=headers)
         except HttpStatus as error:
             if have and error.code == 416:  # nothing past what we have: it is complete
                 return

@@ -302,7 +302,18 @@ def test_a_pair_fixed_by_half_is_completed_by_the_next_fix(server, tmp_path, cap
     assert manifest["user/LaMP_2/dev_outputs.json"]["removed_ids"] == ["110"]
 
 
-def test_a_fix_that_cannot_be_written_changes_neither_file(server, tmp_path, capsys, monkeypatch):
+class FullDiskListWriter(download.JsonListWriter):
+    """The questions rewrite of --fix_known_issues on a disk that fills after one question."""
+
+    def write(self, element) -> None:
+        if self.count:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        super().write(element)
+
+
+@pytest.mark.parametrize("failing", ["questions", "outputs"])
+def test_a_fix_that_cannot_be_written_changes_neither_file(server, tmp_path, capsys, monkeypatch,
+                                                           failing):
     publish_lamp2_with_known_issue(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user", "--sets", "dev")
     download.main(args)
@@ -312,7 +323,10 @@ def test_a_fix_that_cannot_be_written_changes_neither_file(server, tmp_path, cap
     def full_disk(path, *rest):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(download, "write_outputs", full_disk)
+    if failing == "outputs":  # the questions are staged first, then the outputs fail
+        monkeypatch.setattr(download, "write_outputs", full_disk)
+    else:
+        monkeypatch.setattr(download, "JsonListWriter", FullDiskListWriter)
     assert run(download.main, [*args, "--fix_known_issues"]) == 2
     err = capsys.readouterr().err
     assert "user/LaMP_2/dev_questions.json: --fix_known_issues failed, the file is as it " \
@@ -470,6 +484,36 @@ def test_a_bad_url_from_the_shell_is_an_error_not_a_traceback(tmp_path):
         "download_data.py: error: --base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)")
     assert "Traceback" not in failed.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_file_not_the_run(server, tmp_path, capsys,
+                                                                       monkeypatch):
+    published = publish_lamp7(server)
+
+    def full_disk(self, result):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(download.Manifest, "record", full_disk)
+    args = lamp7_dev(server, tmp_path)
+    assert run(download.main, args) == 2
+    err = capsys.readouterr().err
+    assert f"user/LaMP_7/dev_questions.json: {tmp_path / 'download_manifest.json'}: No space " \
+           f"left on device" in err
+    assert err.strip().splitlines()[-1].startswith("error: 2 of 2 files failed")
+    monkeypatch.undo()
+    server.log.clear()
+    # The files themselves were complete: the next run checks them, it does not fetch them.
+    assert [r.status for r in download.main(args)] == ["verified", "verified"]
+    assert server.gets() == []
+    assert (tmp_path / "user/LaMP_7/dev_questions.json").read_bytes() == published[
+        "dev_questions.json"]
+
+
+def test_a_url_the_flags_did_not_catch_is_a_per_file_error():
+    fetcher = download.Fetcher(retries=3, backoff=0, timeout=1)
+    with pytest.raises(download.DownloadError, match=r"cannot request http://\[::1/x "
+                                                     r"\(Invalid IPv6 URL\)"):
+        fetcher.remote_size("http://[::1/x")
 
 
 def test_the_wait_between_tries_stays_finite():
