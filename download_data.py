@@ -542,7 +542,8 @@ def out_dir_lock(out_dir: Path):
     try:
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise LampError(f"--out_dir {out_dir}: cannot write ({_os_reason(error)})") from None
+        raise LampError(f"--out_dir {out_dir}: cannot write its lock file {path.name} "
+                        f"({_os_reason(error)})") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -550,6 +551,9 @@ def out_dir_lock(out_dir: Path):
             holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "unknown"
             raise LampError(f"another download_data.py is running into {out_dir} "
                             f"(pid {holder}); wait for it to finish") from None
+        except OSError as error:  # a file system without locks (some network mounts)
+            logger.warning("%s: cannot lock (%s); make sure no other download_data.py runs "
+                           "into this folder", path, _os_reason(error))
         # The pid only helps the message above; a disk too full to hold it is reported
         # by the first file that cannot be written, not here.
         with suppress(OSError):

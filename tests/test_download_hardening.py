@@ -450,6 +450,28 @@ def test_the_refusal_names_the_other_process(server, tmp_path):
     assert server.log == []
 
 
+def test_a_folder_that_cannot_be_locked_still_downloads(server, tmp_path, capsys, monkeypatch):
+    publish_lamp7(server)
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(download.fcntl, "flock", no_locks)
+    results = download.main(lamp7_dev(server, tmp_path))
+    assert [r.status for r in results] == ["downloaded", "downloaded"]
+    assert f"{tmp_path / '.download_data.lock'}: cannot lock (No locks available)" in \
+        capsys.readouterr().err
+
+
+def test_a_lock_file_name_taken_by_a_folder_is_one_line(server, tmp_path, capsys):
+    (tmp_path / ".download_data.lock").mkdir()
+    assert run(download.main, lamp7_dev(server, tmp_path)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out_dir {tmp_path}: cannot write its lock file .download_data.lock "
+        "(Is a directory)"]
+    assert server.log == []
+
+
 # -- flags --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
