@@ -145,6 +145,9 @@ class FileResult:
     remote_bytes: int | None = None
     url: str = ""
     error: str = ""
+    # The question ids of a questions file checked in this run, to check its outputs
+    # against; not saved in the manifest.
+    ids: set | None = field(default=None, repr=False, compare=False)
 
 
 def parse_source(name: str) -> Source:
@@ -382,28 +385,32 @@ def _network_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {reason}" if str(reason) else type(error).__name__
 
 
-def inspect_file(path: Path, job: FileJob) -> FileResult:
+def inspect_file(path: Path, job: FileJob, question_ids: set | None = None) -> FileResult:
     """Parse a downloaded file as the LaMP file it should be; count it and find problems.
 
-    Raises LampError when it is not that file (truncated, corrupt, another task's).
+    ``question_ids``: the ids of the questions file of the same split, task and set, when
+    this run checked it; an outputs file must be mostly golds of those questions.
+    Raises LampError when it is not that file (truncated, corrupt, another task's or set's).
     """
     task = job.source.task
     result = FileResult(job.rel, "", bytes=path.stat().st_size)
     leading: Counter = Counter()  # first character of each id: the id scheme's task
     if job.kind == "questions":
         questions = iter_questions(path, task, what=f"downloaded {job.rel}")
-        first_bad_input = None
+        first_bad_input, ids = None, []
         for question in tqdm(questions, desc=f"checking {job.rel}", unit=" questions",
                              leave=False, disable=None):
             result.records += 1
             result.profile_items += len(question["profile"])
             leading[question["id"][:1]] += 1
+            ids.append(question["id"])
             problem = input_problem(question["input"], task) if task is not None else None
             if problem is not None:
                 result.problems.append([question["id"], problem])
                 first_bad_input = first_bad_input or question["input"]
         if result.records == 0:
             raise LampError(f"{path}: no questions")
+        result.ids = set(ids)
         if task is not None and 2 * len(result.problems) > result.records:
             qid, why = result.problems[0]
             raise LampError(f"{path}: {len(result.problems):,} of {result.records:,} inputs "
@@ -423,6 +430,12 @@ def inspect_file(path: Path, job: FileJob) -> FileResult:
         foreign = _foreign_ids(leading, result.records, task)
         if foreign is not None:
             raise LampError(f"{path}: {foreign}")
+    if job.kind == "outputs" and question_ids is not None:
+        others = [qid for qid in outputs.outputs if qid not in question_ids]
+        if 2 * len(others) > result.records:
+            raise LampError(f"{path}: {len(others):,} of {result.records:,} gold ids are not "
+                            f"ids of {job.set}_questions.json (first: "
+                            f"{', '.join(others[:3])}): another set's or task's outputs")
     return result
 
 
@@ -509,7 +522,7 @@ class Manifest:
 
     def record(self, result: FileResult) -> None:
         entry = {key: value for key, value in asdict(result).items()
-                 if key not in ("rel", "status", "error")}
+                 if key not in ("rel", "status", "error", "ids")}
         self.files[result.rel] = entry
         atomic_write_json(self.path, {"files": dict(sorted(self.files.items()))}, indent=1)
 
@@ -564,8 +577,12 @@ def out_dir_lock(out_dir: Path):
         os.close(handle)  # closing releases the lock
 
 
-def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest) -> FileResult:
-    """Bring one file up to date; DownloadError or LampError when it cannot be."""
+def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest,
+               question_ids: set | None = None) -> FileResult:
+    """Bring one file up to date; DownloadError or LampError when it cannot be.
+
+    ``question_ids`` as for ``inspect_file``.
+    """
     remote = fetcher.remote_size(job.url)
     entry = manifest.get(job.rel)
     if job.path.exists():
@@ -577,7 +594,7 @@ def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest) -> FileResult
         if entry is None and remote in (None, local):
             # A file from elsewhere (a copy, a run without the manifest): check it once.
             try:
-                result = inspect_file(job.path, job)
+                result = inspect_file(job.path, job, question_ids)
             except LampError as error:  # the user's file: say so, and leave it as it is
                 raise LampError(f"{error}; this file was not downloaded by this run and is "
                                 "left as it is: move it away to download it") from None
@@ -587,7 +604,7 @@ def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest) -> FileResult
         job.path.parent.mkdir(parents=True, exist_ok=True)
     resumed = fetcher.download(job.url, job.part, remote, job.rel)
     try:
-        result = inspect_file(job.part, job)
+        result = inspect_file(job.part, job, question_ids)
     except LampError as error:
         # The reason names the file as the user knows it, not the .part that is renamed.
         reason = str(error).replace(str(job.part), job.rel)
@@ -809,9 +826,13 @@ def download_all(jobs: list[FileJob], fetcher: Fetcher, manifest: Manifest,
                  fix: bool) -> list[FileResult]:
     """Every file of the plan, each failure its own (the others still run), in plan order."""
     results: dict[str, FileResult] = {}
+    question_ids: dict[tuple, set] = {}  # by (split, task, set), from this run's checks
     for job in tqdm(jobs, desc="files", unit=" file", disable=None):
+        group = (job.split, job.source.name, job.set)
         try:
-            results[job.rel] = fetch_file(job, fetcher, manifest)
+            results[job.rel] = fetch_file(job, fetcher, manifest, question_ids.get(group))
+            if results[job.rel].ids is not None:
+                question_ids[group] = results[job.rel].ids
         except (DownloadError, LampError, OSError) as error:
             reason = (f"{error.filename or job.rel}: {_os_reason(error)}"
                       if isinstance(error, OSError) else str(error))

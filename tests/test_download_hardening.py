@@ -17,7 +17,7 @@ import pytest
 
 from LaMP.utils.cli import run
 from LaMP.utils.errors import LampError
-from conftest import REPO, outputs_doc
+from conftest import LAMP_REAL, REPO, SAMPLE, outputs_doc, requires_real_data
 from test_download_data import (LAMP7_INSTRUCTION, args_for, download, lamp7_questions,
                                 publish_lamp2_with_known_issue, publish_lamp7, server)
 
@@ -196,6 +196,39 @@ def test_questions_with_another_tasks_ids_are_not_kept(server, tmp_path, capsys)
     with pytest.raises(LampError, match="1 of 2 files failed"):
         download.main(lamp7_dev(server, tmp_path))
     assert "ids start with '3' as LaMP-4 ids do" in capsys.readouterr().err
+
+
+def test_outputs_of_another_set_are_not_kept(server, tmp_path, capsys):
+    published = publish_lamp7(server)
+    server.put("LaMP_7/dev/dev_outputs.json", published["train_outputs.json"])
+    with pytest.raises(LampError, match=r"^1 of 2 files failed .*dev_outputs\.json"):
+        download.main(lamp7_dev(server, tmp_path))
+    assert "dev_outputs.json: 6 of 6 gold ids are not ids of dev_questions.json (first: 600, " \
+           "601, 602): another set's or task's outputs" in capsys.readouterr().err
+    folder = tmp_path / "user" / "LaMP_7"
+    assert (folder / "dev_outputs.rejected.json").read_bytes() == published["train_outputs.json"]
+    assert (folder / "dev_questions.json").read_bytes() == published["dev_questions.json"]
+
+
+def test_every_task_of_the_sample_passes_the_checks(server, tmp_path):
+    # The bundled sample has every task's input format and id scheme: no check may refuse it.
+    for source in download.SOURCES:
+        if source.task is None:
+            continue
+        for path in sorted((SAMPLE / source.name).glob("*_*.json")):
+            set_name = path.name.split("_")[0]
+            server.put(f"{source.remote}/{set_name}/{path.name}", path.read_bytes())
+    results = download.main(args_for(server, tmp_path, "--splits", "user"))
+    assert [r.status for r in results] == ["downloaded"] * 30
+    assert all(not r.problems for r in results)
+
+
+@requires_real_data
+def test_the_real_lamp7_dev_pair_passes_the_checks(server, tmp_path):
+    for name in ("dev_questions.json", "dev_outputs.json"):
+        server.put(f"LaMP_7/dev/{name}", (LAMP_REAL / "LaMP_7/dev" / name).read_bytes())
+    results = download.main(lamp7_dev(server, tmp_path))
+    assert [(r.status, r.records) for r in results] == [("downloaded", 1500)] * 2
 
 
 def test_a_few_malformed_questions_do_not_reject_a_file(server, tmp_path):
