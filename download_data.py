@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import http.client
 import logging
 import math
@@ -32,6 +31,11 @@ from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: runs there are not kept apart (a warning says so)
+    fcntl = None
 
 from LaMP.utils.cli import format_table, run, setup_logging
 from LaMP.utils.data import input_problem, iter_questions
@@ -559,6 +563,8 @@ def out_dir_lock(out_dir: Path):
                         f"({_os_reason(error)})") from None
     try:
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no flock on this system")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "unknown"
@@ -636,12 +642,15 @@ def reject(job: FileJob, reason: str) -> str:
         return "not kept"
     try:
         job.part.replace(kept)
+    except OSError as error:
+        # Not renamed: the .part is complete and the next run checks it without fetching.
+        return f"left as {job.part.name} ({_os_reason(error)})"
+    try:
         atomic_write_json(note, {"file": job.rel, "url": job.url, "bytes": kept.stat().st_size,
                                  "reason": reason}, indent=1)
-    except (OSError, LampError) as write_error:
-        # Not renamed: the .part is complete and the next run checks it without fetching.
-        reason = _os_reason(write_error) if isinstance(write_error, OSError) else write_error
-        return f"left as {job.part.name} ({reason})"
+    except (OSError, LampError) as error:
+        why = _os_reason(error) if isinstance(error, OSError) else error
+        return f"kept as {kept.name} (the note {note.name} could not be written: {why})"
     return f"kept as {kept.name} (the reason is in {note.name})"
 
 
@@ -744,8 +753,8 @@ def fix_known_issues(jobs: list[FileJob], results: dict[str, FileResult],
             reason = f"{error.filename}: {_os_reason(error)}" if isinstance(error, OSError) \
                 else str(error)
             for job in members:
-                logger.error("%s: --fix_known_issues failed, the file is as it was: %s",
-                             job.rel, reason)
+                logger.error("%s: --fix_known_issues did not complete (%s); run again with "
+                             "it to fix the pair", job.rel, reason)
                 results[job.rel].status, results[job.rel].error = "not fixed", reason
 
 
