@@ -567,7 +567,7 @@ def out_dir_lock(out_dir: Path):
                 raise OSError(errno.ENOSYS, "no flock on this system")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = os.read(handle, 32).decode("ascii", "replace").strip() or "unknown"
             raise LampError(f"another download_data.py is running into {out_dir} "
                             f"(pid {holder}); wait for it to finish") from None
         except OSError as error:  # a file system without locks (some network mounts)
@@ -577,7 +577,7 @@ def out_dir_lock(out_dir: Path):
         # by the first file that cannot be written, not here.
         with suppress(OSError):
             os.ftruncate(handle, 0)
-            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+            os.write(handle, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(handle)  # closing releases the lock
