@@ -240,6 +240,8 @@ def base_url_problem(url: str) -> str | None:
         return "must be an http:// or https:// URL"
     if not parts.hostname:
         return "names no host"
+    if not parts.path.isascii():  # http.client sends the path as ASCII (a host may be IDNA)
+        return "has a non-ASCII path (percent-encode it)"
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         return "must not have a ?query or #fragment: the file paths are appended to it"
     return None

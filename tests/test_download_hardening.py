@@ -516,6 +516,7 @@ def test_a_lock_file_name_taken_by_a_folder_is_one_line(server, tmp_path, capsys
     (["--base_url", "http://host/LaMP\n"], "contains a space or a control character"),
     (["--base_url", "http://host/LaMP?mirror=1"], "must not have a ?query or #fragment"),
     (["--base_url", "file:///srv/LaMP"], "must be an http:// or https:// URL"),
+    (["--base_url", "http://mirror/LäMP"], "has a non-ASCII path (percent-encode it)"),
     (["--timeout", "nan"], "--timeout must be a number of seconds above 0"),
     (["--timeout", "inf"], "--timeout must be a number of seconds above 0"),
     (["--timeout", "-1"], "--timeout must be a number of seconds above 0"),
