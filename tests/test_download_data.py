@@ -1,7 +1,8 @@
 """download_data.py against a LaMP-like server on 127.0.0.1 that each test starts.
 
 The server honours Range requests and can drop a connection half way through a file, answer
-404, or serve a corrupt file, so every path of the downloader runs without the network.
+404, refuse HEAD, hold a response until a test lets it go, or serve a corrupt file, so every
+path of the downloader runs without the network.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class LampHandler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404, "Not Found")
             return
+        if not send_body and server.head_status:
+            self.send_error(server.head_status)
+            return
         start = 0
         if range_header and server.ranges:
             start = int(range_header.removeprefix("bytes=").split("-")[0])
@@ -58,7 +62,10 @@ class LampHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not send_body:
             return
-        if self.path in server.drop_once:
+        if self.path in server.gates:
+            server.waiting.set()  # a download is under way; the test may act now
+            server.gates[self.path].wait(30)
+        if self.path in server.drop_once or self.path in server.drop_always:
             # Promise the whole file, send half of it, and hang up.
             server.drop_once.discard(self.path)
             self.wfile.write(body[:len(body) // 2])
@@ -80,7 +87,11 @@ class LampServer(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.log: list[tuple] = []
         self.drop_once: set[str] = set()
+        self.drop_always: set[str] = set()
         self.ranges = True  # honour Range requests
+        self.head_status: int | None = None  # e.g. 405: HEAD not supported, sizes unknown
+        self.gates: dict[str, threading.Event] = {}  # GETs of these paths wait for the event
+        self.waiting = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -259,9 +270,17 @@ def test_corrupt_json_is_not_renamed_into_place(server, tmp_path, capsys):
         download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                "--sets", "dev"))
     folder = tmp_path / "user" / "LaMP_7"
-    assert sorted(path.name for path in folder.iterdir()) == []  # neither final nor .part
+    # Neither a final name nor a .part: the bytes are kept aside, with the reason beside them.
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "dev_outputs.rejected.json", "dev_outputs.rejected.reason.json",
+        "dev_questions.rejected.json", "dev_questions.rejected.reason.json"]
+    assert (folder / "dev_questions.rejected.json").read_bytes() == \
+        published["dev_questions.json"][:-40]
+    note = json.loads((folder / "dev_outputs.rejected.reason.json").read_text())
+    assert note["reason"] == "user/LaMP_7/dev_outputs.json: holds LaMP_4 outputs, expected LaMP_7"
     err = capsys.readouterr().err
-    assert "dev_questions.json: the downloaded file is not valid" in err
+    assert "dev_questions.json: the downloaded file is not valid, kept as " \
+           "dev_questions.rejected.json" in err
     assert "malformed JSON after question 2" in err
     assert "holds LaMP_4 outputs, expected LaMP_7" in err
 
