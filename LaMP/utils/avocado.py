@@ -15,6 +15,7 @@ import email.errors
 import email.header
 import email.message
 import email.policy
+import html.parser
 import logging
 import re
 import zipfile
@@ -46,41 +47,180 @@ def is_email_reference(value: object) -> bool:
     return isinstance(value, str) and bool(_FILE_NAME.match(value))
 
 
-def _decode_header(raw: str | None) -> str:
-    """A header as text: encoded words (``=?utf-8?…?=``) decoded, folded lines joined."""
+def _decode_text(data: bytes, charsets: Iterable[str | None]) -> str:
+    """``data`` in the first of ``charsets`` that decodes it strictly, else latin-1.
+
+    Latin-1 maps every byte to a character, so text in an unknown 8-bit charset keeps its
+    ASCII letters instead of turning into replacement characters.
+    """
+    for charset in charsets:
+        if not charset:
+            continue
+        try:
+            return data.decode(charset)
+        except (LookupError, ValueError):  # unknown charset (or not a text codec), or
+            continue                       # bytes it cannot decode (UnicodeError)
+    return data.decode("latin-1")
+
+
+class _RawHeaders(email.policy.Compat32):
+    """compat32, except that a header comes back exactly as the parser stored it.
+
+    The parser keeps raw 8-bit header bytes as surrogate escapes, and compat32 would wrap
+    such a header in a Header object whose text keeps those escapes (``d\\udcc3\\udca9j``);
+    ``_decode_header`` gets the bytes back from the raw value instead.
+    """
+
+    def header_fetch_parse(self, name, value):
+        return value
+
+
+_POLICY = _RawHeaders()
+
+
+def _decode_header(raw: str | None, declared: str | None = None) -> str:
+    """A header as text: encoded words (``=?utf-8?…?=``) decoded, folded lines joined.
+
+    Raw 8-bit bytes (common in real mail, though RFC 5322 has no room for them) are read as
+    UTF-8, then as the charset the email declares, then as latin-1.
+    """
     if raw is None:
         return ""
-    text = str(raw)
+    # Unfolded first (RFC 5322: a line break before white space is not part of the value),
+    # since decode_header would drop the space that separates a folded word from the next.
+    data = re.sub(rb"\r?\n(?=[ \t])", b"", str(raw).encode("ascii", "surrogateescape"))
+    fallback = _decode_text(data, ("utf-8", declared))
     try:
-        text = str(email.header.make_header(email.header.decode_header(text)))
-    except (LookupError, UnicodeError, email.errors.HeaderParseError):
-        pass  # an unknown charset or a broken encoded word: keep the header as written
-    return _FOLDED.sub(" ", text).strip()
+        # Handed over as latin-1 so that decode_header gives each unencoded run back as its
+        # original bytes, which then get the same charset guess as a header without words.
+        chunks = email.header.decode_header(data.decode("latin-1"))
+    except email.errors.HeaderParseError:  # a broken base64 word: keep the header as written
+        return _FOLDED.sub(" ", fallback).strip()
+    pieces = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):  # decode_header found no encoded word at all
+            chunk = chunk.encode("latin-1")
+        if charset is None:
+            pieces.append(_decode_text(chunk, ("utf-8", declared)))
+            continue
+        charset = charset.partition("*")[0]  # RFC 2231 language suffix: utf-8*en
+        try:
+            pieces.append(chunk.decode(charset))
+        except LookupError:  # a charset Python does not know: keep the header as written
+            return _FOLDED.sub(" ", fallback).strip()
+        except ValueError:  # bytes the word's own charset cannot decode (mislabelled)
+            pieces.append(_decode_text(chunk, ("utf-8",)))
+    return _FOLDED.sub(" ", "".join(pieces)).strip()
+
+
+class _HtmlText(html.parser.HTMLParser):
+    """The text of an HTML body, as a mail reader would show it, without the markup."""
+
+    # Their content is code or metadata, never part of the message.
+    SKIPPED = frozenset({"script", "style", "title", "template"})
+    LINE_BREAKS = frozenset({"li", "tr", "dt", "dd"})  # and <br>, which adds up
+    PARAGRAPH_BREAKS = frozenset({"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote",
+                                  "pre", "table", "ul", "ol", "dl", "hr", "address", "center"})
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)  # entities such as &amp; arrive unescaped
+        self.pieces: list[str] = []
+        self.skipping = 0
+        self.preformatted = 0
+        # Newlines owed before the next text: tags only ask for a break, so that "</li><li>"
+        # is one line break and "</p>\n<p>" one blank line, not an accumulation.
+        self.breaks = 0
+
+    def _break(self, tag: str) -> None:
+        if tag == "br":
+            self.breaks = min(self.breaks + 1, 2)  # <br><br> is a blank line
+        elif tag in self.LINE_BREAKS:
+            self.breaks = max(self.breaks, 1)
+        elif tag in self.PARAGRAPH_BREAKS:
+            self.breaks = 2
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIPPED:
+            self.skipping += 1
+        self.preformatted += tag == "pre"
+        self._break(tag)
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIPPED:
+            self.skipping = max(0, self.skipping - 1)
+        if tag == "pre":
+            self.preformatted = max(0, self.preformatted - 1)
+        if tag != "br":  # <br/> arrives as a start and an end tag: one line break
+            self._break(tag)
+
+    def handle_data(self, data):
+        if self.skipping:
+            return
+        # Outside <pre>, line breaks in the source are layout, not text.
+        text = data if self.preformatted else re.sub(r"\s+", " ", data)
+        if self.breaks:
+            if not text.strip():
+                return  # the indentation between two blocks
+            self.pieces.append("\n" * self.breaks)
+            self.breaks = 0
+        self.pieces.append(text)
+
+    def parse_marked_section(self, i, report=1):
+        # "<![CDATA[…]]>" and Word's "<![if …]>"/"<![endif]>" are markup; the standard
+        # parser raises AssertionError on any other keyword, so skip every section here.
+        end_mark = "]]>" if self.rawdata.startswith("<![CDATA[", i) else "]>"
+        end = self.rawdata.find(end_mark, i + 3)
+        return -1 if end < 0 else end + len(end_mark)
+
+    def text(self) -> str:
+        lines = [re.sub(r"[^\S\n]+", " ", line).strip()
+                 for line in "".join(self.pieces).split("\n")]
+        return "\n".join(lines).strip()
+
+
+def html_to_text(markup: str) -> str:
+    """Plain text of an HTML email body: no script or style, paragraphs on their own lines."""
+    parser = _HtmlText()
+    parser.feed(markup)
+    parser.close()
+    return parser.text()
 
 
 def _part_text(part: email.message.Message) -> str:
     payload = part.get_payload(decode=True)
     if payload is None:
         return ""
-    charset = part.get_content_charset() or "utf-8"
-    try:
-        return payload.decode(charset, errors="replace")
-    except LookupError:  # a charset Python does not know
-        return payload.decode("utf-8", errors="replace")
+    text = _decode_text(payload, (part.get_content_charset(), "utf-8"))
+    return html_to_text(text) if part.get_content_type() == "text/html" else text.strip()
+
+
+def _declared_charset(message: email.message.Message) -> str | None:
+    """The first charset the email declares (the headers' best guess after UTF-8)."""
+    for part in message.walk():
+        charset = part.get_content_charset()
+        if charset:
+            return charset
+    return None
 
 
 def parse_email(data: bytes) -> Email:
-    """Subject and body of one email file; the body is the text/plain parts, stripped."""
-    # compat32 never raises on odd headers; headers are decoded by hand above.
-    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    """Subject and body of one email file.
+
+    The body is the text/plain parts that are not attachments; an email without one (HTML
+    only, such as a multipart/alternative with just text/html) uses its text/html parts,
+    converted to text. A single-part email that is not text has no body.
+    """
+    message = email.message_from_bytes(data, policy=_POLICY)
     if message.is_multipart():
         parts = [part for part in message.walk()
-                 if not part.is_multipart() and part.get_content_type() == "text/plain"
-                 and part.get_content_disposition() != "attachment"]
-        body = "\n".join(_part_text(part).strip() for part in parts)
-    else:
-        body = _part_text(message)
-    return Email(subject=_decode_header(message["Subject"]), body=body.strip())
+                 if not part.is_multipart() and part.get_content_disposition() != "attachment"]
+        chosen = ([part for part in parts if part.get_content_type() == "text/plain"]
+                  or [part for part in parts if part.get_content_type() == "text/html"])
+    else:  # one part: text/html is converted, other text is used as it is
+        chosen = [message] if message.get_content_maintype() == "text" else []
+    body = "\n".join(_part_text(part) for part in chosen)
+    return Email(subject=_decode_header(message["Subject"], _declared_charset(message)),
+                 body=body.strip())
 
 
 def referenced_emails(questions: Iterable[dict], source: str) -> set[str]:
