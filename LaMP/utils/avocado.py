@@ -16,16 +16,18 @@ import email.header
 import email.message
 import email.policy
 import html.parser
+import importlib.util
 import logging
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from tqdm import tqdm
 
-from LaMP.utils.errors import LampError
+from LaMP.utils.errors import LampError, preview
 from LaMP.utils.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,9 @@ INSTRUCTION = get_task("LaMP-6").input_prefix  # "Generate a subject for the fol
 # (for example a file that was already built).
 _FILE_NAME = re.compile(r"^[^\s/\\]+$")
 _FOLDED = re.compile(r"\s*\r?\n\s*")
+# Avocado keeps attachments in separate -AT files, so an email file is headers and text; a
+# member this large is not an email, and is not inflated into memory.
+MAX_EMAIL_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -247,24 +252,99 @@ def zip_files(directory: Path) -> list[Path]:
     return zips
 
 
-def read_emails(zips: list[Path], wanted: set[str]) -> dict[str, Email]:
-    """Parse the ``wanted`` members (by file name) of the zips, reading nothing else."""
+# The compression methods this Python can inflate: zipfile needs an optional module for all
+# but "stored", and says so with a RuntimeError only once it tries.
+_METHOD_MODULES = {zipfile.ZIP_STORED: None, zipfile.ZIP_DEFLATED: "zlib",
+                   zipfile.ZIP_BZIP2: "bz2", zipfile.ZIP_LZMA: "lzma"}
+_READABLE_METHODS = frozenset(method for method, module in _METHOD_MODULES.items()
+                              if module is None or importlib.util.find_spec(module))
+# What a member's damaged bytes raise while they are inflated and checked: BadZipFile (bad
+# CRC, bad local header), EOFError (truncated), zlib.error (deflate), OSError (bzip2, and
+# disk errors), LZMAError (an Exception subclass, and lzma may be absent), NotImplementedError
+# for flag bits zipfile does not handle (patched data, strong encryption), and
+# UnicodeDecodeError for a local header whose name is flagged UTF-8 but is not.
+_MEMBER_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, OSError, NotImplementedError,
+                  UnicodeDecodeError)
+if importlib.util.find_spec("lzma"):
+    import lzma
+    _MEMBER_ERRORS += (lzma.LZMAError,)
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | str:
+    """A member's bytes, or why they cannot be read (a string)."""
+    if info.flag_bits & 0x1:  # zipfile would ask for a password with a RuntimeError
+        return "encrypted"
+    if info.compress_type not in _READABLE_METHODS:
+        module = _METHOD_MODULES.get(info.compress_type)
+        return (f"compressed with method {info.compress_type}, which needs the missing "
+                f"{module} module" if module else
+                f"compressed with method {info.compress_type}, which Python cannot read")
+    if info.file_size > MAX_EMAIL_BYTES:
+        return f"{info.file_size:,} bytes is too large for an email"
+    try:
+        # zipfile inflates no more than the header's size, and a header that understates it
+        # fails the CRC check, so the limit above bounds what is read.
+        return archive.read(info)
+    except _MEMBER_ERRORS as error:
+        # A bare EOFError: the member's data runs past the end of the zip file.
+        return f"damaged ({str(error) or 'truncated'})"
+
+
+def read_emails(zips: list[Path], wanted: set[str]) -> tuple[dict[str, Email], dict[str, str]]:
+    """Parse the ``wanted`` members (by file name) of the zips, reading nothing else.
+
+    Returns the emails and, for members that cannot be read (damaged, encrypted, compressed
+    in a way Python cannot inflate), ``{file name: "zip:member: why"}``. A zip whose
+    directory cannot be read at all is a LampError. The first zip that holds a name decides.
+    """
     emails: dict[str, Email] = {}
+    unreadable: dict[str, str] = {}
     for path in tqdm(zips, desc="Avocado zips", unit=" zip", disable=None):
+        # Besides BadZipFile and OSError: NotImplementedError for a zip version zipfile does
+        # not read, UnicodeDecodeError for a member name flagged UTF-8 that is not.
         try:
-            with zipfile.ZipFile(path) as archive:
-                for info in archive.infolist():
-                    name = PurePosixPath(info.filename).name
-                    if info.is_dir() or name not in wanted:
-                        continue
-                    if name in emails:
-                        logger.warning("%s: %s also appears in an earlier zip; keeping the first",
-                                       path, info.filename)
-                        continue
-                    emails[name] = parse_email(archive.read(info))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError,
+                UnicodeDecodeError) as error:
             raise LampError(f"{path}: cannot read the zip ({error})") from None
-    return emails
+        with archive:
+            for info in archive.infolist():
+                name = PurePosixPath(info.filename).name
+                if info.is_dir() or name not in wanted:
+                    continue
+                if name in emails or name in unreadable:
+                    logger.warning("%s: %s also appears in an earlier zip; keeping the first",
+                                   path, info.filename)
+                    continue
+                data = _read_member(archive, info)
+                if isinstance(data, str):
+                    unreadable[name] = f"{path}:{info.filename}: {data}"
+                else:
+                    emails[name] = parse_email(data)
+    return emails, unreadable
+
+
+def sort_out(wanted: set[str], emails: dict[str, Email], unreadable: dict[str, str]
+             ) -> tuple[dict[str, Email], dict[str, list[str]]]:
+    """The emails LaMP-6 can use, and the referenced ones it cannot, by problem.
+
+    An email without a subject would give an empty gold output or profile title, one without
+    a body an empty input or profile text; both are unusable, like a missing email.
+    """
+    problems = {
+        "not in the zips": sorted(wanted - emails.keys() - unreadable.keys()),
+        "unreadable": [unreadable[name] for name in sorted(unreadable)],
+        "without a subject": sorted(name for name, found in emails.items() if not found.subject),
+        "without a body": sorted(name for name, found in emails.items() if not found.body),
+    }
+    usable = {name: found for name, found in emails.items() if found.subject and found.body}
+    return usable, problems
+
+
+def describe_problems(problems: dict[str, list[str]]) -> str:
+    """``not in the zips: 2 (first: a, b); without a body: 1 (first: c)``, empty ones left out."""
+    return "; ".join(f"{problem}: {preview(names)}" for problem, names in problems.items()
+                     if names)
 
 
 def build_question(question: dict, emails: dict[str, Email], keep_user_id: bool
