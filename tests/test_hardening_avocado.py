@@ -41,7 +41,9 @@ from test_avocado import LAMP6, argv, build_avocado, builder, plain_email, quest
     (b"Subject: =?utf-8*en?q?caf=C3=A9?=\n\nx", "café"),
     (b"Subject: Re: =?utf-8?q?caf=C3=A9?= menu\n =?utf-8?q?for?=\n =?utf-8?q?_Friday?=\n\nx",
      "Re: café menu for Friday"),
+    (b"Subject: Offsite agenda\n\tfor  Friday \n\nx", "Offsite agenda for  Friday"),
     (b"Subject: =?utf-8?b?a?=\n\nx", "=?utf-8?b?a?="),  # broken base64: kept as written
+    (b"", ""),
 ])
 def test_header_decoding(data, subject):
     assert parse_email(data).subject == subject
@@ -80,9 +82,10 @@ def alternative(*parts: tuple[str, bytes], outer: str = "alternative") -> bytes:
     (alternative(("text/html; charset=iso-8859-1\nContent-Transfer-Encoding: "
                   "quoted-printable", b"<p>r=E9sum=E9</p><p>&eacute;t&eacute;</p>")),
      "résumé\n\nété"),
-    # text/plain wins when both are there, whatever their order.
+    # text/plain wins when both are there, whatever their order, unless it is empty.
     (alternative(("text/html", b"<p>the html</p>"), ("text/plain", b"the plain text")),
      "the plain text"),
+    (alternative(("text/plain", b" \n"), ("text/html", b"<p>the html</p>")), "the html"),
     # An HTML attachment is not the body.
     (alternative(("text/html\nContent-Disposition: attachment; filename=a.html",
                   b"<p>attached</p>"), outer="mixed"), ""),

@@ -91,9 +91,9 @@ def _decode_header(raw: str | None, declared: str | None = None) -> str:
     """
     if raw is None:
         return ""
-    # Unfolded first (RFC 5322: a line break before white space is not part of the value),
-    # since decode_header would drop the space that separates a folded word from the next.
-    data = re.sub(rb"\r?\n(?=[ \t])", b"", str(raw).encode("ascii", "surrogateescape"))
+    # Unfolded first, into one space per fold (a tab after the line break included), since
+    # decode_header would drop the space that separates a folded word from the next.
+    data = re.sub(rb"[ \t]*\r?\n[ \t]+", b" ", str(raw).encode("ascii", "surrogateescape"))
     fallback = _decode_text(data, ("utf-8", declared))
     try:
         # Handed over as latin-1 so that decode_header gives each unencoded run back as its
@@ -211,19 +211,22 @@ def _declared_charset(message: email.message.Message) -> str | None:
 def parse_email(data: bytes) -> Email:
     """Subject and body of one email file.
 
-    The body is the text/plain parts that are not attachments; an email without one (HTML
-    only, such as a multipart/alternative with just text/html) uses its text/html parts,
-    converted to text. A single-part email that is not text has no body.
+    The body is the text/plain parts that are not attachments; an email without one, or
+    whose text/plain is empty (HTML only, such as a multipart/alternative with just
+    text/html), uses its text/html parts, converted to text. A single-part email that is not
+    text has no body.
     """
     message = email.message_from_bytes(data, policy=_POLICY)
     if message.is_multipart():
         parts = [part for part in message.walk()
                  if not part.is_multipart() and part.get_content_disposition() != "attachment"]
-        chosen = ([part for part in parts if part.get_content_type() == "text/plain"]
-                  or [part for part in parts if part.get_content_type() == "text/html"])
+        body = "\n".join(_part_text(part) for part in parts
+                         if part.get_content_type() == "text/plain").strip()
+        if not body:  # some mailers send an empty text/plain next to the real HTML
+            body = "\n".join(_part_text(part) for part in parts
+                             if part.get_content_type() == "text/html")
     else:  # one part: text/html is converted, other text is used as it is
-        chosen = [message] if message.get_content_maintype() == "text" else []
-    body = "\n".join(_part_text(part) for part in chosen)
+        body = _part_text(message) if message.get_content_maintype() == "text" else ""
     return Email(subject=_decode_header(message["Subject"], _declared_charset(message)),
                  body=body.strip())
 
