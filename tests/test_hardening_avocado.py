@@ -51,6 +51,9 @@ def test_header_decoding(data, subject):
 
 @pytest.mark.parametrize("data, body", [
     (b"Subject: x\n\nr\xe9sum\xe9 attached", "résumé attached"),  # no charset, not UTF-8
+    (b"Subject: x\r\n\r\nline one\r\nline two\r\n", "line one\nline two"),
+    (b"Subject: x\nContent-Transfer-Encoding: base64\n\nbGluZSBvbmUNCmxpbmUgdHdvDQo=\n",
+     "line one\nline two"),
     (b"Subject: x\nContent-Type: text/plain; charset=us-ascii\n\ncaf\xc3\xa9", "café"),
     (b"Subject: x\nContent-Type: text/plain; charset=a\x00b\n\ncaf\xc3\xa9", "café"),
     (b"Subject: x\nContent-Type: application/pdf\nContent-Transfer-Encoding: base64\n\n"

@@ -196,7 +196,9 @@ def _part_text(part: email.message.Message) -> str:
     if payload is None:
         return ""
     text = _decode_text(payload, (part.get_content_charset(), "utf-8"))
-    return html_to_text(text) if part.get_content_type() == "text/html" else text.strip()
+    if part.get_content_type() == "text/html":
+        return html_to_text(text)
+    return re.sub(r"\r\n?", "\n", text).strip()  # CRLF files (and CRLF in base64) as \n
 
 
 def _declared_charset(message: email.message.Message) -> str | None:
