@@ -132,9 +132,10 @@ def test_missing_emails_fail_with_a_list(tmp_path):
     files = question_files(tmp_path, dev=[
         question("510", "009-000001-EM.txt", ["001-000001-EM.txt", "009-000002-EM.txt"])])
     out = tmp_path / "out"
-    with pytest.raises(LampError, match=r"2 of 7 referenced emails are not in the zips of .*: "
-                                        r"2 \(first: 009-000001-EM.txt, 009-000002-EM.txt\); "
-                                        r"pass --allow_missing"):
+    with pytest.raises(LampError, match=r"^2 of 7 referenced emails in .*text cannot be used: "
+                                        r"not in the zips: 2 \(first: 009-000001-EM.txt, "
+                                        r"009-000002-EM.txt\); pass --allow_missing to build "
+                                        r"without them$"):
         builder.main(argv(text_dir, files, out))
     assert not out.exists()  # nothing half built
 

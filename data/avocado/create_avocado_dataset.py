@@ -27,7 +27,8 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from LaMP.utils.avocado import build_question, read_emails, referenced_emails, zip_files
+from LaMP.utils.avocado import (build_question, describe_problems, read_emails,
+                                referenced_emails, sort_out, zip_files)
 from LaMP.utils.cli import run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
@@ -58,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the question files are the time-based split: keep each "
                              "question's user_id")
     parser.add_argument("--allow_missing", action="store_true",
-                        help="build even when referenced emails are not in the zips: drop "
-                             "questions whose own email is missing and profile items whose "
-                             "email is missing (default: fail and list them)")
+                        help="build even when referenced emails cannot be used (not in the "
+                             "zips; a damaged, encrypted or unreadably compressed zip member; "
+                             "no subject or no body): drop the questions whose own email it "
+                             "is and the profile items that name it, and count them (default: "
+                             "fail and list them, writing nothing)")
     args = parser.parse_args(argv)
     args.avocado_files_dir = Path(args.avocado_files_dir)
     if not args.avocado_files_dir.is_dir():
@@ -91,19 +94,21 @@ def main(argv=None) -> dict:
         wanted |= referenced_emails(items, str(files[set_name]))
     zips = zip_files(args.avocado_files_dir)
     logger.info("looking for %d emails in %d zips", len(wanted), len(zips))
-    emails = read_emails(zips, wanted)
-    missing = sorted(wanted - emails.keys())
-    if missing and not args.allow_missing:
-        raise LampError(f"{len(missing)} of {len(wanted)} referenced emails are not in the zips "
-                        f"of {args.avocado_files_dir}: {preview(missing)}; pass "
-                        f"--allow_missing to build without them")
-    if missing:
-        logger.warning("%s referenced emails are missing; building without them",
-                       preview(missing))
+    found, unreadable = read_emails(zips, wanted)
+    emails, problems = sort_out(wanted, found, unreadable)
+    counts = {problem: len(names) for problem, names in problems.items()}
+    logger.info("%d of %d referenced emails usable (%s)", len(emails), len(wanted),
+                ", ".join(f"{problem}: {count}" for problem, count in counts.items()))
+    if len(emails) < len(wanted):
+        report = (f"{len(wanted) - len(emails)} of {len(wanted)} referenced emails in "
+                  f"{args.avocado_files_dir} cannot be used: {describe_problems(problems)}")
+        if not args.allow_missing:
+            raise LampError(f"{report}; pass --allow_missing to build without them")
+        logger.warning("%s; building without them", report)
 
     output_dir = Path(args.output_dir)
     task = get_task("LaMP-6")
-    summary: dict = {"emails": len(emails), "missing_emails": len(missing)}
+    summary: dict = {"emails": len(emails), "unusable_emails": counts}
     for set_name in SETS:
         golds, dropped, items_dropped = [], [], 0
         with JsonListWriter(output_dir / f"{set_name}_questions.json") as out:
@@ -119,7 +124,7 @@ def main(argv=None) -> dict:
         if set_name in GOLD_SETS:
             write_outputs(output_dir / f"{set_name}_outputs.json", task, golds)
         if dropped:
-            logger.warning("%s: dropped %s questions whose email is missing", set_name,
+            logger.warning("%s: dropped %s questions whose email cannot be used", set_name,
                            preview(dropped))
         summary[set_name] = {"questions": len(golds), "dropped_questions": len(dropped),
                              "dropped_profile_items": items_dropped}
