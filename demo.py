@@ -22,7 +22,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from LaMP.utils.cli import run, seed_arg, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_outputs, open_output
 from LaMP.utils.tasks import TASKS, get_task
 
@@ -34,7 +34,7 @@ MAX_NEW_TOKENS = {"classification": 8, "rating": 4, "generation": 32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=str(REPO / "data" / "sample" / "user"),
                         help="a folder laid out like raw_data/user (LaMP_k/{set}_questions.json)")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "demo"),

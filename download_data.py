@@ -37,7 +37,7 @@ try:
 except ImportError:  # Windows has no flock: runs there are not kept apart (a warning says so)
     fcntl = None
 
-from LaMP.utils.cli import format_table, run, setup_logging
+from LaMP.utils.cli import ArgumentParser, format_table, run, setup_logging
 from LaMP.utils.data import input_problem, iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import JsonListWriter, atomic_write_json, check_output_dir, read_json
@@ -176,7 +176,7 @@ def parse_source(name: str) -> Source:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default="raw_data",
                         help="where the user/ and time/ folders are written (default: raw_data)")
     parser.add_argument("--tasks", nargs="+", type=parse_source,

@@ -28,7 +28,7 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
                                   profile_options)
 from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
                                check_outputs, check_readable, remove_outputs, save_run_args)
 from LaMP.utils.tasks import task_arg
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validation_data", required=True,
                         help="questions to evaluate: a merged file (with outputs) or a "
                              "questions file (test split: predictions only)")

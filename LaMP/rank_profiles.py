@@ -26,7 +26,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import DEFAULT_SEED, run, seed_arg, setup_logging
+from LaMP.utils.cli import ArgumentParser, DEFAULT_SEED, run, seed_arg, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input_data_addr", required=True,
                         help="LaMP questions file (JSON list of {id, input, profile})")
     parser.add_argument("--output_ranking_addr", required=True,

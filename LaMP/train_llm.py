@@ -33,7 +33,7 @@ from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, ch
                                   profile_options)
 from LaMP.utils.checkpoints import (check_checkpoint, check_model_folder,
                                     check_resume_compatible, last_complete_checkpoint)
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
                                check_outputs, check_readable, remove_outputs, save_run_args,
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train_data", required=True,
                         help="training questions with outputs (merge_with_rank.py output)")
     parser.add_argument("--validation_data", required=True,

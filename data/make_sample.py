@@ -30,7 +30,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import run, seed_arg, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
 from LaMP.utils.fileio import JsonListWriter
 from LaMP.utils.outputs import write_outputs
 from LaMP.utils.tasks import MOVIE_TAGS, TASK_NAMES, Task, get_task, task_arg
@@ -491,7 +491,7 @@ def write_sample(out_dir: Path, seed: int, tasks: list[Task]) -> dict[str, dict[
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "sample"),
                         help="where user/LaMP_{k}/ is written (default: data/sample)")
     parser.add_argument("--seed", type=seed_arg, default=0,

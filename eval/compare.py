@@ -21,7 +21,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import format_table, run, seed_arg, setup_logging
+from LaMP.utils.cli import ArgumentParser, format_table, run, seed_arg, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.metrics import metric_for, paired_bootstrap
 from LaMP.utils.outputs import load_outputs
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--golds_json", required=True, help="gold labels, a LaMP outputs file")
     parser.add_argument("--preds_a", required=True, help="predictions of system A (baseline)")
     parser.add_argument("--preds_b", required=True, help="predictions of system B")

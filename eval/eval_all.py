@@ -21,7 +21,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.outputs import read_outputs_zip
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--golds_zip", required=True,
                         help="zip holding one gold outputs JSON per task")
     parser.add_argument("--preds_zip", required=True,

@@ -17,7 +17,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--golds_json", required=True,
                         help="gold labels of the task, a LaMP outputs file")
     parser.add_argument("--preds_json", required=True,

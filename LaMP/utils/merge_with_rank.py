@@ -25,7 +25,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import (JsonListWriter, args_path_for, check_outputs, check_readable,
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lamp_questions_addr", required=True,
                         help="LaMP questions file (JSON list of {id, input, profile})")
     parser.add_argument("--lamp_output_addr", default=None,

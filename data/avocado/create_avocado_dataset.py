@@ -29,7 +29,7 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.avocado import (build_question, describe_problems, read_emails,
                                 referenced_emails, sort_out, zip_files)
-from LaMP.utils.cli import run, setup_logging
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import JsonListWriter, check_outputs, check_readable, save_run_args
@@ -43,7 +43,7 @@ GOLD_SETS = ("train", "dev")  # test golds stay with the leaderboard
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--avocado_files_dir", required=True,
                         help="the folder of Avocado's text zips: avocado-1.0.2/data/text")
     parser.add_argument("--extract_addr", default=None,
