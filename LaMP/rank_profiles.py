@@ -29,8 +29,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import DEFAULT_SEED, run, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_readable, require_regular_file,
-                               save_run_args)
+from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_readable,
+                               require_regular_file, save_run_args)
 from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS,
                                   build_ranker, count_questions, shard_range)
 from LaMP.utils.tasks import task_arg

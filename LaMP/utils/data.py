@@ -3,7 +3,8 @@
 A questions file is a JSON list of ``{"id", "input", "profile": [{"id", ...fields}]}``; a
 merged (ranked) file adds each question's gold ``"output"``. Files run to gigabytes for the
 train splits, so ``iter_questions`` streams them with ``ijson`` (memory bounded by one
-question) and validates each question as it arrives, naming file, index, id and field.
+question, hostile files included: see ``LaMP.utils.jsoninput``) and validates each question
+as it arrives, naming file, index, id and field.
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ block before handing it on and refuses, with one line naming the file and the by
 
 * bytes that are not UTF-8 (raw UTF-16 surrogates included);
 * nesting deeper than ``MAX_DEPTH``;
-* a number with more than ``MAX_NUMBER_DIGITS`` digits, one that overflows a float, and
-  ``NaN`` / ``Infinity`` (not JSON, though ``json.loads`` takes them);
+* a number with more than ``MAX_NUMBER_DIGITS`` digits, an integer beyond 64 bits, a number
+  that overflows a float, and ``NaN`` / ``Infinity`` (not JSON, though ``json.loads`` takes
+  them);
 * a ``\\uXXXX`` escape that is half of a UTF-16 surrogate pair.
 
 The checks are C-level passes over each block (regular expressions, ``bytes.translate``,
@@ -33,6 +34,9 @@ MAX_DEPTH = 64
 # LaMP ids have at most a dozen digits; 100 keeps ints cheap to convert and far below the
 # size that crashes ijson's C backend (a few thousand digits).
 MAX_NUMBER_DIGITS = 100
+# Integers must fit 64 bits: ijson's C backend refuses larger ones ("integer overflow", and
+# -2**63 too), so every reader refuses them alike, with the same message.
+INTEGER_RANGE = range(-2 ** 63 + 1, 2 ** 63)
 READ_SIZE = 1 << 16  # bytes read from the file per block (ijson's own default buffer)
 # A trailing number or literal is held back to the next block so that it is checked whole;
 # anything longer is already a problem (or malformed) and is checked as it stands.
@@ -44,10 +48,10 @@ _TOKEN_BYTES = b"-+.0123456789" + bytes(range(ord("A"), ord("Z") + 1)) + bytes(
 _NON_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
 _SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
 _STRUCTURE = b"_:, \t\r\n[]{}"  # a skeleton of only these holds no number or literal
-# Cheap tests that flag a block for the exact walk: a long run of digits, a positive
+# Cheap tests that flag a block for the exact walk: a run of digits as long as 2**63, a positive
 # exponent of three or more digits (the only way a short number can overflow), NaN/Infinity.
 _SUSPECT_NUMBER = re.compile(rb"[0-9]{%d}|[eE]\+?[0-9]{3}|NaN|Infinity"
-                             % (MAX_NUMBER_DIGITS + 1))
+                             % len(str(INTEGER_RANGE.stop)))
 _SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 # The exact walk: strings, brackets, numbers and the non-JSON literals, in file order.
@@ -208,10 +212,18 @@ def _number_problem(token: bytes) -> tuple[int, str] | None:
     if max(map(len, _DIGIT_RUN.findall(token)), default=0) > MAX_NUMBER_DIGITS:
         return 0, (f"a number of {len(text):,} characters (the limit is "
                    f"{MAX_NUMBER_DIGITS} digits; an id belongs in a string)")
+    if not any(mark in text for mark in ".eE"):
+        try:
+            integer = int(text)
+        except ValueError:
+            return None  # malformed: the parser names it
+        if integer not in INTEGER_RANGE:
+            return 0, (f"the integer {text} does not fit 64 bits (an id belongs in a string)")
+        return None
     try:
         value = float(text)
     except ValueError:
-        return None  # malformed: the parser names it
+        return None
     if value in (float("inf"), float("-inf")):
         return 0, f"the number {text} is too large (it overflows to infinity)"
     return None
