@@ -21,6 +21,7 @@ import pytest
 from LaMP import evaluate_llm, rank_profiles
 from LaMP.utils import merge_with_rank
 from LaMP.utils.cli import run
+from LaMP.utils.errors import LampError
 from LaMP.utils.jsoninput import MAX_DEPTH
 from conftest import REPO, load_script
 
@@ -394,3 +395,63 @@ def test_pipe_for_a_stage_that_reads_twice_or_seeks_is_one_error_line(tmp_path, 
         fails(eval_all.main, ["--golds_zip", str(zipped), "--preds_zip", str(pipe),
                               "--output_file", str(output)], capsys, [zipped], output,
               f"predictions zip {pipe} is a pipe; a regular file is needed because a zip")
+
+
+# --- block boundaries ------------------------------------------------------------------------
+
+
+class Trickle:
+    """A stream that returns at most ``step`` bytes per read, as a slow pipe may."""
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.step, self.position = data, step, 0
+
+    def read(self, size: int) -> bytes:
+        chunk = self.data[self.position:self.position + min(size, self.step)]
+        self.position += len(chunk)
+        return chunk
+
+
+# (document, what the error says or None, offset) with offsets counted by hand
+BOUNDARY_CASES = [
+    (b'["a\\"b[[[", "\\ud83d\\ude00", "x\\\\", 12, 1.5e3]', None, None),
+    (b'{"k": "\\ud83d\\\\ude00"}', r"the escape \ud83d is half", 7),  # '{"k": "' is 7 bytes
+    (b'[1, 12345678901234567890]', "the integer 12345678901234567890 does not fit", 4),
+    (b"[" * 65, "nesting deeper than 64 levels", 64),
+    (b'["\xe2\x82\xac", "\xe2\x82"]', "not UTF-8 text (invalid continuation byte)", 9),
+    (b"\xef\xbb\xbf[1e400]", "the number 1e400 is too large", 4),  # 3 bytes of BOM, then '['
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 8, 1 << 16])
+@pytest.mark.parametrize("read_size", [1, 3, 4096])
+@pytest.mark.parametrize("document, what, offset", BOUNDARY_CASES)
+def test_block_boundaries_change_nothing(monkeypatch, read_size, step, document, what, offset):
+    # Any read size and any short reads: strings, escapes, surrogate pairs, numbers and
+    # UTF-8 sequences cut anywhere give the same verdict and offset, and the bytes pass on
+    # unchanged (less the byte order mark).
+    from LaMP.utils import jsoninput
+
+    monkeypatch.setattr(jsoninput, "READ_SIZE", read_size)
+    reader = jsoninput.GuardedReader(Trickle(document, step), "doc.json", b"", "")
+    if what is None:
+        assert reader.read() == document
+        return
+    with pytest.raises(LampError) as caught:
+        reader.read()
+    message = str(caught.value)
+    assert message.startswith(f"doc.json: {what}") and message.endswith(f" at byte {offset}")
+
+
+@pytest.mark.parametrize("document, message", [
+    (b"  \n", "questions.json: the file is empty"),
+    (b"\xef\xbb\xbf", "questions.json: the file is empty"),
+    (b' {"id": 1}', "questions.json: expected a JSON list of questions"),
+])
+def test_opener_is_checked_on_the_one_read(document, message):
+    from LaMP.utils.jsoninput import GuardedReader
+
+    reader = GuardedReader(Trickle(document, 1), "questions.json", b"[",
+                           "a JSON list of questions")
+    with pytest.raises(LampError, match=message):
+        reader.read()

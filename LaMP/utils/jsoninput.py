@@ -16,8 +16,10 @@ block before handing it on and refuses, with one line naming the file and the by
   them);
 * a ``\\uXXXX`` escape that is half of a UTF-16 surrogate pair.
 
-The checks are C-level passes over each block (regular expressions, ``bytes.translate``,
-one ``numpy.cumsum``); only a block they flag is walked token by token, to find the offset.
+The checks are C-level passes over each block (``bytes.split`` at quotes to set strings
+aside, ``bytes.translate``, regular expressions, one ``numpy.cumsum``); only a block they
+flag is walked token by token, to find the offset. A block ends outside any string or number
+(the rest is held back for the next read), so no check has to span two blocks.
 Memory stays bounded by a block plus the longest string or number being read.
 """
 from __future__ import annotations
@@ -86,6 +88,7 @@ class GuardedReader:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._read = 0  # bytes read from raw so far
         self._offset = 0  # file offset of the first byte of self._held
+        self._head: bytes | None = b""  # the first bytes until a byte order mark is ruled out
         self._held = b""  # read, not yet checked: an unfinished string or trailing token
         self._ready = b""  # checked, not yet handed on
         self._depth = 0
@@ -113,9 +116,14 @@ class GuardedReader:
         except OSError as error:
             raise LampError(f"{self.source}: cannot read ({error.strerror})") from None
         final = not data
-        if self._read == 0 and data.startswith(_BOM):
-            self._read = self._offset = len(_BOM)
-            data = data[len(_BOM):]
+        if self._head is not None:  # the first bytes: is there a byte order mark?
+            data, self._head = self._head + data, None
+            if not final and len(data) < len(_BOM) and _BOM.startswith(data):
+                self._head = data  # a pipe may deliver the mark a byte at a time
+                return
+            if data.startswith(_BOM):
+                self._read = self._offset = len(_BOM)
+                data = data[len(_BOM):]
         self._check_utf8(data, final)
         window = self._held + data
         text = _neutralize_escapes(window)
