@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -270,21 +269,33 @@ def test_not_utf8_in_a_later_block_names_its_byte(tmp_path, capsys):
 
 LIMIT_BYTES = 2 << 30  # address space: the old parser needed ~22 GB here, so this fails fast
 PEAK_LIMIT_MB = 200
+# Runs a script under the address-space limit and writes its peak resident memory (VmHWM,
+# KB) at exit. Measured inside the child: its rusage would include the pytest process it
+# was forked from, which other tests may have grown.
+LIMITED = """
+import atexit, os, resource, runpy, sys
+limit = int(os.environ["LIMIT_BYTES"])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def peak():
+    with open("/proc/self/status") as status, open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM")).split()[1])
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_limited(args: list[str], cwd: Path) -> tuple[int, str, float]:
     """Run a script under an address-space limit; its exit status, stderr and peak RSS."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (LIMIT_BYTES, LIMIT_BYTES))
-
+    peak_file = cwd / "peak.kb"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), "OPENBLAS_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, preexec_fn=limit,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = process.stderr.read().decode()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, stderr, usage.ru_maxrss / 1024  # KB on Linux
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "OPENBLAS_NUM_THREADS": "1", "LIMIT_BYTES": str(LIMIT_BYTES), "PEAK_FILE": str(peak_file)}
+    done = subprocess.run([sys.executable, "-c", LIMITED, *args], cwd=cwd, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_mb = int(peak_file.read_text()) / 1024
+    peak_file.unlink()
+    return done.returncode, done.stderr, peak_mb
 
 
 @pytest.mark.parametrize("script, reader", [("LaMP/rank_profiles.py", questions_reader),
