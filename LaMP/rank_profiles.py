@@ -30,7 +30,7 @@ from LaMP.utils.cli import ArgumentParser, DEFAULT_SEED, run, seed_arg, setup_lo
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
-                               save_run_args)
+                               require_regular_file, save_run_args)
 from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS,
                                   build_ranker, count_questions, shard_range)
 from LaMP.utils.tasks import task_arg
@@ -94,6 +94,9 @@ def main(argv=None) -> dict:
     questions = iter_questions(input_path, args.task)
     total = None
     if args.num_shards > 1:
+        require_regular_file(input_path, "questions file",
+                             "--num_shards counts its questions before ranking one slice, "
+                             "so it is read twice")
         shard = shard_range(count_questions(input_path), args.num_shards, args.shard_id)
         logger.info("shard %d of %d: questions %d … %d", args.shard_id, args.num_shards,
                     shard.start, shard.stop - 1)

@@ -3,11 +3,13 @@
 A questions file is a JSON list of ``{"id", "input", "profile": [{"id", ...fields}]}``; a
 merged (ranked) file adds each question's gold ``"output"``. Files run to gigabytes for the
 train splits, so ``iter_questions`` streams them with ``ijson`` (memory bounded by one
-question) and validates each question as it arrives, naming file, index, id and field.
+question, hostile files included: see ``LaMP.utils.jsoninput``) and validates each question
+as it arrives, naming file, index, id and field.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any, Iterator
 
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import check_readable
+from LaMP.utils.jsoninput import GuardedReader
 from LaMP.utils.tasks import Task
 
 
@@ -82,20 +85,18 @@ def _check_profile(profile: list, fields: tuple[str, ...], where: str, task: Tas
                 item[field] = str(value)
 
 
-_BOM = b"\xef\xbb\xbf"
-
-
-def _skip_bom(handle) -> None:
-    """Leave ``handle`` after a UTF-8 byte order mark (some editors on Windows write one)."""
-    if handle.read(len(_BOM)) != _BOM:
-        handle.seek(0)
-
-
-def open_json_stream(path: str | os.PathLike):
-    """A binary handle on a JSON file for ijson, past any byte order mark."""
-    handle = open(path, "rb")
-    _skip_bom(handle)
-    return handle
+@contextmanager
+def open_json_stream(path: str | os.PathLike, opener: bytes = b"", expected: str = ""
+                     ) -> Iterator[GuardedReader]:
+    """A checked binary reader on a JSON file for ijson (see ``LaMP.utils.jsoninput``): past
+    any byte order mark, refusing a document that does not start with ``opener`` and input
+    beyond the limits. The file is opened and read once, so a pipe works."""
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise LampError(f"{path}: cannot read ({error.strerror})") from None
+    with handle:
+        yield GuardedReader(handle, str(path), opener, expected)
 
 
 def input_problem(text: str, task: Task) -> str | None:
@@ -115,21 +116,6 @@ def input_problem(text: str, task: Task) -> str | None:
     return None
 
 
-def check_json_start(path: Path, opener: bytes, expected: str) -> None:
-    """Refuse, before streaming it, a file whose JSON does not start with ``opener``."""
-    with open(path, "rb") as handle:
-        _skip_bom(handle)
-        head = handle.read(4096).lstrip()
-    if not head:
-        raise LampError(f"{path}: the file is empty")
-    if not head.startswith(opener):
-        raise LampError(f"{path}: expected {expected}")
-
-
-def _check_is_list(path: Path) -> None:
-    check_json_start(path, b"[", "a JSON list of questions")
-
-
 def iter_questions(path: str | os.PathLike, task: Task | None = None,
                    require_output: bool = False, what: str = "questions file"
                    ) -> Iterator[dict]:
@@ -137,9 +123,8 @@ def iter_questions(path: str | os.PathLike, task: Task | None = None,
     import ijson
 
     path = check_readable(path, what)
-    _check_is_list(path)
     index, last_id = -1, None
-    with open_json_stream(path) as handle:
+    with open_json_stream(path, b"[", "a JSON list of questions") as handle:
         try:
             for index, question in enumerate(ijson.items(handle, "item", use_float=True)):
                 last_id = validate_question(question, index, str(path), task,

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from LaMP.utils.cli import DEFAULT_SEED
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
+from LaMP.utils.fileio import require_regular_file
 from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, build_ranker, order_profile
 from LaMP.utils.tasks import Task
 
@@ -90,7 +91,9 @@ def check_questions(path: str, task: Task, *, limit: int | None = None,
                     require_output: bool = False) -> int:
     """Validate a questions file without building prompts, so that a data mistake is
     reported before a model is loaded; returns the number of questions. Streams the file
-    (a second read, cheap next to loading a model)."""
+    (a second read, cheap next to loading a model, so a pipe is refused up front)."""
+    require_regular_file(path, "questions file", "it is checked before the model loads and "
+                                                 "read again to build the prompts")
     ids, golds = [], []
     for question in _questions(path, task, limit, require_output):
         ids.append(question["id"])

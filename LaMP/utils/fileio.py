@@ -6,6 +6,8 @@ failed run never leaves a half-written output).
 """
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import logging
 import math
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from LaMP.utils.errors import LampError
+from LaMP.utils.jsoninput import READ_SIZE, GuardedReader
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +36,29 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
+def require_regular_file(path: str | os.PathLike, what: str, why: str) -> Path:
+    """Refuse a pipe (``<(zcat x.gz)``, a FIFO) where a stage must read a file more than
+    once or seek in it: a pipe's bytes can be read only once. ``why`` finishes the sentence
+    "a regular file is needed because ..."."""
+    path = check_readable(path, what)
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise LampError(f"{what} {path} is {kind}; a regular file is needed because {why}")
+    return path
+
+
 def parse_json_bytes(data: bytes | str, source: str) -> Any:
-    """``json.loads`` with an error that names the source and the position."""
+    """``json.loads`` with an error that names the source and the position, after the
+    checks of ``LaMP.utils.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")  # a lone surrogate is then refused
+    reader = GuardedReader(io.BytesIO(data), source)
+    while reader.read(READ_SIZE):
+        pass  # checking only: json.loads below parses the whole text at once
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return json.loads(data)
-    except UnicodeDecodeError as error:
-        raise LampError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        return json.loads(data[start:].decode("utf-8"))
     except json.JSONDecodeError as error:
         raise LampError(
             f"{source}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno})"
@@ -46,17 +66,25 @@ def parse_json_bytes(data: bytes | str, source: str) -> Any:
 
 
 def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> Any:
-    """Load a whole JSON file; ``max_bytes`` refuses files too large to be what we expect."""
+    """Load a whole JSON file; ``max_bytes`` refuses files too large to be what we expect.
+    The file is read once, front to back, so a pipe works."""
     path = check_readable(path, what)
-    size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
-        raise LampError(
-            f"{path}: {size:,} bytes is too large to be a LaMP {what} (limit {max_bytes:,})"
-        )
+    status = path.stat()
+    if max_bytes is not None and status.st_size > max_bytes:
+        raise LampError(f"{path}: {status.st_size:,} bytes is too large to be a LaMP {what} "
+                        f"(limit {max_bytes:,})")
     try:
-        data = path.read_bytes()
+        if stat.S_ISREG(status.st_mode):
+            data = path.read_bytes()
+        else:
+            # A pipe has no size to check up front: read one byte past the limit at most.
+            with open(path, "rb") as handle:
+                data = handle.read(-1 if max_bytes is None else max_bytes + 1)
     except OSError as error:
         raise LampError(f"{path}: cannot read ({error.strerror})") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise LampError(f"{path}: more than {max_bytes:,} bytes is too large to be a LaMP "
+                        f"{what} (limit {max_bytes:,})")
     return parse_json_bytes(data, str(path))
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from LaMP.utils.data import as_id
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import atomic_write_json, check_readable, parse_json_bytes, read_json
+from LaMP.utils.fileio import atomic_write_json, parse_json_bytes, read_json, require_regular_file
 from LaMP.utils.tasks import Task, get_task
 
 # The largest published LaMP outputs file is a few tens of MB; anything far beyond that is
@@ -115,7 +115,8 @@ def _is_outputs_member(info: zipfile.ZipInfo) -> bool:
 
 def read_outputs_zip(path: str | os.PathLike, what: str = "zip") -> dict[Task, OutputsFile]:
     """Every LaMP outputs file inside a zip, by task; nothing is extracted to disk."""
-    path = check_readable(path, what)
+    path = require_regular_file(path, what, "a zip lists its members at its end, so reading "
+                                            "one means seeking back")
     # Opened here because zipfile.is_zipfile(path) answers False for a file it cannot open,
     # which would call an unreadable zip "not a zip archive".
     try:

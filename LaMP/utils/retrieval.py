@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from LaMP.utils.bm25 import TermIndex, bm25_scores_ids
-from LaMP.utils.data import as_id, check_json_start, open_json_stream
+from LaMP.utils.data import as_id, open_json_stream
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import check_readable
 from LaMP.utils.tasks import Task
@@ -328,8 +328,7 @@ def load_rankings(paths: Sequence[str | os.PathLike]) -> Rankings:
     rankings = Rankings()
     for path in paths:
         path = check_readable(path, "ranking file")
-        check_json_start(path, b"{", "a JSON object {question id: [profile ids]}")
-        with open_json_stream(path) as handle:
+        with open_json_stream(path, b"{", "a JSON object {question id: [profile ids]}") as handle:
             try:
                 for question_id, ranking in ijson.kvitems(handle, ""):
                     ids = ([as_id(item_id) for item_id in ranking] if isinstance(ranking, list)
@@ -348,9 +347,10 @@ def count_questions(path: str | os.PathLike) -> int:
     """How many questions a questions file holds (a streamed pass that builds only ids)."""
     import ijson
 
-    with open_json_stream(path) as handle:
+    with open_json_stream(path, b"[", "a JSON list of questions") as handle:
         try:
-            return sum(1 for _ in ijson.items(handle, "item.id"))
+            # use_float: as in iter_questions, so that both passes agree on what they accept
+            return sum(1 for _ in ijson.items(handle, "item.id", use_float=True))
         except ijson.JSONError as error:
             reason = str(error).splitlines()[0][:200]
             raise LampError(f"{path}: malformed JSON ({reason})") from None
