@@ -639,3 +639,19 @@ def test_duplicate_ids_stop_evaluate_llm_before_loading(tmp_path, no_model_loads
                                  f"{min(questions[0]['id'], '77')}, "
                                  f"{max(questions[0]['id'], '77')})")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hostile_adapter_config_is_one_error_not_a_recursion_error(tmp_path):
+    """Config files in model/adapter/checkpoint folders go through the guarded JSON reader."""
+    from LaMP.utils.checkpoints import check_adapter_folder, checkpoint_problem
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(LampError, match="adapter_config.json is not valid JSON"):
+        check_adapter_folder(adapter)
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"a": ' * 70 + "1" + "}" * 70)
+    assert "trainer_state.json is not valid JSON" in checkpoint_problem(checkpoint)

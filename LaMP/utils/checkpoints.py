@@ -8,7 +8,6 @@ milliseconds and need neither torch nor a network.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import parse_json_bytes, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
             return (f"truncated or not safetensors (a {header_length}-byte header announced, "
                     f"{size} bytes in the file)")
         try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, ValueError):
+            header = parse_json_bytes(handle.read(header_length), str(path))
+        except LampError:
             return "damaged (its safetensors header is not JSON)"
     if not isinstance(header, dict):
         return "damaged (its safetensors header is not a JSON object)"
@@ -84,9 +84,9 @@ def weight_file_problem(path: Path) -> str | None:
     """Why one weights file (or a sharded index and its shards) cannot be loaded, or ``None``."""
     if path.name.endswith(".index.json"):
         try:
-            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(path)["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        except (LampError, KeyError, TypeError, AttributeError):
             return f"{path.name} is not a valid shard index"
         for shard in shards:
             shard_path = path.parent / shard
@@ -144,12 +144,12 @@ def check_adapter_folder(path: str) -> None:
 
 
 def _json_problem(path: Path) -> str | None:
+    # Through the guarded reader: a hostile config (deep nesting, huge numbers) is a
+    # problem to report, not a RecursionError.
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        return f"{path.name} is unreadable ({error.strerror or error})"
-    except (UnicodeDecodeError, ValueError):
-        return f"{path.name} is not valid JSON (cut short?)"
+        read_json(path)
+    except LampError as error:
+        return f"{path.name} is not valid JSON (cut short?): {str(error).split(': ', 1)[-1]}"
     return None
 
 
@@ -210,8 +210,8 @@ def check_checkpoint(folder: Path) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        loaded = read_json(path)
+    except LampError:
         return {}
     return loaded if isinstance(loaded, dict) else {}
 
