@@ -19,8 +19,15 @@ from LaMP.utils.errors import LampError
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | None = None) -> torch.device:
-    """``device`` checked against this machine; ``None`` means cuda when present, else cpu."""
+def resolve_device(device: str | None = None, *, local_rank: int | None = None) -> torch.device:
+    """``device`` checked against this machine; ``None`` means cuda when present, else cpu.
+
+    ``local_rank``: this process's index on its machine when a launcher started several;
+    CUDA then means that process's own GPU, ``cuda:LOCAL_RANK`` (as the launcher intends),
+    not GPU 0 in every process.
+    """
+    if local_rank is not None:
+        return _launched_device(device, local_rank)
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -39,6 +46,15 @@ def resolve_device(device: str | None = None) -> torch.device:
     elif resolved.type != "cpu":
         raise LampError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return resolved
+
+
+def _launched_device(device: str | None, local_rank: int) -> torch.device:
+    if device is not None and device not in ("cpu", "cuda"):
+        raise LampError(f"--device {device}: under a launcher use cpu or cuda (each process "
+                        "takes GPU LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return resolve_device(f"cuda:{local_rank}")  # fewer GPUs than processes: one line
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from LaMP.utils.distributed import Launch, contiguous_slice, gather_in_order
 from LaMP.utils.examples import Example
 from LaMP.utils.outputs import write_outputs
 from LaMP.utils.scoring import score_outputs
@@ -23,6 +24,16 @@ def predict(lamp_model, task: Task, examples: Sequence[Example], *, max_length: 
                                        batch_size=batch_size, progress=progress)
     return lamp_model.generate(prompts, max_length=max_length, max_new_tokens=max_new_tokens,
                                num_beams=num_beams, batch_size=batch_size, progress=progress)
+
+
+def predict_in_slices(lamp_model, task: Task, examples: Sequence[Example], launch: Launch,
+                      *, progress: bool = True, **settings) -> list[str]:
+    """``predict`` with the examples split over the launched processes: each answers its
+    contiguous slice and every process gets all outputs, in example order. ``settings`` are
+    ``predict``'s keyword arguments. One process (no launcher): ``predict`` itself."""
+    mine = list(examples)[contiguous_slice(len(examples), launch.rank, launch.world_size)]
+    texts = predict(lamp_model, task, mine, progress=progress and launch.is_main, **settings)
+    return gather_in_order(texts, launch)
 
 
 def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[str],

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from transformers import Trainer
 
+from LaMP.utils.distributed import contiguous_slice  # noqa: F401  (tests import it from here)
 from LaMP.utils.examples import Example
 from LaMP.utils.modeling import IGNORE as IGNORE_INDEX  # positions the loss skips
 from LaMP.utils.modeling import LampModel
@@ -87,13 +88,6 @@ def add_lora(model, *, seq2seq: bool, r: int, alpha: int, dropout: float,
 
         raise LampError(f"LoRA set-up failed ({str(error).splitlines()[0]}); "
                         "name the layers with --lora_target_modules") from None
-
-
-def contiguous_slice(n_items: int, rank: int, world_size: int) -> slice:
-    """The part of ``range(n_items)`` process ``rank`` handles (contiguous, sizes ±1)."""
-    base, extra = divmod(n_items, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 @dataclass
