@@ -7,6 +7,8 @@ Example (from the LaMP/ folder):
 
 Writes ``predictions.json`` (the LaMP format the evaluator reads), ``results_output.json``
 (metrics, when the data carries gold outputs) and ``args.json`` into ``--output_dir``.
+Runs unchanged under ``torchrun`` / ``accelerate launch``: each process answers a contiguous
+slice of the questions and the main process alone writes the same files one process would.
 """
 from __future__ import annotations
 

@@ -40,22 +40,24 @@ def merged(tmp_path: Path, task_number: int, count: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def opinionated_llama(tmp_path_factory, tiny_llama) -> Path:
-    """tiny_llama's architecture and tokenizer with weights drawn at a 0.3 instead of a 0.02
-    scale. The default random model picks the same label for every question, so a mix-up of
-    the gathered slices would go unseen; this one's choice depends on the prompt."""
-    import shutil
-
+def opinionated_llama(tmp_path_factory) -> Path:
+    """A tiny Llama whose label choice depends on the prompt. tiny_llama (0.02 initial
+    scale) picks the same label for every question, which would hide a mix-up of the
+    gathered slices, and its trained tokenizer differs from run to run; this one reads bytes
+    (ByT5's fixed tokenizer) and draws its weights at a 0.3 scale from a fixed seed."""
     import torch
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("opinionated_llama")
-    config = AutoConfig.from_pretrained(tiny_llama)
-    config.initializer_range = 0.3
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id, initializer_range=0.3)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    for tokenizer_file in tiny_llama.glob("*token*"):
-        shutil.copy(tokenizer_file, folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -67,11 +69,12 @@ def eval_args(data: Path, model: Path, task: str, output_dir: Path, *extra: str)
 
 
 def launched(script: str, args: list[str], port: int) -> subprocess.CompletedProcess:
-    """``script`` under torchrun with 2 CPU processes (gloo), on a fixed free-ish port."""
+    """``script`` (a path in the repository) under torchrun with 2 CPU processes (gloo), on
+    a fixed port (each test its own)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(REPO / "LaMP" / script), *args]
+               str(REPO / script), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -84,8 +87,9 @@ def assert_same_outputs(single: Path, parallel: Path) -> None:
 
 
 @pytest.mark.parametrize("task_number, count, model, extra", [
-    (7, 5, "tiny_llama", ()),                       # generation, 5 = 3 + 2
-    (3, 5, "opinionated_llama", ("--label_scoring",)),  # label scoring, 5 = 3 + 2
+    (7, 5, "opinionated_llama", ()),                # generation, 5 = 3 + 2
+    # label scoring, 5 = 3 + 2; room for the whole review in bytes
+    (3, 5, "opinionated_llama", ("--label_scoring", "--max_length", "1024")),
     (5, 1, "tiny_t5", ()),                          # one question: process 1 answers none
 ], ids=["generate-uneven", "label-scoring-uneven", "fewer-questions-than-processes"])
 def test_two_processes_write_what_one_process_writes(tmp_path, request, task_number, count,
@@ -96,7 +100,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, request, task_num
     before = data.read_bytes()
     task = f"LaMP-{task_number}"
     evaluate_llm.main(eval_args(data, model_dir, task, tmp_path / "one", *extra))
-    done = launched("evaluate_llm.py", eval_args(data, model_dir, task, tmp_path / "two", *extra),
+    done = launched("LaMP/evaluate_llm.py", eval_args(data, model_dir, task, tmp_path / "two", *extra),
                     port=29611 + task_number)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_outputs(tmp_path / "one", tmp_path / "two")
@@ -171,3 +175,58 @@ def test_launched_device_is_the_process_own():
         assert resolve_device(None, local_rank=1).type == "cpu"
         with pytest.raises(LampError, match="CUDA is not available"):
             resolve_device("cuda", local_rank=1)
+
+
+def test_fsdp2_sharded_prediction_and_gathered_adapter(tmp_path, opinionated_llama, tiny_t5):
+    # accelerate runs FSDP only on GPUs, so the sharding it would apply (FSDP2, one unit per
+    # transformer layer plus the top) is applied here by hand, on 2 CPU processes.
+    done = launched("tests/distributed_worker.py",
+                    [str(tmp_path), str(opinionated_llama), str(tiny_t5)], port=29621)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "result.json").read_text())
+    from safetensors.torch import load_file
+
+    for model in (opinionated_llama, tiny_t5):
+        result = results[model.name]
+        assert result["ranks"] == [0, 1]
+        # 3 questions over 2 processes whose every forward pass needs both: generation and
+        # label scoring answer as the unsharded model does (no hang on the shorter slice).
+        assert result["sharded"] == result["reference"]
+        assert result["gathered_equals_unsharded"]
+        saved = load_file(tmp_path / model.name / "adapter" / "adapter_model.safetensors")
+        assert len(saved) == result["lora_tensors"] > 0  # the whole adapter, not a shard
+    # The causal model's answers differ by question, so a mix-up of the slices would show.
+    assert len(set(results[opinionated_llama.name]["reference"]["LaMP-5"])) == 3
+
+
+def test_processes_that_did_not_form_a_group_are_one_error(monkeypatch, tmp_path):
+    # accelerate launch with the FSDP config on a machine without GPUs: 2 processes, each
+    # with a Trainer that sees only itself; both would train alone and both would write.
+    from types import SimpleNamespace
+
+    from LaMP import train_llm
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(LampError, match="started 2 processes but each trains alone"):
+        train_llm.check_processes_joined(SimpleNamespace(world_size=1))
+    train_llm.check_processes_joined(SimpleNamespace(world_size=2))  # a proper group passes
+
+
+@pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml",
+                                                                 "DEEPSPEED")])
+def test_shipped_accelerate_configs_load_as_intended(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "LaMP" / "configs" / "accelerate" / name))
+    assert config.distributed_type == kind and config.num_machines == 1
+    if kind == "FSDP":
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    else:
+        deepspeed = config.deepspeed_config
+        assert deepspeed["zero_stage"] == 3 and deepspeed["zero3_save_16bit_model"] is True
+        # Left to the Trainer ("auto"): a fixed value here would contradict train_llm's flags.
+        assert "gradient_accumulation_steps" not in deepspeed
