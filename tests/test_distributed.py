@@ -230,3 +230,12 @@ def test_shipped_accelerate_configs_load_as_intended(name, kind):
         assert deepspeed["zero_stage"] == 3 and deepspeed["zero3_save_16bit_model"] is True
         # Left to the Trainer ("auto"): a fixed value here would contradict train_llm's flags.
         assert "gradient_accumulation_steps" not in deepspeed
+
+
+def test_a_world_size_without_a_launcher_is_one_error_line(monkeypatch):
+    import torch
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # what torchrun would have set
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LampError, match="cannot join the 2 launched processes: .*MASTER_ADDR"):
+        distributed.init_process_group(Launch(0, 2, 0), torch.device("cpu"))

@@ -87,7 +87,12 @@ def init_process_group(launch: Launch, device) -> bool:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
+    try:
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
+    except ValueError as error:  # WORLD_SIZE set by hand, without the rendezvous variables
+        raise LampError(f"cannot join the {launch.world_size} launched processes: "
+                        f"{str(error).splitlines()[0]} (start the run with torchrun or "
+                        "accelerate launch)") from None
     logger.info("process %d of %d joined the %s group on %s", launch.rank, launch.world_size,
                 backend, device)
     return True
