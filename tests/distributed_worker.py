@@ -54,6 +54,14 @@ def check(model_dir: str, out: Path, launch) -> dict:
     lamp_model = LampModel(model=model, tokenizer=tokenizer, is_seq2seq=seq2seq,
                            device=torch.device("cpu"))
     reference = answers(lamp_model, examples, predict)
+    # One question for two processes: the second answers nothing and still joins the gather.
+    def in_slices(*args, **kwargs):
+        return predict_in_slices(*args, launch, **kwargs)
+
+    def in_shards(*args, **kwargs):
+        return predict_in_slices(*args, launch, sharded=True, **kwargs)
+
+    one_question = {"plain": answers(lamp_model, examples[:1], in_slices)}
     adapter_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
 
     # Transformer-layer wrap: the classes the model names as not to be split, then the top.
@@ -67,8 +75,8 @@ def check(model_dir: str, out: Path, launch) -> dict:
         model(**tokenizer(PROMPTS[0], return_tensors="pt"),  # module: training does that
               **({"decoder_input_ids": torch.zeros((1, 1), dtype=torch.long)} if seq2seq else {}))
 
-    sharded = answers(lamp_model, examples,
-                      lambda *a, **k: predict_in_slices(*a, launch, sharded=True, **k))
+    sharded = answers(lamp_model, examples, in_shards)
+    one_question["sharded"] = answers(lamp_model, examples[:1], in_shards)
     # What accelerate's get_state_dict does for FSDP2 before train_llm.py saves.
     state_dict = get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True))
@@ -78,6 +86,7 @@ def check(model_dir: str, out: Path, launch) -> dict:
     model.save_pretrained(out / "adapter", state_dict=state_dict)
     same = all(torch.equal(state_dict[k], v) for k, v in adapter_before.items())
     return {"reference": reference, "sharded": sharded, "ranks": ranks,
+            "one_question": one_question,
             "gathered_equals_unsharded": same, "lora_tensors": len(adapter_before)}
 
 
