@@ -9,6 +9,8 @@ Writes ``predictions.json`` (the LaMP format the evaluator reads), ``results_out
 (metrics, when the data carries gold outputs) and ``args.json`` into ``--output_dir``. A rerun
 into the same folder replaces them (and removes a results_output.json the new data has no
 golds for); a training run's folder is refused, since these names would replace its own.
+Runs unchanged under ``torchrun`` / ``accelerate launch``: each process answers a contiguous
+slice of the questions and the main process alone writes the same files one process would.
 """
 from __future__ import annotations
 
@@ -92,39 +94,59 @@ def main(argv=None) -> dict:
     # should not cost a model load first.
     check_questions(args.validation_data, args.task, limit=args.limit)
 
+    from dataclasses import replace
+
     from transformers import set_seed
 
+    from LaMP.utils.distributed import end_process_group, init_process_group, launch_from_env
     from LaMP.utils.modeling import load_model, resolve_device
-    from LaMP.utils.predict import predict, write_predictions
+    from LaMP.utils.predict import predict_in_slices, write_predictions
 
-    device = resolve_device(args.device)  # a device this machine lacks: one line, no load
-    set_seed(args.seed)
-    task = args.task
-    lamp_model = load_model(args.model_addr, device=str(device), adapter=args.adapter,
-                            chat_template=args.chat_template,
-                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
-    options = profile_options(args)
-    examples = build_examples(args.validation_data, task,
-                              lamp_model.prompt_builder(task, args.max_length), options,
-                              limit=args.limit)
-    started = time.perf_counter()
-    predictions = predict(lamp_model, task, examples, max_length=args.max_length,
-                          max_new_tokens=args.generation_max_length,
-                          num_beams=args.generation_num_beams,
-                          batch_size=args.per_device_batch_size,
-                          label_scoring=args.label_scoring)
-    elapsed = time.perf_counter() - started
+    # Under torchrun / accelerate launch every process gets here having checked the same
+    # inputs; each answers a contiguous slice and the main process writes everything.
+    launch = launch_from_env()
+    # A device this machine lacks: one line, no load. Under a launcher: this process's GPU.
+    device = resolve_device(args.device,
+                            local_rank=launch.local_rank if launch.distributed else None)
+    if not launch.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
+    created_group = init_process_group(launch, device)
+    try:
+        set_seed(args.seed)
+        task = args.task
+        lamp_model = load_model(args.model_addr, device=str(device), adapter=args.adapter,
+                                chat_template=args.chat_template,
+                                trust_remote_code=args.trust_remote_code,
+                                cache_dir=args.cache_dir)
+        # Dense retrieval runs on this process's device too, not on GPU 0 in every process.
+        options = replace(profile_options(args), device=str(device))
+        examples = build_examples(args.validation_data, task,
+                                  lamp_model.prompt_builder(task, args.max_length), options,
+                                  limit=args.limit)
+        started = time.perf_counter()
+        predictions = predict_in_slices(lamp_model, task, examples, launch,
+                                        max_length=args.max_length,
+                                        max_new_tokens=args.generation_max_length,
+                                        num_beams=args.generation_num_beams,
+                                        batch_size=args.per_device_batch_size,
+                                        label_scoring=args.label_scoring)
+        elapsed = time.perf_counter() - started
+    finally:
+        end_process_group(created_group)
     output_dir = Path(args.output_dir)
-    # Removed first: written again below only if these questions carry golds, and never left
-    # from an earlier run beside predictions it does not describe.
-    remove_outputs(output_dir, ["results_output.json"])
-    results = write_predictions(output_dir, task, examples, predictions)
-    if results is not None:
-        results["seconds"] = elapsed
-        atomic_write_json(output_dir / "results_output.json", results, indent=2)
-    save_run_args(output_dir / "args.json", args)
-    logger.info("%d predictions in %.1f s (%.2f questions/s) → %s", len(examples), elapsed,
-                len(examples) / max(elapsed, 1e-9), output_dir)
+    results = None
+    if launch.is_main:
+        # Removed first: written again below only if these questions carry golds, and never
+        # left from an earlier run beside predictions it does not describe.
+        remove_outputs(output_dir, ["results_output.json"])
+        results = write_predictions(output_dir, task, examples, predictions)
+        if results is not None:
+            results["seconds"] = elapsed
+            atomic_write_json(output_dir / "results_output.json", results, indent=2)
+        save_run_args(output_dir / "args.json", args)
+        logger.info("%d predictions in %.1f s (%.2f questions/s) over %d process(es) → %s",
+                    len(examples), elapsed, len(examples) / max(elapsed, 1e-9),
+                    launch.world_size, output_dir)
     return {"predictions": predictions, "results": results}
 
 

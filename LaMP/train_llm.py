@@ -278,6 +278,20 @@ def resume_checkpoint(args: argparse.Namespace) -> str | None:
     return str(checkpoint)
 
 
+def check_processes_joined(trainer_arguments) -> None:
+    """Several launched processes that did not form one group would each train alone and
+    all write --output_dir: accelerate does that with an FSDP/DeepSpeed/multi-GPU config on
+    a machine without GPUs."""
+    from LaMP.utils.distributed import launch_from_env
+
+    launched = launch_from_env().world_size
+    if launched > 1 and trainer_arguments.world_size != launched:
+        raise LampError(f"the launcher started {launched} processes but each trains alone: "
+                        "accelerate's FSDP and DeepSpeed modes need GPUs; on CPUs use "
+                        "torchrun (or accelerate launch without a config file) and --device cpu")
+
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
@@ -299,7 +313,8 @@ def main(argv=None) -> dict:
     from LaMP.utils.predict import score_predictions
     from LaMP.utils.outputs import write_outputs
     from LaMP.utils.training import (GenerationEvalTrainer, GenerationSettings, PaddingCollator,
-                                     RunArgsInCheckpoints, training_features)
+                                     RunArgsInCheckpoints, gathered_state_dict,
+                                     training_features)
 
     set_seed(args.seed)
     task = args.task
@@ -310,6 +325,7 @@ def main(argv=None) -> dict:
         trainer_arguments = training_arguments(args, checkpoint_dir)
     except ValueError as error:
         raise LampError(f"training arguments: {str(error).splitlines()[0]}") from None
+    check_processes_joined(trainer_arguments)
 
     if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
         # The old run's checkpoints would outrank the new ones in the Trainer's rotation
@@ -368,9 +384,13 @@ def main(argv=None) -> dict:
         "eval_history": [entry for entry in trainer.state.log_history
                          if any(key.startswith("eval_") for key in entry)],
     }
+    # Under FSDP / ZeRO-3 each process holds a shard: all join the gather, one writes.
+    state_dict = gathered_state_dict(trainer)
     if trainer.is_world_process_zero():
         with writing_into(output_dir):
-            trainer.model.save_pretrained(output_dir)  # the adapter alone under LoRA
+            # The adapter alone under LoRA (peft keeps only its weights of a full state dict).
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                output_dir, state_dict=state_dict)
             lamp_model.tokenizer.save_pretrained(output_dir)
         write_outputs(output_dir / "predictions.json", task,
                       zip((e.id for e in eval_examples), eval_texts))

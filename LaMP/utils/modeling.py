@@ -6,6 +6,7 @@ the left for generation and have the prompt removed from what they return; with
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -21,8 +22,15 @@ from LaMP.utils.errors import LampError
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | None = None) -> torch.device:
-    """``device`` checked against this machine; ``None`` means cuda when present, else cpu."""
+def resolve_device(device: str | None = None, *, local_rank: int | None = None) -> torch.device:
+    """``device`` checked against this machine; ``None`` means cuda when present, else cpu.
+
+    ``local_rank``: this process's index on its machine when a launcher started several;
+    CUDA then means that process's own GPU, ``cuda:LOCAL_RANK`` (as the launcher intends),
+    not GPU 0 in every process.
+    """
+    if local_rank is not None:
+        return _launched_device(device, local_rank)
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -41,6 +49,15 @@ def resolve_device(device: str | None = None) -> torch.device:
     elif resolved.type != "cpu":
         raise LampError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return resolved
+
+
+def _launched_device(device: str | None, local_rank: int) -> torch.device:
+    if device is not None and device not in ("cpu", "cuda"):
+        raise LampError(f"--device {device}: under a launcher use cpu or cuda (each process "
+                        "takes GPU LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return resolve_device(f"cuda:{local_rank}")  # fewer GPUs than processes: one line
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -192,10 +209,13 @@ class LampModel:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], *, max_length: int, max_new_tokens: int,
-                 num_beams: int = 1, batch_size: int = 8, progress: bool = True) -> list[str]:
+                 num_beams: int = 1, batch_size: int = 8, progress: bool = True,
+                 synced_gpus: bool = False) -> list[str]:
         """Greedy (num_beams=1) or beam-search outputs for each prompt, in input order.
 
-        Prompts are grouped by length so that batches carry little padding.
+        Prompts are grouped by length so that batches carry little padding. ``synced_gpus``:
+        the weights are sharded over processes (FSDP, DeepSpeed ZeRO-3), so every forward
+        pass is a collective; each process keeps stepping until all have finished.
         """
         if not prompts:
             return []  # e.g. a process whose share of a small evaluation set is empty
@@ -204,15 +224,20 @@ class LampModel:
         order = _longest_first(self.prompt_lengths(prompts))
         outputs: list[str] = [""] * len(prompts)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-            encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
-            generated = self.model.generate(**encoded, generation_config=config)
-            if not self.is_seq2seq:
-                generated = generated[:, encoded["input_ids"].shape[1]:]
-            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                outputs[i] = text.strip()
+        with _top_level_gathered(self.model):
+            for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+                self._generate_batch(prompts, batch, max_length, config, synced_gpus, outputs)
         return outputs
+
+    def _generate_batch(self, prompts, batch, max_length, config, synced_gpus, outputs):
+        encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
+        generated = self.model.generate(**encoded, generation_config=config,
+                                        synced_gpus=synced_gpus)
+        if not self.is_seq2seq:
+            generated = generated[:, encoded["input_ids"].shape[1]:]
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for i, text in zip(batch, texts):
+            outputs[i] = text.strip()
 
     # -- label scoring -----------------------------------------------------------------
     @torch.inference_mode()
@@ -234,11 +259,13 @@ class LampModel:
         order = _longest_first(self.prompt_lengths(prompts))
         batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
         best: list[str] = [""] * len(prompts)
-        for batch in tqdm(batches, desc="scoring labels", unit="batch", disable=not progress):
-            encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
-            scores = self._label_log_likelihoods(encoded, label_ids)
-            for i, j in zip(batch, scores.argmax(dim=1).tolist()):
-                best[i] = labels[j]
+        with _top_level_gathered(self.model):
+            for batch in tqdm(batches, desc="scoring labels", unit="batch",
+                              disable=not progress):
+                encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
+                scores = self._label_log_likelihoods(encoded, label_ids)
+                for i, j in zip(batch, scores.argmax(dim=1).tolist()):
+                    best[i] = labels[j]
         return best
 
     def _label_ids(self, label: str) -> list[int]:
@@ -288,6 +315,26 @@ class LampModel:
 
 IGNORE = -100  # target positions that are not scored (PyTorch's cross-entropy default)
 LABEL_ROWS_PER_BATCH = 128  # prompt x label rows per label-scoring batch (bounds cache copies)
+
+
+@contextlib.contextmanager
+def _top_level_gathered(model: torch.nn.Module):
+    """Under FSDP2 a sharded module gathers its own weights in a hook on its forward.
+    ``generate`` and ``get_encoder`` reach the inner model without calling the top-level
+    module (a peft wrapper, say), so its weights (embeddings, head, final norm; the layers
+    keep gathering themselves) are gathered here for the whole call. A no-op otherwise."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()  # collective: every process predicts the same batches (sharded mode)
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _padded(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:

@@ -20,11 +20,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from LaMP.utils.checkpoints import RUN_ARGS
+from LaMP.utils.distributed import Launch, contiguous_slice  # noqa: F401 (tests import it)
 from LaMP.utils.examples import Example
 from LaMP.utils.fileio import save_run_args
 from LaMP.utils.modeling import IGNORE as IGNORE_INDEX  # positions the loss skips
 from LaMP.utils.modeling import LampModel
-from LaMP.utils.predict import predict
+from LaMP.utils.predict import predict_in_slices
 from LaMP.utils.scoring import score_outputs
 from LaMP.utils.tasks import Task
 
@@ -105,11 +106,27 @@ class RunArgsInCheckpoints(TrainerCallback):
             save_run_args(folder / RUN_ARGS, self.run_args)
 
 
-def contiguous_slice(n_items: int, rank: int, world_size: int) -> slice:
-    """The part of ``range(n_items)`` process ``rank`` handles (contiguous, sizes ±1)."""
-    base, extra = divmod(n_items, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
+
+def weights_are_sharded(trainer: Trainer) -> bool:
+    """Whether the trainer's model is split over the processes (FSDP, DeepSpeed ZeRO-3), so
+    that every forward pass and every full state dict needs all of them."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+    return False
+
+
+def gathered_state_dict(trainer: Trainer) -> dict | None:
+    """The model's whole state dict, gathered from the processes when its weights are
+    sharded (every process must call this: the gather is collective); ``None`` when each
+    process holds all of it (``save_pretrained`` then reads the model itself)."""
+    if not weights_are_sharded(trainer):
+        return None
+    # DeepSpeed gathers through its engine; FSDP through the prepared model.
+    model = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
+    return trainer.accelerator.get_state_dict(model)
 
 
 @dataclass
@@ -135,22 +152,21 @@ class GenerationEvalTrainer(Trainer):
 
     def generate_texts(self, examples: Sequence[Example]) -> list[str]:
         """Predictions for ``examples``, split over the processes and gathered in order."""
-        from accelerate.utils import gather_object
-
-        world, rank = self.args.world_size, self.args.process_index
-        mine = list(examples)[contiguous_slice(len(examples), rank, world)]
+        launch = Launch(rank=self.args.process_index, world_size=self.args.world_size,
+                        local_rank=max(self.args.local_process_index, 0))
         lamp_model = self.make_lamp_model(self.model)
         was_training = self.model.training
         settings = self.generation
-        texts = predict(lamp_model, self.task, mine, max_length=settings.max_length,
-                        max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
-                        batch_size=settings.batch_size, label_scoring=settings.label_scoring,
-                        progress=self.is_local_process_zero())
+        texts = predict_in_slices(lamp_model, self.task, examples, launch,
+                                  sharded=weights_are_sharded(self),
+                                  max_length=settings.max_length,
+                                  max_new_tokens=settings.max_new_tokens,
+                                  num_beams=settings.num_beams, batch_size=settings.batch_size,
+                                  label_scoring=settings.label_scoring,
+                                  progress=self.is_local_process_zero())
         if was_training:
             self.model.train()
-        if world > 1:
-            texts = gather_object(texts)
-        return list(texts)
+        return texts
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         examples = self.eval_examples
