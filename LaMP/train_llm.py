@@ -291,7 +291,6 @@ def check_processes_joined(trainer_arguments) -> None:
                         "torchrun (or accelerate launch without a config file) and --device cpu")
 
 
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
