@@ -538,7 +538,7 @@ def test_a_bad_url_from_the_shell_is_an_error_not_a_traceback(tmp_path):
     failed = script("--base_url", "http://[::1", "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert failed.returncode == 2
     assert failed.stderr.splitlines()[-1] == (
-        "download_data.py: error: --base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)")
+        "error: --base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)")
     assert "Traceback" not in failed.stderr
     assert not (tmp_path / "out").exists()
 

@@ -22,10 +22,10 @@ MAX_SEED = 2**32 - 1
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage mistakes end like every other user mistake
     here: one line that starts ``error:`` and exit status 2 (argparse's own format is a usage
-    block and then ``prog: error: …``). The full usage stays one ``--help`` away."""
+    block and then ``prog: error: …``). The usage stays one ``--help`` away."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}\n")
 
 
 def seed_arg(text: str) -> int:
