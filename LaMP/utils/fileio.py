@@ -157,5 +157,8 @@ class JsonObjectWriter(JsonListWriter):
     _open, _close = "{", "}"
 
     def write(self, key: str, value: Any) -> None:  # type: ignore[override]
-        self._write_entry(f"{json.dumps(key, ensure_ascii=False)}: "
-                          f"{json.dumps(value, ensure_ascii=False)}")
+        self.write_encoded(key, json.dumps(value, ensure_ascii=False))
+
+    def write_encoded(self, key: str, encoded_value: str) -> None:
+        """``write`` with the value already JSON text (encoded elsewhere, e.g. in a worker)."""
+        self._write_entry(f"{json.dumps(key, ensure_ascii=False)}: {encoded_value}")
