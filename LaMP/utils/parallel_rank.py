@@ -40,6 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
+from LaMP.utils.bm25 import TermIndex
 from LaMP.utils.data import validate_question
 from LaMP.utils.errors import LampError
 from LaMP.utils.retrieval import build_ranker
@@ -221,7 +222,7 @@ _worker: dict = {}
 
 
 def _start_worker(ranker_name: str, task_name: str, ranker_options: dict, source: str,
-                  parent: int | None) -> None:
+                  num_workers: int, parent: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, if forked
     _set_signal_mask(signal.SIG_UNBLOCK, _BLOCKED)  # blocked while the pool started
@@ -234,8 +235,14 @@ def _start_worker(ranker_name: str, task_name: str, ranker_options: dict, source
     if parent is not None and os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
     task = get_task(task_name)
-    _worker.update(task=task, source=source,
-                   ranker=build_ranker(ranker_name, task, **ranker_options))
+    ranker = build_ranker(ranker_name, task, **ranker_options)
+    terms = getattr(ranker, "terms", None)
+    if isinstance(terms, TermIndex):
+        # Every worker keeps its own memo of tokenised texts: they share one inline run's
+        # budget, so that memory does not grow with the number of cores.
+        ranker.terms = TermIndex(max(terms.max_terms // num_workers, 1),
+                                 max(terms.max_text_chars // num_workers, 1))
+    _worker.update(task=task, source=source, ranker=ranker)
 
 
 def _reject_constant(name: str):
@@ -358,7 +365,7 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
     ``FastPathFailed`` when the file is not plainly well formed (see the module docstring).
     """
     context = _pool_context()
-    options = (ranker_name, task_name, ranker_options, str(path), None)
+    options = (ranker_name, task_name, ranker_options, str(path), num_workers, None)
     with _terminate_on_sigterm(), _started_pool(context, num_workers, options) as pool:
         in_flight: deque = deque()
         first = 0
