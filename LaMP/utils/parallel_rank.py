@@ -19,9 +19,11 @@ are cut into spans at question ends, and a span parses (wrapped in brackets) to 
 number of questions the splitter counted, or the run fails. Spans that parse correctly,
 joined by their commas, are the list itself, so a wrong cut cannot go unnoticed.
 
-Workers are forked where the platform allows it (no imports to repeat); they import nothing
-beyond what the main process has (no torch for these rankers), ignore Ctrl-C (the main
-process handles it and terminates them) and, on Linux, die with the main process.
+Workers are forked on Linux (no imports to repeat; see ``_pool_context`` for when and how);
+they import nothing beyond what the main process has (no torch for these rankers), ignore
+Ctrl-C (the main process handles it and terminates them) and, on Linux, die with the main
+process even when it is killed outright. Each BM25 worker keeps its share of one inline
+run's memo of tokenised texts, so memory does not grow with the number of cores.
 """
 from __future__ import annotations
 
@@ -330,13 +332,16 @@ def _set_signal_mask(how, signals):
 
 
 def _pool_context():
-    """Fork (nothing to import again) when this process has a single thread; a process
-    with more threads (a progress bar's monitor, a test runner's) may be holding a lock that
-    a forked child would wait on forever, so then fork from a clean server process."""
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+    """On Linux, fork (nothing to import again) when this process has a single thread; a
+    process with more threads (a progress bar's monitor, a test runner's) may be holding a
+    lock that a forked child would wait on forever, so then fork from a clean server
+    process. Elsewhere spawn, Python's own default there (macOS system libraries do not
+    survive a fork)."""
+    if not sys.platform.startswith("linux"):
+        return multiprocessing.get_context("spawn")
+    if threading.active_count() == 1:
         return multiprocessing.get_context("fork")
-    if "forkserver" in methods:
+    if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         return context
