@@ -163,6 +163,25 @@ def test_an_error_found_by_a_worker_reads_as_with_one_worker(tmp_path, small_chu
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("bad_question, shard_id", [(2, "2"), (2, "0"), (11, "0")])
+def test_a_bad_question_outside_the_shard_is_reported_as_with_one_worker(
+        tmp_path, small_chunks, bad_question, shard_id):
+    # Inline, questions before the shard are read and checked, those after it are not read.
+    questions = tricky_questions(12)
+    questions[bad_question]["profile"][1] = ["not", "an", "item"]
+    path = write_questions(tmp_path / "q.json", questions)
+    outcomes = []
+    for workers in ("1", "2"):
+        try:
+            outcomes.append(run_rank(path, tmp_path / "r.json", "LaMP-7", "--ranker", "bm25",
+                                     "--num_shards", "3", "--shard_id", shard_id,
+                                     "--num_workers", workers))
+        except LampError as error:
+            outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]
+    assert isinstance(outcomes[0], str) == (bad_question < 4 * int(shard_id) + 4)
+
+
 @pytest.mark.parametrize("case, content", [
     # ijson reads these; json.loads alone would not, or would read them differently.
     ("lone surrogate escape", '"\\ud800 a b"'),
