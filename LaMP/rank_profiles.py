@@ -9,6 +9,8 @@ The ranking lists each question's profile item ids, best first (ties in profile 
 questions file is streamed; the output is written atomically, with the run's arguments
 beside it (``<output>.args.json``). Big jobs can be split with ``--num_shards N --shard_id i``
 (questions in N contiguous slices); ``utils/merge_with_rank.py`` accepts all the shard files.
+bm25, recency and random parse and rank in ``--num_workers`` processes (every core by default);
+the ranking is byte for byte the same for any number of workers.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
                                require_regular_file, save_run_args)
-from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS,
+from LaMP.utils.parallel_rank import (FastPathFailed, available_cores, rank_in_workers,
+                                      worth_workers)
+from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS, Ranker,
                                   build_ranker, count_questions, shard_range)
 from LaMP.utils.tasks import task_arg
 
@@ -68,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="split the questions into this many contiguous slices (default 1)")
     parser.add_argument("--shard_id", type=int, default=0,
                         help="which slice to rank, 0 … num_shards-1 (default 0)")
+    parser.add_argument("--num_workers", type=int, default=available_cores(),
+                        help="processes that parse and rank the questions for bm25, recency and "
+                             "random (default: the cores this process may use, "
+                             f"{available_cores()} here; 1 ranks in this process; contriever "
+                             "always runs its one model in this process)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -76,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_shards must be at least 1")
     if not 0 <= args.shard_id < args.num_shards:
         parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    if args.num_workers < 1:
+        parser.error("--num_workers must be at least 1")
     return args
 
 
@@ -91,8 +102,7 @@ def main(argv=None) -> dict:
                   inputs={"--input_data_addr": input_path,
                           "--contriever_checkpoint": args.contriever_checkpoint})
 
-    questions = iter_questions(input_path, args.task)
-    total = None
+    shard = None
     if args.num_shards > 1:
         require_regular_file(input_path, "questions file",
                              "--num_shards counts its questions before ranking one slice, "
@@ -100,32 +110,78 @@ def main(argv=None) -> dict:
         shard = shard_range(count_questions(input_path), args.num_shards, args.shard_id)
         logger.info("shard %d of %d: questions %d … %d", args.shard_id, args.num_shards,
                     shard.start, shard.stop - 1)
-        questions = islice(questions, shard.start, shard.stop)
-        total = len(shard)
-    # Read the first question before building the ranker (for contriever, loading a
-    # model), so that a malformed file fails at once.
-    first = next(questions, None)
-    questions = chain([first], questions) if first is not None else iter(())
-    ranker = build_ranker(
+    ranker = count = None
+    if worth_workers(input_path, args.num_workers, args.ranker) and (shard is None or shard):
+        try:
+            ranker, count = _rank_in_workers(args, input_path, output_path, shard)
+        except FastPathFailed as reason:
+            # The inline run gives the same output, or the exact error a run with one worker
+            # gives (which question, which problem).
+            logger.debug("ranking inline instead (%s)", reason)
+    if count is None:
+        ranker, count = _rank_inline(args, input_path, output_path, shard)
+    save_run_args(args_path_for(output_path), {**vars(args), **ranker.describe()})
+    logger.info("ranked %d questions with %s; wrote %s", count, args.ranker, output_path)
+    return {"questions": count, "output": str(output_path)}
+
+
+def _build_ranker(args: argparse.Namespace) -> Ranker:
+    return build_ranker(
         args.ranker, args.task, use_date=args.use_date,
         model_name=args.contriever_checkpoint or DEFAULT_DENSE_MODEL, device=args.device,
         batch_size=args.batch_size, seed=args.seed,
         allow_download=args.contriever_checkpoint is not None)
 
+
+def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
+                 shard: range | None) -> tuple[Ranker, int]:
+    """Rank in this process: the reference behaviour, and the only one for contriever."""
+    questions = iter_questions(input_path, args.task)
+    if shard is not None:
+        questions = islice(questions, shard.start, shard.stop)
+    # Read the first question before building the ranker (for contriever, loading a
+    # model), so that a malformed file fails at once.
+    first = next(questions, None)
+    questions = chain([first], questions) if first is not None else iter(())
+    ranker = _build_ranker(args)
+
     # Written as it goes: a train split's ranking holds millions of ids, too many to keep.
     seen: set[str] = set()
     with JsonObjectWriter(output_path) as writer:
-        progress = tqdm(ranker.rank(questions), total=total, unit="question", desc="ranking")
+        progress = tqdm(ranker.rank(questions), total=len(shard) if shard is not None else None,
+                        unit="question", desc="ranking")
         for question, ranking in progress:
             if question["id"] in seen:
                 raise LampError(f"{input_path}: question id {question['id']} occurs twice")
             seen.add(question["id"])
             writer.write(question["id"], ranking)
-        if not seen and args.num_shards == 1:
+        if not seen and shard is None:
             raise LampError(f"{input_path}: no questions to rank")
-    save_run_args(args_path_for(output_path), {**vars(args), **ranker.describe()})
-    logger.info("ranked %d questions with %s; wrote %s", writer.count, args.ranker, output_path)
-    return {"questions": writer.count, "output": str(output_path)}
+    return ranker, writer.count
+
+
+def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Path,
+                     shard: range | None) -> tuple[Ranker, int]:
+    """Rank in ``--num_workers`` processes; ``FastPathFailed`` on anything but a clean file
+    (the caller then ranks inline, which names the problem exactly)."""
+    ranker = _build_ranker(args)  # cheap for these rankers; it describes the run
+    batches = rank_in_workers(input_path, args.task.name, args.ranker,
+                              {"use_date": args.use_date, "seed": args.seed}, args.num_workers,
+                              *((shard.start, shard.stop) if shard is not None else ()))
+    seen: set[str] = set()
+    total = len(shard) if shard is not None else None
+    with JsonObjectWriter(output_path) as writer, \
+            tqdm(total=total, unit="question", desc="ranking") as progress:
+        for batch in batches:
+            for question_id, encoded_ranking in batch:
+                if question_id in seen:
+                    raise FastPathFailed("a question id occurs twice")
+                seen.add(question_id)
+                writer.write_encoded(question_id, encoded_ranking)
+            progress.update(len(batch))
+        if not seen and shard is None:
+            raise LampError(f"{input_path}: no questions to rank")
+    return ranker, writer.count
 
 
 if __name__ == "__main__":

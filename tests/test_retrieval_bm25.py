@@ -113,7 +113,15 @@ def test_real_lamp_7_dev_rankings_equal_rank_bm25():
     assert checked_ties > 0  # the file has ties (e.g. items sharing no query token)
 
 
-def test_bm25_path_imports_neither_torch_nor_transformers(tmp_path):
+# With workers: chunks of one question, and a failure if the run falls back to inline.
+# Forked workers hold exactly the main process's modules and import nothing more.
+WORKERS = ("from LaMP.utils import parallel_rank\n"
+           "parallel_rank.CHUNK_BYTES = 1\n"
+           "rank_profiles._rank_inline = None\n")
+
+
+@pytest.mark.parametrize("workers, setup", [("1", ""), ("2", WORKERS)])
+def test_bm25_path_imports_neither_torch_nor_transformers(tmp_path, workers, setup):
     questions = [{"id": "1", "input": "Paraphrase: b",
                   "profile": [{"id": "i1", "text": "a"}, {"id": "i2", "text": "b b"},
                               {"id": "i3", "text": "c"}]}]
@@ -122,8 +130,10 @@ def test_bm25_path_imports_neither_torch_nor_transformers(tmp_path):
     code = (
         "import sys\n"
         "from LaMP import rank_profiles\n"
+        f"{setup}"
         f"rank_profiles.main(['--input_data_addr', {str(path)!r}, '--output_ranking_addr', "
-        f"{str(tmp_path / 'r.json')!r}, '--task', 'LaMP-7', '--ranker', 'bm25'])\n"
+        f"{str(tmp_path / 'r.json')!r}, '--task', 'LaMP-7', '--ranker', 'bm25', "
+        f"'--num_workers', {workers!r}])\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "print('heavy:', heavy)\n"
     )

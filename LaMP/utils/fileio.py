@@ -521,12 +521,16 @@ class JsonListWriter:
     def write(self, element: Any) -> None:
         self._write_entry(element)
 
-    def _write_entry(self, element: Any, key: str | None = None) -> None:
+    def _write_entry(self, element: Any, key: str | None = None,
+                     encoded: str | None = None) -> None:
         self._output.write(",\n" if self.count else "\n")
         if key is not None:
             self._output.write_json(key)
             self._output.write(": ")
-        self._output.write_json(element)
+        if encoded is None:
+            self._output.write_json(element)
+        else:
+            self._output.write(encoded)
         self.count += 1
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -552,3 +556,8 @@ class JsonObjectWriter(JsonListWriter):
 
     def write(self, key: str, value: Any) -> None:  # type: ignore[override]
         self._write_entry(value, key=key)
+
+    def write_encoded(self, key: str, encoded_value: str) -> None:
+        """``write`` with the value already JSON text, encoded elsewhere (a ranking worker
+        encodes lists of id strings, which are strict JSON by construction)."""
+        self._write_entry(None, key=key, encoded=encoded_value)

@@ -1,0 +1,399 @@
+"""Ranking a questions file with CPU rankers in worker processes, output in input order.
+
+The main process does little per byte: it finds where each question of the top-level JSON
+list ends with a few numpy passes over the raw bytes (quotes, backslashes, brackets), and
+hands runs of whole questions, as bytes, to the workers. A worker parses its run with the
+C ``json`` module, validates every question with ``validate_question``, ranks them and
+returns each ranking already encoded; the main process writes them in order.
+
+This path is a fast route to the very same result as the inline one
+(``iter_questions`` + ``Ranker.rank``), never a second definition of what a valid file is.
+Whenever anything is not plainly well formed — a question that fails validation or ranking,
+JSON that ``json`` rejects or accepts where ijson would not (``NaN``, numbers out of ijson's
+range, lone surrogate escapes), a layout the splitter does not follow — it gives up with
+``FastPathFailed`` and the caller ranks the file inline, which then succeeds with the same
+output or raises exactly the error a run with one worker raises.
+
+Splitting is a heuristic that parsing checks: the bytes between the list's ``[`` and ``]``
+are cut into spans at question ends, and a span parses (wrapped in brackets) to exactly the
+number of questions the splitter counted, or the run fails. Spans that parse correctly,
+joined by their commas, are the list itself, so a wrong cut cannot go unnoticed.
+
+Workers are forked on Linux (no imports to repeat; see ``_pool_context`` for when and how);
+they import nothing beyond what the main process has (no torch for these rankers), ignore
+Ctrl-C (the main process handles it and terminates them) and, on Linux, die with the main
+process even when it is killed outright. Each BM25 worker keeps its share of one inline
+run's memo of tokenised texts, so memory does not grow with the number of cores.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import threading
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from LaMP.utils.bm25 import TermIndex
+from LaMP.utils.data import validate_question
+from LaMP.utils.errors import LampError
+from LaMP.utils.jsoninput import GuardedReader
+from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+# Rankers whose work is per question on the CPU; the dense ranker keeps its one model in
+# the main process.
+PARALLEL_RANKERS = ("bm25", "recency", "random")
+# Bytes of questions per worker task: at LaMP-7 sizes about 80 questions, enough that
+# passing the bytes and results between processes costs a few percent, few enough that
+# 2 tasks per worker in flight stay a few MB.
+CHUNK_BYTES = 1 << 20
+BLOCK_BYTES = 8 << 20  # bytes read from the file at a time by the splitter
+TASKS_PER_WORKER = 2  # in flight per worker: one running, one queued, so none waits
+_JSON_SPACE = " \t\n\r"  # JSON's whitespace (str.strip() would take more)
+_INT_LIMIT = 2 ** 63 - 1  # ijson (yajl) refuses integers beyond +-(2**63 - 1)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+# +1 for an opening bracket, -1 for a closing one, 0 for every other byte.
+_BRACKET_DELTA = np.zeros(256, dtype=np.int8)
+_BRACKET_DELTA[[ord("["), ord("{")]] = 1
+_BRACKET_DELTA[[ord("]"), ord("}")]] = -1
+# 1 for the bytes the splitter looks at (quotes, backslashes, brackets), 0 for the others.
+_SPECIAL = bytes(int(byte in b'"\\[]{}') for byte in range(256))
+
+
+class FastPathFailed(Exception):
+    """The file is not plainly well formed; rank it inline to get the exact result."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worth_workers(path: Path, num_workers: int, ranker: str) -> bool:
+    """Whether ranking ``path`` in workers can pay for starting them: a CPU ranker, more
+    than one worker, and more than a couple of tasks' worth of questions."""
+    return (num_workers > 1 and ranker in PARALLEL_RANKERS
+            and path.stat().st_size > 2 * CHUNK_BYTES)
+
+
+# --- splitting the top-level list into runs of questions --------------------------------------
+
+class _Scanner:
+    """Where the elements of a top-level JSON list end, block by block of raw bytes.
+
+    Keeps, between blocks, whether the scanned bytes end inside a string, the bracket depth
+    there and how many backslashes they end with (an escape may straddle two blocks).
+    """
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self.depth = 0
+        self.opened_at = -1  # offset just past the list's "[", once seen
+        self.closed_at = -1  # offset just past the list's "]", once seen
+
+    def ends(self, region: bytes, offset: int) -> np.ndarray:
+        """Offsets (``offset`` + position, just past the closing bracket) of the list
+        elements that end in ``region``. The region must start where a backslash run
+        starts or after a byte that is not a backslash."""
+        data = np.frombuffer(region, dtype=np.uint8)
+        # bytes.translate then a nonzero over a bool view: several times faster than
+        # comparing the array with each byte of interest.
+        special = np.flatnonzero(np.frombuffer(region.translate(_SPECIAL), dtype=bool))
+        kind = data[special]
+        quotes = special[kind == 34]
+        if len(quotes):
+            after_backslash = quotes[(quotes > 0) & (data[quotes - 1] == 92)]
+            if len(after_backslash):
+                keep = np.ones(len(quotes), dtype=bool)
+                keep[np.searchsorted(quotes, _escaped(special[kind == 92],
+                                                      after_backslash))] = False
+                quotes = quotes[keep]
+        brackets = special[_BRACKET_DELTA[kind] != 0]
+        outside = (np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0
+        brackets = brackets[outside]
+        delta = _BRACKET_DELTA[data[brackets]].astype(np.int64)
+        depth_after = self.depth + np.cumsum(delta)
+        if len(quotes) % 2:
+            self.in_string = not self.in_string
+        if not len(brackets):
+            return brackets
+        if self.closed_at >= 0:
+            raise FastPathFailed("content after the list")
+        if self.opened_at < 0:
+            if delta[0] != 1 or data[brackets[0]] != ord("[") or self.depth != 0:
+                raise FastPathFailed("the file does not start with a list")
+            self.opened_at = offset + int(brackets[0]) + 1
+        if depth_after.min() < 0:
+            raise FastPathFailed("brackets do not balance")
+        closing = np.flatnonzero(depth_after == 0)
+        if len(closing):
+            if closing[0] != len(brackets) - 1:
+                raise FastPathFailed("content after the list")
+            self.closed_at = offset + int(brackets[closing[0]]) + 1
+        self.depth = int(depth_after[-1])
+        element_end = (delta == -1) & (depth_after == 1)
+        return offset + brackets[element_end] + 1
+
+
+def _escaped(backslashes: np.ndarray, after_backslash: np.ndarray) -> np.ndarray:
+    """Those of the quotes in ``after_backslash`` that an odd run of backslashes (at the
+    sorted positions ``backslashes``) escapes."""
+    new_run = np.ones(len(backslashes), dtype=bool)
+    new_run[1:] = backslashes[1:] != backslashes[:-1] + 1
+    run_start = backslashes[new_run][np.cumsum(new_run) - 1]
+    run_length = after_backslash - run_start[np.searchsorted(backslashes, after_backslash - 1)]
+    return after_backslash[run_length % 2 == 1]
+
+
+def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None = None,
+                   block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[bytes, int]]:
+    """``(span, count)``: consecutive runs of the first ``stop`` (all) questions of the JSON
+    list in ``path``, each about ``chunk_bytes`` long. A span runs from just past the end of
+    the question before it (so it starts with the separating comma, except the first) to
+    just past the end of its last question. Raises ``FastPathFailed`` on a layout it does not
+    follow; the spans are only as good as their parse (see the module's docstring)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    scanner = _Scanner()
+    buffer = b""
+    scanned = 0  # bytes of ``buffer`` already scanned
+    given = 0  # questions handed out
+    pending: list[int] = []  # offsets in ``buffer`` where questions end, not handed out yet
+    with open(path, "rb") as handle:
+        if handle.read(3) != b"\xef\xbb\xbf":
+            handle.seek(0)
+        while stop is None or given < stop:
+            block = handle.read(block_bytes)
+            opened = scanner.opened_at >= 0
+            buffer += block
+            # Start at the first of any backslashes the scanned bytes end with: they are
+            # neither quotes nor brackets, and an escape needs its whole run.
+            start = scanned
+            while start > 0 and buffer[start - 1] == 92:
+                start -= 1
+            if start < len(buffer):
+                pending.extend(scanner.ends(buffer[start:], start).tolist())
+            scanned = len(buffer)
+            cut = 0
+            if not opened and scanner.opened_at >= 0:
+                # Spans start past the "[", and only whitespace may come before it.
+                if buffer[:scanner.opened_at - 1].strip(_JSON_SPACE.encode()):
+                    raise FastPathFailed("something before the list")
+                cut = scanner.opened_at
+            count = 0
+            for end in pending:
+                count += 1
+                last = stop is not None and given + count == stop
+                if end - cut >= chunk_bytes or last:
+                    yield buffer[cut:end], count
+                    given += count
+                    cut, count = end, 0
+                    if last:
+                        return
+            pending = pending[len(pending) - count:]
+            if not block:  # end of file: hand out the rest, then check the list closed
+                if pending:
+                    yield buffer[cut:pending[-1]], len(pending)
+                    cut = pending[-1]
+                tail = buffer[scanner.closed_at:] if scanner.closed_at >= 0 else None
+                if (tail is None or buffer[cut:scanner.closed_at - 1].strip(_JSON_SPACE.encode())
+                        or tail.strip(_JSON_SPACE.encode())):
+                    raise FastPathFailed("the list is not closed cleanly")
+                return
+            buffer, scanned = buffer[cut:], scanned - cut
+            pending = [end - cut for end in pending]
+            if scanner.closed_at >= 0:
+                scanner.closed_at -= cut
+
+
+# --- the workers ------------------------------------------------------------------------------
+
+_worker: dict = {}
+
+
+def _start_worker(ranker_name: str, task_name: str, ranker_options: dict, source: str,
+                  num_workers: int, parent: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, if forked
+    _set_signal_mask(signal.SIG_UNBLOCK, _BLOCKED)  # blocked while the pool started
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # Die with the process that started this one (the main process, or the fork server
+        # that dies with it) even if it is killed outright: PR_SET_PDEATHSIG is 1.
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+    task = get_task(task_name)
+    ranker = build_ranker(ranker_name, task, **ranker_options)
+    terms = getattr(ranker, "terms", None)
+    if isinstance(terms, TermIndex):
+        # Every worker keeps its own memo of tokenised texts: they share one inline run's
+        # budget, so that memory does not grow with the number of cores.
+        ranker.terms = TermIndex(max(terms.max_terms // num_workers, 1),
+                                 max(terms.max_text_chars // num_workers, 1))
+    _worker.update(task=task, source=source, ranker=ranker)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _checked_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("a number out of range")
+    return value
+
+
+def _checked_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > _INT_LIMIT:
+        raise ValueError("a number out of range")
+    return value
+
+
+def _parse_span(span: bytes, first: int, count: int) -> list | None:
+    """The questions of one span, or ``None`` where ijson might read it differently."""
+    try:  # the limits every reader enforces (nesting, number size, surrogates, UTF-8)
+        GuardedReader(io.BytesIO(b"[" + span + b"]"), _worker["source"]).read()
+    except LampError:
+        return None  # the inline run names the problem with its byte offset in the file
+    text = span.decode("utf-8")
+    if first > 0:
+        text = text.lstrip(_JSON_SPACE)
+        if not text.startswith(","):
+            return None
+        text = text[1:]
+    questions = json.loads(f"[{text}]", parse_constant=_reject_constant,
+                           parse_float=_checked_float, parse_int=_checked_int)
+    if len(questions) != count:
+        return None
+    if _SURROGATE_ESCAPE.search(text):
+        # ijson turns a lone surrogate escape into "?"; json keeps it, and then the text
+        # cannot be encoded. Pairs (escaped emoji) are fine.
+        json.dumps(questions, ensure_ascii=False).encode("utf-8")
+    return questions
+
+
+def _rank_span(span: bytes, first: int, count: int, rank_from: int) -> list[tuple[str, str]] | None:
+    """``(question id, its ranking as JSON text)`` of the questions of a span from index
+    ``rank_from`` on (the ones before it are only validated), or ``None`` on any problem."""
+    try:
+        questions = _parse_span(span, first, count)
+        if questions is None:
+            return None
+        for offset, question in enumerate(questions):
+            validate_question(question, first + offset, _worker["source"], _worker["task"])
+        ranked = _worker["ranker"].rank(questions[max(rank_from - first, 0):])
+        return [(question["id"], json.dumps(ranking, ensure_ascii=False))
+                for question, ranking in ranked]
+    except (LampError, ValueError, RecursionError):
+        # ValueError covers malformed JSON, bad UTF-8 and lone surrogates. The inline run
+        # that follows names the problem exactly.
+        return None
+
+
+@contextmanager
+def _terminate_on_sigterm():
+    """SIGTERM unwinds the main process like Ctrl-C does (so that the pool is terminated
+    and no temporary file is left), exiting with 128 + 15 as a killed process would."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Held off while the pool starts: a signal that lands in the middle of a fork is lost in
+# the parent (raised inside an at-fork hook, where Python only prints it) or kills a child
+# before it could ignore it. Delivered once the pool is up.
+_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _set_signal_mask(how, signals):
+    # Signal masks are POSIX; elsewhere (Windows) workers are spawned, not forked.
+    return signal.pthread_sigmask(how, signals) if hasattr(signal, "pthread_sigmask") else set()
+
+
+def _pool_context():
+    """On Linux, fork (nothing to import again) when this process has a single thread; a
+    process with more threads (a progress bar's monitor, a test runner's) may be holding a
+    lock that a forked child would wait on forever, so then fork from a clean server
+    process. Elsewhere spawn, Python's own default there (macOS system libraries do not
+    survive a fork)."""
+    if not sys.platform.startswith("linux"):
+        return multiprocessing.get_context("spawn")
+    if threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+@contextmanager
+def _started_pool(context, num_workers: int, options: tuple):
+    parent = os.getpid() if context.get_start_method() == "fork" else None
+    previous = _set_signal_mask(signal.SIG_BLOCK, _BLOCKED)
+    try:
+        pool = context.Pool(num_workers, _start_worker, (*options[:-1], parent))
+    finally:
+        _set_signal_mask(signal.SIG_SETMASK, previous)
+    with pool:
+        yield pool
+
+
+def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options: dict,
+                    num_workers: int, start: int = 0, stop: int | None = None
+                    ) -> Iterator[list[tuple[str, str]]]:
+    """Rank questions ``start`` … ``stop - 1`` (all) of ``path`` in ``num_workers`` processes:
+    per run of questions, in input order, ``[(question id, ranking as JSON text)]``.
+
+    Questions before ``start`` are validated, not ranked, as in an inline run. Raises
+    ``FastPathFailed`` when the file is not plainly well formed (see the module docstring).
+    """
+    context = _pool_context()
+    options = (ranker_name, task_name, ranker_options, str(path), num_workers, None)
+    with _terminate_on_sigterm(), _started_pool(context, num_workers, options) as pool:
+        in_flight: deque = deque()
+        first = 0
+        try:
+            for span, count in question_spans(path, stop):
+                in_flight.append(pool.apply_async(_rank_span, (span, first, count, start)))
+                first += count
+                if len(in_flight) >= num_workers * TASKS_PER_WORKER:
+                    yield _result(in_flight.popleft())
+            while in_flight:
+                yield _result(in_flight.popleft())
+        finally:
+            pool.terminate()  # also on an error or an interrupt: no worker outlives the run
+
+
+def _result(pending) -> list[tuple[str, str]]:
+    ranked = pending.get()
+    if ranked is None:
+        raise FastPathFailed("a worker could not rank its questions")
+    return ranked

@@ -1,0 +1,342 @@
+"""rank_profiles.py --num_workers: rankings byte-identical for any number of workers, errors
+as with one, no orphan workers; and the splitter that cuts the questions file into runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from LaMP import rank_profiles
+from LaMP.utils import parallel_rank
+from LaMP.utils.errors import LampError
+from LaMP.utils.parallel_rank import FastPathFailed, question_spans
+from conftest import REPO, SAMPLE
+
+TWEET = "Paraphrase the following tweet without any explanation before or after it: {}"
+# Texts that trip a naive splitter: quotes, brackets and backslashes inside strings, escape
+# runs of both parities, non-ASCII (escaped as surrogate pairs by json.dumps), and ties.
+TEXTS = ['he said "hi" [to] {me}', "back\\slash\\\\", 'end with backslash\\', "\\\"", "",
+         "café 😀 naïve", "a b c", "a b c", "]}],{[", "x\ny\tz", "the same words",
+         "the same words", "[", "}"]
+
+
+def tricky_questions(count: int, items: int = 7) -> list[dict]:
+    questions = []
+    for number in range(count):
+        profile = [{"id": f"{number}-{index}", "text": TEXTS[(number * 3 + index) % len(TEXTS)],
+                    "date": f"20{10 + index % 3}-0{1 + number % 9}-01"}
+                   for index in range(items + number % 4)]
+        questions.append({"id": f"q{number}",
+                          "input": TWEET.format(TEXTS[number % len(TEXTS)] + " a b"),
+                          "profile": profile})
+    return questions
+
+
+def write_questions(path: Path, questions: list, ensure_ascii: bool = True,
+                    indent: int | None = None) -> Path:
+    path.write_text(json.dumps(questions, ensure_ascii=ensure_ascii, indent=indent),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Workers even for tiny files: chunks of one question, no size threshold."""
+    monkeypatch.setattr(parallel_rank, "CHUNK_BYTES", 1)
+
+
+@pytest.fixture
+def no_inline(monkeypatch):
+    """Fail if the run falls back to ranking inline (the workers must do it)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("ranked inline")
+
+    monkeypatch.setattr(rank_profiles, "_rank_inline", refuse)
+
+
+def run_rank(questions_file: Path, output: Path, task: str, *extra: str) -> bytes:
+    rank_profiles.main(["--input_data_addr", str(questions_file), "--output_ranking_addr",
+                        str(output), "--task", task, *extra])
+    return output.read_bytes()
+
+
+def rankings_for(questions_file, tmp_path, task, workers, *extra) -> list[bytes]:
+    return [run_rank(questions_file, tmp_path / f"w{n}.json", task, "--num_workers", str(n),
+                     *extra) for n in workers]
+
+
+@pytest.mark.parametrize("ranker", ["bm25", "recency", "random"])
+def test_sample_rankings_are_byte_identical_for_1_2_3_workers(tmp_path, small_chunks, ranker):
+    for task_folder in ("LaMP_3", "LaMP_7"):
+        path = SAMPLE / task_folder / "dev_questions.json"
+        before = path.read_bytes()
+        inline, *parallel = rankings_for(path, tmp_path, task_folder, (1, 2, 3),
+                                         "--ranker", ranker)
+        assert parallel == [inline, inline]
+        assert path.read_bytes() == before
+        assert len(json.loads(inline)) == len(json.loads(before))
+
+
+@pytest.mark.parametrize("layout", ["ascii", "utf-8, indented"])
+def test_many_questions_with_ties_rank_the_same_with_workers(tmp_path, small_chunks, no_inline,
+                                                             monkeypatch, layout):
+    path = write_questions(tmp_path / "q.json", tricky_questions(120),
+                           ensure_ascii=layout == "ascii",
+                           indent=2 if "indented" in layout else None)
+    monkeypatch.setattr(parallel_rank, "BLOCK_BYTES", 97)  # cuts inside strings and escapes
+    parallel = rankings_for(path, tmp_path, "LaMP-7", (2, 3), "--ranker", "bm25")
+    monkeypatch.undo()
+    inline = run_rank(path, tmp_path / "inline.json", "LaMP-7", "--ranker", "bm25",
+                      "--num_workers", "1")
+    assert parallel == [inline, inline]
+    ranking = json.loads(inline)
+    assert ranking["q0"] and len(ranking) == 120
+
+
+def test_shards_with_workers_equal_the_inline_shards(tmp_path, small_chunks, monkeypatch):
+    path = write_questions(tmp_path / "q.json", tricky_questions(25))
+    shard_flags = ["--ranker", "bm25", "--num_shards", "3"]
+    inline = [run_rank(path, tmp_path / f"i{shard}.json", "LaMP-7", *shard_flags,
+                       "--shard_id", str(shard), "--num_workers", "1") for shard in range(3)]
+    monkeypatch.setattr(rank_profiles, "_rank_inline", None)  # the workers must do it
+    parallel = [run_rank(path, tmp_path / f"p{shard}.json", "LaMP-7", *shard_flags,
+                         "--shard_id", str(shard), "--num_workers", "2") for shard in range(3)]
+    assert parallel == inline
+    full = json.loads(run_rank(path, tmp_path / "full.json", "LaMP-7", "--ranker", "bm25",
+                               "--num_workers", "2"))
+    combined = {}
+    for part in parallel:
+        combined.update(json.loads(part))
+    assert list(combined.items()) == list(full.items())
+
+
+def bad_file_cases() -> dict[str, bytes]:
+    good = tricky_questions(12)
+    cases = {}
+    missing_input = json.loads(json.dumps(good))
+    del missing_input[7]["input"]
+    cases["validation error"] = json.dumps(missing_input).encode()
+    no_query = json.loads(json.dumps(good))
+    no_query[5]["input"] = "Paraphrase this"
+    cases["query error"] = json.dumps(no_query).encode()
+    duplicate = json.loads(json.dumps(good))
+    duplicate[9]["id"] = duplicate[2]["id"]
+    cases["duplicate id"] = json.dumps(duplicate).encode()
+    duplicate_and_invalid = json.loads(json.dumps(duplicate))
+    duplicate_and_invalid[10]["profile"] = "none"
+    cases["duplicate id, then an invalid question"] = json.dumps(duplicate_and_invalid).encode()
+    text = json.dumps(good)
+    cut = text.index('{"id": "q6"')
+    cases["malformed JSON"] = (text[:cut] + '{"id": "q6",, ' + text[cut + 12:]).encode()
+    cases["NaN"] = text.replace('"date": "2010', '"rating": NaN, "date": "2010', 1).encode()
+    cases["integer beyond ijson's range"] = text.replace(
+        '"id": "q4"', '"id": 9223372036854775808', 1).encode()
+    cases["float overflow"] = text.replace('"date"', '"x": 1e999, "date"', 1).encode()
+    cases["trailing garbage"] = (text + " [1]").encode()
+    cases["a question that is not an object"] = text.replace('{"id": "q3"', '7, {"id": "q3"',
+                                                             1).encode()
+    cases["unclosed list"] = text[:-1].encode()
+    cases["bad UTF-8"] = text.replace("a b c", "a \xff c", 1).encode("latin-1", "replace")
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(bad_file_cases()))
+def test_an_error_found_by_a_worker_reads_as_with_one_worker(tmp_path, small_chunks, case):
+    path = tmp_path / "q.json"
+    path.write_bytes(bad_file_cases()[case])
+    before = path.read_bytes()
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(LampError) as error:
+            run_rank(path, tmp_path / "r.json", "LaMP-7", "--ranker", "bm25",
+                     "--num_workers", str(workers))
+        messages.append(str(error.value))
+        assert not (tmp_path / "r.json").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json"]
+    assert messages[0] == messages[1]
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad_question, shard_id", [(2, "2"), (2, "0"), (11, "0")])
+def test_a_bad_question_outside_the_shard_is_reported_as_with_one_worker(
+        tmp_path, small_chunks, bad_question, shard_id):
+    # Inline, questions before the shard are read and checked, those after it are not read.
+    questions = tricky_questions(12)
+    questions[bad_question]["profile"][1] = ["not", "an", "item"]
+    path = write_questions(tmp_path / "q.json", questions)
+    outcomes = []
+    for workers in ("1", "2"):
+        try:
+            outcomes.append(run_rank(path, tmp_path / "r.json", "LaMP-7", "--ranker", "bm25",
+                                     "--num_shards", "3", "--shard_id", shard_id,
+                                     "--num_workers", workers))
+        except LampError as error:
+            outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]
+    assert isinstance(outcomes[0], str) == (bad_question < 4 * int(shard_id) + 4)
+
+
+@pytest.mark.parametrize("case, content", [
+    # ijson reads these; json.loads alone would not, or would read them differently.
+    ("lone surrogate escape", '"\\ud800 a b"'),
+    ("vertical tab before the list", None),
+])
+def test_files_only_ijson_reads_give_its_rankings(tmp_path, small_chunks, case, content):
+    text = json.dumps(tricky_questions(6))
+    if content is None:
+        text = "\x0b" + text
+    else:
+        text = text.replace('"a b c"', content, 1)
+    path = tmp_path / "q.json"
+    path.write_text(text, encoding="utf-8")
+    inline, parallel = rankings_for(path, tmp_path, "LaMP-7", (1, 2), "--ranker", "bm25")
+    assert parallel == inline
+
+
+def test_num_workers_defaults_to_the_cores_and_contriever_stays_inline():
+    args = rank_profiles.parse_args(["--input_data_addr", "q", "--output_ranking_addr", "r",
+                                     "--task", "LaMP-7", "--ranker", "bm25"])
+    assert args.num_workers == len(os.sched_getaffinity(0))
+    assert not parallel_rank.worth_workers(Path(__file__), 4, "contriever")
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_num_workers_below_one_is_an_error_line(tmp_path, value):
+    result = subprocess.run(
+        [sys.executable, "LaMP/rank_profiles.py", "--input_data_addr", "q.json",
+         "--output_ranking_addr", str(tmp_path / "r.json"), "--task", "LaMP-7",
+         "--ranker", "bm25", "--num_workers", value],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith("error: --num_workers must be at least 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the splitter ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 64, 1 << 20])
+@pytest.mark.parametrize("chunk_bytes", [1, 300, 1 << 20])
+def test_spans_parse_to_the_questions(tmp_path, block_bytes, chunk_bytes):
+    questions = tricky_questions(9, items=3)
+    path = write_questions(tmp_path / "q.json", questions, indent=1)
+    spans = list(question_spans(path, chunk_bytes=chunk_bytes, block_bytes=block_bytes))
+    parsed = []
+    for number, (span, count) in enumerate(spans):
+        text = span.decode()
+        if number:
+            text = text.lstrip()
+            assert text[0] == ","
+            text = text[1:]
+        part = json.loads(f"[{text}]")
+        assert len(part) == count
+        parsed.extend(part)
+    assert parsed == questions
+    if chunk_bytes == 1:
+        assert [count for _, count in spans] == [1] * 9
+
+
+def test_spans_stop_after_the_questions_asked_for(tmp_path):
+    path = write_questions(tmp_path / "q.json", tricky_questions(9, items=2))
+    assert sum(count for _, count in question_spans(path, stop=4, chunk_bytes=1)) == 4
+
+
+@pytest.mark.parametrize("content", ["[]", " [ ] \n", "\ufeff[]"])
+def test_an_empty_list_has_no_spans(tmp_path, content):
+    path = tmp_path / "q.json"
+    path.write_text(content, encoding="utf-8")
+    assert list(question_spans(path)) == []
+
+
+@pytest.mark.parametrize("content", ['{"a": [1]}', "[{}] x", "[{}", "[{}]]", "x[{}]", "[{}, 5]",
+                                     "[5]", ""])
+def test_layouts_the_splitter_does_not_follow_fail(tmp_path, content):
+    path = tmp_path / "q.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(FastPathFailed):
+        list(question_spans(path))
+
+
+# --- interrupting a run ------------------------------------------------------------------------
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("how, status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGKILL", -9)])
+def test_an_interrupted_run_leaves_no_workers_and_no_files(tmp_path, how, status):
+    # Big enough for workers (over two chunks) and for a run that is still going when the
+    # workers appear.
+    questions = tricky_questions(4000, items=40)
+    path = write_questions(tmp_path / "q.json", questions)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "LaMP/rank_profiles.py", "--input_data_addr", str(path),
+         "--output_ranking_addr", str(out / "r.json"), "--task", "LaMP-7", "--ranker", "bm25",
+         "--num_workers", "2"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+        workers = children(process.pid)
+        time.sleep(0.005)
+    assert len(workers) == 2, "the run ended before its workers could be seen"
+    if how == "SIGINT":
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole group
+    else:
+        os.kill(process.pid, getattr(signal, how))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr
+    if how == "SIGINT":
+        assert stderr.strip().splitlines()[-1] == "interrupted"
+    deadline = time.monotonic() + 60
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers))
+    if how != "SIGKILL":  # a killed process cannot clean up its temporary file
+        assert not out.exists() or list(out.iterdir()) == []
+
+
+
+def test_a_limit_broken_inside_a_worker_run_is_reported_as_with_one_worker(tmp_path):
+    """Workers enforce the readers' limits too (here a 200-digit float deep in a big file,
+    which json would take): the run falls back inline and names the byte, as one worker does."""
+    from LaMP.utils.errors import LampError
+    from LaMP.utils.parallel_rank import CHUNK_BYTES
+
+    questions = [{"id": f"7{i}", "input": "Paraphrase the following tweet without any "
+                  f"explanation before or after it: tweet {i} about the beach",
+                  "profile": [{"id": f"7{i}{j}", "text": "word " * 40 + str(j)}
+                              for j in range(30)]} for i in range(800)]
+    text = json.dumps(questions)
+    assert len(text) > 2 * CHUNK_BYTES  # past the size below which ranking stays inline
+    cut = text.rindex('"text": "')
+    hostile = tmp_path / "hostile.json"
+    hostile.write_text(text[:cut] + '"score": 1.' + "0" * 200 + ", " + text[cut:])
+    messages = []
+    for workers in ("1", "2"):
+        with pytest.raises(LampError) as error:
+            rank_profiles.main(["--input_data_addr", str(hostile), "--output_ranking_addr",
+                                str(tmp_path / f"out{workers}.json"), "--task", "LaMP-7",
+                                "--ranker", "bm25", "--num_workers", workers])
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "the limit is 100 digits" in messages[0]
+    assert not list(tmp_path.glob("out*"))
