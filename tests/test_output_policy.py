@@ -493,7 +493,10 @@ def start_ranking(questions: Path, output: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "LaMP" / "rank_profiles.py"), "--input_data_addr",
          str(questions), "--output_ranking_addr", str(output), "--task", "LaMP-7",
-         "--ranker", "bm25"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         # One process: the write under way is this one's (workers finish the file too fast to
+         # catch mid-write; tests/test_rank_workers.py interrupts runs with workers).
+         "--ranker", "bm25", "--num_workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_temporary(folder: Path, process: subprocess.Popen) -> Path:
