@@ -85,7 +85,7 @@ class CountingCollator:
         return batch
 
 
-def real_examples(n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
+def real_examples(folder: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
     """Two merged files (questions with their outputs) from the shuffled real LaMP-7 dev set."""
     questions = json.loads((LAMP_REAL / "LaMP_7/dev/dev_questions.json").read_text())
     golds = {g["id"]: g["output"] for g in
@@ -93,7 +93,6 @@ def real_examples(n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
     random.Random(seed).shuffle(questions)
     for question in questions:
         question["output"] = golds[question["id"]]
-    folder = Path(tempfile.mkdtemp(prefix="bench_training."))
     paths = folder / "train.json", folder / "heldout.json"
     paths[0].write_text(json.dumps(questions[:n_train]))
     paths[1].write_text(json.dumps(questions[n_train:n_train + n_heldout]))
@@ -178,15 +177,17 @@ def main(argv=None):
     lamp_model = LampModel(model=None, tokenizer=tokenizer, is_seq2seq=False,
                            device=torch.device("cpu"), chat_template=True)
     prompt_fn = lamp_model.prompt_builder(task, 256)
-    train_path, heldout_path = real_examples(args.n_train, args.n_heldout, args.seed)
     results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_training.") as scratch:
+        paths = real_examples(Path(scratch), args.n_train, args.n_heldout, args.seed)
+        options_per_k = {k: ProfileOptions(use_profile=k > 0, num_retrieved=k, retriever="bm25")
+                         for k in args.ks}
+        features_per_k = {k: [training_features(
+            lamp_model, build_examples(str(path), task, prompt_fn, options, require_output=True),
+            max_length=256, target_max_length=48) for path in paths]
+            for k, options in options_per_k.items()}
     for k in args.ks:
-        options = ProfileOptions(use_profile=k > 0, num_retrieved=k, retriever="bm25")
-        features, heldout = (
-            training_features(lamp_model, build_examples(str(path), task, prompt_fn, options,
-                                                         require_output=True),
-                              max_length=256, target_max_length=48)
-            for path in (train_path, heldout_path))
+        features, heldout = features_per_k[k]
         runs = {setting: [] for setting in args.settings}
         for repeat in range(args.repeats):
             for setting in args.settings:
