@@ -75,6 +75,101 @@ class PaddingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def on_cpu(use_cpu: bool) -> bool:
+    """Whether training runs on the CPU (asked for, or no GPU to run on)."""
+    return use_cpu or not torch.cuda.is_available()
+
+
+def bf16_supported(use_cpu: bool) -> bool:
+    """Whether bf16 autocast runs on native bf16 arithmetic where training will run.
+
+    On a CPU that needs the AVX512-BF16 or AMX-BF16 instructions: without them oneDNN
+    emulates bf16 through fp32, which saves nothing. On CUDA, Ampere and newer.
+    """
+    if not on_cpu(use_cpu):
+        return torch.cuda.is_bf16_supported()
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def resolve_bf16(requested: bool | None, use_cpu: bool) -> bool:
+    """bf16 autocast on or off; ``None`` (the default) turns it on where it is native."""
+    supported = bf16_supported(use_cpu)
+    if requested and not supported:
+        from LaMP.utils.errors import LampError
+
+        hardware = ("this CPU has no AVX512-BF16 or AMX-BF16 instructions" if on_cpu(use_cpu)
+                    else "this GPU has no bf16 (it needs Ampere or newer)")
+        raise LampError(f"--bf16: {hardware}; use --no_bf16 or leave both out")
+    return supported if requested is None else requested
+
+
+def throughput_arguments(*, group_by_length: bool, bf16: bool) -> dict:
+    """The TrainingArguments that decide training speed, shared by train_llm.py and
+    benchmarks/bench_training.py so that the benchmark measures what the script runs.
+    ``group_by_length`` takes effect through a :class:`LengthGroupedTrainer`."""
+    return {"train_sampling_strategy": "group_by_length" if group_by_length else "random",
+            "bf16": bf16}
+
+
+# Batches sorted together: the Trainer's own bound on its mega-batches. 800 questions at
+# batch 16, so on LaMP-sized sets most of an epoch is sorted at once.
+MEGA_BATCH_BATCHES = 50
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """An epoch's indices in batches of questions of similar length, batches in random order.
+
+    Random mega-batches of ``MEGA_BATCH_BATCHES`` batches are sorted by length (ties keep
+    their random order) and cut into batches; the batches are then shuffled, except that the
+    full batch with the longest question comes first and a short batch stays last, where
+    the data loader expects it. The Trainer's own sampler sorts only mega-batches of a
+    quarter of the set: on 400 real LaMP-7 questions at batch 16 its batches were 6.6%
+    padding, these 1.6% (random order: 23%).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator=None):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator  # None: torch's global generator, which the Trainer seeds
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(self.batches_in_order())
+
+    def batches_in_order(self) -> list[int]:
+        permutation = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        size, mega = self.batch_size, self.batch_size * MEGA_BATCH_BATCHES
+        batches = []
+        for start in range(0, len(permutation), mega):
+            # Longest first: a short batch at the end holds the shortest questions.
+            chunk = sorted(permutation[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
+        short = [batches.pop()] if batches and len(batches[-1]) < size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=self.generator)]
+        if shuffled:
+            # The longest batch first, so that one too big for memory fails at step one.
+            longest = max(range(len(shuffled)), key=lambda b: self.lengths[shuffled[b][0]])
+            shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+        return [index for batch in shuffled + short for index in batch]
+
+
+class LengthGroupedTrainer(Trainer):
+    """A Trainer whose ``train_sampling_strategy="group_by_length"`` uses
+    :class:`LengthGroupedSampler` with batches of the data loader's size, so that under
+    several processes each one still receives whole grouped batches."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        # The data loader's batch size (one device's batch, times the GPUs of DataParallel).
+        return LengthGroupedSampler([len(feature["input_ids"]) for feature in dataset],
+                                    self.args.train_batch_size)
+
+
 def add_lora(model, *, seq2seq: bool, r: int, alpha: int, dropout: float,
              target_modules: Sequence[str] | None):
     """Wrap ``model`` with LoRA adapters; only the adapters train."""
@@ -138,7 +233,7 @@ class GenerationSettings:
     label_scoring: bool = False
 
 
-class GenerationEvalTrainer(Trainer):
+class GenerationEvalTrainer(LengthGroupedTrainer):
     """A Trainer whose evaluation generates answers and scores them with the task metric."""
 
     def __init__(self, *args, task: Task, eval_examples: Sequence[Example],
