@@ -18,7 +18,7 @@ import pytest
 from LaMP.utils.cli import run
 from LaMP.utils.errors import LampError
 from conftest import LAMP_REAL, REPO, SAMPLE, outputs_doc, requires_real_data
-from test_download_data import (LAMP7_INSTRUCTION, args_for, download, lamp7_questions,
+from test_download_data import (args_for, download, lamp7_questions,
                                 publish_lamp2_with_known_issue, publish_lamp7, server)
 
 __all__ = ["server"]  # the fixture, imported for pytest

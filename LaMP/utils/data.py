@@ -12,7 +12,6 @@ import os
 from contextlib import contextmanager
 from itertools import chain
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, Iterator
 
 from LaMP.utils.errors import LampError

@@ -32,7 +32,6 @@ from LaMP.utils.tasks import Task
 logger = logging.getLogger(__name__)
 
 
-
 def training_features(lamp_model: LampModel, examples: Sequence[Example], *, max_length: int,
                       target_max_length: int) -> list[dict[str, list[int]]]:
     """Token ids and labels for each example (no padding yet)."""
@@ -199,7 +198,6 @@ class RunArgsInCheckpoints(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             save_run_args(folder / RUN_ARGS, self.run_args)
-
 
 
 def weights_are_sharded(trainer: Trainer) -> bool:
