@@ -7,6 +7,7 @@ failed run never leaves a half-written output).
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import json
 import logging
@@ -130,10 +131,33 @@ def _first_existing(path: Path) -> Path:
     return Path(".")
 
 
+def _unresolvable_link(path: Path) -> str | None:
+    """Why the symlink ``path`` cannot be written through, or None (not a symlink, or one
+    that resolves or dangles into a place that can be created)."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            # Without this check the rename would replace the link itself: the user's
+            # symlink would silently become a regular file.
+            return "is a symlink loop"
+    return None
+
+
 def _check_writable_place(path: Path, what: str, folder: bool) -> None:
     """``path`` can be created or replaced: no file in the way, write permission held."""
     named = f"{what} {path}" if what else str(path)
+    for candidate in (path, *path.parents):
+        problem = _unresolvable_link(candidate)
+        if problem:
+            raise LampError(f"{named}: {candidate} {problem}")
     ancestor = _first_existing(path if folder else path.parent)
+    if os.path.islink(ancestor) and not ancestor.exists():
+        # A dangling link where a folder must be: mkdir cannot make a folder through it.
+        raise LampError(f"{named}: {ancestor} is a symlink to {os.readlink(ancestor)}, "
+                        "which does not exist")
     if ancestor.exists() and not ancestor.is_dir():
         raise LampError(f"{named}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -165,6 +189,26 @@ def _inside(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _links_under(folder: Path) -> Iterator[Path]:
+    """Every symlink inside ``folder`` (not followed): a write to a fixed name in an output
+    folder (``dev_questions.json``, ``checkpoints/``) goes through a link that is there."""
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in (*dirs, *names):
+            if os.path.islink(os.path.join(root, name)):
+                yield Path(root, name)
+
+
+def _conflict(resolved: str, path: Path, given: str, in_resolved: str) -> str | None:
+    """How an output resolving to ``resolved`` meets an input, or None if it does not."""
+    if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
+        return "is"
+    if _inside(in_resolved, resolved):
+        return "contains"
+    if _inside(resolved, in_resolved):
+        return "is inside"
+    return None
+
+
 def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None = None,
                   folders: Mapping[str, Any] | None = None) -> None:
     """Refuse, before any work, outputs that would overwrite the run's inputs or cannot be
@@ -188,16 +232,21 @@ def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None 
             _check_writable_place(path, flag, folder=False)
         resolved = os.path.realpath(path)
         for in_flag, given, in_resolved in known_inputs:
-            if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
-                how = "is"
-            elif _inside(in_resolved, resolved):
-                how = "contains"
-            elif _inside(resolved, in_resolved):
-                how = "is inside"
-            else:
-                continue
-            raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
-                            "choose another output path")
+            how = _conflict(resolved, path, given, in_resolved)
+            if how:
+                raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
+                                "choose another output path")
+        if folder and path.is_dir() and known_inputs:
+            # A link in the folder is written through: out/dev_questions.json -> the
+            # published file would have it replaced by the built one.
+            for link in _links_under(path):
+                link_resolved = os.path.realpath(link)
+                for in_flag, given, in_resolved in known_inputs:
+                    how = _conflict(link_resolved, link, given, in_resolved)
+                    if how:
+                        raise LampError(f"{flag} {path} holds {link}, a symlink that {how} "
+                                        f"the input {in_flag} {given}; remove the link or "
+                                        "choose another folder")
 
 
 # What a training run leaves in its folder (train_llm.py, a Trainer, save_pretrained).
@@ -477,14 +526,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
     return Path(path)
 
 
-def args_path_for(output: str | os.PathLike) -> Path:
-    """Where a run's arguments go beside an output file: ``ranking.json`` → ``ranking.args.json``."""
+def args_path_for(output: str | os.PathLike) -> Path | None:
+    """Where a run's arguments go beside an output file: ``ranking.json`` → ``ranking.args.json``.
+
+    None for an output written in place (a device, FIFO or descriptor): ``/dev/null`` has no
+    folder of results to hold ``/dev/null.args.json``, and making one there would leave a
+    stray file in /dev.
+    """
     output = Path(output)
+    if _is_direct(output):
+        return None
     return output.with_name(f"{output.stem}.args.json")
 
 
-def save_run_args(path: str | os.PathLike, args: Mapping[str, Any] | Any) -> Path:
-    """Save a run's arguments (an ``argparse.Namespace`` or a mapping) as JSON."""
+def save_run_args(path: str | os.PathLike | None, args: Mapping[str, Any] | Any) -> Path | None:
+    """Save a run's arguments (an ``argparse.Namespace`` or a mapping) as JSON; ``path`` None
+    (see ``args_path_for``) saves nothing."""
+    if path is None:
+        logger.info("no arguments file: the output is written in place (a device or pipe)")
+        return None
     values = dict(args) if isinstance(args, Mapping) else dict(vars(args))
     plain = {key: value if isinstance(value, (str, int, float, bool, type(None), list))
              else str(value) for key, value in sorted(values.items())}
