@@ -1,0 +1,220 @@
+"""Cases an adversarial review of the hardening found still open, one test per class.
+
+Each runs a script as its ``__main__`` would (``cli.run``) and checks the exit status, the
+exact error line, that inputs are byte-identical afterwards and that nothing stray is left.
+Devices are made in ``tmp_path`` with ``os.mknod``: nothing here points at the real /dev.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import SAMPLE, load_script, outputs_doc, write_json
+from LaMP import evaluate_llm, rank_profiles, train_llm
+from LaMP.utils import fileio, merge_with_rank
+from LaMP.utils.cli import run
+from LaMP.utils.metrics import RatingMetric
+from LaMP.utils.scoring import MAX_BOOTSTRAP
+
+eval_task = load_script("eval/eval_task.py")
+eval_all = load_script("eval/eval_all.py")
+compare = load_script("eval/compare.py")
+avocado = load_script("data/avocado/create_avocado_dataset.py")
+download = load_script("download_data.py")
+
+LAMP1_DEV = SAMPLE / "LaMP_1" / "dev_questions.json"
+
+
+def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    try:
+        status = run(main, [str(arg) for arg in argv])
+    except SystemExit as exited:  # a usage error: argparse exits from inside main
+        status = exited.code
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def tree(folder: Path) -> dict[str, object]:
+    """Every entry under ``folder``: a file's bytes, a link's target, a device's kind."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            found[str(path)] = ("link", os.readlink(path))
+        elif stat.S_ISREG(mode):
+            found[str(path)] = path.read_bytes()
+        else:
+            found[str(path)] = stat.S_IFMT(mode)
+    return found
+
+
+def lamp3(tmp_path: Path) -> tuple[Path, Path]:
+    golds = write_json(tmp_path / "golds.json", outputs_doc("LaMP_3", [("1", "3"), ("2", "5")]))
+    preds = write_json(tmp_path / "preds.json", outputs_doc("LaMP_3", [("1", "1e200"),
+                                                                         ("2", "5")]))
+    return golds, preds
+
+
+def char_device(path: Path) -> Path:
+    """A /dev/null of our own (major 1, minor 3), so no test touches the machine's."""
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    return path
+
+
+# -- a symlink loop (or a dangling link where a folder must be) as an output --------------
+
+@pytest.mark.parametrize("output, problem", [
+    ("loop1", "loop1 is a symlink loop"),
+    ("loop1/results.json", "loop1 is a symlink loop"),
+    ("gone/results.json", "gone is a symlink to nowhere, which does not exist"),
+])
+def test_an_output_through_a_broken_symlink_is_one_line_and_the_link_stays(tmp_path, capsys,
+                                                                           output, problem):
+    golds, preds = lamp3(tmp_path)
+    os.symlink("loop2", tmp_path / "loop1")
+    os.symlink("loop1", tmp_path / "loop2")
+    os.symlink("nowhere", tmp_path / "gone")
+    before = tree(tmp_path)
+    status, lines = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                             "--task_name", "LaMP_3", "--output_file",
+                                             tmp_path / output], capsys)
+    assert status == 2
+    assert lines == [f"error: --output_file {tmp_path / output}: {tmp_path / problem}"]
+    assert tree(tmp_path) == before  # the loop was not replaced by a regular file
+
+
+def test_the_writer_itself_refuses_a_symlink_loop(tmp_path):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    with pytest.raises(fileio.LampError, match="is a symlink loop"):
+        fileio.atomic_write_json(tmp_path / "a", {"x": 1})
+    assert os.readlink(tmp_path / "a") == "b"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+# -- an output written in place has no arguments file beside it ---------------------------
+
+def test_rank_profiles_to_a_device_leaves_no_args_file_beside_it(tmp_path, capsys):
+    device = char_device(tmp_path / "null")
+    status, _ = run_cli(rank_profiles.main, [
+        "--input_data_addr", LAMP1_DEV, "--output_ranking_addr", device, "--task", "LaMP-1",
+        "--ranker", "bm25"], capsys)
+    assert status == 0
+    assert os.listdir(tmp_path) == ["null"]  # no null.args.json
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
+
+
+def test_merge_with_rank_to_a_symlinked_device_leaves_no_args_file(tmp_path, capsys):
+    device = char_device(tmp_path / "null")
+    os.symlink("null", tmp_path / "link")
+    status, _ = run_cli(merge_with_rank.main, [
+        "--lamp_questions_addr", LAMP1_DEV, "--merged_output_addr", tmp_path / "link"], capsys)
+    assert status == 0
+    assert sorted(os.listdir(tmp_path)) == ["link", "null"]
+    assert fileio.args_path_for(device) is None
+    assert fileio.args_path_for(tmp_path / "ranking.json") == tmp_path / "ranking.args.json"
+
+
+# -- a symlink inside an output folder leads to an input ----------------------------------
+
+def test_a_link_in_the_output_folder_to_an_input_is_refused(tmp_path, capsys):
+    from test_avocado import argv, build_avocado, question_files
+
+    text_dir = build_avocado(tmp_path)
+    files = question_files(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    # Written through, the link would replace the published dev questions with built ones.
+    os.symlink(files["dev"], out / "train_outputs.json")
+    before = tree(tmp_path)
+    status, lines = run_cli(avocado.main, argv(text_dir, files, out), capsys)
+    assert status == 2
+    assert lines == [f"error: --output_dir {out} holds {out / 'train_outputs.json'}, a symlink "
+                     f"that is the input --input_question_file_dev {files['dev']}; remove the "
+                     "link or choose another folder"]
+    assert tree(tmp_path) == before
+
+
+def test_a_linked_subfolder_into_an_input_folder_is_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "run"
+    (out / "sub").mkdir(parents=True)
+    os.symlink(model, out / "sub" / "checkpoints")
+    with pytest.raises(fileio.LampError, match=r"a symlink that is the input --model_name"):
+        fileio.check_outputs(folders={"--output_dir": out}, inputs={"--model_name": str(model)})
+    os.unlink(out / "sub" / "checkpoints")
+    os.symlink(tmp_path / "elsewhere", out / "dangling")  # leads to no input: accepted
+    fileio.check_outputs(folders={"--output_dir": out}, inputs={"--model_name": str(model)})
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+def test_the_retrieval_encoder_folder_is_an_input_too(tmp_path, capsys, script):
+    encoder = tmp_path / "contriever"
+    encoder.mkdir()
+    (encoder / "model.safetensors").write_bytes(b"weights")
+    data = write_json(tmp_path / "data.json", [])
+    if script == "train":
+        main, argv = train_llm.main, ["--train_data", data, "--validation_data", data,
+                                      "--model_name", "m", "--task", "LaMP-7"]
+    else:
+        main, argv = evaluate_llm.main, ["--validation_data", data, "--model_addr", "m",
+                                         "--task", "LaMP-7"]
+    status, lines = run_cli(main, [*argv, "--output_dir", encoder, "--retriever", "contriever",
+                                   "--contriever_checkpoint", encoder], capsys)
+    assert status == 2
+    assert lines == [f"error: --output_dir {encoder} is the input --contriever_checkpoint "
+                     f"{encoder}; choose another output path"]
+    assert sorted(os.listdir(encoder)) == ["model.safetensors"]
+
+
+# -- counts without an upper bound ran for ever -------------------------------------------
+
+@pytest.mark.parametrize("script, minimum", [("compare", 1), ("eval_task", 0), ("eval_all", 0)])
+@pytest.mark.parametrize("value", [str(10**20), str(MAX_BOOTSTRAP + 1), "-1"])
+def test_bootstrap_counts_are_bounded(tmp_path, capsys, script, minimum, value):
+    golds, preds = lamp3(tmp_path)
+    main, argv = {
+        "compare": (compare.main, ["--golds_json", golds, "--preds_a", preds, "--preds_b", preds,
+                                   "--task_name", "LaMP_3"]),
+        "eval_task": (eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                       "--task_name", "LaMP_3", "--output_file",
+                                       tmp_path / "r.json"]),
+        "eval_all": (eval_all.main, ["--golds_zip", golds, "--preds_zip", preds,
+                                     "--output_file", tmp_path / "r.json"]),
+    }[script]
+    status, lines = run_cli(main, [*argv, "--bootstrap", value], capsys)
+    assert status == 2
+    assert lines == [f"error: --bootstrap must be in {minimum} … {MAX_BOOTSTRAP:,}"]
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "101", str(10**20)])
+def test_download_retries_are_bounded(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        download.parse_args(["--retries", value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: --retries must be in 0 … 100\n"
+
+
+# -- an overflowing rating is a result, not numpy noise on stderr -------------------------
+
+def test_an_overflowing_rating_gives_null_rmse_without_a_runtime_warning(tmp_path, capsys):
+    golds, preds = lamp3(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning would raise here
+        status, lines = run_cli(eval_task.main, [
+            "--golds_json", golds, "--preds_json", preds, "--task_name", "LaMP_3",
+            "--output_file", tmp_path / "r.json"], capsys)
+    assert status == 0
+    assert not [line for line in lines if "RuntimeWarning" in line or "np.sqrt" in line]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["RMSE"] is None and results["MAE"] > 1e199
+    metric = RatingMetric()
+    assert metric.aggregate(metric.prepare(["1"], ["1e300"]))["RMSE"] == float("inf")
