@@ -17,6 +17,7 @@ import pytest
 from conftest import SAMPLE, load_script, outputs_doc, write_json
 from LaMP import evaluate_llm, rank_profiles, train_llm
 from LaMP.utils import fileio, merge_with_rank
+from LaMP.utils.arguments import UPPER_BOUNDS
 from LaMP.utils.cli import run
 from LaMP.utils.metrics import RatingMetric
 from LaMP.utils.scoring import MAX_BOOTSTRAP
@@ -218,3 +219,34 @@ def test_an_overflowing_rating_gives_null_rmse_without_a_runtime_warning(tmp_pat
     assert results["RMSE"] is None and results["MAE"] > 1e199
     metric = RatingMetric()
     assert metric.aggregate(metric.prepare(["1"], ["1e300"]))["RMSE"] == float("inf")
+
+
+# -- integer flags with no upper bound failed after the model loaded ----------------------
+
+HUGE = str(10**20)
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+@pytest.mark.parametrize("flag", ["--max_length", "--generation_max_length",
+                                  "--generation_num_beams", "--per_device_batch_size",
+                                  "--lora_r", "--max_steps", "--num_train_epochs"])
+def test_huge_counts_stop_while_parsing(tmp_path, capsys, script, flag):
+    data = write_json(tmp_path / "data.json", [])
+    if script == "train":
+        parse, argv = train_llm.parse_args, ["--train_data", data, "--validation_data", data,
+                                             "--model_name", "m", "--task", "LaMP-7"]
+    else:
+        if flag in ("--lora_r", "--max_steps", "--num_train_epochs"):
+            pytest.skip("a training flag")
+        parse, argv = evaluate_llm.parse_args, ["--validation_data", data, "--model_addr", "m",
+                                                "--task", "LaMP-7"]
+    with pytest.raises(SystemExit) as exited:
+        parse([str(arg) for arg in argv] + ["--output_dir", str(tmp_path / "out"), flag, HUGE])
+    assert exited.value.code == 2
+    highest = UPPER_BOUNDS[flag[2:]]
+    shown = str(float(HUGE)) if flag == "--num_train_epochs" else HUGE  # a float flag
+    assert capsys.readouterr().err == f"error: {flag} must be at most {highest:,}, not {shown}\n"
+    # The bound itself is accepted.
+    args = parse([str(arg) for arg in argv] + ["--output_dir", str(tmp_path / "out"), flag,
+                                               str(highest)])
+    assert getattr(args, flag[2:]) == highest
