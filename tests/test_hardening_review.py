@@ -250,3 +250,83 @@ def test_huge_counts_stop_while_parsing(tmp_path, capsys, script, flag):
     args = parse([str(arg) for arg in argv] + ["--output_dir", str(tmp_path / "out"), flag,
                                                str(highest)])
     assert getattr(args, flag[2:]) == highest
+
+
+# -- a hostile adapter_config.json ended in peft's TypeError/KeyError traceback -----------
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory) -> tuple[Path, Path]:
+    from conftest import build_tiny_llama
+    from LaMP.utils.modeling import load_pretrained
+    from LaMP.utils.training import add_lora
+
+    base = build_tiny_llama(tmp_path_factory.mktemp("base"))
+    model, _ = load_pretrained(str(base))
+    folder = tmp_path_factory.mktemp("adapter")
+    add_lora(model, seq2seq=False, r=4, alpha=8, dropout=0.0,
+             target_modules=None).save_pretrained(folder)
+    return base, folder
+
+
+def edited_adapter(lora_adapter, tmp_path: Path, config) -> Path:
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(lora_adapter[1], folder)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    text = json.dumps(config if not isinstance(config, dict) else {**saved, **config})
+    (folder / "adapter_config.json").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("config, problem", [
+    ([], "adapter_config.json is not a JSON object"),
+    ({"peft_type": None}, "adapter_config.json: peft_type must be a string, not None"),
+    ({"r": "x"}, "adapter_config.json: r must be a positive integer, not 'x'"),
+    ({"r": True}, "adapter_config.json: r must be a positive integer, not True"),
+    ({"lora_alpha": "big"}, "adapter_config.json: lora_alpha must be a number, not 'big'"),
+    ({"lora_dropout": 2}, "adapter_config.json: lora_dropout must be a number in [0, 1), not 2"),
+    ({"target_modules": 5},
+     "adapter_config.json: target_modules must be a module name or a list of them, not 5"),
+    ({"target_modules": ["q_proj", 3]},
+     "adapter_config.json: target_modules must be a module name or a list of them, "
+     "not ['q_proj', 3]"),
+    ({"base_model_name_or_path": 7},
+     "adapter_config.json: base_model_name_or_path must be a string, not 7"),
+])
+def test_a_wrongly_typed_adapter_config_is_one_line_before_any_load(lora_adapter, tmp_path,
+                                                                     capsys, monkeypatch,
+                                                                     config, problem):
+    import LaMP.utils.modeling as modeling
+
+    monkeypatch.setattr(modeling, "load_model_and_tokenizer", lambda *a, **k: pytest.fail(
+        "the base model loaded before the adapter's config was checked"))
+    folder = edited_adapter(lora_adapter, tmp_path, config)
+    data = write_json(tmp_path / "data.json", [])
+    before = tree(folder)
+    status, lines = run_cli(evaluate_llm.main, [
+        "--validation_data", data, "--model_addr", lora_adapter[0], "--task", "LaMP-7",
+        "--output_dir", tmp_path / "out", "--adapter", folder], capsys)
+    assert status == 2
+    assert lines == [f"error: --adapter {folder}: {problem}"]
+    assert tree(folder) == before and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_with_a_hostile_adapter_config_is_incomplete(lora_adapter, tmp_path):
+    from LaMP.utils.checkpoints import checkpoint_problem
+
+    folder = edited_adapter(lora_adapter, tmp_path, {"r": "x"})
+    (folder / "trainer_state.json").write_text("{}")
+    assert checkpoint_problem(folder) == ("adapter_config.json: r must be a positive integer, "
+                                          "not 'x'")
+
+
+def test_an_unknown_peft_type_is_one_line(lora_adapter, tmp_path):
+    from LaMP.utils.errors import LampError
+    from LaMP.utils.modeling import load_model
+
+    folder = edited_adapter(lora_adapter, tmp_path, {"peft_type": "NOPE"})
+    with pytest.raises(LampError) as raised:
+        load_model(str(lora_adapter[0]), device="cpu", adapter=str(folder))
+    assert str(raised.value) == (f"cannot load adapter {folder} onto {lora_adapter[0]}: its "
+                                 "adapter_config.json does not suit peft (KeyError: 'NOPE')")
