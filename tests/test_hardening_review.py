@@ -330,3 +330,46 @@ def test_an_unknown_peft_type_is_one_line(lora_adapter, tmp_path):
         load_model(str(lora_adapter[0]), device="cpu", adapter=str(folder))
     assert str(raised.value) == (f"cannot load adapter {folder} onto {lora_adapter[0]}: its "
                                  "adapter_config.json does not suit peft (KeyError: 'NOPE')")
+
+
+# -- long names, and path probes that raise ------------------------------------------------
+
+def test_a_long_legal_output_name_is_written_and_its_stale_temporary_removed(tmp_path):
+    target = tmp_path / ("r" * 250 + ".json")  # 255 bytes: legal, but not with a suffix
+    dead_pid = 2**22 + 1  # above Linux's pid limit: no process has it
+    stale = tmp_path / f"{fileio._tmp_prefix(target)}{dead_pid}-0123abcd.tmp"
+    assert len(stale.name) <= 255
+    stale.write_text("left by a killed run")
+    fileio.atomic_write_json(target, {"x": 1})
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert os.listdir(tmp_path) == [target.name]
+
+
+def test_a_name_too_long_is_one_line(tmp_path, capsys):
+    golds, preds = lamp3(tmp_path)
+    output = tmp_path / ("r" * 300 + ".json")
+    status, lines = run_cli(eval_task.main, ["--golds_json", golds, "--preds_json", preds,
+                                             "--task_name", "LaMP_3", "--output_file", output],
+                            capsys)
+    assert status == 2
+    assert lines == [f"error: --output_file {output}: File name too long"]
+    status, lines = run_cli(eval_task.main, ["--golds_json", output, "--preds_json", preds,
+                                             "--task_name", "LaMP_3", "--output_file",
+                                             tmp_path / "r.json"], capsys)
+    assert lines == [f"error: gold file {output}: cannot read (File name too long)"]
+    assert sorted(os.listdir(tmp_path)) == ["golds.json", "preds.json"]
+
+
+def test_an_input_through_a_broken_symlink_says_so(tmp_path):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    os.symlink("nowhere", tmp_path / "gone")
+    with pytest.raises(fileio.LampError) as raised:
+        fileio.check_readable(tmp_path / "a", "gold file")
+    assert str(raised.value) == f"gold file {tmp_path / 'a'} is a symlink loop"
+    with pytest.raises(fileio.LampError) as raised:
+        fileio.check_readable(tmp_path / "gone", "gold file")
+    assert str(raised.value) == (f"gold file {tmp_path / 'gone'} is a symlink to nowhere, "
+                                 "which does not exist")
+    with pytest.raises(fileio.LampError, match="does not exist$"):
+        fileio.check_readable(tmp_path / "missing", "gold file")

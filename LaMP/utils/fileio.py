@@ -30,9 +30,19 @@ logger = logging.getLogger(__name__)
 
 def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     path = Path(path)
-    if not path.exists():
-        raise LampError(f"{what} {path} does not exist")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        # Path.exists() would raise on a name too long and call a symlink loop missing.
+        if error.errno == errno.ELOOP:
+            raise LampError(f"{what} {path} is a symlink loop") from None
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise LampError(f"{what} {path}: cannot read ({error.strerror})") from None
+        if os.path.islink(path):
+            raise LampError(f"{what} {path} is a symlink to {os.readlink(path)}, which does "
+                            "not exist") from None
+        raise LampError(f"{what} {path} does not exist") from None
+    if stat.S_ISDIR(mode):
         raise LampError(f"{what} {path} is a directory, not a file")
     return path
 
@@ -111,6 +121,20 @@ _DESCRIPTOR_PATH = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd
 _TMP_MARK = ".lamp-tmp-"
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename) or "host"
 _active_temporaries: set[str] = set()  # this process's temporaries being written now
+# Most file systems allow 255 bytes per name; the temporary adds its mark, host, pid and a
+# random part to the output's name, so a long but legal output name is shortened in it.
+_NAME_MAX = 255
+# The dot, the mark, the host, a pid (Linux pids stay below 2**22), the random part.
+_TMP_SUFFIX_MAX = 1 + len(f"{_TMP_MARK}{_HOST}-{2**22}-{'0' * 8}.tmp")
+
+
+def _tmp_prefix(target: Path) -> str:
+    """``.{name}.lamp-tmp-{host}-``: the start of every temporary of ``target``."""
+    name = target.name.encode("utf-8", "surrogateescape")
+    if len(name) + _TMP_SUFFIX_MAX > _NAME_MAX:
+        name = name[:_NAME_MAX - _TMP_SUFFIX_MAX]
+    # surrogateescape: a character cut in half still names the same bytes on disk.
+    return f".{name.decode('utf-8', 'surrogateescape')}{_TMP_MARK}{_HOST}-"
 
 
 def _is_direct(path: Path) -> bool:
@@ -222,31 +246,40 @@ def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None 
     outputs += [(flag, Path(path), True) for flag, path in (folders or {}).items() if path]
     known_inputs = list(_inputs(inputs))
     for flag, path, folder in outputs:
-        if _is_direct(path):
-            continue  # written in place, never replaced: nothing is lost
-        if folder:
-            check_output_dir(path, flag)
-        elif path.is_dir():
-            raise LampError(f"{flag} {path} is a folder; give a file name")
-        else:
-            _check_writable_place(path, flag, folder=False)
-        resolved = os.path.realpath(path)
-        for in_flag, given, in_resolved in known_inputs:
-            how = _conflict(resolved, path, given, in_resolved)
-            if how:
-                raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
-                                "choose another output path")
-        if folder and path.is_dir() and known_inputs:
-            # A link in the folder is written through: out/dev_questions.json -> the
-            # published file would have it replaced by the built one.
-            for link in _links_under(path):
-                link_resolved = os.path.realpath(link)
-                for in_flag, given, in_resolved in known_inputs:
-                    how = _conflict(link_resolved, link, given, in_resolved)
-                    if how:
-                        raise LampError(f"{flag} {path} holds {link}, a symlink that {how} "
-                                        f"the input {in_flag} {given}; remove the link or "
-                                        "choose another folder")
+        try:
+            _check_output(flag, path, folder, known_inputs)
+        except OSError as error:  # a name too long, say: Path.is_dir() raises on it
+            raise LampError(f"{flag} {path}: {error.strerror or error}") from None
+
+
+def _check_output(flag: str, path: Path, folder: bool,
+                  known_inputs: list[tuple[str, str, str]]) -> None:
+    """check_outputs for one output."""
+    if _is_direct(path):
+        return  # written in place, never replaced: nothing is lost
+    if folder:
+        check_output_dir(path, flag)
+    elif path.is_dir():
+        raise LampError(f"{flag} {path} is a folder; give a file name")
+    else:
+        _check_writable_place(path, flag, folder=False)
+    resolved = os.path.realpath(path)
+    for in_flag, given, in_resolved in known_inputs:
+        how = _conflict(resolved, path, given, in_resolved)
+        if how:
+            raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
+                            "choose another output path")
+    if folder and path.is_dir() and known_inputs:
+        # A link in the folder is written through: out/dev_questions.json -> the
+        # published file would have it replaced by the built one.
+        for link in _links_under(path):
+            link_resolved = os.path.realpath(link)
+            for in_flag, given, in_resolved in known_inputs:
+                how = _conflict(link_resolved, link, given, in_resolved)
+                if how:
+                    raise LampError(f"{flag} {path} holds {link}, a symlink that {how} "
+                                    f"the input {in_flag} {given}; remove the link or "
+                                    "choose another folder")
 
 
 # What a training run leaves in its folder (train_llm.py, a Trainer, save_pretrained).
@@ -326,7 +359,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove temporaries of ``target`` left by writers that were killed (their pid is gone,
     or is ours but not one of our current writes)."""
-    pattern = re.compile(re.escape(f".{target.name}{_TMP_MARK}{_HOST}-") + r"(\d+)-[0-9a-f]{8}\.tmp")
+    pattern = re.compile(re.escape(_tmp_prefix(target)) + r"(\d+)-[0-9a-f]{8}\.tmp")
     try:
         names = os.listdir(target.parent)
     except OSError:
@@ -389,7 +422,10 @@ class _Output:
             # shell (or an earlier write) put there.
             flags, mode = os.O_WRONLY | os.O_APPEND, 0
         else:
-            self._prepare_target()
+            try:
+                self._prepare_target()
+            except OSError as error:  # a probe of the path itself: a name too long, say
+                raise self._error(error) from None
             flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666  # umask applies
         opened = self.tmp_name or str(self.path)
         try:
@@ -422,7 +458,7 @@ class _Output:
         self.keep_mode = stat.S_IMODE(existing.st_mode) if existing else None
         self.keep_owner = (existing.st_uid, existing.st_gid) if existing else None
         _remove_stale_temporaries(self.target)
-        self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}{_HOST}-"
+        self.tmp_name = str(self.target.parent / f"{_tmp_prefix(self.target)}"
                                                  f"{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
     def _error(self, error: OSError) -> LampError:
