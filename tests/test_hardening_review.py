@@ -373,3 +373,23 @@ def test_an_input_through_a_broken_symlink_says_so(tmp_path):
                                  "which does not exist")
     with pytest.raises(fileio.LampError, match="does not exist$"):
         fileio.check_readable(tmp_path / "missing", "gold file")
+
+
+# -- the demo's flags reached the stages only after minutes of work -----------------------
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning_rate", "-1", "error: --learning_rate must be > 0"),
+    ("--epochs", "nan", "error: --num_train_epochs must be a finite number, not nan"),
+    ("--epochs", "1e300", "error: --num_train_epochs must be at most 10,000, not 1e+300"),
+    ("--num_retrieved", "-3", "error: --num_retrieved must be >= 0"),
+])
+def test_demo_checks_every_stage_flag_before_any_work(tmp_path, capsys, monkeypatch, flag,
+                                                      value, message):
+    demo = load_script("demo.py")
+    monkeypatch.setattr(demo, "rank_and_merge", lambda *a: pytest.fail("work started"))
+    work = tmp_path / "work"
+    status, lines = run_cli(demo.main, ["--work_dir", work, "--model", tmp_path / "model",
+                                        flag, value], capsys)
+    assert status == 2
+    assert lines == [message]
+    assert not work.exists()
