@@ -85,6 +85,34 @@ def model_flags(args, task) -> list[str]:
             "--chat_template", "--seed", str(args.seed)]
 
 
+def evaluate_argv(args, task, model: str, data: Path, output_dir: Path) -> list[str]:
+    return ["--validation_data", str(data), "--model_addr", model,
+            "--output_dir", str(output_dir), *model_flags(args, task)]
+
+
+def train_argv(args, model: str, train_data: Path, validation_data: Path,
+               output_dir: Path) -> list[str]:
+    return ["--train_data", str(train_data), "--validation_data", str(validation_data),
+            "--model_name", model, "--output_dir", str(output_dir),
+            "--num_train_epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
+            "--save_total_limit", "1", "--logging_steps", "2",
+            # a rerun of the demo redoes its own training run
+            "--overwrite_output_dir", *model_flags(args, args.train_task)]
+
+
+def check_stage_flags(args) -> None:
+    """Parse every stage's flags before any work: a bad --learning_rate or --epochs would
+    otherwise stop the demo only after ranking and every zero-shot evaluation. Only the
+    flags are parsed here; the stages check their files when they run."""
+    from LaMP import evaluate_llm, train_llm
+
+    unchecked = Path("unchecked")  # a placeholder for files the demo has yet to make
+    for task in args.tasks:
+        evaluate_llm.parse_args(evaluate_argv(args, task, "model", unchecked, unchecked))
+    if args.train_task:
+        train_llm.parse_args(train_argv(args, "model", unchecked, unchecked, unchecked))
+
+
 def zip_outputs(path: Path, files: dict[str, Path]) -> Path:
     with open_output(path, binary=True) as handle, \
             zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -98,6 +126,7 @@ def main(argv=None) -> dict:
     setup_logging()
     check_outputs(folders={"--work_dir": args.work_dir},
                   inputs={"--data_dir": args.data_dir, "--model": args.model})
+    check_stage_flags(args)
     from LaMP import evaluate_llm, train_llm
     from LaMP.utils.local_models import smollm2_path
 
@@ -118,8 +147,7 @@ def main(argv=None) -> dict:
     zero_shot = {}
     for task in args.tasks:
         out = work / task.file_name / "zero_shot"
-        evaluate_llm.main(["--validation_data", str(merged[task]), "--model_addr", model,
-                           "--output_dir", str(out), *model_flags(args, task)])
+        evaluate_llm.main(evaluate_argv(args, task, model, merged[task], out))
         zero_shot[task] = out
     timings["zero-shot evaluation"] = time.perf_counter() - stage
 
@@ -127,15 +155,8 @@ def main(argv=None) -> dict:
     if args.train_task:
         stage = time.perf_counter()
         lora_dir = work / args.train_task.file_name / "lora"
-        train_llm.main(["--train_data", str(train_merged),
-                        "--validation_data", str(merged[args.train_task]),
-                        "--model_name", model, "--output_dir", str(lora_dir),
-                        "--num_train_epochs", str(args.epochs),
-                        "--learning_rate", str(args.learning_rate),
-                        "--save_total_limit", "1", "--logging_steps", "2",
-                        # a rerun of the demo redoes its own training run
-                        "--overwrite_output_dir",
-                        *model_flags(args, args.train_task)])
+        train_llm.main(train_argv(args, model, train_merged, merged[args.train_task],
+                                  lora_dir))
         timings["LoRA training"] = time.perf_counter() - stage
 
     predictions = {task.file_name: out / "predictions.json" for task, out in zero_shot.items()}

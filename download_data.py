@@ -95,6 +95,9 @@ RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # The longest --timeout and the longest wait between tries: a server silent for a day is not
 # coming back, and the socket and sleep calls overflow far beyond it.
 MAX_WAIT_S = 86400.0
+# The most --retries: with the longest backoff that is already months of trying; a typo
+# such as 10**20 would make an unreachable server hang the run for ever.
+MAX_RETRIES = 100
 
 # LaMP ids are f"{task index - 1}{set digit}{row}" (LaMP-7 dev: 610 … 611499), so the first
 # character tells which task a file's ids were made for.
@@ -199,7 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="only ask the server for file sizes and print what the selection "
                              "needs on disk; download nothing")
     parser.add_argument("--retries", type=int, default=5,
-                        help="extra attempts per file after a network failure (default: 5)")
+                        help="extra attempts per file after a network failure, at most "
+                             f"{MAX_RETRIES} (default: 5)")
     parser.add_argument("--backoff", type=float, default=2.0,
                         help="seconds before the first retry, doubled after each, at most "
                              f"{MAX_WAIT_S:.0f} (default: 2)")
@@ -207,8 +211,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds without data before a connection counts as dropped, "
                              f"at most {MAX_WAIT_S:.0f} (default: 60)")
     args = parser.parse_args(argv)
-    if args.retries < 0:
-        parser.error("--retries must be >= 0")
+    if not 0 <= args.retries <= MAX_RETRIES:
+        parser.error(f"--retries must be in 0 … {MAX_RETRIES}")
     # float() accepts "nan" and "inf"; neither is a number of seconds a socket can wait.
     if not (math.isfinite(args.backoff) and 0 <= args.backoff <= MAX_WAIT_S):
         parser.error(f"--backoff must be a number of seconds from 0 to {MAX_WAIT_S:.0f}, "

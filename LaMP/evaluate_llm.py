@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     check_output_dir(args.output_dir)
     check_outputs(folders={"--output_dir": args.output_dir},
                   inputs={"--validation_data": args.validation_data,
-                          "--model_addr": args.model_addr, "--adapter": args.adapter})
+                          "--model_addr": args.model_addr, "--adapter": args.adapter,
+                          "--contriever_checkpoint": args.contriever_checkpoint})
     check_evaluation_folder(args.output_dir, "--output_dir")
     check_model_folder(args.model_addr, "--model_addr")
     if args.adapter:

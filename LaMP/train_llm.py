@@ -311,7 +311,8 @@ def main(argv=None) -> dict:
     check_outputs(folders={"--output_dir": args.output_dir},
                   inputs={"--train_data": args.train_data,
                           "--validation_data": args.validation_data,
-                          "--test_data": args.test_data, "--model_name": args.model_name})
+                          "--test_data": args.test_data, "--model_name": args.model_name,
+                          "--contriever_checkpoint": args.contriever_checkpoint})
     if not (args.overwrite_output_dir or args.resume_from_checkpoint):
         check_new_run_folder(args.output_dir, "--output_dir",
                              "--overwrite_output_dir to replace it or --resume_from_checkpoint "

@@ -25,7 +25,7 @@ from LaMP.utils.cli import ArgumentParser, format_table, run, seed_arg, setup_lo
 from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.metrics import metric_for, paired_bootstrap
 from LaMP.utils.outputs import load_outputs
-from LaMP.utils.scoring import paired_outputs, prepare
+from LaMP.utils.scoring import check_bootstrap_arguments, paired_outputs, prepare
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="number of paired bootstrap resamples (1000 is the usual choice)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the resampling")
     args = parser.parse_args(argv)
-    if args.bootstrap < 1:
-        parser.error("--bootstrap must be >= 1")
+    check_bootstrap_arguments(parser, args, minimum=1)
     return args
 
 

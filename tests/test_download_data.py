@@ -389,7 +389,8 @@ def test_url_table_and_layout(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "LaMP_6"], "build it from the Avocado corpus"),
     (["--tasks", "LaMP_9"], "unknown task 'LaMP_9'; valid: LaMP_1"),
-    (["--retries", "-1"], "--retries must be >= 0"),
+    (["--retries", "-1"], "--retries must be in 0 … 100"),
+    (["--retries", str(10**20)], "--retries must be in 0 … 100"),
     (["--base_url", "ftp://x"], "must be an http"),
     (["--splits", "random"], "invalid choice"),
 ])

@@ -44,12 +44,34 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "the random ranker)")
 
 
+# Upper bounds of the integer flags, checked while parsing. Without them a mistyped 10**20
+# ends, after the model has loaded, in a traceback from the tokenizer ("int too big to
+# convert"), from generate() or from a C++ allocation, or in a run that never ends.
+MAX_TOKENS = 131_072  # the longest context of the models this pipeline is run with (128K)
+UPPER_BOUNDS = {
+    "max_length": MAX_TOKENS,
+    "generation_max_length": MAX_TOKENS,
+    "generation_num_beams": 128,  # far past any useful beam width; memory grows with it
+    "per_device_batch_size": 65_536,  # more questions than most LaMP dev splits hold
+    # Larger than the hidden size of the largest models: such a rank is no longer low-rank.
+    "lora_r": 16_384,
+    # Ten million optimizer steps is far past any LaMP run (the largest train split has
+    # about 20,000 questions); beyond it a typo trains for ever.
+    "max_steps": 10_000_000,
+    "num_train_epochs": 10_000,  # the same for epochs (1e300 trained until killed)
+}
+
+
 def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate the shared flags before any model is loaded."""
     if args.num_retrieved < 0:
         parser.error("--num_retrieved must be >= 0")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16 tokens")
+    for flag, highest in UPPER_BOUNDS.items():
+        value = getattr(args, flag, None)  # not every script has every flag
+        if value is not None and value > highest:
+            parser.error(f"--{flag} must be at most {highest:,}, not {value}")
 
 
 def profile_options(args: argparse.Namespace):

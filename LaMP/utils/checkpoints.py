@@ -137,7 +137,7 @@ def check_adapter_folder(path: str) -> None:
         problem = f"no {ADAPTER_CONFIG}"
         if (folder / "config.json").is_file():  # e.g. train_llm.py --peft none output
             problem += " (this is a whole model: pass it as the model instead)"
-    problem = problem or _json_problem(folder / ADAPTER_CONFIG) or weights_problem(
+    problem = problem or adapter_config_problem(folder / ADAPTER_CONFIG) or weights_problem(
         folder, ADAPTER_WEIGHTS)
     if problem:
         raise LampError(f"--adapter {path}: {problem}")
@@ -153,6 +153,49 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _names(value) -> bool:
+    """A module-name setting of peft: unset, one name (or regex) or a list of names."""
+    return value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+# The adapter_config.json fields peft uses unchecked, with what each must be: of another
+# type, peft fails with a TypeError/KeyError traceback ('<=' between str and int, "'int'
+# object is not iterable") after the base model has loaded.
+_ADAPTER_FIELDS = {
+    "peft_type": (lambda value: isinstance(value, str), "a string"),
+    "r": (lambda value: _is_int(value) and value > 0, "a positive integer"),
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)"),
+    "target_modules": (_names, "a module name or a list of them"),
+    "modules_to_save": (_names, "a module name or a list of them"),
+    "base_model_name_or_path": (lambda value: value is None or isinstance(value, str),
+                                "a string"),
+}
+
+
+def adapter_config_problem(path: Path) -> str | None:
+    """Why ``path`` (an adapter_config.json) cannot configure a peft adapter, or ``None``."""
+    problem = _json_problem(path)
+    if problem:
+        return problem
+    config = read_json(path)
+    if not isinstance(config, dict):
+        return f"{path.name} is not a JSON object"
+    for field, (valid, expected) in _ADAPTER_FIELDS.items():
+        if field in config and not valid(config[field]):
+            return f"{path.name}: {field} must be {expected}, not {config[field]!r:.80}"
+    return None
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete Trainer checkpoint, or ``None``: the Trainer state
     (written last) must parse and the weights (adapter or full model) must be whole."""
@@ -163,7 +206,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return problem
     names = ADAPTER_WEIGHTS if (folder / ADAPTER_CONFIG).is_file() else MODEL_WEIGHTS
     if (folder / ADAPTER_CONFIG).is_file():
-        problem = _json_problem(folder / ADAPTER_CONFIG)
+        problem = adapter_config_problem(folder / ADAPTER_CONFIG)
     problem = problem or weights_problem(folder, names)
     for name in TRAINER_FILES:  # written before the state; checked in case of a copy cut short
         if not problem and (folder / name).is_file():

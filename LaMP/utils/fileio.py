@@ -7,6 +7,7 @@ failed run never leaves a half-written output).
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import json
 import logging
@@ -29,9 +30,19 @@ logger = logging.getLogger(__name__)
 
 def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
     path = Path(path)
-    if not path.exists():
-        raise LampError(f"{what} {path} does not exist")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        # Path.exists() would raise on a name too long and call a symlink loop missing.
+        if error.errno == errno.ELOOP:
+            raise LampError(f"{what} {path} is a symlink loop") from None
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise LampError(f"{what} {path}: cannot read ({error.strerror})") from None
+        if os.path.islink(path):
+            raise LampError(f"{what} {path} is a symlink to {os.readlink(path)}, which does "
+                            "not exist") from None
+        raise LampError(f"{what} {path} does not exist") from None
+    if stat.S_ISDIR(mode):
         raise LampError(f"{what} {path} is a directory, not a file")
     return path
 
@@ -110,6 +121,20 @@ _DESCRIPTOR_PATH = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd
 _TMP_MARK = ".lamp-tmp-"
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename) or "host"
 _active_temporaries: set[str] = set()  # this process's temporaries being written now
+# Most file systems allow 255 bytes per name; the temporary adds its mark, host, pid and a
+# random part to the output's name, so a long but legal output name is shortened in it.
+_NAME_MAX = 255
+# The dot, the mark, the host, a pid (Linux pids stay below 2**22), the random part.
+_TMP_SUFFIX_MAX = 1 + len(f"{_TMP_MARK}{_HOST}-{2**22}-{'0' * 8}.tmp")
+
+
+def _tmp_prefix(target: Path) -> str:
+    """``.{name}.lamp-tmp-{host}-``: the start of every temporary of ``target``."""
+    name = target.name.encode("utf-8", "surrogateescape")
+    if len(name) + _TMP_SUFFIX_MAX > _NAME_MAX:
+        name = name[:_NAME_MAX - _TMP_SUFFIX_MAX]
+    # surrogateescape: a character cut in half still names the same bytes on disk.
+    return f".{name.decode('utf-8', 'surrogateescape')}{_TMP_MARK}{_HOST}-"
 
 
 def _is_direct(path: Path) -> bool:
@@ -130,10 +155,33 @@ def _first_existing(path: Path) -> Path:
     return Path(".")
 
 
+def _unresolvable_link(path: Path) -> str | None:
+    """Why the symlink ``path`` cannot be written through, or None (not a symlink, or one
+    that resolves or dangles into a place that can be created)."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            # Without this check the rename would replace the link itself: the user's
+            # symlink would silently become a regular file.
+            return "is a symlink loop"
+    return None
+
+
 def _check_writable_place(path: Path, what: str, folder: bool) -> None:
     """``path`` can be created or replaced: no file in the way, write permission held."""
     named = f"{what} {path}" if what else str(path)
+    for candidate in (path, *path.parents):
+        problem = _unresolvable_link(candidate)
+        if problem:
+            raise LampError(f"{named}: {candidate} {problem}")
     ancestor = _first_existing(path if folder else path.parent)
+    if os.path.islink(ancestor) and not ancestor.exists():
+        # A dangling link where a folder must be: mkdir cannot make a folder through it.
+        raise LampError(f"{named}: {ancestor} is a symlink to {os.readlink(ancestor)}, "
+                        "which does not exist")
     if ancestor.exists() and not ancestor.is_dir():
         raise LampError(f"{named}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -165,6 +213,26 @@ def _inside(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _links_under(folder: Path) -> Iterator[Path]:
+    """Every symlink inside ``folder`` (not followed): a write to a fixed name in an output
+    folder (``dev_questions.json``, ``checkpoints/``) goes through a link that is there."""
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in (*dirs, *names):
+            if os.path.islink(os.path.join(root, name)):
+                yield Path(root, name)
+
+
+def _conflict(resolved: str, path: Path, given: str, in_resolved: str) -> str | None:
+    """How an output resolving to ``resolved`` meets an input, or None if it does not."""
+    if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
+        return "is"
+    if _inside(in_resolved, resolved):
+        return "contains"
+    if _inside(resolved, in_resolved):
+        return "is inside"
+    return None
+
+
 def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None = None,
                   folders: Mapping[str, Any] | None = None) -> None:
     """Refuse, before any work, outputs that would overwrite the run's inputs or cannot be
@@ -178,26 +246,40 @@ def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None 
     outputs += [(flag, Path(path), True) for flag, path in (folders or {}).items() if path]
     known_inputs = list(_inputs(inputs))
     for flag, path, folder in outputs:
-        if _is_direct(path):
-            continue  # written in place, never replaced: nothing is lost
-        if folder:
-            check_output_dir(path, flag)
-        elif path.is_dir():
-            raise LampError(f"{flag} {path} is a folder; give a file name")
-        else:
-            _check_writable_place(path, flag, folder=False)
-        resolved = os.path.realpath(path)
-        for in_flag, given, in_resolved in known_inputs:
-            if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
-                how = "is"
-            elif _inside(in_resolved, resolved):
-                how = "contains"
-            elif _inside(resolved, in_resolved):
-                how = "is inside"
-            else:
-                continue
+        try:
+            _check_output(flag, path, folder, known_inputs)
+        except OSError as error:  # a name too long, say: Path.is_dir() raises on it
+            raise LampError(f"{flag} {path}: {error.strerror or error}") from None
+
+
+def _check_output(flag: str, path: Path, folder: bool,
+                  known_inputs: list[tuple[str, str, str]]) -> None:
+    """check_outputs for one output."""
+    if _is_direct(path):
+        return  # written in place, never replaced: nothing is lost
+    if folder:
+        check_output_dir(path, flag)
+    elif path.is_dir():
+        raise LampError(f"{flag} {path} is a folder; give a file name")
+    else:
+        _check_writable_place(path, flag, folder=False)
+    resolved = os.path.realpath(path)
+    for in_flag, given, in_resolved in known_inputs:
+        how = _conflict(resolved, path, given, in_resolved)
+        if how:
             raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
                             "choose another output path")
+    if folder and path.is_dir() and known_inputs:
+        # A link in the folder is written through: out/dev_questions.json -> the
+        # published file would have it replaced by the built one.
+        for link in _links_under(path):
+            link_resolved = os.path.realpath(link)
+            for in_flag, given, in_resolved in known_inputs:
+                how = _conflict(link_resolved, link, given, in_resolved)
+                if how:
+                    raise LampError(f"{flag} {path} holds {link}, a symlink that {how} "
+                                    f"the input {in_flag} {given}; remove the link or "
+                                    "choose another folder")
 
 
 # What a training run leaves in its folder (train_llm.py, a Trainer, save_pretrained).
@@ -277,7 +359,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove temporaries of ``target`` left by writers that were killed (their pid is gone,
     or is ours but not one of our current writes)."""
-    pattern = re.compile(re.escape(f".{target.name}{_TMP_MARK}{_HOST}-") + r"(\d+)-[0-9a-f]{8}\.tmp")
+    pattern = re.compile(re.escape(_tmp_prefix(target)) + r"(\d+)-[0-9a-f]{8}\.tmp")
     try:
         names = os.listdir(target.parent)
     except OSError:
@@ -340,7 +422,10 @@ class _Output:
             # shell (or an earlier write) put there.
             flags, mode = os.O_WRONLY | os.O_APPEND, 0
         else:
-            self._prepare_target()
+            try:
+                self._prepare_target()
+            except OSError as error:  # a probe of the path itself: a name too long, say
+                raise self._error(error) from None
             flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666  # umask applies
         opened = self.tmp_name or str(self.path)
         try:
@@ -373,7 +458,7 @@ class _Output:
         self.keep_mode = stat.S_IMODE(existing.st_mode) if existing else None
         self.keep_owner = (existing.st_uid, existing.st_gid) if existing else None
         _remove_stale_temporaries(self.target)
-        self.tmp_name = str(self.target.parent / f".{self.target.name}{_TMP_MARK}{_HOST}-"
+        self.tmp_name = str(self.target.parent / f"{_tmp_prefix(self.target)}"
                                                  f"{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
     def _error(self, error: OSError) -> LampError:
@@ -477,14 +562,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
     return Path(path)
 
 
-def args_path_for(output: str | os.PathLike) -> Path:
-    """Where a run's arguments go beside an output file: ``ranking.json`` → ``ranking.args.json``."""
+def args_path_for(output: str | os.PathLike) -> Path | None:
+    """Where a run's arguments go beside an output file: ``ranking.json`` → ``ranking.args.json``.
+
+    None for an output written in place (a device, FIFO or descriptor): ``/dev/null`` has no
+    folder of results to hold ``/dev/null.args.json``, and making one there would leave a
+    stray file in /dev.
+    """
     output = Path(output)
+    if _is_direct(output):
+        return None
     return output.with_name(f"{output.stem}.args.json")
 
 
-def save_run_args(path: str | os.PathLike, args: Mapping[str, Any] | Any) -> Path:
-    """Save a run's arguments (an ``argparse.Namespace`` or a mapping) as JSON."""
+def save_run_args(path: str | os.PathLike | None, args: Mapping[str, Any] | Any) -> Path | None:
+    """Save a run's arguments (an ``argparse.Namespace`` or a mapping) as JSON; ``path`` None
+    (see ``args_path_for``) saves nothing."""
+    if path is None:
+        logger.info("no arguments file: the output is written in place (a device or pipe)")
+        return None
     values = dict(args) if isinstance(args, Mapping) else dict(vars(args))
     plain = {key: value if isinstance(value, (str, int, float, bool, type(None), list))
              else str(value) for key, value in sorted(values.items())}

@@ -140,7 +140,11 @@ class RatingMetric(Metric):
         error = prepared.arrays["pred"] - prepared.arrays["gold"]
         if rows is not None:
             error = error[rows]
-        return {"MAE": float(np.abs(error).mean()), "RMSE": float(np.sqrt((error ** 2).mean()))}
+        # A rating such as 1e200 overflows the square: RMSE is then infinite (written as null,
+        # see fileio), which is the answer; numpy's RuntimeWarning on stderr would only be noise.
+        with np.errstate(over="ignore"):
+            return {"MAE": float(np.abs(error).mean()),
+                    "RMSE": float(np.sqrt((error ** 2).mean()))}
 
 
 class RougeMetric(Metric):

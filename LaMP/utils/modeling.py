@@ -378,6 +378,12 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
         except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: shape mismatch
             raise LampError(f"cannot load adapter {adapter} onto {name_or_path}: "
                             f"{str(error).splitlines()[0]}") from None
+        except (KeyError, TypeError) as error:
+            # peft indexes its config unchecked: an unknown peft_type is a KeyError, a field
+            # of another type a TypeError (check_adapter_folder catches the common ones).
+            raise LampError(f"cannot load adapter {adapter} onto {name_or_path}: its "
+                            f"adapter_config.json does not suit peft ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
     model.to(device).eval()
     logger.info("loaded %s (%s, %s) on %s%s", name_or_path,
                 "seq2seq" if seq2seq else "causal", dtype, device,

@@ -66,9 +66,15 @@ def add_bootstrap_arguments(parser) -> None:
                         help="seed of the bootstrap resampling (fixed so intervals repeat)")
 
 
-def check_bootstrap_arguments(parser, args) -> None:
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be >= 0")
+# The most bootstrap resamples a run may ask for: 100,000 already resolves a p-value to 1e-5;
+# more changes no reported digit, and a mistyped 10**20 would otherwise run for ever.
+MAX_BOOTSTRAP = 100_000
+
+
+def check_bootstrap_arguments(parser, args, minimum: int = 0) -> None:
+    """``--bootstrap`` in ``minimum`` … ``MAX_BOOTSTRAP`` (compare.py needs at least one)."""
+    if not minimum <= args.bootstrap <= MAX_BOOTSTRAP:
+        parser.error(f"--bootstrap must be in {minimum} … {MAX_BOOTSTRAP:,}")
 
 
 def format_results_table(results: Mapping[str, Mapping]) -> str:
