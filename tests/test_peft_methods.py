@@ -294,3 +294,16 @@ def test_the_table_names_every_method_and_imports_neither_torch_nor_peft():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_prompt_tuning_can_start_from_the_words_of_a_text(tiny_llama):
+    lamp_model = lamp_model_for(tiny_llama)
+    words = lamp_model.tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]
+    embedding = lamp_model.model.get_input_embeddings().weight.detach().clone()
+    model = add_peft(lamp_model.model, "prompt_tuning",
+                     options("prompt_tuning", tiny_llama, prompt_tuning_init="text",
+                             prompt_tuning_init_text="the quick brown fox"), seq2seq=False)
+    virtual = model.get_prompt(batch_size=1)[0].detach()
+    # peft repeats the words (or cuts them) to fill the virtual tokens.
+    expected = [words[i % len(words)] for i in range(N_VIRTUAL)]
+    assert torch.equal(virtual, embedding[expected])
