@@ -266,6 +266,8 @@ def test_resume_compares_the_shape_flags_of_the_method(tmp_path, saved, now, exp
     (["--peft", "prompt_tuning", "--prompt_tuning_init", "text"],
      "--prompt_tuning_init text needs --prompt_tuning_init_text"),
     (["--prompt_encoder_hidden_size", "0"], "--prompt_encoder_hidden_size must be >= 1"),
+    (["--peft", "p_tuning", "--num_virtual_tokens", "60", "--max_length", "64"],
+     "--num_virtual_tokens 60 leaves no room for a prompt within --max_length 64"),
     (["--ia3_target_modules", "k", "--ia3_feedforward_modules", "wo"],
      "--ia3_feedforward_modules wo: not among --ia3_target_modules"),
 ])
@@ -307,3 +309,15 @@ def test_prompt_tuning_can_start_from_the_words_of_a_text(tiny_llama):
     # peft repeats the words (or cuts them) to fill the virtual tokens.
     expected = [words[i % len(words)] for i in range(N_VIRTUAL)]
     assert torch.equal(virtual, embedding[expected])
+
+
+@pytest.mark.parametrize("method, flag", [("lora", "--lora_target_modules"),
+                                          ("dora", "--lora_target_modules"),
+                                          ("ia3", "--ia3_target_modules")])
+def test_layers_the_model_lacks_are_one_line_naming_the_flag(method, flag, tiny_llama):
+    lamp_model = lamp_model_for(tiny_llama)
+    changes = {flag.removeprefix("--"): ["no_such_layer"]}
+    with pytest.raises(LampError, match=rf"^--peft {method} set-up failed \(.*\); name the "
+                                        rf"layers with {flag}$"):
+        add_peft(lamp_model.model, method, options(method, tiny_llama, **changes),
+                 seq2seq=False)

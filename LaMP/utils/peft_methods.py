@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from LaMP.utils.errors import LampError
+from LaMP.utils.prompts import MIN_PROMPT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,11 @@ def check_peft_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"--{flag} must be >= 1")
     if args.prompt_encoder_hidden_size is not None and args.prompt_encoder_hidden_size < 1:
         parser.error("--prompt_encoder_hidden_size must be >= 1")
+    room = getattr(args, "max_length", None)
+    if get_method(args.peft).virtual_tokens and room is not None \
+            and args.num_virtual_tokens > room - MIN_PROMPT_TOKENS:
+        parser.error(f"--num_virtual_tokens {args.num_virtual_tokens} leaves no room for a "
+                     f"prompt within --max_length {room}")
     if args.peft == "prompt_tuning":
         if args.prompt_tuning_init == "text" and not args.prompt_tuning_init_text:
             parser.error("--prompt_tuning_init text needs --prompt_tuning_init_text")
