@@ -256,9 +256,13 @@ class LampModel:
 
     def _generate_after_virtual_tokens(self, encoded, config, synced_gpus):
         """A causal prompt-learning model's answers, its virtual tokens put in as label
-        scoring puts them. peft's own ``generate`` drops the position ids of prompt tuning
-        and p-tuning, so that a left-padded prompt (in a batch with longer ones) is read at
-        other positions than it was trained at, and its answer depends on its batch."""
+        scoring puts them; (generated ids, how many leading columns are not the answer).
+
+        Not peft's own ``generate``: it drops the position ids of prompt tuning and p-tuning,
+        so that a left-padded prompt (in a batch with longer ones) is read at other positions
+        than it was trained at and its answer depends on its batch; and under transformers 5
+        its prefix-tuning answers differ from greedy decoding by the adapter's own forward
+        pass even for a single prompt (tests/test_peft_methods.py checks ours against it)."""
         n_prompts = encoded["input_ids"].shape[0]
         model, prefix = self._virtual_prefix(encoded, n_prompts)
         inputs = dict(prefix.inputs)
