@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--generation_num_beams", type=int, default=4,
                         help="beam width (1: greedy decoding)")
     parser.add_argument("--adapter", default=None,
-                        help="a peft adapter folder (train_llm.py output) to load on the model")
+                        help="a peft adapter folder (train_llm.py output, any --peft method but "
+                             "none) to load on the model")
     parser.add_argument("--label_scoring", action="store_true",
                         help="classification/rating tasks: answer with the label the model "
                              "finds most likely instead of free text")

@@ -1,4 +1,4 @@
-"""Fine-tune a seq2seq or causal language model on a LaMP task with LoRA (or fully).
+"""Fine-tune a seq2seq or causal language model on a LaMP task with a PEFT method (or fully).
 
 Example (from the LaMP/ folder):
     python train_llm.py --train_data ../runs/LaMP_7_train_merged.json \
@@ -38,6 +38,7 @@ from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
                                check_outputs, check_readable, remove_outputs, save_run_args,
                                writing_into)
+from LaMP.utils.peft_methods import add_peft_arguments, check_peft_arguments, get_method
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -79,14 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--label_scoring", action="store_true",
                         help="classification/rating tasks: evaluate by the most likely label "
                              "instead of free generation")
-    parser.add_argument("--peft", choices=("lora", "none"), default="lora",
-                        help="lora: train LoRA adapters only; none: full fine-tuning")
-    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lora_alpha", type=int, default=32,
-                        help="LoRA scaling numerator (the update is scaled by alpha / r)")
-    parser.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on LoRA inputs")
-    parser.add_argument("--lora_target_modules", nargs="+", default=None,
-                        help="layer names to adapt (default: peft's choice for the architecture)")
+    add_peft_arguments(parser)  # --peft NAME and the flags of its methods
     parser.add_argument("--load_in_4bit", action="store_true",
                         help="load the frozen base model in 4-bit (QLoRA; needs CUDA and "
                              "bitsandbytes)")
@@ -115,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a checkpoint folder to resume from, or 'last' for the newest "
                              "complete one in --output_dir/checkpoints (incomplete ones, as a "
                              "kill during a save leaves them, are skipped); the model, task, "
-                             "--peft and LoRA shape must match the checkpoint's")
+                             "--peft and the method's shape flags (--lora_r, "
+                             "--num_virtual_tokens, …) must match the checkpoint's")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="train into an --output_dir that holds a previous run: its "
                              "checkpoints are removed and its files replaced (default: refuse, "
@@ -129,8 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Every number is checked here: a bad one would otherwise surface only after the model
     # has loaded (the optimizer rejects a negative learning rate) or train on nonsense (nan).
     for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams",
-                 "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps",
-                 "save_total_limit"):
+                 "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
     for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio",
@@ -153,8 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--eval_steps must be >= 1")
     if args.label_scoring and not args.task.labels:
         parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
-    if args.load_in_4bit and args.peft != "lora":
-        parser.error("--load_in_4bit trains adapters on a frozen 4-bit model: use --peft lora")
+    check_peft_arguments(parser, args)
+    if args.load_in_4bit and get_method(args.peft).builder is None:
+        parser.error("--load_in_4bit trains adapters on a frozen 4-bit model: not with "
+                     "--peft none")
     return args
 
 
@@ -191,11 +187,11 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def load_for_training(args: argparse.Namespace):
-    """(LampModel, seq2seq) with the model ready for the Trainer (LoRA attached)."""
+    """The LampModel with the model ready for the Trainer (the --peft adapter attached)."""
     import torch
 
     from LaMP.utils.modeling import LampModel, load_model_and_tokenizer
-    from LaMP.utils.training import add_lora
+    from LaMP.utils.training import add_peft
 
     quantization, device_map = None, None
     if args.load_in_4bit:
@@ -218,11 +214,9 @@ def load_for_training(args: argparse.Namespace):
             model, use_gradient_checkpointing=args.gradient_checkpointing)
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        if args.peft == "lora":
+        if args.peft != "none":
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-    if args.peft == "lora":
-        model = add_lora(model, seq2seq=seq2seq, r=args.lora_r, alpha=args.lora_alpha,
-                         dropout=args.lora_dropout, target_modules=args.lora_target_modules)
+    model = add_peft(model, args.peft, vars(args), seq2seq=seq2seq)
     lamp_model = LampModel(model=model, tokenizer=tokenizer, is_seq2seq=seq2seq,
                            device=model.device, chat_template=args.chat_template)
     return lamp_model
@@ -374,9 +368,9 @@ def main(argv=None) -> dict:
         data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
         task=task, eval_examples=eval_examples, make_lamp_model=wrap, generation=generation,
         callbacks=[RunArgsInCheckpoints(vars(args))])  # what a later resume is checked against
+    trainable = sum(p.numel() for p in lamp_model.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in lamp_model.model.parameters())
     if trainer.is_world_process_zero():
-        trainable = sum(p.numel() for p in lamp_model.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in lamp_model.model.parameters())
         logger.info("%d training examples; %s of %s parameters train (%.2f%%)",
                     len(features), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -396,6 +390,7 @@ def main(argv=None) -> dict:
         "train_loss": train_output.training_loss,
         "train_seconds": train_seconds,
         "global_step": trainer.state.global_step,
+        "trainable_parameters": trainable,  # what --peft trains (the benchmark compares it)
         "eval_history": [entry for entry in trainer.state.log_history
                          if any(key.startswith("eval_") for key in entry)],
     }
@@ -403,7 +398,8 @@ def main(argv=None) -> dict:
     state_dict = gathered_state_dict(trainer)
     if trainer.is_world_process_zero():
         with writing_into(output_dir):
-            # The adapter alone under LoRA (peft keeps only its weights of a full state dict).
+            # The adapter alone under a PEFT method (peft keeps only its weights of a full
+            # state dict).
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
                 output_dir, state_dict=state_dict)
             lamp_model.tokenizer.save_pretrained(output_dir)

@@ -45,15 +45,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "bench_lora"),
                         help="folder for data splits, runs and the summary")
+    add_split_arguments(parser)
+    parser.add_argument("--skip_sweep", action="store_true",
+                        help=f"use 5e-4 instead of choosing among {', '.join(SWEEP_RATES)}")
+    return parser.parse_args(argv)
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The split's sizes, its seed and the batch size (shared with bench_peft_methods.py)."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the runs")
     parser.add_argument("--n_train", type=int, default=400, help="training questions")
     parser.add_argument("--n_test", type=int, default=200, help="held-out questions")
     parser.add_argument("--n_sweep_valid", type=int, default=48,
                         help="questions that choose the learning rate")
-    parser.add_argument("--skip_sweep", action="store_true",
-                        help=f"use 5e-4 instead of choosing among {', '.join(SWEEP_RATES)}")
     parser.add_argument("--batch_size", type=int, default=8, help="training/generation batch")
-    return parser.parse_args(argv)
 
 
 def run_measured(script: str, arguments: list[str], log: Path) -> dict:
@@ -91,25 +96,35 @@ def rank_and_merge(work: Path, name: str, questions_path: Path, outputs_path: Pa
     return merged
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def lamp7_splits(work: Path, seed: int, n_train: int, n_test: int, n_sweep_valid: int
+                 ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The seeded split of the real LaMP-7 dev set into ``train``, ``test`` and
+    ``sweep_valid``, each ranked with BM25 and merged: (merged files, gold outputs files) by
+    split name. Shared with bench_peft_methods.py, so both benchmarks use the same questions."""
     if not (LAMP_REAL / "LaMP_7/dev/dev_questions.json").exists():
         sys.exit(f"real LaMP data not found at {LAMP_REAL}")
-    from LaMP.utils.local_models import smollm2_path
-
-    model = str(smollm2_path())
-    work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     questions = json.loads((LAMP_REAL / "LaMP_7/dev/dev_questions.json").read_text())
     golds = {g["id"]: g["output"] for g in
              json.loads((LAMP_REAL / "LaMP_7/dev/dev_outputs.json").read_text())["golds"]}
-    random.Random(args.seed).shuffle(questions)
-    parts = {"train": questions[:args.n_train],
-             "test": questions[args.n_train:args.n_train + args.n_test],
-             "sweep_valid": questions[args.n_train + args.n_test:
-                                      args.n_train + args.n_test + args.n_sweep_valid]}
-    merged = {name: rank_and_merge(work, name, *write_split(work, name, part, golds))
-              for name, part in parts.items()}
+    random.Random(seed).shuffle(questions)
+    parts = {"train": questions[:n_train],
+             "test": questions[n_train:n_train + n_test],
+             "sweep_valid": questions[n_train + n_test:n_train + n_test + n_sweep_valid]}
+    merged, outputs = {}, {}
+    for name, part in parts.items():
+        questions_path, outputs[name] = write_split(work, name, part, golds)
+        merged[name] = rank_and_merge(work, name, questions_path, outputs[name])
+    return merged, outputs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from LaMP.utils.local_models import smollm2_path
+
+    work = Path(args.work_dir)
+    merged, _ = lamp7_splits(work, args.seed, args.n_train, args.n_test, args.n_sweep_valid)
+    model = str(smollm2_path())
 
     common = ["--task", "LaMP-7", "--chat_template", "--max_length", "256",
               "--generation_max_length", "48", "--generation_num_beams", "1",

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import parse_json_bytes, read_json
+from LaMP.utils.peft_methods import PEFT_METHODS, method_of_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -292,30 +293,40 @@ def resume_differences(checkpoint: Path, now: Mapping, saved_args: Path | None =
     recorded.update(_read_json(checkpoint / RUN_ARGS))
     adapter = _read_json(checkpoint / ADAPTER_CONFIG) if (checkpoint / ADAPTER_CONFIG).is_file() \
         else None
+    # Every method's shape flags: the table says which flags fix an adapter's shape.
+    shape_flags = [flag for method in PEFT_METHODS.values() for flag in method.saved_as]
     before: dict = {}
-    for flag in ("model_name", "task", "peft", "lora_r", "lora_alpha", "lora_target_modules"):
+    for flag in ("model_name", "task", "peft", *dict.fromkeys(shape_flags)):
         if flag in recorded:
             before[flag] = recorded[flag]
     if (checkpoint / TRAINER_STATE).is_file():
-        # The folder's own files settle what it holds, whatever the arguments say.
-        before["peft"] = "lora" if adapter is not None else "none"
+        # The folder's own files settle what it holds, whatever the arguments say (an
+        # adapter config the table does not know counts as LoRA, as before there were more).
+        before["peft"] = (method_of_adapter(adapter) or "lora") if adapter is not None \
+            else "none"
+    saved_method = PEFT_METHODS.get(before.get("peft", now.get("peft")))
     if adapter:
         before.setdefault("model_name", adapter.get("base_model_name_or_path"))
-        before["lora_r"] = adapter.get("r", before.get("lora_r"))
-        before["lora_alpha"] = adapter.get("lora_alpha", before.get("lora_alpha"))
-        if now.get("lora_target_modules") and not recorded.get("lora_target_modules"):
-            # peft saves the modules it chose (its default when none were named): compare
-            # those with the modules the user names now.
-            before["lora_target_modules"] = adapter.get("target_modules")
-    lora = before.get("peft", now.get("peft")) == "lora" and now.get("peft") == "lora"
+        for flag, key in (saved_method.saved_as.items() if saved_method else ()):
+            if now.get(flag) is None:
+                continue  # unset now: peft's (or the model's) choice, compared as recorded
+            if recorded.get(flag) is None:
+                # The run left it to peft, which saved what it chose: compare that with
+                # what the user names now.
+                before[flag] = adapter.get(key)
+            else:
+                before[flag] = adapter.get(key, recorded[flag])
+    now_method = PEFT_METHODS.get(now.get("peft"))
+    same_method = saved_method is not None and saved_method is now_method
+    compared_shape = set(now_method.saved_as) if same_method else set()
     differences = []
     for flag, old in before.items():
         new = now.get(flag)
-        if flag.startswith("lora_") and not lora:
+        if flag in shape_flags and flag not in compared_shape:
             continue
         if flag == "model_name":
             same = old is None or _same_model(old, new)
-        elif flag == "lora_target_modules":
+        elif flag.endswith("_modules"):
             same = _sorted_or_none(old) == _sorted_or_none(new)
         else:
             same = str(old) == str(new)

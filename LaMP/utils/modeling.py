@@ -178,7 +178,8 @@ class LampModel:
         model input (special tokens and chat wrapping included) fits ``max_length``."""
         from LaMP.utils.prompts import make_prompt_fn
 
-        return make_prompt_fn(task, self.tokenizer, max_length, reserved=self.prompt_overhead())
+        return make_prompt_fn(task, self.tokenizer, max_length,
+                              reserved=self.prompt_overhead() + self.virtual_tokens)
 
     def prompt_overhead(self) -> int:
         """Tokens the model input adds around a prompt (special tokens, chat wrapping)."""
@@ -186,10 +187,19 @@ class LampModel:
             return len(self.tokenizer(self.wrap(""), add_special_tokens=False)["input_ids"])
         return len(self.tokenizer("", add_special_tokens=True)["input_ids"])
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions a prompt-learning adapter puts ahead of every prompt (0 otherwise);
+        they count against ``max_length`` like the prompt's own tokens."""
+        from LaMP.utils.peft_methods import virtual_tokens
+
+        return virtual_tokens(self.model)
+
     def encode(self, prompts: Sequence[str], max_length: int):
         texts = [self.wrap(p) for p in prompts]
         # Prompts are built to fit; truncation is only the last guard of the length limit.
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+        return self.tokenizer(texts, padding=True, truncation=True,
+                              max_length=max_length - self.virtual_tokens,
                               add_special_tokens=not self.chat_template, return_tensors="pt")
 
     def prompt_lengths(self, prompts: Sequence[str]) -> list[int]:
@@ -231,13 +241,45 @@ class LampModel:
 
     def _generate_batch(self, prompts, batch, max_length, config, synced_gpus, outputs):
         encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
-        generated = self.model.generate(**encoded, generation_config=config,
-                                        synced_gpus=synced_gpus)
-        if not self.is_seq2seq:
-            generated = generated[:, encoded["input_ids"].shape[1]:]
+        if self.is_seq2seq or not self.virtual_tokens:
+            generated = self.model.generate(**encoded, generation_config=config,
+                                            synced_gpus=synced_gpus)
+            # A causal model returns the prompt ahead of its answer.
+            prompt_columns = 0 if self.is_seq2seq else encoded["input_ids"].shape[1]
+        else:
+            generated, prompt_columns = self._generate_after_virtual_tokens(
+                encoded, config, synced_gpus)
+        generated = generated[:, prompt_columns:]
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         for i, text in zip(batch, texts):
             outputs[i] = text.strip()
+
+    def _generate_after_virtual_tokens(self, encoded, config, synced_gpus):
+        """A causal prompt-learning model's answers, its virtual tokens put in as label
+        scoring puts them; (generated ids, how many leading columns are not the answer).
+
+        Not peft's own ``generate``: it drops the position ids of prompt tuning and p-tuning,
+        so that a left-padded prompt (in a batch with longer ones) is read at other positions
+        than it was trained at and its answer depends on its batch; and under transformers 5
+        its prefix-tuning answers differ from greedy decoding by the adapter's own forward
+        pass even for a single prompt (tests/test_peft_methods.py checks ours against it)."""
+        n_prompts = encoded["input_ids"].shape[0]
+        model, prefix = self._virtual_prefix(encoded, n_prompts)
+        inputs = dict(prefix.inputs)
+        if prefix.cache_rows is not None:
+            # Every row's prefix is the same, so beams need only more rows of it.
+            inputs["past_key_values"] = prefix.cache_rows(n_prompts * config.num_beams)
+            # ``generate`` takes a filled cache to hold the first ids already: stand-ins for
+            # the virtual positions go first (they are never read, only skipped).
+            ids = inputs["input_ids"]
+            inputs["input_ids"] = torch.cat([torch.full((n_prompts, self.virtual_tokens),
+                                                        self.tokenizer.pad_token_id,
+                                                        dtype=ids.dtype, device=ids.device),
+                                             ids], dim=1)
+        generated = model.generate(**inputs, attention_mask=prefix.cache_mask,
+                                   generation_config=config, synced_gpus=synced_gpus)
+        # Given embeddings, ``generate`` returns the new tokens alone; given ids, the prompt too.
+        return generated, inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
 
     # -- label scoring -----------------------------------------------------------------
     @torch.inference_mode()
@@ -273,44 +315,102 @@ class LampModel:
         return ids + [self.tokenizer.eos_token_id]
 
     def _label_log_likelihoods(self, encoded, label_ids) -> torch.Tensor:
-        """(prompts, labels) summed log-probabilities of each label after each prompt."""
+        """(prompts, labels) summed log-probabilities of each label after each prompt.
+
+        A prompt-learning adapter (prompt tuning, p-tuning, prefix tuning) adds its virtual
+        tokens in its own forward pass, which knows nothing of a cache continued label by
+        label (it would add them again). Its virtual tokens are therefore put in once, here,
+        as that forward pass does (``_virtual_prefix``), and the base model runs the rest.
+        """
         n_prompts, n_labels = encoded["input_ids"].shape[0], len(label_ids)
+        model, prefix = self._virtual_prefix(encoded, n_prompts)
         if self.is_seq2seq:
             from transformers.modeling_outputs import BaseModelOutput
 
-            hidden = self.model.get_encoder()(**encoded).last_hidden_state
+            hidden = model.get_encoder()(attention_mask=prefix.encoder_mask,
+                                         **prefix.inputs).last_hidden_state
             targets = _padded(label_ids, IGNORE).repeat(n_prompts, 1).to(self.device)
-            logits = self.model(
+            extra = {}
+            if prefix.cache_rows is not None:  # prefix tuning: the decoder's trained keys
+                extra["past_key_values"] = prefix.cache_rows(n_prompts * n_labels)
+            logits = model(
                 encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_labels, 0)),
-                attention_mask=encoded["attention_mask"].repeat_interleave(n_labels, 0),
-                labels=targets).logits
+                attention_mask=prefix.encoder_mask.repeat_interleave(n_labels, 0),
+                labels=targets, **extra).logits
             return _summed_log_probs(logits, targets).view(n_prompts, n_labels)
 
-        mask = encoded["attention_mask"]
-        prompt_lengths = mask.sum(dim=1)
-        out = self.model(input_ids=encoded["input_ids"], attention_mask=mask,
-                         position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), use_cache=True)
+        # ``mask``: every position the cache will hold (virtual ones included);
+        # ``read``: the positions this first pass returns logits for.
+        mask, read = prefix.cache_mask, prefix.encoder_mask
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, mask.shape[1] - read.shape[1]:]
+        extra = {}
+        if prefix.cache_rows is not None:
+            extra["past_key_values"] = prefix.cache_rows(n_prompts)
+        out = model(attention_mask=mask, position_ids=positions, use_cache=True,
+                    **prefix.inputs, **extra)
         # The prompt's last real token predicts every label's first token.
-        last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+        last = read.shape[1] - 1 - read.flip(1).argmax(dim=1)
         first = torch.log_softmax(out.logits[torch.arange(n_prompts), last].float(), dim=-1)
         scores = first[:, [ids[0] for ids in label_ids]]
         longest = max(len(ids) for ids in label_ids)
         if longest == 1:
             return scores
         # The rest of each label, read after the cached prompt: token t predicts token t+1.
+        prompt_lengths = mask.sum(dim=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n_labels)
         inputs = _padded([ids[:-1] for ids in label_ids], self.tokenizer.pad_token_id)
         targets = _padded([ids[1:] for ids in label_ids], IGNORE)
         inputs, targets = (t.repeat(n_prompts, 1).to(self.device) for t in (inputs, targets))
         steps = torch.arange(longest - 1, device=self.device)
-        logits = self.model(
+        logits = model(
             input_ids=inputs,
             attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0),
                                       torch.ones_like(inputs)], dim=1),
             position_ids=prompt_lengths.repeat_interleave(n_labels)[:, None] + steps,
             past_key_values=cache, use_cache=True).logits
         return scores + _summed_log_probs(logits, targets).view(n_prompts, n_labels)
+
+    def _virtual_prefix(self, encoded, n_prompts: int):
+        """(the model to run, a ``_Prefix``) for a batch of encoded prompts: the model itself
+        when it adds no virtual tokens, else its base model with the adapter's virtual
+        tokens put in as the adapter's forward pass puts them (trained embeddings ahead of
+        the input, or trained keys and values ahead of every layer's cache)."""
+        from LaMP.utils.peft_methods import prompt_learning_kind
+
+        mask = encoded["attention_mask"]
+        kind = prompt_learning_kind(self.model)
+        if kind is None:
+            return self.model, _Prefix(inputs={"input_ids": encoded["input_ids"]},
+                                       encoder_mask=mask, cache_mask=mask)
+        n_virtual = self.virtual_tokens
+        peft_model, base = self.model, self.model.get_base_model()
+        widened = torch.cat([torch.ones((n_prompts, n_virtual), dtype=mask.dtype,
+                                        device=mask.device), mask], dim=1)
+        if kind == "cache":
+            # Only causal models read the prefix as positions ahead of the prompt; an
+            # encoder-decoder's prefix sits in the decoder's self-attention alone.
+            return base, _Prefix(inputs={"input_ids": encoded["input_ids"]}, encoder_mask=mask,
+                                 cache_mask=mask if self.is_seq2seq else widened,
+                                 cache_rows=lambda rows: peft_model.get_prompt(batch_size=rows))
+        embeds = peft_model.word_embeddings(encoded["input_ids"])
+        # Seq2seq prompt learning returns encoder and decoder prompts; the encoder's come first.
+        virtual = peft_model.get_prompt(batch_size=n_prompts)[:, :n_virtual].to(embeds.dtype)
+        return base, _Prefix(inputs={"inputs_embeds": torch.cat([virtual, embeds], dim=1)},
+                             encoder_mask=widened, cache_mask=widened)
+
+
+@dataclass
+class _Prefix:
+    """What the first pass of label scoring reads: ``inputs`` (ids or embeddings),
+    ``encoder_mask`` (the mask over those inputs), ``cache_mask`` (over every position a
+    causal model's cache holds after it) and ``cache_rows`` (rows -> the adapter's trained
+    cache, for prefix tuning; else ``None``)."""
+
+    inputs: dict
+    encoder_mask: torch.Tensor
+    cache_mask: torch.Tensor
+    cache_rows: object = None
 
 
 IGNORE = -100  # target positions that are not scored (PyTorch's cross-entropy default)

@@ -20,6 +20,7 @@ from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import PromptTemplate, Task
 
 INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (issue 5)
+MIN_PROMPT_TOKENS = 8  # a budget below this holds no useful prompt: refused as a flag mistake
 
 
 class TokenCounter:
@@ -69,15 +70,17 @@ class PromptBuilder:
     """Builds the prompt for one input and its retrieved profile items.
 
     ``reserved`` tokens are kept free for what the model adds around the prompt (special
-    tokens, a chat template), so that the model's full input fits ``max_length``.
+    tokens, a chat template, a prompt-learning adapter's virtual tokens), so that the
+    model's full input fits ``max_length``.
     """
 
     def __init__(self, task: Task, counter: TokenCounter, max_length: int,
                  reserved: int = 0, input_share: float = INPUT_SHARE):
-        if max_length - reserved < 8:
+        if max_length - reserved < MIN_PROMPT_TOKENS:
             # A user's flag (--max_length too small for the model's chat wrapping): one line.
             raise LampError(f"--max_length {max_length} leaves no room for a prompt "
-                            f"({reserved} tokens go to special tokens and chat wrapping)")
+                            f"({reserved} tokens go to special tokens, chat wrapping and "
+                            "virtual tokens)")
         self.task = task
         self.template: PromptTemplate = task.prompt
         self.counter = counter

@@ -36,6 +36,8 @@ def training_features(lamp_model: LampModel, examples: Sequence[Example], *, max
                       target_max_length: int) -> list[dict[str, list[int]]]:
     """Token ids and labels for each example (no padding yet)."""
     tokenizer = lamp_model.tokenizer
+    # A prompt-learning adapter's virtual tokens take their share of the length limit.
+    max_length -= lamp_model.virtual_tokens
     features = []
     for example in examples:
         if lamp_model.is_seq2seq:
@@ -169,22 +171,36 @@ class LengthGroupedTrainer(Trainer):
                                     self.args.train_batch_size)
 
 
-def add_lora(model, *, seq2seq: bool, r: int, alpha: int, dropout: float,
-             target_modules: Sequence[str] | None):
-    """Wrap ``model`` with LoRA adapters; only the adapters train."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def add_peft(model, method: str, options: Mapping, *, seq2seq: bool):
+    """``model`` with the adapter of ``method`` (a row of ``peft_methods.PEFT_METHODS``)
+    attached, built from ``options`` (the parsed flags as a mapping); only the adapter
+    trains. ``none`` returns ``model`` itself (full fine-tuning)."""
+    from LaMP.utils.errors import LampError
+    from LaMP.utils.peft_methods import build_config, check_supported, get_method
 
-    config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
-                        r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules) if target_modules else None)
+    row = get_method(method)
+    if row.builder is None:
+        return model
+    check_supported(row, seq2seq=seq2seq, model_name=str(options.get("model_name", "this one")))
+    from peft import get_peft_model
+
+    config = build_config(row, options, seq2seq=seq2seq, model_config=model.config)
     try:
         return get_peft_model(model, config)
-    except ValueError as error:
-        # peft knows default target modules only for the architectures it lists.
-        from LaMP.utils.errors import LampError
+    except (ValueError, TypeError, KeyError) as error:
+        # peft knows default target modules only for the architectures it lists, and names
+        # that match no layer end here too.
+        layers_flag = next((f for f in row.flags if f.endswith("_target_modules")), None)
+        hint = f"; name the layers with --{layers_flag}" if layers_flag else ""
+        raise LampError(f"--peft {method} set-up failed ({str(error).splitlines()[0]}){hint}"
+                        ) from None
 
-        raise LampError(f"LoRA set-up failed ({str(error).splitlines()[0]}); "
-                        "name the layers with --lora_target_modules") from None
+
+def add_lora(model, *, seq2seq: bool, r: int, alpha: int, dropout: float,
+             target_modules: Sequence[str] | None):
+    """Wrap ``model`` with LoRA adapters; only the adapters train (``add_peft`` with lora)."""
+    return add_peft(model, "lora", {"lora_r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                                    "lora_target_modules": target_modules}, seq2seq=seq2seq)
 
 
 class RunArgsInCheckpoints(TrainerCallback):
