@@ -29,7 +29,7 @@ def write_grid(folder: Path, model: str, **overrides) -> Path:
             "flags": {"model": MODEL_FLAGS}, "baseline": {"retriever": "none"}}
     grid.update(overrides)
     path = folder / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid), encoding="utf-8")
+    path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -271,3 +271,30 @@ def test_shipped_grids_load_and_plan(tmp_path):
         cells = expand_cells(grid)
         assert cells, path
         assert parse_grid(yaml.safe_load(path.read_text()), str(path), path.stem).name == grid.name
+
+
+def test_a_train_method_trains_scores_and_resumes_from_its_checkpoint(tmp_path, tiny_llama):
+    grid = write_grid(tmp_path, str(tiny_llama), retrievers=["bm25"], k=[1], methods={
+        "zero_shot": {},
+        "lora": {"stage": "train", "flags": {"max_steps": 2, "learning_rate": 1e-3,
+                                             "save_total_limit": 1, "logging_steps": 1}}},
+        baseline={"method": "zero_shot"})
+    result = run_grid(grid, tmp_path / "runs", "--limit", "6")
+    root = tmp_path / "runs" / "tiny"
+    lora = root / "LaMP_7.user.tiny.lora.bm25.k1"
+    assert (lora / "train" / "adapter_model.safetensors").exists()
+    assert json.loads((lora / "score" / "results.json").read_text())["count"] == 6
+    trained = json.loads((lora / "train" / "args.json").read_text())
+    assert trained["max_steps"] == 2 and trained["num_retrieved"] == 1
+    train_data = json.loads(Path(trained["train_data"]).read_text())
+    assert len(train_data) == 6  # --limit keeps the first 6 training questions too
+    assert "| task | metric | zero_shot | lora |" in (root / "tables" / "results.md").read_text()
+    # A training stage killed after its last checkpoint resumes from it instead of starting
+    # again (its folder is not cleared).
+    (lora / "train" / COMPLETE).unlink()
+    again = run_grid(grid, tmp_path / "runs", "--limit", "6")
+    assert [name.split("-")[0] for name in again["executed"]] == ["train"]
+    stage = json.loads((lora / "train" / "stage.json").read_text())
+    assert stage["argv"][-2:] == ["--resume_from_checkpoint", "last"]
+    assert (lora / "train" / COMPLETE).exists() and not again["failures"]
+    assert result["failures"] == {}

@@ -95,7 +95,8 @@ def plot_methods(grid: Grid, table: Table, path: Path) -> Path | None:
         values = [row.values[column] for column in columns]
         best = row.best()
         colors = ["tab:orange" if column in best else "tab:blue" for column in columns]
-        axis.bar(range(len(columns)), values, color=colors)
+        bars = axis.bar(range(len(columns)), values, color=colors)
+        axis.bar_label(bars, fmt="%.3f", fontsize="x-small")
         axis.set_xticks(range(len(columns)), columns, rotation=45, ha="right",
                         fontsize="small")
         axis.set_title(row.task)
