@@ -31,7 +31,7 @@ if importlib.util.find_spec("LaMP") is None:
 from tqdm import tqdm
 
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
-from LaMP.utils.errors import LampError
+from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import atomic_write_json, atomic_write_text
 from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage
 from LaMP.utils.grid.schema import Grid, load_grid
@@ -179,6 +179,11 @@ def main(argv=None) -> dict:
         raise LampError(f"{args.grid}: no data_root in the grid; pass --data_root")
     planner = Planner(grid, Path(data_root).resolve(), limit=args.limit)
     cells = [planner.plan(cell) for cell in expand_cells(grid)]
+    # Checked before anything runs (and before a dry run, whose stage keys hash these files).
+    missing = [path for path in planner.data_files if not Path(path).is_file()]
+    if missing:
+        raise LampError(f"{preview(missing, 3)} data files of the grid are missing under "
+                        f"--data_root {data_root} (layout {grid.layout['questions']})")
     runner = Runner(Path(args.runs_dir).resolve() / grid.name, launcher=args.launcher)
     mine = shard(cells, args.num_shards, args.shard_id)
     if args.collect:

@@ -250,6 +250,8 @@ GOOD = "tasks: [LaMP-7]\nmodels: {m: some/model}\nmethods: {zero_shot: {}}\n"
     ("tasks: [LaMP-7\n", "not valid YAML at line 2"),
     ("- a\n- b\n", "grid: expected a mapping, found list"),
     (GOOD.replace("models: {m: some/model}\n", ""), "models: required key is missing"),
+    (GOOD.replace("[LaMP-7]", "[LaMP-7, LaMP-1]") + "splits: [user, time]\n",
+     "4 (first: " + str(DATA_ROOT / "time" / "LaMP_7" / "dev_questions.json")),
 ])
 def test_a_bad_grid_is_one_error_line_naming_the_key(tmp_path, text, message):
     status, stderr = error_line(text, tmp_path)
@@ -265,13 +267,41 @@ def test_a_flag_the_stage_does_not_know_fails_before_anything_runs(tmp_path):
            "unrecognized arguments: --num_beams 4" in stderr
 
 
-def test_shipped_grids_load_and_plan(tmp_path):
+def test_shipped_grids_plan_and_every_stage_accepts_its_flags(tmp_path, monkeypatch):
+    from LaMP.utils.grid import plan
+
+    # Packaged models stand for themselves here: parsing flags needs no model on disk.
+    monkeypatch.setattr(plan, "resolve_model", lambda spec: spec)
+    names = set()
     for path in sorted((REPO / "LaMP" / "configs").glob("*.yaml")):
         grid = load_grid(path)
-        cells = expand_cells(grid)
-        assert cells, path
-        assert parse_grid(yaml.safe_load(path.read_text()), str(path), path.stem).name == grid.name
+        cells = [Planner(grid, tmp_path).plan(cell) for cell in expand_cells(grid)]
+        reproduce.check_stage_flags(grid, cells, Runner(tmp_path / grid.name))
+        names.add(grid.name)
+        assert len({cell.name for cell in cells}) == len(cells)
+        if grid.name == "cpu_lamp7":  # 1 cell for k = 0, 4 retrievers x 3 k
+            assert len(cells) == 13 and len({run.key for cell in cells for run in cell.runs
+                                             if run.stage.name == "rank"}) == 4
+        if grid.name == "lamp_finetune":  # one retriever per task and split, two methods
+            assert len(cells) == 7 * 2 * 2
+    assert names >= {"demo", "cpu_lamp7", "ropg_table3", "lamp_finetune", "deviations_lamp7"}
 
+
+def test_the_demo_grid_runs_with_a_tiny_model(tmp_path, tiny_llama):
+    demo = yaml.safe_load((REPO / "LaMP" / "configs" / "demo.yaml").read_text())
+    demo["models"] = {"smollm2": str(tiny_llama)}
+    demo["tasks"] = ["LaMP-3", "LaMP-7"]
+    demo["methods"]["lora"]["flags"]["max_steps"] = 1
+    demo["exclude"][0]["task"] = ["LaMP-3"]
+    grid = tmp_path / "demo.yaml"
+    grid.write_text(yaml.safe_dump(demo, sort_keys=False))
+    result = reproduce.main(["--grid", str(grid), "--runs_dir", str(tmp_path / "runs"),
+                             "--data_root", str(DATA_ROOT), "--limit", "3"])
+    assert result["complete"] == 3 and not result["failures"]
+    markdown = (tmp_path / "runs" / "demo" / "tables" / "results.md").read_text()
+    assert "| task | metric | zero_shot | lora |" in markdown
+    assert any(line.startswith("| LaMP-3 | MAE |") and line.endswith("| — |")
+               for line in markdown.splitlines())  # LoRA only on LaMP-7
 
 def test_a_train_method_trains_scores_and_resumes_from_its_checkpoint(tmp_path, tiny_llama):
     grid = write_grid(tmp_path, str(tiny_llama), retrievers=["bm25"], k=[1], methods={

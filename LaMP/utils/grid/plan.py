@@ -175,11 +175,14 @@ class Planner:
     def __init__(self, grid: Grid, data_root: Path, limit: int | None = None):
         self.grid, self.data_root, self.limit = grid, data_root, limit
         self.runs: dict[str, StageRun] = {}
+        self.data_files: dict[str, None] = {}  # every data file the cells read, in order
         self._identities: dict[str, str] = {}
 
     def data_file(self, kind: str, split: str, task, set_name: str) -> Raw:
         relative = self.grid.layout[kind].format(split=split, task=task.file_name, set=set_name)
-        return Raw(str(self.data_root / relative))
+        path = str(self.data_root / relative)
+        self.data_files[path] = None
+        return Raw(path)
 
     def add(self, stage: str, argv: list) -> StageRun:
         run = StageRun(STAGES[stage], tuple(argv))
