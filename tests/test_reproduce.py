@@ -15,7 +15,7 @@ from conftest import REPO, SAMPLE
 from LaMP import reproduce
 from LaMP.utils.errors import LampError
 from LaMP.utils.grid.plan import COMPLETE, Planner, Runner, expand_cells
-from LaMP.utils.grid.schema import load_grid, parse_grid
+from LaMP.utils.grid.schema import load_grid
 
 DATA_ROOT = SAMPLE.parent  # data/sample: {split}/LaMP_k/{set}_questions.json
 MODEL_FLAGS = {"max_length": 64, "generation_max_length": 4, "generation_num_beams": 1,

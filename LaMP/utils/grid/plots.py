@@ -25,7 +25,7 @@ def _pyplot():
 def _panels(plt, count: int):
     columns = min(count, 3)
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows),
+    figure, axes = plt.subplots(rows, columns, figsize=(max(4.2 * columns, 6.4), 3.4 * rows),
                                 squeeze=False)
     flat = [axis for line in axes for axis in line]
     for axis in flat[count:]:
@@ -62,8 +62,8 @@ def plot_metric_vs_k(grid: Grid, cells: list, results: dict, path: Path) -> Path
                         value = results.get((task.name, split, (model, method, *name)))
                         if value is not None:
                             points.append((k, value))
-                    if len(points) < 1:
-                        continue
+                    if not any(k for k, _ in points):
+                        continue  # only the shared k = 0 point: this retriever has not run
                     label = " ".join([*([model] if len(grid.models) > 1 else []),
                                       *([method] if len(grid.methods) > 1 else []), retriever])
                     axis.plot([k for k, _ in points], [v for _, v in points], marker="o",
@@ -97,12 +97,13 @@ def plot_methods(grid: Grid, table: Table, path: Path) -> Path | None:
         colors = ["tab:orange" if column in best else "tab:blue" for column in columns]
         bars = axis.bar(range(len(columns)), values, color=colors)
         axis.bar_label(bars, fmt="%.3f", fontsize="x-small")
+        axis.margins(y=0.12)  # room for the labels above the tallest bar
         axis.set_xticks(range(len(columns)), columns, rotation=45, ha="right",
                         fontsize="small")
         axis.set_title(row.task)
         axis.set_ylabel(row.metric + (" (lower is better)" if row.lower_is_better else ""))
         axis.grid(axis="y", alpha=0.3)
-    figure.suptitle(f"{grid.name}: each task's metric per column (best in orange)")
+    figure.suptitle(f"{grid.name}: each task's metric by column (best in orange)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
