@@ -328,3 +328,22 @@ def test_a_train_method_trains_scores_and_resumes_from_its_checkpoint(tmp_path, 
     assert stage["argv"][-2:] == ["--resume_from_checkpoint", "last"]
     assert (lora / "train" / COMPLETE).exists() and not again["failures"]
     assert result["failures"] == {}
+
+
+def test_make_subset_keeps_file_order_without_a_seed_and_refuses_a_short_file(tmp_path):
+    from LaMP.utils import make_subset
+
+    source = SAMPLE / "LaMP_7"
+    common = ["--questions_addr", str(source / "dev_questions.json"),
+              "--outputs_addr", str(source / "dev_outputs.json"),
+              "--output_questions_addr", str(tmp_path / "q.json"),
+              "--output_outputs_addr", str(tmp_path / "o.json")]
+    make_subset.main([*common, "--skip", "2", "--count", "3"])
+    questions = json.loads((source / "dev_questions.json").read_text())
+    assert [q["id"] for q in json.loads((tmp_path / "q.json").read_text())] == \
+        [q["id"] for q in questions[2:5]]
+    (tmp_path / "q.json").unlink()
+    (tmp_path / "o.json").unlink()
+    with pytest.raises(LampError, match=r"24 questions, fewer than --skip 20 \+ --count 5$"):
+        make_subset.main([*common, "--skip", "20", "--count", "5"])
+    assert not (tmp_path / "q.json").exists() and not (tmp_path / "o.json").exists()
