@@ -1,4 +1,7 @@
-"""The whole LaMP pipeline on the bundled sample, offline, on a CPU: `make demo` runs this.
+"""The whole LaMP pipeline on the bundled sample, offline, on a CPU, one stage after another.
+
+`make demo` runs the same pipeline as a grid (LaMP/configs/demo.yaml through
+LaMP/reproduce.py, which adds the table files and plots); this script spells the stages out.
 
 Example:
     python demo.py --work_dir runs/demo

@@ -1,0 +1,449 @@
+"""Cells and stages of a grid: what runs, where its outputs go, and whether it is done.
+
+A stage is one row of ``STAGES``: a script whose ``main(argv)`` the runner calls. A stage run
+is that stage with an argv made of plain strings and three kinds of path token: ``Raw`` (a
+file the user gave: data or a model), ``Ref`` (a file another stage run writes) and ``Out``
+(a file this run writes). Its key is a hash of the stage name and that argv, with each ``Ref``
+replaced by the key of the run it names and each ``Raw`` by the identity of the file, so two
+cells that need the same ranking share one run, and a changed input or flag is a new run.
+Outputs live in ``<runs>/<grid>/stages/<stage>-<key>/``; ``complete.json``, written last and
+atomically, marks a run as done, and a done run is never run again.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import importlib.util
+import io
+import itertools
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import atomic_write_json
+from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[3]
+COMPLETE = "complete.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str  # relative to the repository: what --dry_run prints and a launcher runs
+    module: str | None  # imported to call main(); None: the script is loaded from its path
+    outputs: tuple[str, ...]  # files a complete run has written
+    launched: bool = False  # run under --launcher (the stages that use accelerators)
+
+
+STAGES = {stage.name: stage for stage in (
+    Stage("subset", "LaMP/utils/make_subset.py", "LaMP.utils.make_subset",
+          ("questions.json", "outputs.json")),
+    Stage("rank", "LaMP/rank_profiles.py", "LaMP.rank_profiles", ("ranking.json",)),
+    Stage("merge", "LaMP/utils/merge_with_rank.py", "LaMP.utils.merge_with_rank",
+          ("merged.json",)),
+    Stage("evaluate", "LaMP/evaluate_llm.py", "LaMP.evaluate_llm", ("predictions.json",),
+          launched=True),
+    Stage("train", "LaMP/train_llm.py", "LaMP.train_llm", ("predictions.json",), launched=True),
+    Stage("score", "eval/eval_task.py", None, ("results.json",)),
+)}
+
+# Models packaged on PyPI that a grid names as "local:<name>" (converted once into .cache/).
+LOCAL_MODELS = {"smollm2": "smollm2_path", "minilm": "minilm_path"}
+
+
+@dataclass(frozen=True)
+class Raw:
+    path: str
+
+
+@dataclass(frozen=True)
+class Out:
+    name: str  # a file in the run's folder; "." is the folder itself
+
+
+@dataclass(frozen=True, eq=False)
+class Ref:
+    run: "StageRun"
+    name: str
+
+
+@dataclass(eq=False)
+class StageRun:
+    stage: Stage
+    argv: tuple
+    key: str = ""
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.stage.name}-{self.key}"
+
+    def output(self, name: str) -> Ref:
+        return Ref(self, name)
+
+
+@dataclass
+class Cell:
+    axes: dict  # task, split, model, method, retriever, k
+    runs: list[StageRun] = field(default_factory=list)  # in execution order, score last
+
+    @property
+    def name(self) -> str:
+        axes = self.axes
+        return (f"{axes['task'].file_name}.{axes['split']}.{axes['model']}.{axes['method']}."
+                f"{axes['retriever']}.k{axes['k']}")
+
+    @property
+    def score(self) -> StageRun:
+        return self.runs[-1]
+
+
+def resolve_model(spec: str) -> str:
+    """A model as a grid names it: ``local:<name>`` for a packaged model, else a hub name or
+    a folder."""
+    if isinstance(spec, str) and spec.startswith("local:"):
+        name = spec.removeprefix("local:")
+        if name not in LOCAL_MODELS:
+            raise LampError(f"unknown packaged model {spec!r} (valid: "
+                            f"{', '.join('local:' + n for n in LOCAL_MODELS)})")
+        from LaMP.utils import local_models
+
+        return str(getattr(local_models, LOCAL_MODELS[name])())
+    return spec
+
+
+def flag_argv(flags: dict) -> list:
+    """``{name: value}`` as command-line tokens: true is a bare flag, false/null leave it out,
+    a list gives several values; a ``local:`` model is a raw input (it counts in the key)."""
+    argv: list = []
+    for name, value in flags.items():
+        if value is False or value is None:
+            continue
+        argv.append(f"--{name}")
+        if value is True:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item.startswith("local:"):
+                argv.append(Raw(item))
+            else:
+                argv.append(str(item))
+    return argv
+
+
+def _merged(*groups: dict) -> dict:
+    """Later groups override earlier ones, flag by flag."""
+    result: dict = {}
+    for group in groups:
+        result.update(group)
+    return result
+
+
+def expand_cells(grid: Grid) -> list[Cell]:
+    """The product of the axes minus ``exclude``; k = 0 and the retriever "none" are one cell."""
+    cells, seen = [], set()
+    for task, split, model, method, retriever, k in itertools.product(
+            grid.tasks, grid.splits, grid.models, grid.methods, grid.retrievers, grid.k):
+        if k == 0 or retriever == NO_RETRIEVER:
+            retriever, k = NO_RETRIEVER, 0
+        axes = {"task": task, "split": split, "model": model, "method": method,
+                "retriever": retriever, "k": k}
+        if any(all((task.name if axis == "task" else axes[axis]) in values
+                   for axis, values in rule.items()) for rule in grid.exclude):
+            continue
+        cell = Cell(axes)
+        if cell.name not in seen:
+            seen.add(cell.name)
+            cells.append(cell)
+    return cells
+
+
+class Planner:
+    """Builds every cell's stage runs; equal runs (same key) are one object."""
+
+    def __init__(self, grid: Grid, data_root: Path, limit: int | None = None):
+        self.grid, self.data_root, self.limit = grid, data_root, limit
+        self.runs: dict[str, StageRun] = {}
+        self.data_files: dict[str, None] = {}  # every data file the cells read, in order
+        self._identities: dict[str, str] = {}
+
+    def data_file(self, kind: str, split: str, task, set_name: str) -> Raw:
+        relative = self.grid.layout[kind].format(split=split, task=task.file_name, set=set_name)
+        path = str(self.data_root / relative)
+        self.data_files[path] = None
+        return Raw(path)
+
+    def add(self, stage: str, argv: list) -> StageRun:
+        run = StageRun(STAGES[stage], tuple(argv))
+        run.key = self.key(run)
+        return self.runs.setdefault(run.key, run)
+
+    def key(self, run: StageRun) -> str:
+        def identity(token):
+            if isinstance(token, Ref):
+                return f"<{token.run.key}/{token.name}>"
+            if isinstance(token, Out):
+                return f"<out/{token.name}>"
+            if isinstance(token, Raw):
+                return f"<raw {self.identity(token.path)}>"
+            return token
+
+        text = json.dumps([run.stage.name, [identity(token) for token in run.argv]])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def identity(self, path: str) -> str:
+        """What a raw input is: its content (small files), size and mtime (large ones), the
+        files of a folder, or the name itself (a hub model)."""
+        if path not in self._identities:
+            self._identities[path] = _identity(Path(resolve_model(path)), path)
+        return self._identities[path]
+
+    def questions(self, task, split: str, set_name: str, subset: dict | None):
+        questions = self.data_file("questions", split, task, set_name)
+        outputs = self.data_file("outputs", split, task, set_name)
+        if subset is None and self.limit is None:
+            return questions, outputs
+        subset = dict(subset or {})
+        if self.limit is not None:
+            subset["count"] = min(subset.get("count", self.limit), self.limit)
+        run = self.add("subset", [
+            "--questions_addr", questions, "--outputs_addr", outputs,
+            *flag_argv({"seed": subset.get("seed"), "skip": subset.get("skip", 0),
+                        "count": subset["count"]}),
+            *flag_argv(self.grid.flags["subset"]),
+            "--output_questions_addr", Out("questions.json"),
+            "--output_outputs_addr", Out("outputs.json")])
+        return run.output("questions.json"), run.output("outputs.json")
+
+    def merged(self, task, split: str, set_name: str, retriever: str, subset: dict | None):
+        questions, outputs = self.questions(task, split, set_name, subset)
+        ranking = []
+        spec = self.grid.retrievers.get(retriever)
+        if retriever != NO_RETRIEVER:
+            rank = self.add("rank", [
+                "--input_data_addr", questions, "--output_ranking_addr", Out("ranking.json"),
+                "--task", task.name, "--ranker", spec.ranker,
+                *flag_argv(_merged(self.grid.flags["rank"], spec.flags))])
+            ranking = ["--profile_ranking_addr", rank.output("ranking.json")]
+        merge = self.add("merge", [
+            "--lamp_questions_addr", questions, "--lamp_output_addr", outputs, *ranking,
+            "--merged_output_addr", Out("merged.json"), *flag_argv(self.grid.flags["merge"])])
+        return merge.output("merged.json"), outputs
+
+    def plan(self, cell: Cell) -> Cell:
+        grid, axes = self.grid, cell.axes
+        task, split, retriever, k = axes["task"], axes["split"], axes["retriever"], axes["k"]
+        method = grid.methods[axes["method"]]
+        merged, golds = self.merged(task, split, grid.eval_set, retriever, grid.subset)
+        profile = (["--use_profile", "--is_ranked", "--num_retrieved", str(k)] if k else [])
+        flags = flag_argv(_merged(grid.flags["model"], grid.flags[method.stage],
+                                  grid.task_flags.get(task.name, {}), method.flags))
+        model = Raw(grid.models[axes["model"]])
+        if method.stage == "train":
+            train_merged, _ = self.merged(task, split, grid.train_set, retriever, None)
+            run = self.add("train", [
+                "--train_data", train_merged, "--validation_data", merged,
+                "--model_name", model, "--task", task.name, "--output_dir", Out("."),
+                *profile, *flags])
+        else:
+            run = self.add("evaluate", [
+                "--validation_data", merged, "--model_addr", model, "--task", task.name,
+                "--output_dir", Out("."), *profile, *flags])
+        score = self.add("score", [
+            "--golds_json", golds, "--preds_json", run.output("predictions.json"),
+            "--task_name", task.file_name, "--output_file", Out("results.json"),
+            *flag_argv(grid.flags["score"])])
+        cell.runs = _dependencies(score)
+        return cell
+
+
+def _dependencies(run: StageRun) -> list[StageRun]:
+    """``run`` and every run it reads from, each once, producers first."""
+    order: list[StageRun] = []
+
+    def visit(current: StageRun) -> None:
+        for token in current.argv:
+            if isinstance(token, Ref) and token.run not in order:
+                visit(token.run)
+        if current not in order:
+            order.append(current)
+
+    visit(run)
+    return order
+
+
+SMALL_FILE = 64 * 2**20  # hashed whole below this size; above, size and mtime stand for it
+
+
+def _file_identity(path: Path, small: int) -> str:
+    stat = path.stat()
+    if stat.st_size <= small:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"size {stat.st_size} mtime {stat.st_mtime_ns}"
+
+
+def _identity(path: Path, spec: str) -> str:
+    if path.is_file():
+        return _file_identity(path, SMALL_FILE)
+    if path.is_dir():
+        # A model folder: weights are large, so configs and tokenizers (small) are hashed and
+        # the rest counts by size; the folder's place on disk does not matter.
+        files = sorted(item for item in path.rglob("*") if item.is_file())
+        return hashlib.sha256(json.dumps(
+            [[str(item.relative_to(path)), _file_identity(item, 2**20)] for item in files]
+        ).encode()).hexdigest()
+    return f"name {spec}"  # a hub model name (or a missing file, which its stage reports)
+
+
+class Runner:
+    """Executes stage runs under ``<runs>/<grid>/stages``; optionally under a launcher."""
+
+    def __init__(self, root: Path, launcher: str | None = None):
+        self.root, self.launcher = root, launcher
+        self.stages = root / "stages"
+        self.executed: list[str] = []  # folder names of the runs this process ran
+        self.failed: dict[str, str] = {}  # key -> one-line reason
+
+    def folder(self, run: StageRun) -> Path:
+        return self.stages / run.folder_name
+
+    def is_complete(self, run: StageRun) -> bool:
+        return (self.folder(run) / COMPLETE).is_file()
+
+    def path(self, token, run: StageRun) -> str:
+        if isinstance(token, Ref):
+            return str(self.folder(token.run) / token.name)
+        if isinstance(token, Out):
+            return str(self.folder(run) / token.name) if token.name != "." \
+                else str(self.folder(run))
+        if isinstance(token, Raw):
+            return resolve_model(token.path)
+        return token
+
+    def argv(self, run: StageRun) -> list[str]:
+        return [self.path(token, run) for token in run.argv]
+
+    def command(self, run: StageRun) -> str:
+        """The shell command of one stage run, as the README writes it (from the repo root)."""
+        prefix = shlex.split(self.launcher) if self.launcher and run.stage.launched \
+            else ["python"]
+        return shlex.join([*prefix, run.stage.script, *self.argv(run)])
+
+    def execute(self, run: StageRun) -> bool:
+        """Run one stage unless it is complete; False (with ``failed[key]``) if it failed."""
+        if run.key in self.failed:
+            return False
+        if self.is_complete(run):
+            return True
+        folder = self.folder(run)
+        self.stages.mkdir(parents=True, exist_ok=True)
+        with _locked(self.stages / f".{run.folder_name}.lock"):
+            if self.is_complete(run):  # another shard finished it while we waited
+                return True
+            argv = self.argv(run)
+            resume = run.stage.name == "train" and _has_checkpoint(folder)
+            if resume:
+                argv += ["--resume_from_checkpoint", "last"]
+            elif folder.exists():
+                shutil.rmtree(folder)  # what a killed run left; ours, under stages/
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / "stage.json", {
+                "stage": run.stage.name, "key": run.key, "argv": argv,
+                "command": self.command(run)}, indent=2)
+            started = time.perf_counter()
+            error = self._call(run, argv)
+            if error is None:
+                missing = [name for name in run.stage.outputs if not (folder / name).exists()]
+                if missing:
+                    error = f"finished without writing {', '.join(missing)}"
+            if error is not None:
+                self.failed[run.key] = f"{run.stage.name}: {error}"
+                return False
+            atomic_write_json(folder / COMPLETE, {
+                "seconds": round(time.perf_counter() - started, 3),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.executed.append(run.folder_name)
+            return True
+
+    def _call(self, run: StageRun, argv: list[str]) -> str | None:
+        """None on success, else the stage's one-line error."""
+        if self.launcher and run.stage.launched:
+            command = [*shlex.split(self.launcher), str(REPO / run.stage.script), *argv]
+            done = subprocess.run(command, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+            sys.stderr.write(done.stderr)
+            if done.returncode:
+                lines = [line for line in done.stderr.splitlines() if line.strip()]
+                return lines[-1] if lines else f"exit status {done.returncode}"
+            return None
+        main = load_stage(run.stage).main
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
+                main(argv)
+        except LampError as error:
+            return str(error)
+        except SystemExit as done:  # a usage mistake: the stage's parser printed one line
+            if done.code:
+                lines = [line for line in captured.getvalue().splitlines() if line.strip()]
+                return lines[-1].removeprefix("error: ") if lines else f"exit status {done.code}"
+        return None
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def load_stage(stage: Stage):
+    """A stage's script as a module (for its ``main`` and ``parse_args``), imported only when
+    the stage runs."""
+    if stage.module is not None:
+        return importlib.import_module(stage.module)
+    name = "lamp_stage_" + Path(stage.script).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / stage.script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    from LaMP.utils.checkpoints import checkpoint_folders, checkpoint_problem
+
+    checkpoints = folder / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoint_problem(item) is None
+                                        for item in checkpoint_folders(checkpoints))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process at a time per stage run: shards of a cluster job share rankings."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

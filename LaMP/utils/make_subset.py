@@ -1,0 +1,103 @@
+"""Write a subset of a questions file and its outputs file: a seeded shuffle, then a slice.
+
+Example (the 200 held-out LaMP-7 dev questions of benchmarks/bench_lora_lamp7.py):
+    python LaMP/utils/make_subset.py --questions_addr raw_data/user/LaMP_7/dev_questions.json \
+        --outputs_addr raw_data/user/LaMP_7/dev_outputs.json --seed 0 --skip 400 --count 200 \
+        --output_questions_addr held_out_questions.json \
+        --output_outputs_addr held_out_outputs.json
+
+With ``--seed`` the questions are put in the order ``random.Random(seed).shuffle`` gives the
+whole list (the benchmark's split), without it they keep file order; then ``--skip`` questions
+are passed over and the next ``--count`` kept, in that order. Questions are streamed twice
+(once to count them), so only the kept ones are held in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import random
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.data import iter_questions
+from LaMP.utils.errors import LampError, preview
+from LaMP.utils.fileio import (args_path_for, atomic_write_json, check_outputs, check_readable,
+                               save_run_args)
+from LaMP.utils.outputs import load_outputs
+from LaMP.utils.retrieval import count_questions
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions_addr", required=True, help="LaMP questions file")
+    parser.add_argument("--outputs_addr", required=True,
+                        help="its outputs file (the golds of the kept questions are written)")
+    parser.add_argument("--output_questions_addr", required=True,
+                        help="where the kept questions go")
+    parser.add_argument("--output_outputs_addr", required=True,
+                        help="where the golds of the kept questions go")
+    parser.add_argument("--seed", type=seed_arg, default=None,
+                        help="shuffle with random.Random(seed) before slicing (default: no "
+                             "shuffle, file order)")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="questions passed over before the kept ones (default 0)")
+    parser.add_argument("--count", type=int, required=True, help="questions kept")
+    args = parser.parse_args(argv)
+    if args.skip < 0:
+        parser.error("--skip must be >= 0")
+    if args.count < 1:
+        parser.error("--count must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    questions_path = check_readable(args.questions_addr, "--questions_addr")
+    check_readable(args.outputs_addr, "--outputs_addr")
+    check_outputs(files={"--output_questions_addr": args.output_questions_addr,
+                         "--output_outputs_addr": args.output_outputs_addr,
+                         "--output_questions_addr (its arguments file)":
+                             args_path_for(args.output_questions_addr)},
+                  inputs={"--questions_addr": args.questions_addr,
+                          "--outputs_addr": args.outputs_addr})
+    golds = load_outputs(args.outputs_addr, what="outputs file")
+    task = golds.task
+    total = count_questions(questions_path)
+    order = list(range(total))
+    if args.seed is not None:
+        # Shuffling positions makes the same swaps as shuffling the questions themselves, so
+        # the subset equals random.Random(seed).shuffle(questions)[skip:skip + count].
+        random.Random(args.seed).shuffle(order)
+    chosen = order[args.skip:args.skip + args.count]
+    if len(chosen) < args.count:
+        raise LampError(f"{questions_path}: {total} questions, fewer than --skip {args.skip} + "
+                        f"--count {args.count}")
+    wanted = {position: rank for rank, position in enumerate(chosen)}
+    kept: list = [None] * len(chosen)
+    for position, question in enumerate(iter_questions(questions_path, task)):
+        if position in wanted:
+            kept[wanted[position]] = question
+    missing = [question["id"] for question in kept if str(question["id"]) not in golds.outputs]
+    if missing:
+        raise LampError(f"{args.outputs_addr}: no output for {preview(missing)} kept questions")
+    atomic_write_json(args.output_questions_addr, kept)
+    atomic_write_json(args.output_outputs_addr, {
+        "task": task.file_name,
+        "golds": [{"id": question["id"], "output": golds.outputs[str(question["id"])]}
+                  for question in kept]})
+    save_run_args(args_path_for(args.output_questions_addr), args)
+    logger.info("kept %d of %d questions", len(kept), total)
+    return {"questions": len(kept), "total": total}
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

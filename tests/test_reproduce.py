@@ -1,0 +1,349 @@
+"""The grid runner (LaMP/reproduce.py) on the bundled sample with a tiny random model."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, SAMPLE
+from LaMP import reproduce
+from LaMP.utils.errors import LampError
+from LaMP.utils.grid.plan import COMPLETE, Planner, Runner, expand_cells
+from LaMP.utils.grid.schema import load_grid
+
+DATA_ROOT = SAMPLE.parent  # data/sample: {split}/LaMP_k/{set}_questions.json
+MODEL_FLAGS = {"max_length": 64, "generation_max_length": 4, "generation_num_beams": 1,
+               "per_device_batch_size": 8, "chat_template": True, "device": "cpu"}
+
+
+def write_grid(folder: Path, model: str, **overrides) -> Path:
+    grid = {"name": "tiny", "tasks": ["LaMP-7"], "models": {"tiny": model},
+            "methods": {"zero_shot": {}}, "retrievers": ["bm25", "recency"], "k": [0, 1, 2],
+            "subset": {"seed": 0, "skip": 4, "count": 6},
+            "flags": {"model": MODEL_FLAGS}, "baseline": {"retriever": "none"}}
+    grid.update(overrides)
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_grid(grid: Path, runs: Path, *extra: str) -> dict:
+    return reproduce.main(["--grid", str(grid), "--data_root", str(DATA_ROOT),
+                           "--runs_dir", str(runs), *extra])
+
+
+def complete_folders(runs: Path) -> set[str]:
+    return {path.parent.name for path in (runs / "tiny" / "stages").glob(f"*/{COMPLETE}")}
+
+
+@pytest.fixture(scope="module")
+def tiny_grid_run(tmp_path_factory, tiny_llama):
+    folder = tmp_path_factory.mktemp("grid")
+    grid = write_grid(folder, str(tiny_llama))
+    result = run_grid(grid, folder / "runs")
+    return folder, grid, result
+
+
+def test_grid_runs_every_cell_and_shares_each_ranking(tiny_grid_run):
+    folder, grid, result = tiny_grid_run
+    # k = 0 needs no retriever: one cell instead of one per retriever.
+    assert sorted(result["cells"]) == sorted(
+        f"LaMP_7.user.tiny.zero_shot.{name}" for name in
+        ("none.k0", "bm25.k1", "bm25.k2", "recency.k1", "recency.k2"))
+    executed = result["executed"]
+    # One subset, one ranking per retriever (shared by k = 1 and 2), a merge per ranking plus
+    # the unranked one, and an evaluation and a score per cell.
+    kinds = [name.split("-")[0] for name in executed]
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == {
+        "subset": 1, "rank": 2, "merge": 3, "evaluate": 5, "score": 5}
+    root = folder / "runs" / "tiny"
+    for cell in result["cells"]:
+        results = json.loads((root / cell / "score" / "results.json").read_text())
+        assert results["count"] == 6
+        assert (root / cell / "evaluate" / "args.json").exists()
+        assert json.loads((root / cell / "cell.json").read_text())["cell"] == cell
+    bm25 = {os.readlink(root / f"LaMP_7.user.tiny.zero_shot.bm25.k{k}" / "rank")
+            for k in (1, 2)}
+    assert len(bm25) == 1  # both cells link the same ranking folder
+    # A complete grid run again runs nothing.
+    assert run_grid(grid, folder / "runs")["executed"] == []
+
+
+def test_subset_is_the_seeded_slice_of_the_benchmark(tiny_grid_run):
+    folder, _, _ = tiny_grid_run
+    subset = next((folder / "runs" / "tiny" / "stages").glob("subset-*"))
+    kept = [q["id"] for q in json.loads((subset / "questions.json").read_text())]
+    questions = json.loads((SAMPLE / "LaMP_7" / "dev_questions.json").read_text())
+    random.Random(0).shuffle(questions)  # what benchmarks/bench_lora_lamp7.py does
+    assert kept == [q["id"] for q in questions[4:10]]
+    golds = json.loads((subset / "outputs.json").read_text())
+    assert [g["id"] for g in golds["golds"]] == kept
+
+
+def test_killed_grid_resumes_without_rerunning_complete_stages(tmp_path, tiny_llama,
+                                                               monkeypatch):
+    from LaMP import evaluate_llm
+
+    grid = write_grid(tmp_path, str(tiny_llama), retrievers=["bm25"], k=[0, 1, 2])
+    real_main = evaluate_llm.main
+    calls = []
+
+    def killed_on_second_call(argv):
+        calls.append(argv)
+        if len(calls) == 2:
+            output = Path(argv[argv.index("--output_dir") + 1])
+            (output / "predictions.json").write_text("half written")
+            raise KeyboardInterrupt  # what Ctrl-C or a kill does in the middle of a stage
+        return real_main(argv)
+
+    monkeypatch.setattr(evaluate_llm, "main", killed_on_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path / "runs")
+    done_before = complete_folders(tmp_path / "runs")
+    assert any(name.startswith("evaluate-") for name in done_before)
+    monkeypatch.setattr(evaluate_llm, "main", real_main)
+    result = run_grid(grid, tmp_path / "runs")
+    assert not set(result["executed"]) & done_before
+    assert result["complete"] == 3 and not result["failures"]
+    # The interrupted evaluation was run again from scratch: its file is whole JSON now.
+    for cell in result["cells"]:
+        json.loads((tmp_path / "runs" / "tiny" / cell / "evaluate" / "predictions.json")
+                   .read_text())
+
+
+def test_shards_cover_every_cell_exactly_once(tiny_grid_run):
+    folder, grid, result = tiny_grid_run
+    shards = [run_grid(grid, folder / "runs", "--dry_run", "--num_shards", "2",
+                       "--shard_id", str(i))["cells"] for i in (0, 1)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(result["cells"])
+    assert shards[0] and shards[1]
+
+
+def test_dry_run_commands_run_by_a_shell_give_the_same_results(tiny_grid_run, tmp_path,
+                                                               capsys):
+    folder, grid, result = tiny_grid_run
+    capsys.readouterr()
+    run_grid(grid, tmp_path / "runs", "--dry_run")
+    script = capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-e"], input=script, text=True, cwd=REPO, env=env,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = sorted((folder / "runs" / "tiny" / "stages").glob("score-*/results.json"))
+    theirs = sorted((tmp_path / "runs" / "tiny" / "stages").glob("score-*/results.json"))
+    assert [p.parent.name for p in ours] == [p.parent.name for p in theirs] and len(ours) == 5
+    for mine, shell in zip(ours, theirs):
+        assert mine.read_bytes() == shell.read_bytes()
+
+
+def test_launcher_runs_model_stages_in_a_process_of_their_own(tiny_grid_run, tmp_path):
+    folder, grid, _ = tiny_grid_run
+    small = write_grid(tmp_path, str(yaml.safe_load(grid.read_text())["models"]["tiny"]),
+                       retrievers=["bm25"], k=[1])
+    result = run_grid(small, tmp_path / "runs", "--launcher", sys.executable)
+    (cell,) = result["cells"]
+    args = json.loads((tmp_path / "runs" / "tiny" / cell / "evaluate" / "stage.json").read_text())
+    assert args["command"].startswith(sys.executable + " LaMP/evaluate_llm.py ")
+    theirs = (tmp_path / "runs" / "tiny" / cell / "score" / "results.json").read_bytes()
+    assert theirs == (folder / "runs" / "tiny" / cell / "score" / "results.json").read_bytes()
+
+
+def fake_predictions(runner: Runner, cells, by_retriever: dict) -> None:
+    """Write an evaluation's outputs by hand (the numbers the test wants) and mark it done."""
+    for cell in cells:
+        answers = by_retriever.get(cell.axes["retriever"])
+        if answers is None:
+            continue
+        evaluate = [run for run in cell.runs if run.stage.name == "evaluate"][0]
+        golds = json.loads((SAMPLE / "LaMP_3" / "dev_outputs.json").read_text())["golds"]
+        out = runner.folder(evaluate)
+        out.mkdir(parents=True)
+        (out / "predictions.json").write_text(json.dumps({"task": "LaMP_3", "golds": [
+            {"id": g["id"], "output": answers(g["output"])} for g in golds]}))
+        (out / COMPLETE).write_text("{}")
+
+
+def test_collect_writes_tables_with_bold_markers_and_missing_cells(tmp_path):
+    grid_path = write_grid(tmp_path, str(tmp_path / "no_model"), tasks=["LaMP-3"], k=[0, 1],
+                           subset=None)
+    grid = load_grid(grid_path)
+    cells = [Planner(grid, DATA_ROOT).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(tmp_path / "runs" / "tiny")
+    # no profile: always "1" (far from most golds); bm25: the gold itself; recency: not run.
+    fake_predictions(runner, cells, {"none": lambda gold: "1", "bm25": lambda gold: gold})
+    with pytest.raises(LampError, match=r"^1 of 3 cells failed \(first: "
+                                        r"LaMP_3\.user\.tiny\.zero_shot\.recency\.k1: evaluate: "):
+        run_grid(grid_path, tmp_path / "runs")
+    tables = tmp_path / "runs" / "tiny" / "tables"
+    markdown = (tables / "results.md").read_text()
+    mae = next(line for line in markdown.splitlines() if line.startswith("| LaMP-3 | MAE"))
+    cells_text = [text.strip() for text in mae.strip("|").split("|")]
+    assert cells_text[2] != "0.0000" and not cells_text[2].startswith("**")  # no profile
+    assert cells_text[3] == "**0.0000**†"  # best, and significantly better than no profile
+    assert cells_text[4] == "—"  # recency did not complete
+    latex = (tables / "results.tex").read_text()
+    assert r"\textbf{0.0000}$^\dagger$" in latex and r"\toprule" in latex and "---" in latex
+    rows = (tables / "results.csv").read_text().splitlines()
+    assert rows[0].split(",")[:6] == ["task", "metric", "none k=0", "none k=0 p", "bm25 k=1",
+                                      "bm25 k=1 p"]
+    mae_row = next(row.split(",") for row in rows if row.startswith("LaMP-3,MAE"))
+    assert float(mae_row[4]) == 0.0 and float(mae_row[5]) < 0.05
+    for png in ("metric_vs_k.png", "methods.png"):
+        assert (tables / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --collect alone runs nothing and writes the same table.
+    (tables / "results.md").unlink()
+    reproduce.main(["--grid", str(grid_path), "--data_root", str(DATA_ROOT), "--runs_dir",
+                    str(tmp_path / "runs"), "--collect"])
+    assert (tables / "results.md").read_text() == markdown
+
+
+def test_reference_numbers_sit_beside_ours_with_the_difference(tmp_path):
+    grid_path = write_grid(tmp_path, "none", tasks=["LaMP-3"], k=[1], retrievers=["none", "bm25"],
+                           subset=None, reference={"source": "a paper", "values": {
+                               "LaMP-3": {"MAE": {"bm25": 0.25}}}})
+    grid = load_grid(grid_path)
+    cells = [Planner(grid, DATA_ROOT).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(tmp_path / "runs" / "tiny")
+    fake_predictions(runner, cells, {"none": lambda gold: "1", "bm25": lambda gold: gold})
+    run_grid(grid_path, tmp_path / "runs")
+    markdown = (tmp_path / "runs" / "tiny" / "tables" / "results.md").read_text()
+    assert "| task | metric | none | bm25 | bm25 (paper) | bm25 Δ |" in markdown
+    assert "| **0.0000**† | 0.250 | -0.2500 |" in markdown
+    assert "| **0.0000**† | — | — |" in markdown
+    assert "a paper" in markdown
+
+
+def error_line(grid_text: str, tmp_path: Path, *extra: str) -> tuple[int, str]:
+    path = tmp_path / "bad.yaml"
+    path.write_text(grid_text, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(REPO / "LaMP" / "reproduce.py"), "--grid",
+                           str(path), "--data_root", str(DATA_ROOT), "--runs_dir",
+                           str(tmp_path / "runs"), "--dry_run", *extra],
+                          capture_output=True, text=True, cwd=tmp_path)
+    return done.returncode, done.stderr
+
+
+GOOD = "tasks: [LaMP-7]\nmodels: {m: some/model}\nmethods: {zero_shot: {}}\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD + "retriever: [bm25]\n", "grid: unknown key 'retriever' (valid: name, "),
+    (GOOD.replace("LaMP-7", "LaMP-9"), "tasks: unknown task 'LaMP-9'"),
+    (GOOD + "retrievers: [bm26]\n", "retrievers.bm26.ranker: 'bm26' is not one of bm25, "),
+    (GOOD + "k: [1, -2]\n", "k: -2 is not a whole number >= 0"),
+    (GOOD.replace("{zero_shot: {}}", "{lora: {stage: finetune}}"),
+     "methods.lora.stage: 'finetune' is not one of evaluate, train"),
+    (GOOD + "flags: {modle: {}}\n", "flags: unknown key 'modle' (valid: subset, rank, "),
+    (GOOD + "flags: {model: {--num_retrieved: 2}}\n", "flags.model: '--num_retrieved' is not "),
+    (GOOD + "exclude: [{retriever: bm25}]\n", "exclude[0].retriever: 'bm25' is not in the "),
+    (GOOD + "baseline: {method: lora}\n", "baseline.method: 'lora' is not in the grid's"),
+    (GOOD + "reference: {values: {LaMP-7: {accuracy: {none: 1}}}}\n",
+     "reference.values.LaMP-7: unknown key 'accuracy' (valid: rouge-1, rouge-L)"),
+    ("tasks: [LaMP-7\n", "not valid YAML at line 2"),
+    ("- a\n- b\n", "grid: expected a mapping, found list"),
+    (GOOD.replace("models: {m: some/model}\n", ""), "models: required key is missing"),
+    (GOOD.replace("[LaMP-7]", "[LaMP-7, LaMP-1]") + "splits: [user, time]\n",
+     "4 (first: " + str(DATA_ROOT / "time" / "LaMP_7" / "dev_questions.json")),
+])
+def test_a_bad_grid_is_one_error_line_naming_the_key(tmp_path, text, message):
+    status, stderr = error_line(text, tmp_path)
+    assert status == 2 and stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
+    assert message in stderr, stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_flag_the_stage_does_not_know_fails_before_anything_runs(tmp_path):
+    status, stderr = error_line(GOOD + "flags: {model: {num_beams: 4}}\n", tmp_path)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert "the evaluate stage of cell LaMP_7.user.m.zero_shot.none.k0 refuses its flags: " \
+           "unrecognized arguments: --num_beams 4" in stderr
+
+
+def test_shipped_grids_plan_and_every_stage_accepts_its_flags(tmp_path, monkeypatch):
+    from LaMP.utils.grid import plan
+
+    # Packaged models stand for themselves here: parsing flags needs no model on disk.
+    monkeypatch.setattr(plan, "resolve_model", lambda spec: spec)
+    names = set()
+    for path in sorted((REPO / "LaMP" / "configs").glob("*.yaml")):
+        grid = load_grid(path)
+        cells = [Planner(grid, tmp_path).plan(cell) for cell in expand_cells(grid)]
+        reproduce.check_stage_flags(grid, cells, Runner(tmp_path / grid.name))
+        names.add(grid.name)
+        assert len({cell.name for cell in cells}) == len(cells)
+        if grid.name == "cpu_lamp7":  # 1 cell for k = 0, 4 retrievers x 3 k
+            assert len(cells) == 13 and len({run.key for cell in cells for run in cell.runs
+                                             if run.stage.name == "rank"}) == 4
+        if grid.name == "lamp_finetune":  # one retriever per task and split, two methods
+            assert len(cells) == 7 * 2 * 2
+    assert names >= {"demo", "cpu_lamp7", "ropg_table3", "lamp_finetune", "deviations_lamp7"}
+
+
+def test_the_demo_grid_runs_with_a_tiny_model(tmp_path, tiny_llama):
+    demo = yaml.safe_load((REPO / "LaMP" / "configs" / "demo.yaml").read_text())
+    demo["models"] = {"smollm2": str(tiny_llama)}
+    demo["tasks"] = ["LaMP-3", "LaMP-7"]
+    demo["methods"]["lora"]["flags"]["max_steps"] = 1
+    demo["exclude"][0]["task"] = ["LaMP-3"]
+    grid = tmp_path / "demo.yaml"
+    grid.write_text(yaml.safe_dump(demo, sort_keys=False))
+    result = reproduce.main(["--grid", str(grid), "--runs_dir", str(tmp_path / "runs"),
+                             "--data_root", str(DATA_ROOT), "--limit", "3"])
+    assert result["complete"] == 3 and not result["failures"]
+    markdown = (tmp_path / "runs" / "demo" / "tables" / "results.md").read_text()
+    assert "| task | metric | zero_shot | lora |" in markdown
+    assert any(line.startswith("| LaMP-3 | MAE |") and line.endswith("| — |")
+               for line in markdown.splitlines())  # LoRA only on LaMP-7
+
+def test_a_train_method_trains_scores_and_resumes_from_its_checkpoint(tmp_path, tiny_llama):
+    grid = write_grid(tmp_path, str(tiny_llama), retrievers=["bm25"], k=[1], methods={
+        "zero_shot": {},
+        "lora": {"stage": "train", "flags": {"max_steps": 2, "learning_rate": 1e-3,
+                                             "save_total_limit": 1, "logging_steps": 1}}},
+        baseline={"method": "zero_shot"})
+    result = run_grid(grid, tmp_path / "runs", "--limit", "6")
+    root = tmp_path / "runs" / "tiny"
+    lora = root / "LaMP_7.user.tiny.lora.bm25.k1"
+    assert (lora / "train" / "adapter_model.safetensors").exists()
+    assert json.loads((lora / "score" / "results.json").read_text())["count"] == 6
+    trained = json.loads((lora / "train" / "args.json").read_text())
+    assert trained["max_steps"] == 2 and trained["num_retrieved"] == 1
+    train_data = json.loads(Path(trained["train_data"]).read_text())
+    assert len(train_data) == 6  # --limit keeps the first 6 training questions too
+    assert "| task | metric | zero_shot | lora |" in (root / "tables" / "results.md").read_text()
+    # A training stage killed after its last checkpoint resumes from it instead of starting
+    # again (its folder is not cleared).
+    (lora / "train" / COMPLETE).unlink()
+    again = run_grid(grid, tmp_path / "runs", "--limit", "6")
+    assert [name.split("-")[0] for name in again["executed"]] == ["train"]
+    stage = json.loads((lora / "train" / "stage.json").read_text())
+    assert stage["argv"][-2:] == ["--resume_from_checkpoint", "last"]
+    assert (lora / "train" / COMPLETE).exists() and not again["failures"]
+    assert result["failures"] == {}
+
+
+def test_make_subset_keeps_file_order_without_a_seed_and_refuses_a_short_file(tmp_path):
+    from LaMP.utils import make_subset
+
+    source = SAMPLE / "LaMP_7"
+    common = ["--questions_addr", str(source / "dev_questions.json"),
+              "--outputs_addr", str(source / "dev_outputs.json"),
+              "--output_questions_addr", str(tmp_path / "q.json"),
+              "--output_outputs_addr", str(tmp_path / "o.json")]
+    make_subset.main([*common, "--skip", "2", "--count", "3"])
+    questions = json.loads((source / "dev_questions.json").read_text())
+    assert [q["id"] for q in json.loads((tmp_path / "q.json").read_text())] == \
+        [q["id"] for q in questions[2:5]]
+    (tmp_path / "q.json").unlink()
+    (tmp_path / "o.json").unlink()
+    with pytest.raises(LampError, match=r"24 questions, fewer than --skip 20 \+ --count 5$"):
+        make_subset.main([*common, "--skip", "20", "--count", "5"])
+    assert not (tmp_path / "q.json").exists() and not (tmp_path / "o.json").exists()
