@@ -46,7 +46,7 @@ import numpy as np
 from LaMP.utils.bm25 import TermIndex
 from LaMP.utils.data import validate_question
 from LaMP.utils.errors import LampError
-from LaMP.utils.jsoninput import GuardedReader
+from LaMP.utils.jsoninput import MAX_DEPTH, MAX_NUMBER_DIGITS, GuardedReader
 from LaMP.utils.retrieval import build_ranker
 from LaMP.utils.tasks import get_task
 
@@ -105,6 +105,9 @@ class _Scanner:
         self.depth = 0
         self.opened_at = -1  # offset just past the list's "[", once seen
         self.closed_at = -1  # offset just past the list's "]", once seen
+        # The deepest nesting outside strings so far (the list itself is 1): exact for a
+        # file that parses, so workers need not recheck the depth limit when it is low.
+        self.deepest = 0
 
     def ends(self, region: bytes, offset: int) -> np.ndarray:
         """Offsets (``offset`` + position, just past the closing bracket) of the list
@@ -140,6 +143,7 @@ class _Scanner:
             self.opened_at = offset + int(brackets[0]) + 1
         if depth_after.min() < 0:
             raise FastPathFailed("brackets do not balance")
+        self.deepest = max(self.deepest, int(depth_after.max()))
         closing = np.flatnonzero(depth_after == 0)
         if len(closing):
             if closing[0] != len(brackets) - 1:
@@ -161,14 +165,17 @@ def _escaped(backslashes: np.ndarray, after_backslash: np.ndarray) -> np.ndarray
 
 
 def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None = None,
-                   block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[bytes, int]]:
+                   block_bytes: int = BLOCK_BYTES, scanner: _Scanner | None = None
+                   ) -> Iterator[tuple[bytes, int]]:
     """``(span, count)``: consecutive runs of the first ``stop`` (all) questions of the JSON
     list in ``path``, each about ``chunk_bytes`` long. A span runs from just past the end of
     the question before it (so it starts with the separating comma, except the first) to
     just past the end of its last question. Raises ``FastPathFailed`` on a layout it does not
-    follow; the spans are only as good as their parse (see the module's docstring)."""
+    follow; the spans are only as good as their parse (see the module's docstring).
+    ``scanner``, when given, is the one used (its ``deepest`` covers each span when it is
+    handed out)."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    scanner = _Scanner()
+    scanner = _Scanner() if scanner is None else scanner
     buffer = b""
     scanned = 0  # bytes of ``buffer`` already scanned
     given = 0  # questions handed out
@@ -254,6 +261,8 @@ def _reject_constant(name: str):
 
 
 def _checked_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_DIGITS:  # maybe over the digit limit: let the guard decide
+        raise ValueError("a long number")
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError("a number out of range")
@@ -267,13 +276,21 @@ def _checked_int(text: str) -> int:
     return value
 
 
-def _parse_span(span: bytes, first: int, count: int) -> list | None:
-    """The questions of one span, or ``None`` where ijson might read it differently."""
-    try:  # the limits every reader enforces (nesting, number size, surrogates, UTF-8)
-        GuardedReader(io.BytesIO(b"[" + span + b"]"), _worker["source"]).read()
-    except LampError:
-        return None  # the inline run names the problem with its byte offset in the file
+def _parse_span(span: bytes, first: int, count: int, deep: bool = True) -> list | None:
+    """The questions of one span, or ``None`` where ijson might read it differently.
+
+    ``deep``: the span may nest deeper than ``MAX_DEPTH``. The other limits every reader
+    enforces are caught here without the guard's pass over the bytes: strict UTF-8 by
+    ``decode``, numbers by the parse hooks (a float too long to be sure of, like every
+    escape that may be a lone surrogate, goes to the guard), and ``None`` on any of them
+    sends the run inline, which names the problem with its byte offset in the file.
+    """
     text = span.decode("utf-8")
+    if deep or _SURROGATE_ESCAPE.search(text):
+        try:
+            GuardedReader(io.BytesIO(b"[" + span + b"]"), _worker["source"]).read()
+        except LampError:
+            return None
     if first > 0:
         text = text.lstrip(_JSON_SPACE)
         if not text.startswith(","):
@@ -290,11 +307,12 @@ def _parse_span(span: bytes, first: int, count: int) -> list | None:
     return questions
 
 
-def _rank_span(span: bytes, first: int, count: int, rank_from: int) -> list[tuple[str, str]] | None:
+def _rank_span(span: bytes, first: int, count: int, rank_from: int, deep: bool = True
+               ) -> list[tuple[str, str]] | None:
     """``(question id, its ranking as JSON text)`` of the questions of a span from index
     ``rank_from`` on (the ones before it are only validated), or ``None`` on any problem."""
     try:
-        questions = _parse_span(span, first, count)
+        questions = _parse_span(span, first, count, deep)
         if questions is None:
             return None
         for offset, question in enumerate(questions):
@@ -380,9 +398,12 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
     with _terminate_on_sigterm(), _started_pool(context, num_workers, options) as pool:
         in_flight: deque = deque()
         first = 0
+        scanner = _Scanner()
         try:
-            for span, count in question_spans(path, stop):
-                in_flight.append(pool.apply_async(_rank_span, (span, first, count, start)))
+            for span, count in question_spans(path, stop, scanner=scanner):
+                deep = scanner.deepest > MAX_DEPTH
+                in_flight.append(pool.apply_async(_rank_span,
+                                                  (span, first, count, start, deep)))
                 first += count
                 if len(in_flight) >= num_workers * TASKS_PER_WORKER:
                     yield _result(in_flight.popleft())
