@@ -279,14 +279,15 @@ def _checked_int(text: str) -> int:
 def _parse_span(span: bytes, first: int, count: int, deep: bool = True) -> list | None:
     """The questions of one span, or ``None`` where ijson might read it differently.
 
-    ``deep``: the span may nest deeper than ``MAX_DEPTH``. The other limits every reader
-    enforces are caught here without the guard's pass over the bytes: strict UTF-8 by
-    ``decode``, numbers by the parse hooks (a float too long to be sure of, like every
-    escape that may be a lone surrogate, goes to the guard), and ``None`` on any of them
-    sends the run inline, which names the problem with its byte offset in the file.
+    ``deep``: the span may nest deeper than ``MAX_DEPTH``; only then, or when it holds an
+    escape that may be half a surrogate pair, does the guard's pass over the bytes run. The
+    other limits every reader enforces are caught without it: strict UTF-8 by ``decode``,
+    numbers by the parse hooks (a float too long to be sure of is refused outright). ``None``
+    on any of them sends the run inline, which names the problem with its byte offset.
     """
     text = span.decode("utf-8")
-    if deep or _SURROGATE_ESCAPE.search(text):
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if deep or surrogates:
         try:
             GuardedReader(io.BytesIO(b"[" + span + b"]"), _worker["source"]).read()
         except LampError:
@@ -300,7 +301,7 @@ def _parse_span(span: bytes, first: int, count: int, deep: bool = True) -> list 
                            parse_float=_checked_float, parse_int=_checked_int)
     if len(questions) != count:
         return None
-    if _SURROGATE_ESCAPE.search(text):
+    if surrogates:
         # ijson turns a lone surrogate escape into "?"; json keeps it, and then the text
         # cannot be encoded. Pairs (escaped emoji) are fine.
         json.dumps(questions, ensure_ascii=False).encode("utf-8")
