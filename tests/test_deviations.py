@@ -214,3 +214,21 @@ def test_score_flags_of_a_method_are_validated(tmp_path):
                 "methods": {"r": {"score_flags": {"--seed": 1}}}}
     with pytest.raises(LampError, match=r"^g: methods.r.score_flags: '--seed' is not a flag"):
         parse_grid(document, "g", "g")
+
+
+def test_evaluate_llm_runs_with_tokenizer_truncation_and_records_it(tiny_llama, tmp_path):
+    from LaMP import evaluate_llm
+
+    profile = [{"id": f"p{i}", "text": f"tweet number {i} about the weather"} for i in range(3)]
+    questions = [{"id": "70", "input": LONG, "output": "x", "profile": profile}]
+    data = tmp_path / "merged.json"
+    data.write_text(json.dumps(questions), encoding="utf-8")
+    before = data.read_bytes()
+    returned = evaluate_llm.main([
+        "--validation_data", str(data), "--model_addr", str(tiny_llama), "--task", "LaMP-7",
+        "--output_dir", str(tmp_path / "out"), "--use_profile", "--is_ranked",
+        "--num_retrieved", "2", "--max_length", "40", "--generation_max_length", "2",
+        "--device", "cpu", "--input_truncation", "tokenizer"])
+    assert len(returned["predictions"]) == 1 and data.read_bytes() == before
+    saved = json.loads((tmp_path / "out" / "args.json").read_text(encoding="utf-8"))
+    assert saved["input_truncation"] == "tokenizer"
