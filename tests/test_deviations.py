@@ -65,6 +65,8 @@ def published_get_top_n(question: dict) -> list[str]:
 def test_argsort_order_is_the_published_get_top_n_order_with_workers(tmp_path, monkeypatch,
                                                                      workers):
     monkeypatch.setattr(parallel_rank, "CHUNK_BYTES", 1)  # workers even for a tiny file
+    if workers != "1":  # the workers must rank, not the inline fallback
+        monkeypatch.setattr(rank_profiles, "_rank_inline", pytest.fail)
     questions = tied_questions(12)
     ranking = rank(tmp_path, questions, "--tie_order", "argsort", "--num_workers", workers)
     assert ranking == {question["id"]: published_get_top_n(question) for question in questions}
