@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
         # Dense retrieval runs on this process's device too, not on GPU 0 in every process.
         options = replace(profile_options(args), device=str(device))
         examples = build_examples(args.validation_data, task,
-                                  lamp_model.prompt_builder(task, args.max_length), options,
+                                  lamp_model.prompt_builder(task, args.max_length,
+                                                            args.input_truncation), options,
                                   limit=args.limit)
         started = time.perf_counter()
         predictions = predict_in_slices(lamp_model, task, examples, launch,

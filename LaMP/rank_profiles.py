@@ -28,6 +28,7 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from LaMP.utils.arguments import add_tie_order_argument
 from LaMP.utils.cli import ArgumentParser, DEFAULT_SEED, run, seed_arg, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="texts per encoder forward pass for contriever (default "
                              f"{DEFAULT_BATCH_SIZE}; 128 or more suits a GPU)")
+    add_tie_order_argument(parser)
     parser.add_argument("--use_date", action="store_true",
                         help="append ' date: <date>' to each profile item's text")
     parser.add_argument("--contriever_checkpoint", default=None,
@@ -79,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "always runs its one model in this process)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if args.tie_order != "profile" and args.ranker != "bm25":
+        parser.error("--tie_order applies to --ranker bm25 only")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.num_shards < 1:
@@ -130,7 +134,7 @@ def _build_ranker(args: argparse.Namespace) -> Ranker:
         args.ranker, args.task, use_date=args.use_date,
         model_name=args.contriever_checkpoint or DEFAULT_DENSE_MODEL, device=args.device,
         batch_size=args.batch_size, seed=args.seed,
-        allow_download=args.contriever_checkpoint is not None)
+        allow_download=args.contriever_checkpoint is not None, tie_order=args.tie_order)
 
 
 def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
@@ -166,7 +170,8 @@ def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Pa
     (the caller then ranks inline, which names the problem exactly)."""
     ranker = _build_ranker(args)  # cheap for these rankers; it describes the run
     batches = rank_in_workers(input_path, args.task.name, args.ranker,
-                              {"use_date": args.use_date, "seed": args.seed}, args.num_workers,
+                              {"use_date": args.use_date, "seed": args.seed,
+                               "tie_order": args.tie_order}, args.num_workers,
                               *((shard.start, shard.stop) if shard is not None else ()))
     seen: set[str] = set()
     total = len(shard) if shard is not None else None

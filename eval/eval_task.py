@@ -20,8 +20,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.outputs import load_outputs
-from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
-                                format_results_table, score_files)
+from LaMP.utils.scoring import (add_bootstrap_arguments, add_rouge_aggregation_argument,
+                                check_bootstrap_arguments, format_results_table, score_files)
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_file", required=True,
                         help="where to write the results JSON")
     add_bootstrap_arguments(parser)
+    add_rouge_aggregation_argument(parser)
     args = parser.parse_args(argv)
     check_bootstrap_arguments(parser, args)
     return args
@@ -51,7 +52,8 @@ def main(argv=None) -> dict:
     golds = load_outputs(args.golds_json, what="gold file")
     preds = load_outputs(args.preds_json, what="predictions file")
     result = score_files(golds, preds, task=args.task_name,
-                         bootstrap=args.bootstrap, seed=args.seed)
+                         bootstrap=args.bootstrap, seed=args.seed,
+                         rouge_aggregation=args.rouge_aggregation)
     atomic_write_json(args.output_file, result, indent=2)
     print(format_results_table({args.task_name.file_name: result}))
     logger.info("wrote %s", args.output_file)

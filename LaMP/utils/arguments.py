@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from LaMP.utils.cli import DEFAULT_SEED, seed_arg
-from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, RANKERS
+from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, RANKERS, TIE_ORDERS
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
@@ -26,6 +26,23 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
                              "local Hugging Face cache; a name given here may be downloaded)")
     parser.add_argument("--max_length", type=int, default=max_length,
                         help="token budget of the model input: instruction, profile and all")
+    parser.add_argument("--input_truncation", default="share", choices=INPUT_TRUNCATIONS,
+                        help="with profile items, 'share' cuts an input longer than 60%% of "
+                             "the budget to that share (default: every prompt fits, items "
+                             "included); 'tokenizer' leaves it whole and the tokenizer cuts "
+                             "the finished prompt at --max_length, as the official code does")
+
+
+def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
+    """How BM25 orders profile items with equal scores (README, "Known deviations")."""
+    parser.add_argument("--tie_order", default="profile", choices=TIE_ORDERS,
+                        help="BM25 ties: 'profile' keeps profile order (default: the same "
+                             "ranking on every machine); 'argsort' is the published code's "
+                             "np.argsort(scores)[::-1] order, which depends on numpy's sort")
+
+
+# How an input longer than its share of the budget is cut (README, "Known deviations").
+INPUT_TRUNCATIONS = ("share", "tokenizer")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

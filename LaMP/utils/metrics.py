@@ -191,14 +191,35 @@ def bootstrap_rows(n_examples: int, n_samples: int, seed: int):
         yield rng.integers(0, n_examples, size=n_examples)
 
 
-def bootstrap_intervals(metric: Metric, prepared: Prepared, n_samples: int,
-                        seed: int = DEFAULT_BOOTSTRAP_SEED, confidence: float = 0.95
-                        ) -> dict[str, list[float]]:
-    """Percentile bootstrap confidence intervals for every metric: ``{name: [low, high]}``."""
+# The official evaluator's ROUGE (``evaluate``'s rouge with its bootstrap aggregator): the
+# median of this many bootstrap means of the per-example F-measures.
+OFFICIAL_ROUGE_SAMPLES = 1000
+
+
+def bootstrap_medians(metric: Metric, prepared: Prepared,
+                      n_samples: int = OFFICIAL_ROUGE_SAMPLES,
+                      seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict[str, float]:
+    """The median over ``n_samples`` seeded resamples of every metric: the official ROUGE
+    aggregation, repeatable here because the resamples are seeded."""
+    samples = _resampled(metric, prepared, n_samples, seed)
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def _resampled(metric: Metric, prepared: Prepared, n_samples: int, seed: int
+               ) -> dict[str, list[float]]:
+    """Every metric on each of ``n_samples`` seeded resamples: ``{name: [value, ...]}``."""
     samples = {name: [] for name in metric.names}
     for rows in bootstrap_rows(len(prepared), n_samples, seed):
         for name, value in metric.aggregate(prepared, rows).items():
             samples[name].append(value)
+    return samples
+
+
+def bootstrap_intervals(metric: Metric, prepared: Prepared, n_samples: int,
+                        seed: int = DEFAULT_BOOTSTRAP_SEED, confidence: float = 0.95
+                        ) -> dict[str, list[float]]:
+    """Percentile bootstrap confidence intervals for every metric: ``{name: [low, high]}``."""
+    samples = _resampled(metric, prepared, n_samples, seed)
     tail = (1.0 - confidence) / 2 * 100
     return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
             for name, values in samples.items()}

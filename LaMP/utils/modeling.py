@@ -173,13 +173,15 @@ class LampModel:
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
-    def prompt_builder(self, task, max_length: int):
+    def prompt_builder(self, task, max_length: int, input_truncation: str = "share"):
         """``prompt(input, items)`` for ``task``, counted in this model's tokens so that the
-        model input (special tokens and chat wrapping included) fits ``max_length``."""
+        model input (special tokens and chat wrapping included) fits ``max_length``
+        (``input_truncation="tokenizer"``: a long input is left for ``encode`` to cut)."""
         from LaMP.utils.prompts import make_prompt_fn
 
         return make_prompt_fn(task, self.tokenizer, max_length,
-                              reserved=self.prompt_overhead() + self.virtual_tokens)
+                              reserved=self.prompt_overhead() + self.virtual_tokens,
+                              input_truncation=input_truncation)
 
     def prompt_overhead(self) -> int:
         """Tokens the model input adds around a prompt (special tokens, chat wrapping)."""

@@ -11,6 +11,10 @@ templates themselves live in the task registry (``Task.prompt``). The builder fi
   an item does not use rolls over to the next item;
 - the finished prompt is re-counted and, where sub-word merges across piece boundaries made
   it longer than counted, the last item is shortened further, so it never exceeds the budget.
+
+``input_truncation="tokenizer"`` is the official behaviour instead: the input is never cut,
+the items still get only what its (at most 60%) share leaves, and the model's tokenizer cuts
+the finished prompt at ``max_length``, so a long input loses its end and what follows it.
 """
 from __future__ import annotations
 
@@ -75,7 +79,8 @@ class PromptBuilder:
     """
 
     def __init__(self, task: Task, counter: TokenCounter, max_length: int,
-                 reserved: int = 0, input_share: float = INPUT_SHARE):
+                 reserved: int = 0, input_share: float = INPUT_SHARE,
+                 input_truncation: str = "share"):
         if max_length - reserved < MIN_PROMPT_TOKENS:
             # A user's flag (--max_length too small for the model's chat wrapping): one line.
             raise LampError(f"--max_length {max_length} leaves no room for a prompt "
@@ -86,15 +91,22 @@ class PromptBuilder:
         self.counter = counter
         self.budget = max_length - reserved
         self.input_budget = int(self.budget * input_share)
+        self.cut_input = input_truncation == "share"
 
     def build(self, text: str, items: Sequence[Mapping[str, str]] = ()) -> str:
         original = text
-        # With no profile the input may use the whole budget; with one it keeps its share.
-        text = self.counter.truncate(original, self.input_budget if items else self.budget)
+        if self.cut_input:
+            # With no profile the input may use the whole budget; with one it keeps its share.
+            text = self.counter.truncate(original, self.input_budget if items else self.budget)
         if not items:
             return text
-        input_tokens = self.counter.count(text)
-        fixed = self.counter.count(self._glue(text, "")) - input_tokens  # suffix/insertion words
+        text_tokens = self.counter.count(text)
+        # Officially the items' room is what the input's share leaves, however long it is.
+        input_tokens = min(text_tokens, self.input_budget)
+        # What the whole input takes beyond its share: over budget on purpose, for the
+        # tokenizer to cut (0 when the input was cut to its share).
+        excess = text_tokens - input_tokens
+        fixed = self.counter.count(self._glue(text, "")) - text_tokens  # suffix/insertion words
         joiner_tokens = self.counter.count(self.template.joiner)
         # Best items first: when an item's template words alone overrun its share, the
         # lowest-ranked item is dropped and the shares are recomputed, rather than letting a
@@ -105,15 +117,16 @@ class PromptBuilder:
             if len(fitted) == n:
                 break
         else:
-            return self.counter.truncate(original, self.budget)  # no item fits: bare input
+            # No item fits: the bare input.
+            return self.counter.truncate(original, self.budget) if self.cut_input else original
         prompt = self._assemble(text, fitted)
         # Pieces were counted apart; counted together they can differ by a token or two.
-        overflow = self.counter.count(prompt) - self.budget
+        overflow = self.counter.count(prompt) - self.budget - excess
         while fitted and overflow > 0:
             item, length = fitted[-1]
             fitted[-1:] = [(item, length - overflow)] if length > overflow else []
             prompt = self._assemble(text, fitted)
-            overflow = self.counter.count(prompt) - self.budget
+            overflow = self.counter.count(prompt) - self.budget - excess
         return prompt
 
     def _fit_items(self, items: Sequence[Mapping[str, str]], available: int
@@ -160,7 +173,9 @@ class PromptBuilder:
         return f"{joined}{template.suffix}{text}"
 
 
-def make_prompt_fn(task: Task, tokenizer, max_length: int, reserved: int = 0
+def make_prompt_fn(task: Task, tokenizer, max_length: int, reserved: int = 0,
+                   input_truncation: str = "share"
                    ) -> Callable[[str, Sequence[Mapping[str, str]]], str]:
     """``prompt(input, items)`` for ``task`` in ``tokenizer``'s tokens."""
-    return PromptBuilder(task, TokenCounter(tokenizer), max_length, reserved).build
+    return PromptBuilder(task, TokenCounter(tokenizer), max_length, reserved,
+                         input_truncation=input_truncation).build

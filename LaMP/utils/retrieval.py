@@ -90,6 +90,18 @@ def ranked_ids(profile: Sequence[Mapping], scores: np.ndarray) -> list[str]:
     return [profile[index]["id"] for index in order.tolist()]
 
 
+# How equal scores are ordered: "profile" keeps profile order (ours, machine-independent);
+# "argsort" is the published code's rank_bm25 ``get_top_n`` order, ``np.argsort(scores)[::-1]``,
+# whose ties come out in whatever order numpy's default (unstable) sort leaves them.
+TIE_ORDERS = ("profile", "argsort")
+
+
+def argsort_ranked_ids(profile: Sequence[Mapping], scores: np.ndarray) -> list[str]:
+    """Profile ids in the published code's order: ``np.argsort(scores)[::-1]`` exactly."""
+    order = np.argsort(scores)[::-1]
+    return [profile[index]["id"] for index in order.tolist()]
+
+
 def ranked_ids_many(profiles: Sequence[Sequence[Mapping]], scores: Sequence[np.ndarray]
                     ) -> list[list[str]]:
     """``ranked_ids`` of several profiles with one sort: by question, descending score, then
@@ -113,8 +125,11 @@ class BM25Ranker(Ranker):
     name = "bm25"
 
     def __init__(self, task: Task, use_date: bool = False, chunk_tokens: int = 50_000,
-                 chunk_questions: int = 32):
+                 chunk_questions: int = 32, tie_order: str = "profile"):
         super().__init__(task, use_date)
+        if tie_order not in TIE_ORDERS:
+            raise LampError(f"unknown tie order {tie_order!r}; valid: {', '.join(TIE_ORDERS)}")
+        self.tie_order = tie_order
         # A chunk shares numpy calls among its questions; bounded so that memory stays that
         # of a few questions' tokens. Measured on LaMP-7-sized profiles, chunks beyond a few
         # dozen questions gain nothing (their sorts outgrow the CPU caches).
@@ -141,7 +156,12 @@ class BM25Ranker(Ranker):
         scores = bm25_scores_ids([entry[1] for entry in chunk], [entry[2] for entry in chunk])
         self.terms.trim()  # only between chunks: ids are compared within a chunk
         questions = [entry[0] for entry in chunk]
-        yield from zip(questions, ranked_ids_many([q["profile"] for q in questions], scores))
+        profiles = [question["profile"] for question in questions]
+        if self.tie_order == "argsort":
+            rankings = list(map(argsort_ranked_ids, profiles, scores))
+        else:
+            rankings = ranked_ids_many(profiles, scores)
+        yield from zip(questions, rankings)
 
 
 _DATE_RE = re.compile(r"(\d{4})(?:-(\d{1,2})(?:-(\d{1,2}))?)?(?:[T ].*)?")
@@ -215,17 +235,17 @@ def build_ranker(name: str, task: Task, *, use_date: bool = False,
                  model_name: str = DEFAULT_DENSE_MODEL, device: str | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None,
-                 allow_download: bool = False) -> Ranker:
+                 allow_download: bool = False, tie_order: str = "profile") -> Ranker:
     """The ranker called ``name`` (one of ``RANKERS``) for ``task``.
 
     ``model_name``, ``device``, ``batch_size``, ``cache_dir`` (a Hugging Face cache folder)
     and ``allow_download`` concern the dense ranker only; its model loads here, once.
     ``allow_download`` lets a hub model name missing from the local cache be downloaded; pass
     it only when the user named the model explicitly (the project runs offline otherwise).
-    ``seed`` concerns the random ranker.
+    ``seed`` concerns the random ranker; ``tie_order`` (one of ``TIE_ORDERS``) the BM25 one.
     """
     if name == "bm25":
-        return BM25Ranker(task, use_date)
+        return BM25Ranker(task, use_date, tie_order=tie_order)
     if name == "recency":
         return RecencyRanker(task, use_date)
     if name == "random":

@@ -5,8 +5,13 @@ from typing import Mapping
 
 from LaMP.utils.cli import format_table, seed_arg
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.metrics import (DEFAULT_BOOTSTRAP_SEED, InvalidGold, Metric, Prepared,
-                                bootstrap_intervals, metric_for)
+from LaMP.utils.metrics import (DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES, InvalidGold,
+                                Metric, Prepared, RougeMetric, bootstrap_intervals,
+                                bootstrap_medians, metric_for)
+
+# How ROUGE is summarised over examples: "mean" (ours: exact), "bootstrap_median" (the official
+# evaluator's median of 1,000 bootstrap means, seeded here). Other metrics are plain in both.
+ROUGE_AGGREGATIONS = ("mean", "bootstrap_median")
 from LaMP.utils.outputs import OutputsFile
 from LaMP.utils.tasks import Task
 
@@ -40,11 +45,19 @@ def prepare(metric: Metric, ids: list[str], golds: list[str], preds: list[str],
 
 
 def score_outputs(task: Task, ids: list[str], golds: list[str], preds: list[str], source: str,
-                  bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
-    """Metrics under the official keys, with counts; ``bootstrap`` > 0 adds ``ci95``."""
+                  bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED,
+                  rouge_aggregation: str = "mean") -> dict:
+    """Metrics under the official keys, with counts; ``bootstrap`` > 0 adds ``ci95``;
+    ``rouge_aggregation`` (one of ``ROUGE_AGGREGATIONS``) says how ROUGE is summarised."""
     metric = metric_for(task)
     prepared = prepare(metric, ids, golds, preds, source)
-    result: dict = {**metric.aggregate(prepared), "count": len(ids), **prepared.counts}
+    official = rouge_aggregation == "bootstrap_median" and isinstance(metric, RougeMetric)
+    values = (bootstrap_medians(metric, prepared, OFFICIAL_ROUGE_SAMPLES, seed) if official
+              else metric.aggregate(prepared))
+    result: dict = {**values, "count": len(ids), **prepared.counts}
+    if official:  # recorded only when used, so a default run's results stay as they were
+        result["aggregation"] = {"rouge": rouge_aggregation,
+                                 "samples": OFFICIAL_ROUGE_SAMPLES, "seed": seed}
     if bootstrap > 0:
         result["ci95"] = bootstrap_intervals(metric, prepared, bootstrap, seed)
         result["bootstrap"] = {"samples": bootstrap, "seed": seed}
@@ -52,10 +65,12 @@ def score_outputs(task: Task, ids: list[str], golds: list[str], preds: list[str]
 
 
 def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None,
-                bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
+                bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED,
+                rouge_aggregation: str = "mean") -> dict:
     """Metrics of ``preds`` against ``golds`` (see ``score_outputs``)."""
     task, ids, gold_texts, pred_texts = paired_outputs(golds, preds, task)
-    return score_outputs(task, ids, gold_texts, pred_texts, golds.source, bootstrap, seed)
+    return score_outputs(task, ids, gold_texts, pred_texts, golds.source, bootstrap, seed,
+                         rouge_aggregation)
 
 
 def add_bootstrap_arguments(parser) -> None:
@@ -64,6 +79,15 @@ def add_bootstrap_arguments(parser) -> None:
                         help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
     parser.add_argument("--seed", type=seed_arg, default=DEFAULT_BOOTSTRAP_SEED,
                         help="seed of the bootstrap resampling (fixed so intervals repeat)")
+
+
+def add_rouge_aggregation_argument(parser) -> None:
+    """``--rouge_aggregation``: ours (the plain mean) or the official bootstrap median."""
+    parser.add_argument("--rouge_aggregation", default="mean", choices=ROUGE_AGGREGATIONS,
+                        help="ROUGE over examples: 'mean' (default: exact and repeatable) or "
+                             "'bootstrap_median', the official evaluator's median of "
+                             f"{OFFICIAL_ROUGE_SAMPLES:,} bootstrap means, seeded by --seed; "
+                             "other metrics are the same either way")
 
 
 # The most bootstrap resamples a run may ask for: 100,000 already resolves a p-value to 1e-5;
@@ -83,7 +107,7 @@ def format_results_table(results: Mapping[str, Mapping]) -> str:
     rows = []
     for task_name, result in results.items():
         metric_names = [key for key in result
-                        if key not in ("count", "invalid", "ci95", "bootstrap")]
+                        if key not in ("count", "invalid", "ci95", "bootstrap", "aggregation")]
         for name in metric_names:
             interval = result.get("ci95", {}).get(name)
             rows.append((task_name, name, f"{result[name]:.4f}",

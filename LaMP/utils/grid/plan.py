@@ -263,7 +263,7 @@ class Planner:
         score = self.add("score", [
             "--golds_json", golds, "--preds_json", run.output("predictions.json"),
             "--task_name", task.file_name, "--output_file", Out("results.json"),
-            *flag_argv(grid.flags["score"])])
+            *flag_argv(_merged(grid.flags["score"], method.score_flags))])
         cell.runs = _dependencies(score)
         return cell
 

@@ -42,6 +42,9 @@ class Method:
     name: str
     stage: str  # "evaluate" or "train"
     flags: dict
+    # Flags of this method's score stage (eval_task.py), over flags.score: a scoring variant
+    # (the official ROUGE aggregation) is a column of its own that shares the predictions.
+    score_flags: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,13 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
     for method, spec in _mapping(source, "methods", top["methods"]).items():
         key = f"methods.{method}"
         _name(source, "methods", method)
-        spec = {} if spec is None else _mapping(source, key, spec, ("stage", "flags"))
+        spec = {} if spec is None else _mapping(source, key, spec,
+                                                ("stage", "flags", "score_flags"))
         stage = spec.get("stage", "evaluate")
         if stage not in METHOD_STAGES:
             _fail(source, f"{key}.stage", f"{stage!r} is not one of {', '.join(METHOD_STAGES)}")
-        methods[method] = Method(method, stage, _flags(source, f"{key}.flags", spec.get("flags")))
+        methods[method] = Method(method, stage, _flags(source, f"{key}.flags", spec.get("flags")),
+                                 _flags(source, f"{key}.score_flags", spec.get("score_flags")))
 
     raw_retrievers = top.get("retrievers", [NO_RETRIEVER])
     if isinstance(raw_retrievers, (list, str)):
