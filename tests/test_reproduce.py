@@ -347,3 +347,19 @@ def test_make_subset_keeps_file_order_without_a_seed_and_refuses_a_short_file(tm
     with pytest.raises(LampError, match=r"24 questions, fewer than --skip 20 \+ --count 5$"):
         make_subset.main([*common, "--skip", "20", "--count", "5"])
     assert not (tmp_path / "q.json").exists() and not (tmp_path / "o.json").exists()
+
+
+def test_make_subset_refuses_a_pipe_it_would_read_twice(tmp_path):
+    """The questions are counted, then read again: a pipe (empty the second time) is one
+    error line before anything is written, not a traceback on a missing question."""
+    from LaMP.utils import make_subset
+    from LaMP.utils.errors import LampError
+
+    fifo = tmp_path / "questions.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(LampError, match="is a pipe"):
+        make_subset.main(["--questions_addr", str(fifo),
+                          "--outputs_addr", str(SAMPLE / "LaMP_7" / "dev_outputs.json"),
+                          "--output_questions_addr", str(tmp_path / "q.json"),
+                          "--output_outputs_addr", str(tmp_path / "o.json"), "--count", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["questions.fifo"]

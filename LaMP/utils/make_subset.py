@@ -28,7 +28,7 @@ from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import (args_path_for, atomic_write_json, check_outputs, check_readable,
-                               save_run_args)
+                               require_regular_file, save_run_args)
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.retrieval import count_questions
 
@@ -61,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    questions_path = check_readable(args.questions_addr, "--questions_addr")
+    # Counted first, then read again for the slice: a pipe would be empty the second time.
+    questions_path = require_regular_file(
+        check_readable(args.questions_addr, "--questions_addr"), "--questions_addr",
+        "its questions are counted before the slice is read")
     check_readable(args.outputs_addr, "--outputs_addr")
     check_outputs(files={"--output_questions_addr": args.output_questions_addr,
                          "--output_outputs_addr": args.output_outputs_addr,
