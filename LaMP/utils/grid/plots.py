@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from LaMP.utils.fileio import open_output
 from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
 from LaMP.utils.grid.tables import Table
 
@@ -78,7 +79,7 @@ def plot_metric_vs_k(grid: Grid, cells: list, results: dict, path: Path) -> Path
     figure.suptitle(f"{grid.name}: {', '.join(sorted({t.selection_metric for t in grid.tasks}))}"
                     " against k")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    _save(figure, path)
     plt.close(figure)
     return path
 
@@ -105,6 +106,13 @@ def plot_methods(grid: Grid, table: Table, path: Path) -> Path | None:
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle(f"{grid.name}: each task's metric by column (best in orange)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    _save(figure, path)
     plt.close(figure)
     return path
+
+
+def _save(figure, path: Path) -> None:
+    """A PNG through the output policy like every other file: a kill mid-save leaves no
+    half-written picture, and the file gets the umask's mode."""
+    with open_output(path, binary=True) as handle:
+        figure.savefig(handle, format="png", dpi=110)
