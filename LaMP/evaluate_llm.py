@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
         options = replace(profile_options(args), device=str(device))
         examples = build_examples(args.validation_data, task,
                                   lamp_model.prompt_builder(task, args.max_length,
-                                                            args.input_truncation), options,
+                                                            args.input_truncation,
+                                                            args.prompt_budget), options,
                                   limit=args.limit)
         started = time.perf_counter()
         predictions = predict_in_slices(lamp_model, task, examples, launch,

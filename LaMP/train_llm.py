@@ -342,7 +342,8 @@ def main(argv=None) -> dict:
         remove_outputs(output_dir, ["checkpoints"] + ([] if args.test_data
                                                       else ["test_predictions.json"]))
     lamp_model = load_for_training(args)
-    prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation)
+    prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
+                                          args.prompt_budget)
     options = profile_options(args)
     train_examples = build_examples(args.train_data, task, prompt_fn, options, require_output=True)
     eval_examples = build_examples(args.validation_data, task, prompt_fn, options,

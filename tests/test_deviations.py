@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_unigram_tokenizer
+from conftest import REPO, TOKENIZER_CORPUS, make_unigram_tokenizer
 from LaMP import rank_profiles
 from LaMP.utils import parallel_rank
 from LaMP.utils.grid.plan import Planner, expand_cells
@@ -18,6 +18,7 @@ from LaMP.utils.prompts import TokenCounter, make_prompt_fn
 from LaMP.utils.tasks import get_task
 
 TWEET = "Paraphrase the following tweet without any explanation before or after it: {}"
+TOKENIZER_LINE = TOKENIZER_CORPUS[-1]
 
 
 # -- BM25 ties --------------------------------------------------------------------------
@@ -183,12 +184,109 @@ def test_tokenizer_truncation_leaves_a_bare_input_whole():
     assert whole == LONG and LONG.startswith(share) and counter.count(share) <= 160
 
 
+# -- prompt budget ----------------------------------------------------------------------
+def word_tokenizer(*texts: str):
+    """One token per whitespace-separated word and ``</s>`` after every text, as T5 adds it:
+    every official count below can be worked out by hand."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({word for text in texts for word in text.split()})
+    vocab = {word: i for i, word in enumerate(["<pad>", "</s>", "<unk>", *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                        special_tokens=[("</s>", 1)])
+    core.decoder = decoders.WordPiece(cleanup=False)  # words joined by one space
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def words(stem: str, count: int) -> str:
+    return " ".join(f"{stem}{i}" for i in range(count))
+
+
+SUFFIX_7 = " are written by a person. Following the given patterns "
+FIXED_7 = "are written by user. Following the given patterns"
+
+
+def official(task_name: str, text: str, items, max_length: int, *extra: str, **options) -> str:
+    strings = [text, *(str(value) for item in items for value in item.values()), SUFFIX_7,
+               FIXED_7, '"" ', ' Following the given patterns " " is a title for', *extra]
+    tokenizer = word_tokenizer(*strings)
+    # reserved=1: the model adds </s> (T5), so the official budget is max_length itself.
+    return make_prompt_fn(get_task(task_name), tokenizer, max_length, reserved=1,
+                          prompt_budget="official", **options)(text, items)
+
+
+def test_official_budget_sizes_tweets_by_the_fixed_constants():
+    # Input 13 words + </s> = 14 tokens, under int(0.6 * 40) = 24: the items' room is 26.
+    # "are written by user. Following ..." counts 9, each ", and " 2, 1 reserved: each of
+    # 2 items gets (26 - 1 - 2 - 9) // 2 = 7, of which '"" ' costs 2. The first tweet keeps
+    # its 2 words (3 ids with </s>) and passes on 7 - 3 - 2 = 2; the second keeps 7 + 2 - 2
+    # = 7 ids: 6 words.
+    text = TWEET.format("hello there")
+    items = [{"id": "1", "text": words("x", 2)}, {"id": "2", "text": words("y", 10)}]
+    expected = f'"x0 x1" , and "{words("y", 6)}" {SUFFIX_7}{text}'
+    assert official("LaMP-7", text, items, 40) == expected
+    # Our exact count gives the same two items a different cut (no constants, no </s>).
+    tokenizer = word_tokenizer(text, *(item["text"] for item in items), SUFFIX_7, '"" ')
+    exact = make_prompt_fn(get_task("LaMP-7"), tokenizer, 40, reserved=1)(text, items)
+    assert exact != expected and exact.endswith(SUFFIX_7 + text)
+    assert TokenCounter(tokenizer).count(exact) <= 39
+
+
+def test_official_budget_uses_each_tasks_constants():
+    # LaMP-5: the input (10 + 5 words) counts 16, room 40 - 16 = 24; "Following the given
+    # patterns" counts 5 and 1 is reserved: the one item gets 18, of which '"T" is a title
+    # " " ' (6 words, no "for", + </s>) costs 7: 11 ids, 10 words of the abstract.
+    text = "Generate a title for the following abstract of a paper: " + words("w", 5)
+    items = [{"id": "1", "title": "T", "abstract": words("a", 20)}]
+    assert official("LaMP-5", text, items, 40, '"T"') == \
+        f'"T" is a title for "{words("a", 10)}" . Following the given patterns {text}'
+    # LaMP-1: 28 words + </s> = 29, room 60 - 29 = 31, nothing reserved, an item costs 2:
+    # each of 2 titles gets (31 - 2) // 2 = 14, so 12 ids: 11 words; the 3-word title keeps
+    # all and the insertion goes after the first "title" of the input.
+    text = ('For an author who has written the paper with the title "X", which reference is '
+            'related? Just answer with [1] or [2] without explanation. [1]: "Y" [2]: "Z"')
+    items = [{"id": "1", "title": words("t", 20), "abstract": ""},
+             {"id": "2", "title": words("s", 3), "abstract": ""}]
+    joined = f'"{words("t", 11)}", and "{words("s", 3)}"'
+    assert official("LaMP-1", text, items, 60) == text.replace("title", f"title, and {joined}", 1)
+
+
+def test_official_budget_lowers_the_input_share_where_the_tokenizer_refuses():
+    # Input 30 words + </s> = 31. Share 0.6 of 36 is 21: room 15, each of 2 items
+    # (15 - 12) // 2 = 1, less 2 for '"" ' is -1, which the tokenizer refuses; at 0.5 the
+    # room is 18, each item 3, and 1 id (</s> alone) is left for each tweet.
+    text = TWEET.format(words("z", 17))
+    items = [{"id": "1", "text": words("x", 5)}, {"id": "2", "text": words("y", 5)}]
+    assert official("LaMP-7", text, items, 36, input_truncation="tokenizer") == \
+        f'"" , and "" {SUFFIX_7}{text}'
+    # Where even no share leaves room, the official code gives the bare input.
+    assert official("LaMP-7", text, items, 12, input_truncation="tokenizer") == text
+
+
+def test_official_budget_is_off_by_default_and_changes_only_the_items():
+    tokenizer = make_unigram_tokenizer()
+    task = get_task("LaMP-7")
+    text = TWEET.format("the weather is nice today")
+    items = [{"id": "1", "text": TOKENIZER_LINE * 3}, {"id": "2", "text": TOKENIZER_LINE}]
+    default = make_prompt_fn(task, tokenizer, 128)(text, items)
+    assert make_prompt_fn(task, tokenizer, 128, prompt_budget="exact")(text, items) == default
+    official_prompt = make_prompt_fn(task, tokenizer, 128, prompt_budget="official")(text, items)
+    assert official_prompt != default
+    assert official_prompt.endswith(SUFFIX_7 + text) and default.endswith(SUFFIX_7 + text)
+    # Without items both are the input.
+    assert make_prompt_fn(task, tokenizer, 128, prompt_budget="official")(text, []) == text
+
+
 # -- the grid ---------------------------------------------------------------------------
 def test_deviations_grid_sets_each_official_switch_against_our_side(tmp_path):
     grid = load_grid(REPO / "LaMP" / "configs" / "deviations_lamp7.yaml")
     planner = Planner(grid, tmp_path)
     cells = {cell.name: planner.plan(cell) for cell in expand_cells(grid)}
-    assert len(cells) == 8
+    assert len(cells) == 10
 
     def argv(cell_name: str, stage: str) -> list:
         run = next(run for run in cells[cell_name].runs if run.stage.name == stage)
@@ -201,6 +299,8 @@ def test_deviations_grid_sets_each_official_switch_against_our_side(tmp_path):
             ["--tie_order", "argsort"]
         assert argv(f"LaMP_7.user.smollm2.official_truncation.bm25.k{k}", "evaluate")[-2:] == \
             ["--input_truncation", "tokenizer"]
+        assert argv(f"LaMP_7.user.smollm2.official_budget.bm25.k{k}", "evaluate")[-2:] == \
+            ["--prompt_budget", "official"]
         rouge = cells[f"LaMP_7.user.smollm2.official_rouge.bm25.k{k}"]
         assert argv(rouge.name, "score")[-2:] == ["--rouge_aggregation", "bootstrap_median"]
         # The official ROUGE scores our predictions: the evaluate stage is the same run.
@@ -218,7 +318,10 @@ def test_score_flags_of_a_method_are_validated(tmp_path):
         parse_grid(document, "g", "g")
 
 
-def test_evaluate_llm_runs_with_tokenizer_truncation_and_records_it(tiny_llama, tmp_path):
+@pytest.mark.parametrize("flag,value", [("input_truncation", "tokenizer"),
+                                        ("prompt_budget", "official")])
+def test_evaluate_llm_runs_with_an_official_switch_and_records_it(tiny_llama, tmp_path, flag,
+                                                                 value):
     from LaMP import evaluate_llm
 
     profile = [{"id": f"p{i}", "text": f"tweet number {i} about the weather"} for i in range(3)]
@@ -230,7 +333,7 @@ def test_evaluate_llm_runs_with_tokenizer_truncation_and_records_it(tiny_llama, 
         "--validation_data", str(data), "--model_addr", str(tiny_llama), "--task", "LaMP-7",
         "--output_dir", str(tmp_path / "out"), "--use_profile", "--is_ranked",
         "--num_retrieved", "2", "--max_length", "40", "--generation_max_length", "2",
-        "--device", "cpu", "--input_truncation", "tokenizer"])
+        "--device", "cpu", f"--{flag}", value])
     assert len(returned["predictions"]) == 1 and data.read_bytes() == before
     saved = json.loads((tmp_path / "out" / "args.json").read_text(encoding="utf-8"))
-    assert saved["input_truncation"] == "tokenizer"
+    assert saved[flag] == value

@@ -31,6 +31,11 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
                              "the budget to that share (default: every prompt fits, items "
                              "included); 'tokenizer' leaves it whole and the tokenizer cuts "
                              "the finished prompt at --max_length, as the official code does")
+    parser.add_argument("--prompt_budget", default="exact", choices=PROMPT_BUDGETS,
+                        help="how profile items share the budget: 'exact' counts every piece "
+                             "in the model's tokens (default: the prompt fits --max_length); "
+                             "'official' sizes them by the official code's fixed constants "
+                             "(README, \"Known deviations\"), the tokenizer cutting any excess")
 
 
 def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +48,8 @@ def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
 
 # How an input longer than its share of the budget is cut (README, "Known deviations").
 INPUT_TRUNCATIONS = ("share", "tokenizer")
+# How the profile items' share of the budget is counted (README, "Known deviations").
+PROMPT_BUDGETS = ("exact", "official")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

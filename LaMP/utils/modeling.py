@@ -173,15 +173,18 @@ class LampModel:
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
-    def prompt_builder(self, task, max_length: int, input_truncation: str = "share"):
+    def prompt_builder(self, task, max_length: int, input_truncation: str = "share",
+                       prompt_budget: str = "exact"):
         """``prompt(input, items)`` for ``task``, counted in this model's tokens so that the
         model input (special tokens and chat wrapping included) fits ``max_length``
-        (``input_truncation="tokenizer"``: a long input is left for ``encode`` to cut)."""
+        (``input_truncation="tokenizer"``: a long input is left for ``encode`` to cut;
+        ``prompt_budget="official"``: the items sized by the official code's constants)."""
         from LaMP.utils.prompts import make_prompt_fn
 
         return make_prompt_fn(task, self.tokenizer, max_length,
                               reserved=self.prompt_overhead() + self.virtual_tokens,
-                              input_truncation=input_truncation)
+                              input_truncation=input_truncation,
+                              prompt_budget=prompt_budget)
 
     def prompt_overhead(self) -> int:
         """Tokens the model input adds around a prompt (special tokens, chat wrapping)."""

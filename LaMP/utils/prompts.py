@@ -15,6 +15,17 @@ templates themselves live in the task registry (``Task.prompt``). The builder fi
 ``input_truncation="tokenizer"`` is the official behaviour instead: the input is never cut,
 the items still get only what its (at most 60%) share leaves, and the model's tokenizer cuts
 the finished prompt at ``max_length``, so a long input loses its end and what follows it.
+
+``prompt_budget="official"`` sizes the items as the official prompt code does (README, "Known
+deviations"): every count includes the tokenizer's special tokens; the items' room is the
+budget less ``min(input tokens, int(0.6 * budget))``; each of ``n`` items gets
+``(room - reserve - 2 * (n - 1) - fixed) // n`` tokens, where ``reserve``, ``fixed`` and
+what an item costs besides its long field are the task's fixed constants
+(``PromptTemplate.official_*``); the field is cut by the tokenizer's own truncation and
+decoded back; an item's unused tokens (or its overrun) roll over to the next; where a
+field's allowance is one the tokenizer refuses, the input's share drops by 0.1 and the
+items are sized again, down to no share (then the bare input). The finished prompt is not
+re-counted: what does not fit is cut by the tokenizer at ``max_length``.
 """
 from __future__ import annotations
 
@@ -24,6 +35,7 @@ from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import PromptTemplate, Task
 
 INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (issue 5)
+OFFICIAL_JOINER_TOKENS = 2  # the official code's fixed count for each ", and " between items
 MIN_PROMPT_TOKENS = 8  # a budget below this holds no useful prompt: refused as a flag mistake
 
 
@@ -38,6 +50,18 @@ class TokenCounter:
 
     def count(self, text: str) -> int:
         return len(self.ids(text)) if text else 0
+
+    def count_with_specials(self, text: str) -> int:
+        """Tokens of ``text`` as the model input counts them: special tokens included."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def truncated_ids(self, text: str, max_length: int) -> list[int] | None:
+        """``text``'s ids cut by the tokenizer's own truncation, special tokens included
+        (None where the tokenizer refuses ``max_length``, e.g. a negative one)."""
+        try:
+            return list(self.tokenizer(text, max_length=max_length, truncation=True)["input_ids"])
+        except (OverflowError, ValueError):
+            return None
 
     def truncate(self, text: str, max_tokens: int) -> str:
         """The start of ``text`` that fits ``max_tokens`` tokens (unchanged when it fits).
@@ -80,7 +104,7 @@ class PromptBuilder:
 
     def __init__(self, task: Task, counter: TokenCounter, max_length: int,
                  reserved: int = 0, input_share: float = INPUT_SHARE,
-                 input_truncation: str = "share"):
+                 input_truncation: str = "share", prompt_budget: str = "exact"):
         if max_length - reserved < MIN_PROMPT_TOKENS:
             # A user's flag (--max_length too small for the model's chat wrapping): one line.
             raise LampError(f"--max_length {max_length} leaves no room for a prompt "
@@ -90,8 +114,14 @@ class PromptBuilder:
         self.template: PromptTemplate = task.prompt
         self.counter = counter
         self.budget = max_length - reserved
+        self.input_share = input_share
         self.input_budget = int(self.budget * input_share)
         self.cut_input = input_truncation == "share"
+        self.official = prompt_budget == "official"
+        # The official counts include the special tokens the tokenizer adds, so they are
+        # part of the budget they are counted against; what the model adds beyond them (a
+        # chat template, virtual tokens) stays reserved, as the official code had none.
+        self.official_budget = self.budget + counter.count_with_specials("")
 
     def build(self, text: str, items: Sequence[Mapping[str, str]] = ()) -> str:
         original = text
@@ -100,6 +130,8 @@ class PromptBuilder:
             text = self.counter.truncate(original, self.input_budget if items else self.budget)
         if not items:
             return text
+        if self.official:
+            return self._build_official(text, items)
         text_tokens = self.counter.count(text)
         # Officially the items' room is what the input's share leaves, however long it is.
         input_tokens = min(text_tokens, self.input_budget)
@@ -128,6 +160,45 @@ class PromptBuilder:
             prompt = self._assemble(text, fitted)
             overflow = self.counter.count(prompt) - self.budget - excess
         return prompt
+
+    def _build_official(self, text: str, items: Sequence[Mapping[str, str]]) -> str:
+        template, counter = self.template, self.counter
+        budget, count = self.official_budget, counter.count_with_specials
+        input_tokens = count(text)
+        fixed = count(template.official_fixed) if template.official_fixed else 0
+        n = len(items)
+        factor = self.input_share
+        while factor >= 0:  # 0.6, 0.5, ... in the same float steps as the official code
+            room = budget - min(input_tokens, int(factor * budget))
+            share = (room - template.official_reserve
+                     - OFFICIAL_JOINER_TOKENS * (n - 1) - fixed) // n
+            fields = self._official_fields(items, share)
+            if fields is not None:
+                pieces = [self._render(item, field) for item, field in zip(items, fields)]
+                return self._glue(text, template.joiner.join(pieces))
+            factor -= 0.1
+        return text
+
+    def _official_fields(self, items: Sequence[Mapping[str, str]], share: int
+                         ) -> list[str] | None:
+        """Each item's long field cut as the official code cuts it, or None where the
+        tokenizer refuses an allowance (a negative one, for most tokenizers)."""
+        overhead = self.template.official_overhead
+        saved, fields = 0, []
+        for item in items:
+            if isinstance(overhead, int):
+                needed = overhead
+            else:
+                pattern = self._render(item, " ") if overhead is None else overhead.format_map(
+                    {key: str(value) for key, value in item.items()})
+                needed = self.counter.count_with_specials(pattern)
+            ids = self.counter.truncated_ids(str(item[self.template.truncate_field]),
+                                             share + saved - needed)
+            if ids is None:
+                return None
+            saved += share - len(ids) - needed
+            fields.append(self.counter.tokenizer.decode(ids, skip_special_tokens=True))
+        return fields
 
     def _fit_items(self, items: Sequence[Mapping[str, str]], available: int
                    ) -> list[tuple[Mapping[str, str], int]]:
@@ -174,8 +245,8 @@ class PromptBuilder:
 
 
 def make_prompt_fn(task: Task, tokenizer, max_length: int, reserved: int = 0,
-                   input_truncation: str = "share"
+                   input_truncation: str = "share", prompt_budget: str = "exact"
                    ) -> Callable[[str, Sequence[Mapping[str, str]]], str]:
     """``prompt(input, items)`` for ``task`` in ``tokenizer``'s tokens."""
     return PromptBuilder(task, TokenCounter(tokenizer), max_length, reserved,
-                         input_truncation=input_truncation).build
+                         input_truncation=input_truncation, prompt_budget=prompt_budget).build

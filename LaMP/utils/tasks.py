@@ -33,6 +33,14 @@ class PromptTemplate:
     joiner: str = ", and "
     suffix: str = ". "
     insert_after: str | None = None
+    # The official prompt code's fixed constants, used by --prompt_budget official (README,
+    # "Known deviations"): the tokens it keeps back from the items' room, the words it
+    # counts for the text that follows the items, and what it counts for an item besides
+    # its long field: a number, or a pattern over the item's fields (None: ``item`` with the
+    # long field a single space). Its counts include the tokenizer's special tokens.
+    official_reserve: int = 1
+    official_fixed: str | None = None
+    official_overhead: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,8 @@ _TASKS = (
         selection_metric="accuracy", greater_is_better=True,
         profile_fields=("title", "abstract"), query_marker=None, query_fn=_citation_query,
         corpus_fields=("title", "abstract"),
-        prompt=PromptTemplate(item='"{title}"', truncate_field="title", insert_after="title"),
+        prompt=PromptTemplate(item='"{title}"', truncate_field="title", insert_after="title",
+                              official_reserve=0, official_overhead=2),
         input_prefix="For an author who has written the paper with the title",
     ),
     Task(
@@ -183,7 +192,10 @@ _TASKS = (
         corpus_fields=("title", "abstract"),
         prompt=PromptTemplate(item='"{title}" is a title for "{abstract}" ',
                               truncate_field="abstract",
-                              suffix=". Following the given patterns "),
+                              suffix=". Following the given patterns ",
+                              # Counted without the "for" the item has (as published).
+                              official_fixed="Following the given patterns",
+                              official_overhead='"{title}" is a title " " '),
         input_prefix="Generate a title for the following abstract of a paper:",
     ),
     Task(
@@ -200,7 +212,10 @@ _TASKS = (
         selection_metric="rouge-1", greater_is_better=True,
         profile_fields=("text",), query_marker=":", corpus_fields=("text",),
         prompt=PromptTemplate(item='"{text}" ', truncate_field="text",
-                              suffix=" are written by a person. Following the given patterns "),
+                              suffix=" are written by a person. Following the given patterns ",
+                              # Counted as "by user", not "by a person" (as published).
+                              official_fixed="are written by user. Following the given patterns",
+                              official_overhead='"" '),
         input_prefix="Paraphrase the following tweet without any explanation before or after it:",
     ),
 )
