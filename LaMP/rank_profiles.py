@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import logging
 import sys
+from contextlib import ExitStack
 from itertools import chain, islice
 from pathlib import Path
 
@@ -175,9 +176,15 @@ def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Pa
                               *((shard.start, shard.stop) if shard is not None else ()))
     seen: set[str] = set()
     total = len(shard) if shard is not None else None
-    with JsonObjectWriter(output_path) as writer, \
-            tqdm(total=total, unit="question", desc="ranking") as progress:
+    with JsonObjectWriter(output_path) as writer, ExitStack() as stack:
+        progress = None
         for batch in batches:
+            if progress is None:
+                # The bar only once the pool is up: its monitor thread would make the pool
+                # start from a fork server (a fresh interpreter, ~0.2 s), since forking a
+                # process with a second thread is not safe.
+                progress = stack.enter_context(tqdm(total=total, unit="question",
+                                                    desc="ranking"))
             for question_id, encoded_ranking in batch:
                 if question_id in seen:
                     raise FastPathFailed("a question id occurs twice")

@@ -341,3 +341,33 @@ def test_a_limit_broken_inside_a_worker_run_is_reported_as_with_one_worker(tmp_p
         messages.append(str(error.value))
     assert messages[0] == messages[1] and "the limit is 100 digits" in messages[0]
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
+def test_a_command_line_run_forks_its_workers_rather_than_start_a_fork_server(tmp_path):
+    # The progress bar's monitor thread, were the bar opened before the pool, would make the
+    # pool start from a fork server: a fresh interpreter importing numpy, every run.
+    source = write_questions(tmp_path / "q.json", tricky_questions(12))
+    script = (
+        "import sys\n"
+        "from LaMP import rank_profiles\n"
+        "from LaMP.utils import parallel_rank\n"
+        "parallel_rank.CHUNK_BYTES = 1\n"
+        "chosen = []\n"
+        "original = parallel_rank._pool_context\n"
+        "def recording():\n"
+        "    context = original()\n"
+        "    chosen.append(context.get_start_method())\n"
+        "    return context\n"
+        "parallel_rank._pool_context = recording\n"
+        "rank_profiles.main(sys.argv[1:])\n"
+        "print(chosen)\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--input_data_addr", str(source),
+         "--output_ranking_addr", str(tmp_path / "r.json"), "--task", "LaMP-7",
+         "--ranker", "bm25", "--num_workers", "2"], capture_output=True, text=True, env={**os.environ,
+                                                                    "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['fork']"]
+    assert (tmp_path / "r.json").read_bytes() == run_rank(
+        source, tmp_path / "one.json", "LaMP-7", "--ranker", "bm25", "--num_workers", "1")
