@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
     from transformers import set_seed
 
     from LaMP.utils.distributed import end_process_group, init_process_group, launch_from_env
-    from LaMP.utils.modeling import load_model, resolve_device
+    from LaMP.utils.devices import resolve_device
+    from LaMP.utils.modeling import load_model
     from LaMP.utils.predict import predict_in_slices, write_predictions
 
     # Under torchrun / accelerate launch every process gets here having checked the same

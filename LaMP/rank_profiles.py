@@ -35,10 +35,11 @@ from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
                                require_regular_file, save_run_args)
-from LaMP.utils.parallel_rank import (FastPathFailed, available_cores, rank_in_workers,
-                                      worth_workers)
-from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, RANKERS, Ranker,
-                                  build_ranker, count_questions, shard_range)
+from LaMP.utils.retrieval import RANKERS, build_ranker
+from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranker
+from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores,
+                                           rank_in_workers, worth_workers)
+from LaMP.utils.retrieval.rankings import count_questions, shard_range
 from LaMP.utils.tasks import task_arg
 
 logger = logging.getLogger(__name__)

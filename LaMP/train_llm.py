@@ -173,7 +173,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise LampError(f"--device {args.device}: training takes cpu or cuda (the launcher "
                         "gives each process its GPU; choose GPUs with CUDA_VISIBLE_DEVICES)")
     if args.device == "cuda":
-        from LaMP.utils.modeling import resolve_device
+        from LaMP.utils.devices import resolve_device
 
         resolve_device("cuda")
     check_model_folder(args.model_name, "--model_name")

@@ -39,7 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from LaMP import rank_profiles
-from LaMP.utils.parallel_rank import available_cores
+from LaMP.utils.retrieval.parallel import available_cores
 from LaMP.utils.retrieval import build_ranker
 from LaMP.utils.tasks import get_task
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, TOKENIZER_CORPUS, make_unigram_tokenizer
 from LaMP import rank_profiles
-from LaMP.utils import parallel_rank
+from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.grid.plan import Planner, expand_cells
 from LaMP.utils.grid.schema import load_grid
 from LaMP.utils.prompts import TokenCounter, make_prompt_fn

@@ -19,7 +19,7 @@ from LaMP import evaluate_llm
 from LaMP.utils import distributed
 from LaMP.utils.distributed import Launch, contiguous_slice, launch_from_env
 from LaMP.utils.errors import LampError
-from LaMP.utils.modeling import resolve_device
+from LaMP.utils.devices import resolve_device
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from LaMP import rank_profiles
-from LaMP.utils import parallel_rank
+from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.errors import LampError
-from LaMP.utils.parallel_rank import FastPathFailed, question_spans
+from LaMP.utils.retrieval.parallel import FastPathFailed, question_spans
 from conftest import REPO, SAMPLE
 
 TWEET = "Paraphrase the following tweet without any explanation before or after it: {}"
@@ -321,7 +321,7 @@ def test_a_limit_broken_inside_a_worker_run_is_reported_as_with_one_worker(tmp_p
     """Workers enforce the readers' limits too (here a 200-digit float deep in a big file,
     which json would take): the run falls back inline and names the byte, as one worker does."""
     from LaMP.utils.errors import LampError
-    from LaMP.utils.parallel_rank import CHUNK_BYTES
+    from LaMP.utils.retrieval.parallel import CHUNK_BYTES
 
     questions = [{"id": f"7{i}", "input": "Paraphrase the following tweet without any "
                   f"explanation before or after it: tweet {i} about the beach",
@@ -351,7 +351,7 @@ def test_a_command_line_run_forks_its_workers_rather_than_start_a_fork_server(tm
     script = (
         "import sys\n"
         "from LaMP import rank_profiles\n"
-        "from LaMP.utils import parallel_rank\n"
+        "from LaMP.utils.retrieval import parallel as parallel_rank\n"
         "parallel_rank.CHUNK_BYTES = 1\n"
         "chosen = []\n"
         "original = parallel_rank._pool_context\n"

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from LaMP import rank_profiles
-from LaMP.utils import parallel_rank
+from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.errors import LampError
 from LaMP.utils.jsoninput import MAX_DEPTH
-from LaMP.utils.parallel_rank import _Scanner, question_spans
+from LaMP.utils.retrieval.parallel import _Scanner, question_spans
 
 TWEET = "Paraphrase the following tweet without any explanation before or after it: {}"
 

@@ -6,8 +6,10 @@ import json
 import pytest
 
 from LaMP.utils.errors import LampError
-from LaMP.utils.retrieval import (RANKERS, build_ranker, count_questions, date_key,
-                                  load_rankings, order_profile, ranking_problem, shard_range)
+from LaMP.utils.retrieval import RANKERS, build_ranker
+from LaMP.utils.retrieval.rankings import (count_questions, load_rankings, order_profile,
+                                           ranking_problem, shard_range)
+from LaMP.utils.retrieval.simple import date_key
 from LaMP.utils.tasks import get_task
 from conftest import write_json
 
@@ -186,7 +188,7 @@ def test_json_object_writer_streams_and_is_atomic(tmp_path):
 
 
 def test_batched_by_cost_closes_on_cost_or_count():
-    from LaMP.utils.retrieval import batched_by_cost
+    from LaMP.utils.retrieval.base import batched_by_cost
 
     assert list(batched_by_cost([3, 1, 1, 5, 2], cost=lambda x: x, limit=4)) == [
         [3, 1], [1, 5], [2]]
@@ -198,7 +200,7 @@ def test_batched_by_cost_closes_on_cost_or_count():
 def test_ranking_many_profiles_at_once_equals_one_at_a_time():
     import numpy as np
 
-    from LaMP.utils.retrieval import ranked_ids, ranked_ids_many
+    from LaMP.utils.retrieval.base import ranked_ids, ranked_ids_many
 
     rng = np.random.default_rng(0)
     profiles, scores = [], []

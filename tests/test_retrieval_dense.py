@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from LaMP.utils.dense_retrieval import (DenseRanker, cache_key, mean_pool,  # noqa: E402
-                                        resolve_device)
+from LaMP.utils.devices import resolve_device  # noqa: E402
+from LaMP.utils.retrieval.dense import DenseRanker, cache_key, mean_pool  # noqa: E402
 from LaMP.utils.errors import LampError  # noqa: E402
 from LaMP.utils.retrieval import build_ranker  # noqa: E402
 from LaMP.utils.tasks import get_task  # noqa: E402

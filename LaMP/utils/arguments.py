@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from LaMP.utils.cli import DEFAULT_SEED, seed_arg
-from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, RANKERS, TIE_ORDERS
+from LaMP.utils.retrieval import RANKERS
+from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL, TIE_ORDERS
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:

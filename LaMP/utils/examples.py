@@ -16,7 +16,9 @@ from LaMP.utils.cli import DEFAULT_SEED
 from LaMP.utils.data import iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import require_regular_file
-from LaMP.utils.retrieval import DEFAULT_DENSE_MODEL, build_ranker, order_profile
+from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL
+from LaMP.utils.retrieval.rankings import order_profile
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)

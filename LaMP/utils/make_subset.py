@@ -30,7 +30,7 @@ from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import (args_path_for, atomic_write_json, check_outputs, check_readable,
                                require_regular_file, save_run_args)
 from LaMP.utils.outputs import load_outputs
-from LaMP.utils.retrieval import count_questions
+from LaMP.utils.retrieval.rankings import count_questions
 
 logger = logging.getLogger(__name__)
 

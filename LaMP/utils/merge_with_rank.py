@@ -31,7 +31,7 @@ from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import (JsonListWriter, args_path_for, check_outputs, check_readable,
                                save_run_args)
 from LaMP.utils.outputs import load_outputs
-from LaMP.utils.retrieval import load_rankings, order_profile
+from LaMP.utils.retrieval.rankings import load_rankings, order_profile
 
 logger = logging.getLogger(__name__)
 

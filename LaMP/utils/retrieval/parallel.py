@@ -43,7 +43,7 @@ from typing import Iterator
 
 import numpy as np
 
-from LaMP.utils.bm25 import TermIndex
+from LaMP.utils.retrieval.bm25 import TermIndex
 from LaMP.utils.data import validate_question
 from LaMP.utils.errors import LampError
 from LaMP.utils.jsoninput import MAX_DEPTH, MAX_NUMBER_DIGITS, GuardedReader

@@ -27,8 +27,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from LaMP.utils.errors import LampError
-from LaMP.utils.modeling import resolve_device
-from LaMP.utils.retrieval import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranked, Ranker,
+from LaMP.utils.devices import resolve_device
+from LaMP.utils.retrieval.base import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranked, Ranker,
                                   batched_by_cost, ranked_ids)
 from LaMP.utils.tasks import Task
 
@@ -90,6 +90,7 @@ class DenseRanker(Ranker):
     """Ranks by the dot product of mean-pooled encoder embeddings of query and items."""
 
     name = "contriever"
+    options = ("model_name", "device", "batch_size", "cache_dir", "allow_download")
 
     def __init__(self, task: Task, *, use_date: bool = False,
                  model_name: str = DEFAULT_DENSE_MODEL, device: str | None = None,
