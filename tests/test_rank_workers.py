@@ -365,8 +365,8 @@ def test_a_command_line_run_forks_its_workers_rather_than_start_a_fork_server(tm
     result = subprocess.run(
         [sys.executable, "-c", script, "--input_data_addr", str(source),
          "--output_ranking_addr", str(tmp_path / "r.json"), "--task", "LaMP-7",
-         "--ranker", "bm25", "--num_workers", "2"], capture_output=True, text=True, env={**os.environ,
-                                                                    "PYTHONPATH": str(REPO)})
+         "--ranker", "bm25", "--num_workers", "2"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["['fork']"]
     assert (tmp_path / "r.json").read_bytes() == run_rank(
