@@ -153,6 +153,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                          "it is read twice: once for its users, once for their profiles")
     check_previous_run(Path(args.output_dir), args)
     check_model_folder(args.model_name, "--model_name")
+    device_of(args)  # an unknown or absent device: one line now
+    training_settings(args).check_schedule()
     if args.base_adapter:
         check_adapter_folder(args.base_adapter, "--base_adapter")
         method = method_of_adapter(read_json(Path(args.base_adapter) / ADAPTER_CONFIG))
@@ -172,18 +174,25 @@ def shard_of(args: argparse.Namespace) -> tuple[int, int]:
             args.num_shards * launch.world_size)
 
 
+def device_of(args: argparse.Namespace):
+    """This process's device: --device, or under a launcher its own GPU (LOCAL_RANK)."""
+    from LaMP.utils.distributed import launch_from_env
+    from LaMP.utils.modeling import resolve_device
+
+    launch = launch_from_env()
+    return resolve_device(args.device,
+                          local_rank=launch.local_rank if launch.distributed else None)
+
+
 def load_base(args: argparse.Namespace):
     """The LampModel whose model is the base (with --base_adapter merged in), wrapped by
     peft with a first adapter of --peft; fp32 weights (the adapters train in fp32)."""
     import torch
 
-    from LaMP.utils.distributed import launch_from_env
-    from LaMP.utils.modeling import LampModel, load_model, resolve_device
+    from LaMP.utils.modeling import LampModel, load_model
     from LaMP.utils.training import add_peft
 
-    launch = launch_from_env()
-    device = resolve_device(args.device, local_rank=launch.local_rank if launch.distributed
-                            else None)
+    device = device_of(args)
     loaded = load_model(args.model_name, device=str(device), adapter=args.base_adapter,
                         chat_template=args.chat_template,
                         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
@@ -228,19 +237,22 @@ def main(argv=None) -> dict:
                 args.train_data, shard, num_shards, len(mine), len(mine) - len(pending))
     profiles = collect_profiles(args.train_data, task, pending)
     check_users_have_items(task, profiles, args.seed, args.train_data)
+    # Everything that can fail on this machine (the model, its tokenizer, a dense retriever)
+    # is set up before the first file is written.
+    setup = TrainingSetup(args) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(output_dir / "args.json",
                   {key: value for key, value in run_arguments(args).items()
                    if key not in ("num_shards", "shard_id")})  # the same file from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
+    trained = setup.train(pending, profiles) if setup else []
     # What serving needs to rebuild each user's model: the base, and the task adapter
     # merged into it (local paths made absolute: serving runs from anywhere).
     run_record = {"task": task.name, "model_name": local_or_name(args.model_name),
                   "base_adapter": local_or_name(args.base_adapter), "peft": args.peft,
                   "use_profile": args.use_profile, "num_retrieved": args.num_retrieved,
                   "retriever": args.retriever, "save_dtype": args.save_dtype}
-    trained = train_users(args, pending, profiles) if pending else []
     index = write_users_index(output_dir, run_record, users)
     logger.info("%d users trained now; %d of the data's %d users have adapters in %s",
                 len(trained), index["num_users"] - index["num_missing"], len(users), output_dir)
@@ -248,46 +260,61 @@ def main(argv=None) -> dict:
             "records": trained, "index": index}
 
 
-def train_users(args: argparse.Namespace, pending: list[str], profiles: dict) -> list[dict]:
-    """Load the model once and train every pending user's adapter in turn."""
-    from tqdm.auto import tqdm
+class TrainingSetup:
+    """The model (loaded once), the prompt builder, the ranker and the per-user trainer."""
 
-    from LaMP.utils.peft_methods import build_config
-    from LaMP.utils.user_training import TrainSettings, UserAdapterTrainer, user_examples
+    def __init__(self, args: argparse.Namespace):
+        from LaMP.utils.peft_methods import build_config
+        from LaMP.utils.user_training import UserAdapterTrainer, retrieval_task
 
-    task = args.task
-    lamp_model = load_base(args)
-    prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
-                                          args.prompt_budget)
-    options = profile_options(args)
-    ranker = options.ranker(task) if options.uses_items else None
-    base_config = lamp_model.model.get_base_model().config
-    settings = TrainSettings(
+        self.args = args
+        task = args.task
+        lamp_model = load_base(args)
+        self.prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
+                                                   args.prompt_budget)
+        options = profile_options(args)
+        self.num_retrieved = options.num_retrieved if options.uses_items else 0
+        self.ranker = options.ranker(retrieval_task(task)) if options.uses_items else None
+        base_config = lamp_model.model.get_base_model().config
+        self.trainer = UserAdapterTrainer(
+            lamp_model,
+            lambda: build_config(get_method(args.peft), vars(args),
+                                 seq2seq=lamp_model.is_seq2seq, model_config=base_config),
+            training_settings(args), seed=args.seed, save_dtype=args.save_dtype)
+
+    def train(self, pending: list[str], profiles: dict) -> list[dict]:
+        """Train every pending user's adapter in turn; their records."""
+        from tqdm.auto import tqdm
+
+        from LaMP.utils.user_training import user_examples
+
+        args = self.args
+        records = []
+        progress = tqdm(pending, desc="users", unit="user")
+        for user in progress:
+            items = profiles.pop(user)
+            examples = user_examples(args.task, user, items, seed=args.seed,
+                                     prompt_fn=self.prompt_fn, ranker=self.ranker,
+                                     num_retrieved=self.num_retrieved)
+            record = self.trainer.train_user(user, examples, args.output_dir,
+                                             extra={"profile_items": len(items)})
+            records.append(record)
+            progress.set_postfix(loss=record["final_loss"], refresh=False)
+            logger.info("user %s: %d items, %d steps, final loss %.4f, %.1f s, %d bytes",
+                        user, record["items"], record["steps"], record["final_loss"],
+                        record["seconds"], record["bytes"])
+        return records
+
+
+def training_settings(args: argparse.Namespace):
+    from LaMP.utils.user_training import TrainSettings
+
+    return TrainSettings(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
         batch_size=args.per_device_batch_size, warmup_ratio=args.warmup_ratio,
         lr_scheduler_type=args.lr_scheduler_type, max_length=args.max_length,
         target_max_length=args.generation_max_length)
-    trainer = UserAdapterTrainer(
-        lamp_model,
-        lambda: build_config(get_method(args.peft), vars(args), seq2seq=lamp_model.is_seq2seq,
-                             model_config=base_config),
-        settings, seed=args.seed, save_dtype=args.save_dtype)
-    records = []
-    progress = tqdm(pending, desc="users", unit="user")
-    for user in progress:
-        items = profiles.pop(user)
-        examples = user_examples(task, user, items, seed=args.seed, prompt_fn=prompt_fn,
-                                 ranker=ranker,
-                                 num_retrieved=options.num_retrieved if ranker else 0)
-        record = trainer.train_user(user, examples, args.output_dir,
-                                    extra={"profile_items": len(items)})
-        records.append(record)
-        progress.set_postfix(loss=record["final_loss"], refresh=False)
-        logger.info("user %s: %d items, %d steps, final loss %.4f, %.1f s, %d bytes", user,
-                    record["items"], record["steps"], record["final_loss"], record["seconds"],
-                    record["bytes"])
-    return records
 
 
 if __name__ == "__main__":

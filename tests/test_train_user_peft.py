@@ -15,8 +15,8 @@ from LaMP.utils import user_training
 from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import MOVIE_TAGS, TASKS
 from LaMP.utils.user_training import (collect_profiles, derived_seed, item_examples,
-                                      read_users_index, scan_users, shard_users,
-                                      user_examples)
+                                      read_users_index, retrieval_task, scan_users,
+                                      shard_users, user_examples)
 from LaMP.utils.users import user_adapter_dir
 
 train_user_peft = load_script("LaMP/train_user_peft.py")
@@ -162,7 +162,7 @@ def test_retrieval_in_training_takes_only_the_users_other_items():
         return json.dumps([text, [item["id"] for item in chosen]])
 
     examples = user_examples(task, "A", items, seed=1, prompt_fn=prompt_fn,
-                             ranker=build_ranker("bm25", task), num_retrieved=2)
+                             ranker=build_ranker("bm25", retrieval_task(task)), num_retrieved=2)
     assert [e.id for e in examples] == [item["id"] for item in items]
     for example in examples:
         text, chosen = json.loads(example.prompt)
@@ -535,20 +535,47 @@ def bad_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return argv, (f"error: --output_dir {out} holds per-user adapters trained with other "
                       "settings (--lora_r 16 then, 8 now); rerun with the same flags or choose "
                       "another folder")
+    if case == "duplicate ids":
+        write(tmp_path / "q.json", [question("7", tweets("a", 2)), question(7, tweets("b", 2))])
+        return argv, f"error: {tmp_path / 'q.json'}: duplicate question ids: 1 (first: 7)"
+    if case == "mixed splits":
+        write(tmp_path / "q.json", [question("1", tweets("a", 2), "u1"),
+                                    question("2", tweets("b", 2))])
+        return argv, (f"error: {tmp_path / 'q.json'}: some questions name their user_id and "
+                      "some do not (e.g. 1 does, 2 does not); use one split's file")
+    if case == "user id type":
+        write(tmp_path / "q.json", [question("1", tweets("a", 2), ["u"])])
+        return argv, (f"error: {tmp_path / 'q.json'}: question 1: \"user_id\" must be a string "
+                      "or an integer, not ['u']")
+    if case == "user id too long":
+        write(tmp_path / "q.json", [question("1", tweets("a", 2), "/" * 100)])
+        return argv, f"error: user id '{'/' * 40}'… is too long for a folder name"
+    if case == "empty file":
+        write(tmp_path / "q.json", [])
+        return argv, f"error: {tmp_path / 'q.json'}: no questions"
+    if case == "scheduler":
+        return argv + ["--lr_scheduler_type", "warmup_stable_decay"], \
+            "error: --lr_scheduler_type warmup_stable_decay: "
+    if case == "device":
+        return argv + ["--device", "tpu"], "error: unknown device 'tpu'; use cpu, cuda or cuda:N"
     raise AssertionError(case)
 
 
 BAD_CASES = ["no items", "one-word tweets", "output is the data", "output holds the data",
              "peft none", "is_ranked", "shard id", "no shards", "missing data", "bad json",
              "base adapter missing", "base adapter not mergeable", "another stage's folder",
-             "other settings"]
+             "other settings", "duplicate ids", "mixed splits", "user id type",
+             "user id too long", "empty file", "scheduler", "device"]
+
+DATA_CASES = ("no items", "one-word tweets", "duplicate ids", "mixed splits", "user id type",
+              "user id too long", "empty file")
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_one_error_line_before_any_model_loads(tmp_path, capsys, no_model_loads,
                                                             case):
     argv, expected = bad_case(tmp_path, case)
-    if case in ("no items", "one-word tweets"):
+    if case in DATA_CASES:
         argv[1] = str(tmp_path / "q.json")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code, lines = run_cli(argv, capsys)
@@ -569,6 +596,14 @@ def test_a_task_without_a_per_user_template_is_one_error(tmp_path, capsys, monke
     code, lines = run_cli(train_argv(sample_users(tmp_path, 1), Path("m"), tmp_path / "o"),
                           capsys)
     assert (code, lines) == (2, ["error: LaMP-7 has no per-user training template"])
+
+
+def test_a_model_that_cannot_serve_is_one_error_and_writes_nothing(tmp_path, tiny_t5, capsys):
+    code, lines = run_cli(train_argv(sample_users(tmp_path, 1), tiny_t5, tmp_path / "out",
+                                     "--chat_template"), capsys)
+    assert code == 2
+    assert lines[-1] == f"error: --chat_template: the tokenizer of {tiny_t5} has no chat template"
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_pipe_as_train_data_is_refused_from_the_command_line(tmp_path):
@@ -602,3 +637,39 @@ def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path):
             (temporary / "a").write_text("2")
     assert (target / "a").read_text() == "1"
     assert [p.name for p in (tmp_path / "users").iterdir()] == ["u"]
+
+
+def test_a_sigkill_mid_run_loses_at_most_the_user_in_progress(tmp_path, tiny_llama):
+    """A real kill: the run is stopped (SIGKILL, no clean-up of its own) once its first user
+    is saved; the rerun trains exactly the users without a folder and leaves no temporary."""
+    import signal
+    import time
+
+    data = sample_users(tmp_path, 3)
+    out = tmp_path / "out"
+    argv = train_argv(data, tiny_llama, out)
+    argv[argv.index("--max_steps") + 1] = "150"  # long enough per user to be caught mid-way
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "LaMP" / "train_user_peft.py"),
+                                *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "users").is_dir() or not any(
+                not p.name.startswith(".") for p in (out / "users").iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    done = sorted(p.name for p in (out / "users").iterdir() if not p.name.startswith("."))
+    users = sorted(q["id"] for q in json.loads(Path(data).read_text()))
+    assert 1 <= len(done) < len(users)
+    first = {user: adapter_bytes(out, user) for user in done}
+    rerun = subprocess.run([sys.executable, str(REPO / "LaMP" / "train_user_peft.py"), *argv],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(p.name for p in (out / "users").iterdir()) == users  # no temporary left
+    assert all(adapter_bytes(out, user) == first[user] for user in done)
+    assert f"{len(users)} users, {len(done)} already done" in rerun.stderr
+    assert read_users_index(out)["num_missing"] == 0

@@ -68,10 +68,35 @@ MAX_RECORD_BYTES = 1_000_000
 
 def scan_users(path: str | os.PathLike, task: Task) -> list[str]:
     """The users of a questions file, sorted; every question is validated on the way (so a
-    data mistake is reported before a model loads)."""
-    users = {user_of(question) for question in iter_questions(path, task)}
+    data mistake is reported before a model loads). Questions name their user all or none
+    (a file of both splits would give question ids and user ids one namespace), a user id
+    is a string or an integer, and question ids are distinct (``7`` and ``"7"`` are one)."""
+    from collections import Counter
+
+    from LaMP.utils.data import as_id
+    from LaMP.utils.errors import preview
+
+    users: set[str] = set()
+    ids: Counter = Counter()
+    with_user = without_user = None
+    for question in iter_questions(path, task):
+        ids[question["id"]] += 1
+        if question.get("user_id") is None:
+            without_user = without_user or question["id"]
+        else:
+            with_user = with_user or question["id"]
+            if as_id(question["user_id"]) is None:
+                raise LampError(f"{path}: question {question['id']}: \"user_id\" must be a "
+                                f"string or an integer, not {question['user_id']!r:.60}")
+        if with_user is not None and without_user is not None:
+            raise LampError(f"{path}: some questions name their user_id and some do not (e.g. "
+                            f"{with_user} does, {without_user} does not); use one split's file")
+        users.add(user_of(question))
     if not users:
         raise LampError(f"{path}: no questions")
+    repeated = sorted(qid for qid, count in ids.items() if count > 1)
+    if repeated:
+        raise LampError(f"{path}: duplicate question ids: {preview(repeated)}")
     return sorted(users)
 
 
@@ -139,32 +164,37 @@ def check_users_have_items(task: Task, profiles: Mapping[str, Sequence[Mapping]]
                         f"example can be made from: {preview(empty)}")
 
 
+def retrieval_task(task: Task) -> Task:
+    """``task`` as the ranker of per-user examples sees it: a question's input is its query
+    already (the template's query field), not an input to find the query in."""
+    from dataclasses import replace
+
+    return replace(task, query_fn=_as_query)
+
+
+def _as_query(text: str) -> str:
+    return text
+
+
 def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
                   prompt_fn: Callable[[str, Sequence[Mapping]], str], ranker=None,
                   num_retrieved: int = 0) -> list[Example]:
     """The training examples of one user: each usable profile item through the task's
-    per-user template. With ``ranker`` and ``num_retrieved`` k > 0, each prompt also carries
-    the best k of the user's *other* items for that item's query (never the item itself)."""
+    per-user template. With ``ranker`` (built for ``retrieval_task(task)``) and
+    ``num_retrieved`` k > 0, each prompt also carries the best k of the user's *other* items
+    for that item's query (never the item itself)."""
     made = item_examples(task, user, items, seed)
     retrieved: list[list[Mapping]] = [[] for _ in made]
     if ranker is not None and num_retrieved > 0:
-        from dataclasses import replace
-
         from LaMP.utils.retrieval import order_profile
 
-        # Each item is a question whose query is the template's query field, searched
-        # among the other items; the ranker's task answers that query as it is.
-        ranker_task = ranker.task
-        ranker.task = replace(ranker_task, query_fn=lambda text: text)
-        try:
-            questions = [{"id": f"{user}/{item['id']}", "input": query,
-                          "profile": [other for other in items if other is not item]}
-                         for item, (_, _, query) in made]
-            for position, (question, ranked) in enumerate(ranker.rank(questions)):
-                retrieved[position] = order_profile(question["profile"], ranked,
-                                                    question["id"])[:num_retrieved]
-        finally:
-            ranker.task = ranker_task
+        # Each item is a question whose input is its query, searched among the other items.
+        questions = [{"id": f"{user}/{item['id']}", "input": query,
+                      "profile": [other for other in items if other is not item]}
+                     for item, (_, _, query) in made]
+        for position, (question, ranked) in enumerate(ranker.rank(questions)):
+            retrieved[position] = order_profile(question["profile"], ranked,
+                                                question["id"])[:num_retrieved]
     return [Example(id=str(item["id"]), prompt=prompt_fn(text, others), target=target)
             for (item, (text, target, _)), others in zip(made, retrieved)]
 
@@ -318,6 +348,28 @@ class TrainSettings:
     max_length: int
     target_max_length: int
 
+    def scheduler(self, optimizer, total_steps: int):
+        from transformers import get_scheduler
+
+        return get_scheduler(self.lr_scheduler_type, optimizer,
+                             num_warmup_steps=int(self.warmup_ratio * total_steps),
+                             num_training_steps=total_steps)
+
+    def check_schedule(self) -> None:
+        """One error line for a --lr_scheduler_type transformers does not know or cannot
+        build from a warm-up and a step count alone, before any model loads."""
+        import torch
+
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            schedule = self.scheduler(optimizer, 10)
+            optimizer.step()
+            schedule.step()  # one that needs a metric (reduce_lr_on_plateau) fails here
+        except (ValueError, TypeError, KeyError) as error:
+            raise LampError(f"--lr_scheduler_type {self.lr_scheduler_type}: "
+                            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                            ) from None
+
     def total_steps(self, n_examples: int) -> int:
         if self.max_steps > 0:
             return self.max_steps
@@ -391,7 +443,6 @@ class UserAdapterTrainer:
         """A plain AdamW loop over ``features`` with a seeded shuffle per epoch; returns the
         steps taken and the mean loss of the last epoch's steps."""
         import torch
-        from transformers import get_scheduler
 
         from LaMP.utils.training import PaddingCollator
 
@@ -400,9 +451,7 @@ class UserAdapterTrainer:
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate,
                                       weight_decay=settings.weight_decay)
         total = settings.total_steps(len(features))
-        scheduler = get_scheduler(settings.lr_scheduler_type, optimizer,
-                                  num_warmup_steps=int(settings.warmup_ratio * total),
-                                  num_training_steps=total)
+        scheduler = settings.scheduler(optimizer, total)
         collate = PaddingCollator(self.lamp_model.tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(seed)
         device = self.lamp_model.device
