@@ -131,6 +131,18 @@ def test_time_split_users_are_their_user_id_and_their_items_are_joined(tmp_path)
     assert [item["id"] for item in profiles["A"]] == ["a0", "a1", "a2", "a3"]
 
 
+def test_a_time_split_file_trains_one_adapter_per_user_id(tmp_path, tiny_llama,
+                                                         torch_single_thread):
+    a, b = tweets("a", 4), tweets("b", 3)
+    path = write(tmp_path / "q.json", [
+        question("1", a[:2], "A"), question("2", b, "B"), question("3", a[1:], "A")])
+    result = train_user_peft.main(train_argv(path, tiny_llama, tmp_path / "out"))
+    assert result["trained"] == ["A", "B"]
+    users = read_users_index(tmp_path / "out")["users"]
+    assert (users["A"]["items"], users["B"]["items"]) == (4, 3)
+    assert sorted(p.name for p in (tmp_path / "out" / "users").iterdir()) == ["A", "B"]
+
+
 def test_user_split_questions_are_each_their_own_user(tmp_path):
     path = write(tmp_path / "q.json", [question("7", tweets("x", 2)),
                                       question("5", tweets("y", 2))])
@@ -240,7 +252,10 @@ def test_a_users_adapter_is_the_same_whoever_trained_before_it(tmp_path, tiny_ll
 
 
 def test_training_changes_only_the_users_adapter_and_saved_adapters_load(tmp_path, tiny_model,
-                                                                         torch_single_thread):
+                                                                         torch_single_thread,
+                                                                         monkeypatch):
+    import copy
+
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -265,6 +280,13 @@ def test_training_changes_only_the_users_adapter_and_saved_adapters_load(tmp_pat
                                          model_config=base.config),
         settings, seed=0)
     prompt_fn = lamp_model.prompt_builder(TASKS["LaMP-7"], 96)
+    deepcopy = copy.deepcopy
+
+    def no_model_copies(value, *args, **kwargs):
+        assert not isinstance(value, torch.nn.Module), "a model (or layer) was deep-copied"
+        return deepcopy(value, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
     for user, prefix in (("A", "a"), ("B", "b")):
         examples = user_examples(TASKS["LaMP-7"], user, tweets(prefix, 4), seed=0,
                                  prompt_fn=prompt_fn)
@@ -535,6 +557,17 @@ def bad_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return argv, (f"error: --output_dir {out} holds per-user adapters trained with other "
                       "settings (--lora_r 16 then, 8 now); rerun with the same flags or choose "
                       "another folder")
+    if case == "output inside the model":
+        (tmp_path / "model").mkdir()
+        return train_argv(data, tmp_path / "model", tmp_path / "model" / "users"), (
+            f"error: --output_dir {tmp_path / 'model' / 'users'} is inside the input "
+            f"--model_name {tmp_path / 'model'}; choose another output path")
+    if case == "output is the base adapter":
+        (tmp_path / "task").mkdir()
+        return train_argv(data, Path("no/model"), tmp_path / "task") + [
+            "--base_adapter", str(tmp_path / "task")], (
+            f"error: --output_dir {tmp_path / 'task'} is the input --base_adapter "
+            f"{tmp_path / 'task'}; choose another output path")
     if case == "duplicate ids":
         write(tmp_path / "q.json", [question("7", tweets("a", 2)), question(7, tweets("b", 2))])
         return argv, f"error: {tmp_path / 'q.json'}: duplicate question ids: 1 (first: 7)"
@@ -565,7 +598,8 @@ BAD_CASES = ["no items", "one-word tweets", "output is the data", "output holds 
              "peft none", "is_ranked", "shard id", "no shards", "missing data", "bad json",
              "base adapter missing", "base adapter not mergeable", "another stage's folder",
              "other settings", "duplicate ids", "mixed splits", "user id type",
-             "user id too long", "empty file", "scheduler", "device"]
+             "user id too long", "empty file", "scheduler", "device",
+             "output inside the model", "output is the base adapter"]
 
 DATA_CASES = ("no items", "one-word tweets", "duplicate ids", "mixed splits", "user id type",
               "user id too long", "empty file")
