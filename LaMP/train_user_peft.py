@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
                   "retriever": args.retriever, "save_dtype": args.save_dtype}
     index = write_users_index(output_dir, run_record, users)
     logger.info("%d users trained now; %d of the data's %d users have adapters in %s",
-                len(trained), index["num_users"] - index["num_missing"], len(users), output_dir)
+                len(trained), len(users) - index["num_missing"], len(users), output_dir)
     return {"users": users, "shard_users": mine, "trained": [r["user"] for r in trained],
             "records": trained, "index": index}
 
