@@ -272,7 +272,11 @@ def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
             record = read_user_record(folder)
             if record is None or user_folder_problem(folder, record["user"]) is not None:
                 continue
-            if user_adapter_dir(output_dir, record["user"]).name != folder.name:
+            try:
+                expected = user_adapter_dir(output_dir, record["user"]).name
+            except LampError:  # an id no folder can be named after: not one we wrote
+                continue
+            if expected != folder.name:
                 continue  # a folder copied in under another name: not where a lookup goes
             records[record["user"]] = {**record, "folder": f"{USERS_FOLDER}/{folder.name}"}
     return dict(sorted(records.items()))
