@@ -113,6 +113,15 @@ def check_previous_run(output_dir: Path, args: argparse.Namespace) -> None:
 
     if not output_dir.is_dir():
         return
+    from LaMP.utils.fileio import check_output_dir
+    from LaMP.utils.user_training import USERS_INDEX
+    from LaMP.utils.users import USERS_FOLDER
+
+    # What the run writes into, checked now rather than after the first user has trained.
+    check_output_dir(output_dir / USERS_FOLDER, "--output_dir")
+    if (output_dir / USERS_INDEX).is_dir():
+        raise LampError(f"--output_dir {output_dir}: {USERS_INDEX} is a folder; remove it or "
+                        "choose another folder")
     foreign = [name for name in TRAINING_RUN_FILES + RUN_FILES
                if name != "args.json" and os.path.lexists(output_dir / name)]
     if foreign:

@@ -568,6 +568,14 @@ def bad_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
             "--base_adapter", str(tmp_path / "task")], (
             f"error: --output_dir {tmp_path / 'task'} is the input --base_adapter "
             f"{tmp_path / 'task'}; choose another output path")
+    if case == "users is a file":
+        out.mkdir()
+        (out / "users").write_text("x")
+        return argv, f"error: --output_dir {out / 'users'} exists and is not a folder"
+    if case == "users.json is a folder":
+        (out / "users.json").mkdir(parents=True)
+        return argv, (f"error: --output_dir {out}: users.json is a folder; remove it or "
+                      "choose another folder")
     if case == "duplicate ids":
         write(tmp_path / "q.json", [question("7", tweets("a", 2)), question(7, tweets("b", 2))])
         return argv, f"error: {tmp_path / 'q.json'}: duplicate question ids: 1 (first: 7)"
@@ -599,7 +607,8 @@ BAD_CASES = ["no items", "one-word tweets", "output is the data", "output holds 
              "base adapter missing", "base adapter not mergeable", "another stage's folder",
              "other settings", "duplicate ids", "mixed splits", "user id type",
              "user id too long", "empty file", "scheduler", "device",
-             "output inside the model", "output is the base adapter"]
+             "output inside the model", "output is the base adapter", "users is a file",
+             "users.json is a folder"]
 
 DATA_CASES = ("no items", "one-word tweets", "duplicate ids", "mixed splits", "user id type",
               "user id too long", "empty file")
@@ -618,7 +627,7 @@ def test_bad_input_is_one_error_line_before_any_model_loads(tmp_path, capsys, no
     # One error line, the last; what comes before is the log's progress lines.
     assert [line for line in lines if line.startswith(("error:", "Traceback"))] == lines[-1:]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    assert not (tmp_path / "out" / "users").exists()
+    assert not (tmp_path / "out" / "users").is_dir()
 
 
 def test_a_task_without_a_per_user_template_is_one_error(tmp_path, capsys, monkeypatch):
