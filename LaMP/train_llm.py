@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import math
 import os
 import sys
 import time
@@ -29,8 +28,9 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
-                                  profile_options)
+from LaMP.utils.arguments import (add_model_arguments, add_optimizer_arguments,
+                                  add_profile_arguments, check_common,
+                                  check_optimizer_arguments, profile_options)
 from LaMP.utils.checkpoints import (check_checkpoint, check_model_folder,
                                     check_resume_compatible, last_complete_checkpoint)
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
@@ -60,19 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder for the adapter, predictions, results and checkpoints")
     add_profile_arguments(parser, max_length=256)
     # The published LaMP hyper-parameters are the defaults.
-    parser.add_argument("--generation_max_length", type=int, default=128,
-                        help="most tokens of a target (training) and of an answer (evaluation)")
-    parser.add_argument("--per_device_batch_size", type=int, default=16,
-                        help="examples per device per step, training and evaluation")
-    parser.add_argument("--learning_rate", type=float, default=5e-5,
-                        help="peak learning rate (5e-5 as published for full fine-tuning; "
-                             "LoRA usually wants 10-40x more, 5e-4 to 2e-3)")
-    parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    parser.add_argument("--num_train_epochs", type=float, default=10, help="training epochs")
-    parser.add_argument("--lr_scheduler_type", default="linear",
-                        help="learning-rate schedule after warm-up (transformers' names)")
-    parser.add_argument("--warmup_ratio", type=float, default=0.05,
-                        help="share of the training steps spent warming the learning rate up")
+    add_optimizer_arguments(parser, num_train_epochs=10,
+                            learning_rate_help="peak learning rate (5e-5 as published for full "
+                                               "fine-tuning; LoRA usually wants 10-40x more, "
+                                               "5e-4 to 2e-3)")
     parser.add_argument("--generation_num_beams", type=int, default=4,
                         help="beam width of evaluation generation (1: greedy)")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
@@ -99,8 +90,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "which cuts the padding the model computes on")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="recompute activations in the backward pass to save memory")
-    parser.add_argument("--max_steps", type=int, default=-1,
-                        help="stop after this many optimizer steps (overrides epochs; -1: off)")
     parser.add_argument("--eval_steps", type=int, default=None,
                         help="evaluate and checkpoint every N steps instead of every epoch")
     parser.add_argument("--save_total_limit", type=int, default=2,
@@ -121,28 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_common(parser, args)
-    # Every number is checked here: a bad one would otherwise surface only after the model
-    # has loaded (the optimizer rejects a negative learning rate) or train on nonsense (nan).
-    for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams",
-                 "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
+    check_optimizer_arguments(parser, args)
+    for flag in ("generation_num_beams", "gradient_accumulation_steps", "logging_steps",
+                 "save_total_limit"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
-    for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio",
-                 "lora_dropout"):
-        if not math.isfinite(getattr(args, flag)):
-            parser.error(f"--{flag} must be a finite number, not {getattr(args, flag)}")
-    if args.learning_rate <= 0:
-        parser.error("--learning_rate must be > 0")
-    if args.weight_decay < 0:
-        parser.error("--weight_decay must be >= 0")
-    if not 0 <= args.lora_dropout < 1:
-        parser.error("--lora_dropout must be in [0, 1)")
-    if args.max_steps != -1 and args.max_steps < 1:
-        parser.error("--max_steps must be >= 1 (or -1: train for --num_train_epochs)")
-    if args.num_train_epochs <= 0 and args.max_steps <= 0:
-        parser.error("--num_train_epochs must be > 0 (or set --max_steps)")
-    if not 0 <= args.warmup_ratio < 1:
-        parser.error("--warmup_ratio must be in [0, 1)")
     if args.eval_steps is not None and args.eval_steps < 1:
         parser.error("--eval_steps must be >= 1")
     if args.label_scoring and not args.task.labels:

@@ -69,6 +69,51 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "the random ranker)")
 
 
+def add_optimizer_arguments(parser: argparse.ArgumentParser, *, num_train_epochs: float,
+                            learning_rate_help: str, epochs_help: str = "training epochs",
+                            max_steps_help: str = "stop after this many optimizer steps "
+                                                  "(overrides epochs; -1: off)") -> None:
+    """How an adapter (or model) is optimised: the flags train_llm.py and train_user_peft.py
+    share, with the defaults and help each script gives its own recipe."""
+    parser.add_argument("--generation_max_length", type=int, default=128,
+                        help="most tokens of a target (training) and of an answer (evaluation)")
+    parser.add_argument("--per_device_batch_size", type=int, default=16,
+                        help="examples per device per step, training and evaluation")
+    parser.add_argument("--learning_rate", type=float, default=5e-5, help=learning_rate_help)
+    parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument("--num_train_epochs", type=float, default=num_train_epochs,
+                        help=epochs_help)
+    parser.add_argument("--lr_scheduler_type", default="linear",
+                        help="learning-rate schedule after warm-up (transformers' names)")
+    parser.add_argument("--warmup_ratio", type=float, default=0.05,
+                        help="share of the training steps spent warming the learning rate up")
+    parser.add_argument("--max_steps", type=int, default=-1, help=max_steps_help)
+
+
+def check_optimizer_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number of ``add_optimizer_arguments`` checked while parsing: a bad one would
+    otherwise surface only after the model has loaded (the optimizer rejects a negative
+    learning rate) or train on nonsense (nan)."""
+    import math
+
+    for flag in ("generation_max_length", "per_device_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio"):
+        if not math.isfinite(getattr(args, flag)):
+            parser.error(f"--{flag} must be a finite number, not {getattr(args, flag)}")
+    if args.learning_rate <= 0:
+        parser.error("--learning_rate must be > 0")
+    if args.weight_decay < 0:
+        parser.error("--weight_decay must be >= 0")
+    if args.max_steps != -1 and args.max_steps < 1:
+        parser.error("--max_steps must be >= 1 (or -1: train for --num_train_epochs)")
+    if args.num_train_epochs <= 0 and args.max_steps <= 0:
+        parser.error("--num_train_epochs must be > 0 (or set --max_steps)")
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error("--warmup_ratio must be in [0, 1)")
+
+
 # Upper bounds of the integer flags, checked while parsing. Without them a mistyped 10**20
 # ends, after the model has loaded, in a traceback from the tokenizer ("int too big to
 # convert"), from generate() or from a C++ allocation, or in a run that never ends.

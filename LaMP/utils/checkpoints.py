@@ -126,22 +126,28 @@ def check_model_folder(name_or_path: str, what: str = "model") -> None:
         raise LampError(f"{what} {name_or_path}: {problem}")
 
 
-def check_adapter_folder(path: str) -> None:
+def check_adapter_folder(path: str, what: str = "--adapter") -> None:
     """One error line unless ``path`` is a folder with a peft config and loadable weights
-    (without this, peft looks the missing weights up on the hub under the folder's name)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LampError(f"--adapter {path} is not a folder (a peft adapter folder, e.g. "
+    (without this, peft looks the missing weights up on the hub under the folder's name);
+    ``what`` names it (the flag it came from)."""
+    if not Path(path).is_dir():
+        raise LampError(f"{what} {path} is not a folder (a peft adapter folder, e.g. "
                         "train_llm.py's --output_dir)")
+    problem = adapter_folder_problem(path)
+    if problem:
+        raise LampError(f"{what} {path}: {problem}")
+
+
+def adapter_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why the folder ``folder`` holds no loadable peft adapter, or ``None``."""
+    folder = Path(folder)
     problem = None
     if not (folder / ADAPTER_CONFIG).is_file():
         problem = f"no {ADAPTER_CONFIG}"
         if (folder / "config.json").is_file():  # e.g. train_llm.py --peft none output
             problem += " (this is a whole model: pass it as the model instead)"
-    problem = problem or adapter_config_problem(folder / ADAPTER_CONFIG) or weights_problem(
+    return problem or adapter_config_problem(folder / ADAPTER_CONFIG) or weights_problem(
         folder, ADAPTER_WEIGHTS)
-    if problem:
-        raise LampError(f"--adapter {path}: {problem}")
 
 
 def _json_problem(path: Path) -> str | None:

@@ -49,6 +49,12 @@ class ProfileOptions:
     def uses_items(self) -> bool:
         return self.use_profile and self.num_retrieved > 0
 
+    def ranker(self, task: Task):
+        """The on-the-fly ranker these options choose for ``task`` (a dense one loads here)."""
+        return build_ranker(self.retriever, task, use_date=self.use_date,
+                            model_name=self.retriever_model, device=self.device,
+                            seed=self.seed, allow_download=self.allow_download)
+
 
 def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOptions
                        ) -> Iterator[tuple[dict, list[dict]]]:
@@ -61,10 +67,7 @@ def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOp
         for question in questions:
             yield question, question["profile"][:k]
     else:
-
-        ranker = build_ranker(options.retriever, task, use_date=options.use_date,
-                              model_name=options.retriever_model, device=options.device,
-                              seed=options.seed, allow_download=options.allow_download)
+        ranker = options.ranker(task)
         for question, ranked_ids in ranker.rank(questions):
             yield question, order_profile(question["profile"], ranked_ids, question["id"])[:k]
 

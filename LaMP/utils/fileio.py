@@ -374,7 +374,10 @@ def _remove_stale_temporaries(target: Path) -> None:
             continue
         logger.info("removing %s, left by an interrupted run", stale)
         try:
-            stale.unlink()
+            if stale.is_dir() and not stale.is_symlink():  # an atomic_folder's temporary
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
         except OSError:
             pass  # removed by a concurrent run, or not ours to remove: harmless either way
 
@@ -537,6 +540,53 @@ def writing_into(folder: str | os.PathLike) -> Iterator[None]:
         raise LampError(f"{error.filename or folder}: {error.strerror or error}") from None
 
 
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to fill, renamed to ``target`` when the block
+    ends without an error and removed otherwise: ``target`` appears whole or not at all (a
+    per-user adapter). The temporary is named like a file's (``.<name>.lamp-tmp-<host>-<pid>-
+    ….tmp``), so the next writer of ``target`` removes one a SIGKILL left. ``target`` must
+    not exist when the block ends (two runs writing one folder): a ``LampError`` then.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LampError(f"{target.parent}: cannot create ({error.strerror or error})") from None
+    _remove_stale_temporaries(target)
+    temporary = target.parent / f"{_tmp_prefix(target)}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    _active_temporaries.add(str(temporary))
+    try:
+        try:
+            temporary.mkdir()
+            yield temporary
+            os.rename(temporary, target)  # no replace: a folder is never renamed over another
+        except OSError as error:
+            if os.path.lexists(target):
+                raise LampError(f"{target}: written by another run at the same time "
+                                "(two runs share its folder?)") from None
+            raise LampError(f"{error.filename or target}: cannot write "
+                            f"({error.strerror or error})") from None
+    finally:
+        _active_temporaries.discard(str(temporary))
+        if os.path.lexists(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def remove_stale_temporaries_in(folder: str | os.PathLike) -> None:
+    """Remove every temporary in ``folder`` that a killed writer on this host left (files
+    and ``atomic_folder`` folders alike), not only those of one target."""
+    pattern = re.compile(r"\.(.+)" + re.escape(f"{_TMP_MARK}{_HOST}-") + r"\d+-[0-9a-f]{8}\.tmp")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is not None:
+            _remove_stale_temporaries(Path(folder) / match.group(1))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` under the output policy (atomic for regular files)."""
     output = _Output(path)
@@ -581,10 +631,15 @@ def save_run_args(path: str | os.PathLike | None, args: Mapping[str, Any] | Any)
     if path is None:
         logger.info("no arguments file: the output is written in place (a device or pipe)")
         return None
+    return atomic_write_json(path, plain_run_args(args), indent=2)
+
+
+def plain_run_args(args: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """A run's arguments as ``save_run_args`` writes them: JSON values (anything else as its
+    ``str``), sorted by name; what a saved args.json is compared with."""
     values = dict(args) if isinstance(args, Mapping) else dict(vars(args))
-    plain = {key: value if isinstance(value, (str, int, float, bool, type(None), list))
-             else str(value) for key, value in sorted(values.items())}
-    return atomic_write_json(path, plain, indent=2)
+    return {key: value if isinstance(value, (str, int, float, bool, type(None), list))
+            else str(value) for key, value in sorted(values.items())}
 
 
 class JsonListWriter:

@@ -141,6 +141,8 @@ def check_peft_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     for flag in ("lora_r", "lora_alpha", "num_virtual_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
+    if not 0 <= args.lora_dropout < 1:  # a nan fails this too
+        parser.error(f"--lora_dropout must be in [0, 1), not {args.lora_dropout}")
     if args.prompt_encoder_hidden_size is not None and args.prompt_encoder_hidden_size < 1:
         parser.error("--prompt_encoder_hidden_size must be >= 1")
     room = getattr(args, "max_length", None)

@@ -6,6 +6,7 @@ that picks a best checkpoint. Facts follow the LaMP paper and its published data
 """
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from operator import itemgetter
@@ -44,6 +45,36 @@ class PromptTemplate:
 
 
 @dataclass(frozen=True)
+class UserTemplate:
+    """How one profile item becomes a per-user training example (per-user PEFT: the LaMP
+    authors' and OPPU's recipe trains each user's adapter on their own profile).
+
+    ``input`` is a ``str.format`` pattern over the item's fields, ``target`` the field the
+    model learns to write and ``query`` the field retrieval searches the user's other items
+    with (per-user PEFT with retrieval in training). ``split`` derives further fields from
+    an item with a seeded ``random.Random`` (LaMP-7 shows a tweet's start and learns the
+    rest); it returns ``None`` for an item it cannot use.
+    """
+
+    input: str
+    target: str
+    query: str
+    split: Callable[[Mapping[str, str], random.Random], Mapping[str, str] | None] | None = None
+
+    def example(self, item: Mapping, rng: random.Random | None = None
+                ) -> tuple[str, str, str] | None:
+        """``(input, target, query)`` of one profile item, or ``None`` when ``split``
+        cannot use it; ``rng`` is needed only by a template with ``split``."""
+        fields = {key: str(value) for key, value in item.items()}
+        if self.split is not None:
+            derived = self.split(fields, rng)
+            if derived is None:
+                return None
+            fields.update(derived)
+        return self.input.format_map(fields), fields[self.target], fields[self.query]
+
+
+@dataclass(frozen=True)
 class Task:
     name: str  # "LaMP-3": the spelling used by the ranking and training scripts
     file_name: str  # "LaMP_3": the spelling inside LaMP output files and zips
@@ -61,6 +92,9 @@ class Task:
     # The fixed opening of every input in the published data; an input without it is a
     # malformed question (LaMP-2's user-split dev question 110 is one).
     input_prefix: str | None = None
+    # How a profile item becomes a per-user training example (train_user_peft.py); None: the
+    # task has no per-user recipe.
+    user_template: UserTemplate | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -136,11 +170,34 @@ def _citation_query(text: str) -> str | None:
     return f"{quoted[1]} {quoted[2]}"
 
 
+# LaMP-7's per-user examples show the first 10-25% of a tweet's words (drawn per item) and
+# learn the rest, the LaMP authors' per-user recipe.
+TWEET_START_SHARE = (0.10, 0.25)
+
+
+def _tweet_start(fields: Mapping[str, str], rng: random.Random) -> dict[str, str] | None:
+    """The shown start and the rest of a tweet; ``None`` for a tweet of one word (nothing
+    would be left to complete)."""
+    words = fields["text"].split()
+    if len(words) < 2:
+        return None
+    shown = round(rng.uniform(*TWEET_START_SHARE) * len(words))
+    shown = min(max(shown, 1), len(words) - 1)  # at least one word shown, one to write
+    return {"start": " ".join(words[:shown]), "rest": " ".join(words[shown:])}
+
+
 MOVIE_TAGS = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",
     "dark comedy", "classic", "psychology", "fantasy", "romance", "thought-provoking",
     "social commentary", "violence", "true story",
 )
+
+# The instructions of the published LaMP-2 and LaMP-3 inputs, without their description or
+# review, which the per-user templates append (as the tasks' own inputs end).
+_MOVIE_INSTRUCTION = ("Which tag does this movie relate to among the following tags? Just answer "
+                      f"with the tag name without further explanation. tags: [{', '.join(MOVIE_TAGS)}]")
+_RATING_INSTRUCTION = ("What is the score of the following review on a scale of 1 to 5? just "
+                       "answer with 1, 2, 3, 4, or 5 without further explanation.")
 
 _CLASSIFICATION_METRICS = ("accuracy", "f1")
 _RATING_METRICS = ("MAE", "RMSE")
@@ -156,6 +213,8 @@ _TASKS = (
         prompt=PromptTemplate(item='"{title}"', truncate_field="title", insert_after="title",
                               official_reserve=0, official_overhead=2),
         input_prefix="For an author who has written the paper with the title",
+        user_template=UserTemplate("Write an abstract for this title: {title}", target="abstract",
+                                   query="title"),
     ),
     Task(
         name="LaMP-2", file_name="LaMP_2", title="Personalized Movie Tagging",
@@ -166,6 +225,8 @@ _TASKS = (
         prompt=PromptTemplate(item='the tag for the movie: "{description}" is "{tag}" ',
                               truncate_field="description"),
         input_prefix="Which tag does this movie relate to among the following tags?",
+        user_template=UserTemplate(_MOVIE_INSTRUCTION + " description: {description}",
+                                   target="tag", query="description"),
     ),
     Task(
         name="LaMP-3", file_name="LaMP_3", title="Personalized Product Rating",
@@ -174,6 +235,8 @@ _TASKS = (
         profile_fields=("text", "score"), query_marker="review:", corpus_fields=("text",),
         prompt=PromptTemplate(item='{score} is the score for "{text}" ', truncate_field="text"),
         input_prefix="What is the score of the following review on a scale of 1 to 5?",
+        user_template=UserTemplate(_RATING_INSTRUCTION + " review: {text}", target="score",
+                                   query="text"),
     ),
     Task(
         name="LaMP-4", file_name="LaMP_4", title="Personalized News Headline Generation",
@@ -183,6 +246,8 @@ _TASKS = (
         corpus_fields=("title", "text"),
         prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
         input_prefix="Generate a headline for the following article:",
+        user_template=UserTemplate("Generate a headline for the following article: {text}",
+                                   target="title", query="text"),
     ),
     Task(
         name="LaMP-5", file_name="LaMP_5", title="Personalized Scholarly Title Generation",
@@ -197,6 +262,9 @@ _TASKS = (
                               official_fixed="Following the given patterns",
                               official_overhead='"{title}" is a title " " '),
         input_prefix="Generate a title for the following abstract of a paper:",
+        user_template=UserTemplate(
+            "Generate a title for the following abstract of a paper: {abstract}",
+            target="title", query="abstract"),
     ),
     Task(
         name="LaMP-6", file_name="LaMP_6", title="Personalized Email Subject Generation",
@@ -205,6 +273,8 @@ _TASKS = (
         profile_fields=("text", "title"), query_marker=":", corpus_fields=("text",),
         prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
         input_prefix="Generate a subject for the following email:",
+        user_template=UserTemplate("Generate a subject for the following email: {text}",
+                                   target="title", query="text"),
     ),
     Task(
         name="LaMP-7", file_name="LaMP_7", title="Personalized Tweet Paraphrasing",
@@ -217,6 +287,8 @@ _TASKS = (
                               official_fixed="are written by user. Following the given patterns",
                               official_overhead='"" '),
         input_prefix="Paraphrase the following tweet without any explanation before or after it:",
+        user_template=UserTemplate("Complete the following tweet: {start}", target="rest",
+                                   query="start", split=_tweet_start),
     ),
 )
 

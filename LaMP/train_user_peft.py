@@ -1,0 +1,330 @@
+"""Train one small PEFT adapter per user on that user's own profile (per-user PEFT, OPPU).
+
+Example (from the LaMP/ folder; a CPU-sized run, see --num_train_epochs and --learning_rate):
+    python train_user_peft.py --train_data ../runs/LaMP_7_dev_merged.json --task LaMP-7 \
+        --model_name HuggingFaceTB/SmolLM2-135M-Instruct --output_dir ../runs/users_lamp7 \
+        --num_train_epochs 3 --learning_rate 1e-3
+
+Users are the questions' ``user_id`` (time split), else each question is its own user (user
+split). Each user's adapter learns from that user's profile items through the task's
+per-user template (``Task.user_template``), optionally with k other items of the same
+profile retrieved into each prompt (``--use_profile --num_retrieved k``), optionally on top
+of a task-level adapter from train_llm.py merged into the base (``--base_adapter``). Leaves
+``{output_dir}/users/<user>/`` (a standard peft folder and ``user.json``) for every user,
+``users.json`` and ``args.json``. A rerun skips the users already done; ``--num_shards`` /
+``--shard_id`` and ``torchrun`` / ``accelerate launch`` split the users between processes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .` (as the original README's steps
+    # do): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from LaMP.utils.arguments import (add_model_arguments, add_optimizer_arguments,
+                                  add_profile_arguments, check_common,
+                                  check_optimizer_arguments, profile_options)
+from LaMP.utils.cli import ArgumentParser, run, setup_logging
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import check_outputs, require_regular_file, save_run_args
+from LaMP.utils.peft_methods import add_peft_arguments, check_peft_arguments, get_method
+from LaMP.utils.tasks import task_arg
+
+logger = logging.getLogger(__name__)
+
+SAVE_DTYPES = ("fp32", "bf16")
+# Flags that may differ between the runs (and shards) that fill one --output_dir: they do
+# not change what a user's adapter is.
+RUN_LOCAL_FLAGS = frozenset({"train_data", "output_dir", "num_shards", "shard_id", "device",
+                             "cache_dir"})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train_data", required=True,
+                        help="questions file (raw or merged with outputs); each user's "
+                             "adapter trains on the profile items of the user's questions")
+    parser.add_argument("--task", required=True, type=task_arg,
+                        help="LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+    parser.add_argument("--model_name", required=True,
+                        help="base model: a hub name or a local folder")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for users/<user>/ (one peft adapter each), users.json "
+                             "and args.json; a rerun into it skips the users already done")
+    parser.add_argument("--base_adapter", default=None,
+                        help="a task-level adapter (train_llm.py's --output_dir) merged into "
+                             "the base before per-user training (OPPU's shared + personal "
+                             "design); LoRA-family or ia3")
+    # The LaMP authors' per-user recipe: 512 tokens of input.
+    add_profile_arguments(parser, max_length=512)
+    # The LaMP authors' per-user recipe is the default: lr 5e-5, 30 epochs (LoRA r 8,
+    # alpha 32, dropout 0.1 below).
+    add_optimizer_arguments(
+        parser, num_train_epochs=30,
+        learning_rate_help="peak learning rate (5e-5 as the LaMP authors' per-user recipe; "
+                           "on a CPU a short run with 1e-3 and 2-3 epochs moves a LoRA "
+                           "adapter as far)",
+        epochs_help="epochs over each user's items (30 as the LaMP authors' per-user recipe; "
+                    "on a CPU 2-3 with a larger --learning_rate)",
+        max_steps_help="stop each user after this many optimizer steps (overrides epochs; "
+                       "-1: off)")
+    add_peft_arguments(parser)  # --peft NAME and the flags of its methods
+    parser.set_defaults(lora_r=8, lora_dropout=0.1)  # the per-user recipe (alpha is 32 already)
+    parser.add_argument("--save_dtype", choices=SAVE_DTYPES, default="fp32",
+                        help="dtype of the saved adapter weights (fp32: as trained; bf16 "
+                             "halves the bytes per user)")
+    parser.add_argument("--num_shards", type=int, default=1,
+                        help="split the users into this many shards (e.g. a SLURM array)")
+    parser.add_argument("--shard_id", type=int, default=0,
+                        help="the shard this run trains, 0 … --num_shards - 1")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    check_common(parser, args)
+    check_optimizer_arguments(parser, args)
+    check_peft_arguments(parser, args)
+    if get_method(args.peft).builder is None:
+        parser.error("--peft none trains the whole model: per-user training needs an adapter "
+                     "method (one copy of the model per user is what it avoids)")
+    if args.num_shards < 1:
+        parser.error("--num_shards must be >= 1")
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    if args.is_ranked:
+        parser.error("--is_ranked: a file's ranking orders the profile for its question; "
+                     "per-user training retrieves for each profile item among the user's "
+                     "other items (leave it out and choose --retriever)")
+    if args.task.user_template is None:
+        parser.error(f"{args.task.name} has no per-user training template")
+    return args
+
+
+def check_previous_run(output_dir: Path, args: argparse.Namespace) -> None:
+    """A rerun into --output_dir continues it only with the same settings: adapters trained
+    otherwise would sit beside each other as if they were one run's."""
+    from LaMP.utils.fileio import RUN_FILES, TRAINING_RUN_FILES, read_json
+
+    if not output_dir.is_dir():
+        return
+    from LaMP.utils.fileio import check_output_dir
+    from LaMP.utils.user_training import USERS_INDEX
+    from LaMP.utils.users import USERS_FOLDER
+
+    # What the run writes into, checked now rather than after the first user has trained.
+    check_output_dir(output_dir / USERS_FOLDER, "--output_dir")
+    if (output_dir / USERS_INDEX).is_dir():
+        raise LampError(f"--output_dir {output_dir}: {USERS_INDEX} is a folder; remove it or "
+                        "choose another folder")
+    foreign = [name for name in TRAINING_RUN_FILES + RUN_FILES
+               if name != "args.json" and os.path.lexists(output_dir / name)]
+    if foreign:
+        raise LampError(f"--output_dir {output_dir} holds another stage's run "
+                        f"({', '.join(foreign)}); choose another folder")
+    if not (output_dir / "args.json").exists():
+        return
+    saved = read_json(output_dir / "args.json", "arguments file")
+    if not isinstance(saved, dict) or saved.get("stage") != "train_user_peft":
+        raise LampError(f"--output_dir {output_dir} holds another stage's args.json; choose "
+                        "another folder")
+    now = run_arguments(args)
+    differ = sorted(key for key in set(saved) | set(now)
+                    if key not in RUN_LOCAL_FLAGS and saved.get(key) != now.get(key))
+    if differ:
+        shown = ", ".join(f"--{key} {saved.get(key)!r} then, {now.get(key)!r} now"
+                          for key in differ[:3])
+        raise LampError(f"--output_dir {output_dir} holds per-user adapters trained with other "
+                        f"settings ({shown}); rerun with the same flags or choose another folder")
+
+
+def run_arguments(args: argparse.Namespace) -> dict:
+    """The flags as args.json records them (JSON values, plus which stage wrote it)."""
+    from LaMP.utils.fileio import plain_run_args
+
+    return {**plain_run_args(args), "stage": "train_user_peft"}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail on user mistakes before anything expensive is loaded."""
+    from LaMP.utils.checkpoints import (ADAPTER_CONFIG, check_adapter_folder,
+                                        check_model_folder)
+    from LaMP.utils.fileio import check_output_dir, read_json
+    from LaMP.utils.peft_methods import method_of_adapter
+
+    check_output_dir(args.output_dir)
+    require_regular_file(args.train_data, "--train_data",
+                         "it is read twice: once for its users, once for their profiles")
+    check_previous_run(Path(args.output_dir), args)
+    check_model_folder(args.model_name, "--model_name")
+    device_of(args)  # an unknown or absent device: one line now
+    training_settings(args).check_schedule()
+    if args.base_adapter:
+        check_adapter_folder(args.base_adapter, "--base_adapter")
+        method = method_of_adapter(read_json(Path(args.base_adapter) / ADAPTER_CONFIG))
+        if method is None or get_method(method).virtual_tokens:
+            raise LampError(f"--base_adapter {args.base_adapter}: a {method or 'unknown'} "
+                            "adapter cannot be merged into the base model (LoRA-family and "
+                            "ia3 adapters can)")
+
+
+def shard_of(args: argparse.Namespace) -> tuple[int, int]:
+    """(shard, number of shards) of this process: --shard_id of --num_shards, each split
+    again among the processes a launcher started."""
+    from LaMP.utils.distributed import launch_from_env
+
+    launch = launch_from_env()
+    return (args.shard_id * launch.world_size + launch.rank,
+            args.num_shards * launch.world_size)
+
+
+def device_of(args: argparse.Namespace):
+    """This process's device: --device, or under a launcher its own GPU (LOCAL_RANK)."""
+    from LaMP.utils.distributed import launch_from_env
+    from LaMP.utils.modeling import resolve_device
+
+    launch = launch_from_env()
+    return resolve_device(args.device,
+                          local_rank=launch.local_rank if launch.distributed else None)
+
+
+def load_base(args: argparse.Namespace):
+    """The LampModel whose model is the base (with --base_adapter merged in), wrapped by
+    peft with a first adapter of --peft; fp32 weights (the adapters train in fp32)."""
+    import torch
+
+    from LaMP.utils.modeling import LampModel, load_model
+    from LaMP.utils.training import add_peft
+
+    device = device_of(args)
+    loaded = load_model(args.model_name, device=str(device), adapter=args.base_adapter,
+                        chat_template=args.chat_template,
+                        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+                        dtype=torch.float32)
+    model = loaded.model
+    if args.base_adapter:
+        model = model.merge_and_unload()  # the task adapter becomes part of the base
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model = add_peft(model, args.peft, vars(args), seq2seq=loaded.is_seq2seq)
+    return LampModel(model=model, tokenizer=loaded.tokenizer, is_seq2seq=loaded.is_seq2seq,
+                     device=device, chat_template=args.chat_template)
+
+
+def local_or_name(path: str | None) -> str | None:
+    """A local folder as an absolute path; a hub name (or nothing) as it is."""
+    return os.path.abspath(path) if path and os.path.isdir(path) else path
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  inputs={"--train_data": args.train_data, "--model_name": args.model_name,
+                          "--base_adapter": args.base_adapter,
+                          "--contriever_checkpoint": args.contriever_checkpoint})
+    check_inputs(args)
+
+    from LaMP.utils.fileio import remove_stale_temporaries_in
+    from LaMP.utils.user_training import (check_users_have_items, collect_profiles,
+                                          pending_users, scan_users, shard_users,
+                                          write_users_index)
+    from LaMP.utils.users import USERS_FOLDER
+
+    task = args.task
+    output_dir = Path(args.output_dir)
+    shard, num_shards = shard_of(args)
+    users = scan_users(args.train_data, task)  # every question validated, before any model
+    mine = shard_users(users, shard, num_shards)
+    pending = pending_users(output_dir, mine)
+    logger.info("%d users in %s; shard %d of %d: %d users, %d already done", len(users),
+                args.train_data, shard, num_shards, len(mine), len(mine) - len(pending))
+    profiles = collect_profiles(args.train_data, task, pending)
+    check_users_have_items(task, profiles, args.seed, args.train_data)
+    # Everything that can fail on this machine (the model, its tokenizer, a dense retriever)
+    # is set up before the first file is written.
+    setup = TrainingSetup(args) if pending else None
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_run_args(output_dir / "args.json",
+                  {key: value for key, value in run_arguments(args).items()
+                   if key not in ("num_shards", "shard_id")})  # the same file from every shard
+    remove_stale_temporaries_in(output_dir / USERS_FOLDER)
+    trained = setup.train(pending, profiles) if setup else []
+    # What serving needs to rebuild each user's model: the base, and the task adapter
+    # merged into it (local paths made absolute: serving runs from anywhere).
+    run_record = {"task": task.name, "model_name": local_or_name(args.model_name),
+                  "base_adapter": local_or_name(args.base_adapter), "peft": args.peft,
+                  "use_profile": args.use_profile, "num_retrieved": args.num_retrieved,
+                  "retriever": args.retriever, "save_dtype": args.save_dtype}
+    index = write_users_index(output_dir, run_record, users)
+    logger.info("%d users trained now; %d of the data's %d users have adapters in %s",
+                len(trained), len(users) - index["num_missing"], len(users), output_dir)
+    return {"users": users, "shard_users": mine, "trained": [r["user"] for r in trained],
+            "records": trained, "index": index}
+
+
+class TrainingSetup:
+    """The model (loaded once), the prompt builder, the ranker and the per-user trainer."""
+
+    def __init__(self, args: argparse.Namespace):
+        from LaMP.utils.peft_methods import build_config
+        from LaMP.utils.user_training import UserAdapterTrainer, retrieval_task
+
+        self.args = args
+        task = args.task
+        lamp_model = load_base(args)
+        self.prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
+                                                   args.prompt_budget)
+        options = profile_options(args)
+        self.num_retrieved = options.num_retrieved if options.uses_items else 0
+        self.ranker = options.ranker(retrieval_task(task)) if options.uses_items else None
+        base_config = lamp_model.model.get_base_model().config
+        self.trainer = UserAdapterTrainer(
+            lamp_model,
+            lambda: build_config(get_method(args.peft), vars(args),
+                                 seq2seq=lamp_model.is_seq2seq, model_config=base_config),
+            training_settings(args), seed=args.seed, save_dtype=args.save_dtype)
+
+    def train(self, pending: list[str], profiles: dict) -> list[dict]:
+        """Train every pending user's adapter in turn; their records."""
+        from tqdm.auto import tqdm
+
+        from LaMP.utils.user_training import user_examples
+
+        args = self.args
+        records = []
+        progress = tqdm(pending, desc="users", unit="user")
+        for user in progress:
+            items = profiles.pop(user)
+            examples = user_examples(args.task, user, items, seed=args.seed,
+                                     prompt_fn=self.prompt_fn, ranker=self.ranker,
+                                     num_retrieved=self.num_retrieved)
+            record = self.trainer.train_user(user, examples, args.output_dir,
+                                             extra={"profile_items": len(items)})
+            records.append(record)
+            progress.set_postfix(loss=record["final_loss"], refresh=False)
+            logger.info("user %s: %d items, %d steps, final loss %.4f, %.1f s, %d bytes",
+                        user, record["items"], record["steps"], record["final_loss"],
+                        record["seconds"], record["bytes"])
+        return records
+
+
+def training_settings(args: argparse.Namespace):
+    from LaMP.utils.user_training import TrainSettings
+
+    return TrainSettings(
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+        batch_size=args.per_device_batch_size, warmup_ratio=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler_type, max_length=args.max_length,
+        target_max_length=args.generation_max_length)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,504 @@
+"""Per-user PEFT: one small adapter per user, trained on that user's profile alone.
+
+The pieces ``train_user_peft.py`` runs, each usable on its own (a benchmark or the serving side
+calls them too):
+
+- **Users.** ``scan_users`` reads a questions file once and returns its users, sorted
+  (``LaMP.utils.users.user_of``: the ``user_id`` of the time split, else the question's own
+  id); ``shard_users`` gives a process its share (every ``num_shards``-th user in that sorted
+  order, so shards are balanced and partition the users whatever the file order);
+  ``collect_profiles`` reads the file again and keeps the profile items of the users asked
+  for (a time-split user's questions each carry a profile: the items are joined by id).
+- **Examples.** ``user_examples`` turns a user's items into training examples through the
+  task's per-user template (``Task.user_template``); with retrieval, each example's prompt
+  carries the k items of the *same user's* other items that the ranker finds for it, built
+  by the one prompt builder.
+- **Training.** ``UserAdapterTrainer`` holds the base model (loaded once) inside a peft
+  wrapper; for each user it adds a freshly initialised adapter in place of the previous
+  user's (which is deleted), trains it with a plain AdamW loop and saves it as a standard
+  peft folder, so that nothing of one user reaches the next (no deep copy of the model
+  either). Initialisation, dropout and shuffling
+  are seeded from ``--seed`` and the user id alone: a user's adapter is the same whichever
+  other users a process trained before it, and whatever the sharding.
+- **On disk** (``output_dir``)::
+
+      users/<folder>/adapter_config.json       the standard peft folder of one user
+      users/<folder>/adapter_model.safetensors  (loads with PeftModel.from_pretrained)
+      users/<folder>/user.json                  that user's record (written with the adapter)
+      users.json                                the index of every complete user folder
+      args.json                                 the run's flags
+
+  ``<folder>`` is ``LaMP.utils.users.user_folder_name(user)``. A user folder appears whole
+  or not at all (written into a temporary beside it and renamed), so a user whose folder
+  exists is done; ``users.json`` is rebuilt from the folders (under a lock), never edited,
+  so concurrent shards cannot lose each other's users.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+from LaMP.utils.checkpoints import adapter_folder_problem
+from LaMP.utils.data import iter_questions
+from LaMP.utils.errors import LampError
+from LaMP.utils.examples import Example
+from LaMP.utils.fileio import atomic_folder, atomic_write_json, read_json
+from LaMP.utils.tasks import Task, UserTemplate
+from LaMP.utils.users import USERS_FOLDER, user_adapter_dir, user_of
+
+logger = logging.getLogger(__name__)
+
+USER_RECORD = "user.json"  # inside each user's folder: who it is and how it was trained
+USERS_INDEX = "users.json"  # at the output folder: every complete user's record
+ADAPTER_NAME = "user"  # the peft adapter name while a user trains (never saved: folders are standard)
+# A user.json is a few hundred bytes; anything far larger is not ours.
+MAX_RECORD_BYTES = 1_000_000
+
+
+# -- users and their items -----------------------------------------------------------------
+
+def scan_users(path: str | os.PathLike, task: Task) -> list[str]:
+    """The users of a questions file, sorted; every question is validated on the way (so a
+    data mistake is reported before a model loads). Questions name their user all or none
+    (a file of both splits would give question ids and user ids one namespace), a user id
+    is a string or an integer, and question ids are distinct (``7`` and ``"7"`` are one)."""
+    from collections import Counter
+
+    from LaMP.utils.data import as_id
+    from LaMP.utils.errors import preview
+
+    users: set[str] = set()
+    ids: Counter = Counter()
+    with_user = without_user = None
+    for question in iter_questions(path, task):
+        ids[question["id"]] += 1
+        if question.get("user_id") is None:
+            without_user = without_user or question["id"]
+        else:
+            with_user = with_user or question["id"]
+            if as_id(question["user_id"]) is None:
+                raise LampError(f"{path}: question {question['id']}: \"user_id\" must be a "
+                                f"string or an integer, not {question['user_id']!r:.60}")
+        if with_user is not None and without_user is not None:
+            raise LampError(f"{path}: some questions name their user_id and some do not (e.g. "
+                            f"{with_user} does, {without_user} does not); use one split's file")
+        users.add(user_of(question))
+    if not users:
+        raise LampError(f"{path}: no questions")
+    repeated = sorted(qid for qid, count in ids.items() if count > 1)
+    if repeated:
+        raise LampError(f"{path}: duplicate question ids: {preview(repeated)}")
+    return sorted(users)
+
+
+def shard_users(users: Sequence[str], shard_id: int, num_shards: int) -> list[str]:
+    """Shard ``shard_id``'s users: every ``num_shards``-th of the sorted users. The shards
+    are disjoint, together hold every user and differ in size by at most one."""
+    if not 0 <= shard_id < num_shards:
+        raise LampError(f"shard id {shard_id} is not in 0 … {num_shards - 1}")
+    return sorted(users)[shard_id::num_shards]
+
+
+def collect_profiles(path: str | os.PathLike, task: Task, wanted: Iterable[str]
+                     ) -> dict[str, list[dict]]:
+    """The profile items of each ``wanted`` user, by item id in first-seen order: a user of
+    the time split has several questions whose profiles overlap."""
+    wanted = set(wanted)
+    profiles: dict[str, dict[str, dict]] = {user: {} for user in wanted}
+    for question in iter_questions(path, task):
+        user = user_of(question)
+        if user in profiles:
+            items = profiles[user]
+            for item in question["profile"]:
+                items.setdefault(item["id"], item)
+    return {user: list(items.values()) for user, items in profiles.items()}
+
+
+def derived_seed(seed: int, *keys: str) -> int:
+    """A 63-bit seed from ``seed`` and ``keys`` (a user id, an item id): the same on every
+    machine and in every process, unlike Python's salted ``hash``."""
+    digest = hashlib.blake2b("\x00".join((str(seed), *keys)).encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def template_of(task: Task) -> UserTemplate:
+    if task.user_template is None:
+        raise LampError(f"{task.name} has no per-user training template")
+    return task.user_template
+
+
+def item_examples(task: Task, user: str, items: Sequence[Mapping], seed: int
+                  ) -> list[tuple[Mapping, tuple[str, str, str]]]:
+    """Each usable item with its ``(input, target, query)``; a template's random choice (the
+    shown share of a LaMP-7 tweet) is seeded by ``seed``, the user and the item id."""
+    template = template_of(task)
+    made = []
+    for item in items:
+        rng = (random.Random(derived_seed(seed, user, str(item["id"])))
+               if template.split is not None else None)
+        example = template.example(item, rng)
+        if example is not None:
+            made.append((item, example))
+    return made
+
+
+def check_users_have_items(task: Task, profiles: Mapping[str, Sequence[Mapping]], seed: int,
+                           path: str | os.PathLike) -> None:
+    """One error naming the users whose profile gives no training example."""
+    from LaMP.utils.errors import preview
+
+    empty = sorted(user for user, items in profiles.items()
+                   if not item_examples(task, user, items, seed))
+    if empty:
+        raise LampError(f"{path}: users with no profile item a {task.name} per-user "
+                        f"example can be made from: {preview(empty)}")
+
+
+def retrieval_task(task: Task) -> Task:
+    """``task`` as the ranker of per-user examples sees it: a question's input is its query
+    already (the template's query field), not an input to find the query in."""
+    from dataclasses import replace
+
+    return replace(task, query_fn=_as_query)
+
+
+def _as_query(text: str) -> str:
+    return text
+
+
+def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
+                  prompt_fn: Callable[[str, Sequence[Mapping]], str], ranker=None,
+                  num_retrieved: int = 0) -> list[Example]:
+    """The training examples of one user: each usable profile item through the task's
+    per-user template. With ``ranker`` (built for ``retrieval_task(task)``) and
+    ``num_retrieved`` k > 0, each prompt also carries the best k of the user's *other* items
+    for that item's query (never the item itself)."""
+    made = item_examples(task, user, items, seed)
+    retrieved: list[list[Mapping]] = [[] for _ in made]
+    if ranker is not None and num_retrieved > 0:
+        from LaMP.utils.retrieval import order_profile
+
+        # Each item is a question whose input is its query, searched among the other items.
+        questions = [{"id": f"{user}/{item['id']}", "input": query,
+                      "profile": [other for other in items if other is not item]}
+                     for item, (_, _, query) in made]
+        for position, (question, ranked) in enumerate(ranker.rank(questions)):
+            retrieved[position] = order_profile(question["profile"], ranked,
+                                                question["id"])[:num_retrieved]
+    return [Example(id=str(item["id"]), prompt=prompt_fn(text, others), target=target)
+            for (item, (text, target, _)), others in zip(made, retrieved)]
+
+
+# -- the user folders ----------------------------------------------------------------------
+
+def user_folder_problem(folder: Path, user: str) -> str | None:
+    """Why ``folder`` is not ``user``'s complete adapter folder, or ``None``."""
+    if not folder.is_dir():
+        return "missing"
+    problem = adapter_folder_problem(folder)
+    if problem:
+        return problem
+    record = read_user_record(folder)
+    if record is None:
+        return f"no valid {USER_RECORD}"
+    if record.get("user") != user:
+        return f"{USER_RECORD} names user {record.get('user')!r}"
+    return None
+
+
+def read_user_record(folder: Path) -> dict | None:
+    try:
+        record = read_json(folder / USER_RECORD, USER_RECORD, max_bytes=MAX_RECORD_BYTES)
+    except LampError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("user"), str) else None
+
+
+def pending_users(output_dir: str | os.PathLike, users: Iterable[str]) -> list[str]:
+    """The users without a complete adapter folder; an incomplete folder (not one this code
+    writes: a copy cut short, a file damaged since) is logged and will be replaced."""
+    pending = []
+    for user in users:
+        folder = user_adapter_dir(output_dir, user)
+        problem = user_folder_problem(folder, user)
+        if problem is None:
+            continue
+        if problem != "missing":
+            logger.warning("%s is incomplete (%s): user %s trains again", folder, problem, user)
+        pending.append(user)
+    return pending
+
+
+def replace_incomplete(folder: Path, user: str) -> None:
+    """Remove ``user``'s incomplete folder (``pending_users`` logged it) so that the new
+    adapter can take its place; a complete one is another run's work: an error."""
+    if not os.path.lexists(folder):
+        return
+    if user_folder_problem(folder, user) is None:
+        raise LampError(f"{folder}: written by another run at the same time (two runs "
+                        "share its folder?)")
+    try:
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
+    except OSError as error:
+        raise LampError(f"{folder}: cannot remove the incomplete adapter "
+                        f"({error.strerror or error})") from None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+
+
+def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
+    """The record of every complete user folder under ``output_dir``, by user id (sorted)."""
+    root = Path(output_dir) / USERS_FOLDER
+    records = {}
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue  # a temporary being written (or left by a kill)
+            record = read_user_record(folder)
+            if record is None or user_folder_problem(folder, record["user"]) is not None:
+                continue
+            try:
+                expected = user_adapter_dir(output_dir, record["user"]).name
+            except LampError:  # an id no folder can be named after: not one we wrote
+                continue
+            if expected != folder.name:
+                continue  # a folder copied in under another name: not where a lookup goes
+            records[record["user"]] = {**record, "folder": f"{USERS_FOLDER}/{folder.name}"}
+    return dict(sorted(records.items()))
+
+
+@contextlib.contextmanager
+def _index_lock(output_dir: Path) -> Iterator[None]:
+    """Serialise the rebuilds of ``users.json`` of concurrent processes (shards on one
+    machine): the last rebuild then sees every finished user. The lock is taken on the
+    folder itself, so that no lock file is left behind; where the system cannot lock a
+    folder (not POSIX, some network file systems) the rebuild goes unlocked, and a rerun
+    rebuilds the index again."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        handle = os.open(output_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            logger.warning("%s: cannot lock the folder (%s); users.json is rebuilt unlocked",
+                           output_dir, error.strerror)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+def write_users_index(output_dir: str | os.PathLike, run: Mapping,
+                      users_in_data: Sequence[str] | None = None) -> dict:
+    """Rebuild ``users.json`` from the user folders on disk: ``run`` (model, task, base
+    adapter, …) and every complete user's record; with ``users_in_data``, how many of the
+    data's users have no adapter yet."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _index_lock(output_dir):
+        records = scan_user_records(output_dir)
+        index = {**run, "num_users": len(records), "users": records}
+        if users_in_data is not None:
+            index["num_users_in_data"] = len(users_in_data)
+            index["num_missing"] = sum(1 for user in users_in_data if user not in records)
+        atomic_write_json(output_dir / USERS_INDEX, index, indent=1)
+    return index
+
+
+def read_users_index(output_dir: str | os.PathLike) -> dict:
+    """``users.json`` of a per-user training run (``LampError`` naming it if absent or bad)."""
+    path = Path(output_dir) / USERS_INDEX
+    index = read_json(path, "per-user index")
+    if not isinstance(index, dict) or not isinstance(index.get("users"), dict):
+        raise LampError(f"{path}: not a per-user index (no \"users\" object)")
+    return index
+
+
+# -- training ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How each user's adapter trains (the script's flags)."""
+
+    learning_rate: float
+    weight_decay: float
+    num_train_epochs: float
+    max_steps: int  # -1: train num_train_epochs
+    batch_size: int
+    warmup_ratio: float
+    lr_scheduler_type: str
+    max_length: int
+    target_max_length: int
+
+    def scheduler(self, optimizer, total_steps: int):
+        from transformers import get_scheduler
+
+        return get_scheduler(self.lr_scheduler_type, optimizer,
+                             num_warmup_steps=int(self.warmup_ratio * total_steps),
+                             num_training_steps=total_steps)
+
+    def check_schedule(self) -> None:
+        """One error line for a --lr_scheduler_type transformers does not know or cannot
+        build from a warm-up and a step count alone, before any model loads."""
+        import torch
+
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            schedule = self.scheduler(optimizer, 10)
+            optimizer.step()
+            schedule.step()  # one that needs a metric (reduce_lr_on_plateau) fails here
+        except (ValueError, TypeError, KeyError) as error:
+            raise LampError(f"--lr_scheduler_type {self.lr_scheduler_type}: "
+                            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                            ) from None
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * math.ceil(n_examples / self.batch_size)))
+
+
+class UserAdapterTrainer:
+    """Trains one fresh adapter per user on one loaded model, saving each as a peft folder.
+
+    ``lamp_model.model`` is the peft-wrapped base (``training.add_peft``); ``make_config()``
+    returns a new peft config for each user's adapter (peft fills a config in when it builds
+    an adapter, so one object cannot serve twice). A user's adapter is added beside the
+    previous user's, made the active one, and the previous one is deleted before anything
+    trains: peft cannot add a prefix-tuning adapter to a model left without any.
+    """
+
+    def __init__(self, lamp_model, make_config: Callable[[], object], settings: TrainSettings,
+                 *, seed: int, save_dtype: str = "fp32"):
+        self.lamp_model = lamp_model
+        self.model = lamp_model.model
+        self.make_config = make_config
+        self.settings = settings
+        self.seed = seed
+        self.save_dtype = save_dtype
+        self.adapters_made = 0
+        self._current = self.model.active_adapter  # the one add_peft made
+
+    # one user, start to end
+    def train_user(self, user: str, examples: Sequence[Example], output_dir: str | os.PathLike,
+                   extra: Mapping | None = None) -> dict:
+        """Train ``user``'s adapter on ``examples`` and save it; returns its record."""
+        from LaMP.utils.training import training_features
+
+        started = time.perf_counter()
+        seed = derived_seed(self.seed, user)
+        self.fresh_adapter(seed)
+        features = training_features(self.lamp_model, examples,
+                                     max_length=self.settings.max_length,
+                                     target_max_length=self.settings.target_max_length)
+        steps, final_loss = self.fit(features, seed)
+        folder = user_adapter_dir(output_dir, user)
+        replace_incomplete(folder, user)
+        with atomic_folder(folder) as temporary:
+            self.save_adapter(temporary)
+            record = {"user": user, "items": len(examples), "steps": steps,
+                      "final_loss": final_loss, "seed": seed, **(extra or {}),
+                      "bytes": folder_bytes(temporary),
+                      "seconds": round(time.perf_counter() - started, 3)}
+            atomic_write_json(temporary / USER_RECORD, record, indent=1)
+        return record
+
+    def fresh_adapter(self, seed: int) -> None:
+        """Replace the model's adapter by a new one initialised from ``seed`` alone."""
+        import torch
+
+        self.adapters_made += 1
+        name = f"{ADAPTER_NAME}{self.adapters_made % 2}"  # never the name still in use
+        torch.manual_seed(seed)
+        self.model.add_adapter(name, self.make_config())
+        self.model.set_adapter(name)
+        previous, self._current = self._current, name
+        self.model.delete_adapter(previous)
+        # Re-seeded after the set-up: the draws of training (dropout) must not depend on
+        # what creating this adapter or deleting the last one drew.
+        torch.manual_seed(seed)
+
+    def trainable_parameters(self) -> list:
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+
+    def fit(self, features: Sequence[dict], seed: int) -> tuple[int, float | None]:
+        """A plain AdamW loop over ``features`` with a seeded shuffle per epoch; returns the
+        steps taken and the mean loss of the last epoch's steps."""
+        import torch
+
+        from LaMP.utils.training import PaddingCollator
+
+        settings = self.settings
+        parameters = self.trainable_parameters()
+        optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate,
+                                      weight_decay=settings.weight_decay)
+        total = settings.total_steps(len(features))
+        scheduler = settings.scheduler(optimizer, total)
+        collate = PaddingCollator(self.lamp_model.tokenizer.pad_token_id)
+        generator = torch.Generator().manual_seed(seed)
+        device = self.lamp_model.device
+        batches_per_epoch = math.ceil(len(features) / settings.batch_size)
+        recent: list[float] = []
+        self.model.train()
+        order: list[int] = []
+        for step in range(total):
+            position = step % batches_per_epoch
+            if position == 0:
+                order = torch.randperm(len(features), generator=generator).tolist()
+                recent = []
+            rows = order[position * settings.batch_size:(position + 1) * settings.batch_size]
+            batch = {key: value.to(device)
+                     for key, value in collate([features[row] for row in rows]).items()}
+            loss = self.model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            recent.append(float(loss.detach()))
+        self.model.eval()
+        return total, (sum(recent) / len(recent) if recent else None)
+
+    def save_adapter(self, folder: Path) -> None:
+        """The current adapter as a standard peft folder (adapter_config.json and
+        adapter_model.safetensors), its weights in ``save_dtype``."""
+        import torch
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.save_dtype]
+        state = get_peft_model_state_dict(self.model, adapter_name=self._current)
+        state = {key: (value.detach().to(dtype) if value.is_floating_point() else value.detach())
+                 .contiguous().cpu() for key, value in state.items()}
+        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = self.model.peft_config[self._current].to_dict()
+        config["inference_mode"] = True  # as peft saves it: loaded for inference by default
+        # The model the adapter belongs to, as get_peft_model records it (add_adapter does not).
+        config["base_model_name_or_path"] = getattr(self.model.get_base_model(),
+                                                    "name_or_path", None)
+        # Sets sorted (peft writes them in hash order, which differs between processes): the
+        # same adapter is the same bytes in every run.
+        config = {key: sorted(value) if isinstance(value, set) else value
+                  for key, value in sorted(config.items())}
+        atomic_write_json(folder / "adapter_config.json", config, indent=2)
