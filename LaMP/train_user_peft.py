@@ -186,7 +186,7 @@ def shard_of(args: argparse.Namespace) -> tuple[int, int]:
 def device_of(args: argparse.Namespace):
     """This process's device: --device, or under a launcher its own GPU (LOCAL_RANK)."""
     from LaMP.utils.distributed import launch_from_env
-    from LaMP.utils.modeling import resolve_device
+    from LaMP.utils.devices import resolve_device
 
     launch = launch_from_env()
     return resolve_device(args.device,

@@ -186,7 +186,7 @@ def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
     made = item_examples(task, user, items, seed)
     retrieved: list[list[Mapping]] = [[] for _ in made]
     if ranker is not None and num_retrieved > 0:
-        from LaMP.utils.retrieval import order_profile
+        from LaMP.utils.retrieval.rankings import order_profile
 
         # Each item is a question whose input is its query, searched among the other items.
         questions = [{"id": f"{user}/{item['id']}", "input": query,
