@@ -126,12 +126,13 @@ def check_model_folder(name_or_path: str, what: str = "model") -> None:
         raise LampError(f"{what} {name_or_path}: {problem}")
 
 
-def check_adapter_folder(path: str) -> None:
+def check_adapter_folder(path: str, flag: str = "--adapter") -> None:
     """One error line unless ``path`` is a folder with a peft config and loadable weights
-    (without this, peft looks the missing weights up on the hub under the folder's name)."""
+    (without this, peft looks the missing weights up on the hub under the folder's name).
+    ``flag``: how the message names where the folder came from."""
     folder = Path(path)
     if not folder.is_dir():
-        raise LampError(f"--adapter {path} is not a folder (a peft adapter folder, e.g. "
+        raise LampError(f"{flag} {path} is not a folder (a peft adapter folder, e.g. "
                         "train_llm.py's --output_dir)")
     problem = None
     if not (folder / ADAPTER_CONFIG).is_file():
@@ -141,7 +142,7 @@ def check_adapter_folder(path: str) -> None:
     problem = problem or adapter_config_problem(folder / ADAPTER_CONFIG) or weights_problem(
         folder, ADAPTER_WEIGHTS)
     if problem:
-        raise LampError(f"--adapter {path}: {problem}")
+        raise LampError(f"{flag} {path}: {problem}")
 
 
 def _json_problem(path: Path) -> str | None:
