@@ -66,7 +66,7 @@ def review_questions(count: int = 6) -> list[dict]:
 def save_user_adapters(model: Path, root: Path, users, *, method: str = "lora") -> Path:
     """One random, non-zero adapter per user at the folder a per-user training run uses."""
     import torch
-    from peft import IA3Config, LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     seq2seq = AutoConfig.from_pretrained(model).is_encoder_decoder
@@ -76,6 +76,8 @@ def save_user_adapters(model: Path, root: Path, users, *, method: str = "lora") 
         torch.manual_seed(100 + number)
         if method == "ia3":
             config = IA3Config(task_type=task_type, init_ia3_weights=False)
+        elif method == "prompt_tuning":
+            config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=3 + number % 2)
         else:
             config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=task_type,
                                 use_dora=method == "dora")
@@ -161,7 +163,7 @@ def test_label_scoring_picks_each_users_own_label(tiny_model, tmp_path):
     assert set(expected) <= set(get_task("LaMP-3").labels)
 
 
-@pytest.mark.parametrize("method", ["ia3", "dora"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "prompt_tuning"])
 def test_methods_peft_cannot_mix_are_served_user_by_user(tiny_llama, tmp_path, method):
     questions = tweet_questions(4)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
@@ -271,6 +273,10 @@ def test_bad_adapter_folders_are_one_line_naming_the_user(tiny_t5, tmp_path, no_
     with pytest.raises(LampError, match=r"--user_adapters .* is not a folder"):
         evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                      "--user_adapters", str(tmp_path / "absent")))
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(LampError, match=r"--user_adapters .*/not_a_run has no users/ folder"):
+        evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
+                                     "--user_adapters", str(tmp_path / "not_a_run")))
 
 
 def test_adapters_of_two_methods_are_refused_before_loading(tiny_t5, tmp_path):
@@ -283,6 +289,38 @@ def test_adapters_of_two_methods_are_refused_before_loading(tiny_t5, tmp_path):
                                         r"for user 'q1'\)"):
         evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                      "--user_adapters", str(root)))
+
+
+def test_adapters_for_another_kind_of_model_are_refused(tiny_t5, tiny_llama, tmp_path):
+    data = write_json(tmp_path / "LaMP_7_dev.json", tweet_questions(2))
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["q0", "q1"])
+    with pytest.raises(LampError, match=r"the adapters under .* are for SEQ_2_SEQ_LM models; "
+                                        r"this model is causal \(CAUSAL_LM\)"):
+        evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
+                                     "--user_adapters", str(root)))
+
+
+def test_an_adapter_of_another_base_model_is_one_error_naming_the_user(tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_unigram_tokenizer
+
+    data = write_json(tmp_path / "LaMP_7_dev.json", tweet_questions(2))
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", ["q0"])
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=len(make_unigram_tokenizer()),
+                                         hidden_size=48, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2))
+    get_peft_model(wider, LoraConfig(r=4, task_type="CAUSAL_LM")).save_pretrained(
+        user_adapter_dir(root, "q1"))
+    with pytest.raises(LampError, match=r"^cannot load user 'q1'\'s adapter .*/users/q1: "):
+        evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
+                                     "--user_adapters", str(root), "--max_loaded_adapters",
+                                     "1"))
+    assert not (tmp_path / "eval" / "predictions.json").exists()
 
 
 def test_an_output_dir_inside_the_adapters_folder_is_refused(tiny_t5, tmp_path):
@@ -299,8 +337,71 @@ def test_an_output_dir_inside_the_adapters_folder_is_refused(tiny_t5, tmp_path):
 def test_a_user_id_that_is_not_an_id_is_one_error(tiny_t5, tmp_path):
     questions = tweet_questions(2, users=["a", ["b"]])
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
-    (tmp_path / "per_user").mkdir()
+    (tmp_path / "per_user" / "users").mkdir(parents=True)
     with pytest.raises(LampError, match=r'question 1 \(id q1\): "user_id" must be a string '
                                         r"or an integer, not \['b'\]"):
         evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                      "--user_adapters", str(tmp_path / "per_user")))
+
+
+# -- under a launcher: each process answers (and loads) its own users ------------------------
+
+def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path, monkeypatch):
+    from LaMP.utils import distributed, user_serving
+    from LaMP.utils.distributed import Launch
+
+    users = ["A", "B", "A", "B", "C", "D", "C", "D"]
+    questions = tweet_questions(8, users)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["A", "B", "C", "D"])
+    monkeypatch.setattr(distributed, "launch_from_env", lambda: Launch(1, 2, 1))
+    monkeypatch.setattr(distributed, "init_process_group", lambda launch, device: False)
+    answered, loaded = [], []
+
+    def gather(mine, launch):  # process 0's four answers stood in for
+        answered.extend(mine)
+        return ["x"] * 4 + list(mine)
+
+    load_one = user_serving._AdapterPool._load_one
+
+    def record(pool, user):
+        loaded.append(user)
+        return load_one(pool, user)
+
+    monkeypatch.setattr("LaMP.utils.predict.gather_in_order", gather)
+    monkeypatch.setattr(user_serving._AdapterPool, "_load_one", record)
+    out = evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
+                                       "--user_adapters", str(root)))
+    # Sliced with each user's questions together: process 1 has C's and D's, and only those.
+    assert sorted(loaded) == ["C", "D"]
+    expected = one_user_at_a_time(tiny_t5, root, [questions[i] for i in (4, 6, 5, 7)],
+                                  "LaMP-7", tmp_path)
+    assert answered == expected
+    # ... and every answer lands at its question's place.
+    assert out["predictions"] == ["x"] * 4 + [answered[0], answered[2], answered[1],
+                                              answered[3]]
+    assert not (tmp_path / "eval").exists()  # process 1 writes nothing
+
+
+def test_two_processes_write_what_one_process_writes(tiny_t5, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    questions = tweet_questions(5, ["A", "B", "A", "C", "B"])
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["A", "B", "C"])
+    args = serve_args(data, tiny_t5, "LaMP-7", tmp_path / "one", "--user_adapters", str(root),
+                      "--max_loaded_adapters", "2")
+    evaluate_llm.main(args)
+    args[args.index(str(tmp_path / "one"))] = str(tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--master_addr", "127.0.0.1", "--master_port", "29641",
+                           str(REPO / "LaMP" / "evaluate_llm.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ((tmp_path / "two" / "predictions.json").read_bytes()
+            == (tmp_path / "one" / "predictions.json").read_bytes())

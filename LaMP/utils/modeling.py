@@ -257,12 +257,11 @@ class LampModel:
                         adapter_names=None):
         encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
         if adapter_names is not None:
-            # peft widens the names over beams only when it sees num_beams among the
-            # arguments (it does not read the generation config).
-            generated = self.model.generate(**encoded, generation_config=config,
-                                            synced_gpus=synced_gpus,
-                                            adapter_names=adapter_names,
-                                            num_beams=config.num_beams)
+            from LaMP.utils.user_serving import rows_through
+
+            with rows_through(self.model, adapter_names, num_beams=config.num_beams):
+                generated = self.model.generate(**encoded, generation_config=config,
+                                                synced_gpus=synced_gpus)
             prompt_columns = 0 if self.is_seq2seq else encoded["input_ids"].shape[1]
         elif self.is_seq2seq or not self.virtual_tokens:
             generated = self.model.generate(**encoded, generation_config=config,

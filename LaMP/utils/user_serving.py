@@ -63,6 +63,7 @@ class UserAdapters:
     folders: Mapping[str, Path | None]
     method: PeftMethod | None
     virtual_tokens: int = 0  # the most virtual tokens an adapter puts ahead of a prompt
+    task_type: str | None = None  # peft's SEQ_2_SEQ_LM or CAUSAL_LM, as the configs say
 
     @property
     def adapter_folders(self) -> list[Path]:
@@ -79,6 +80,9 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
     if not root.is_dir():
         raise LampError(f"{flag} {root} is not a folder (train_user_peft.py's --output_dir, "
                         f"holding {USERS_FOLDER}/<user>/ adapter folders)")
+    if not (root / USERS_FOLDER).is_dir():
+        raise LampError(f"{flag} {root} has no {USERS_FOLDER}/ folder (a per-user training "
+                        f"run keeps one adapter per user in {USERS_FOLDER}/<user>/)")
     if missing not in MISSING_CHOICES:
         raise LampError(f"unknown missing-adapter policy {missing!r}; valid: "
                         f"{', '.join(MISSING_CHOICES)}")
@@ -101,14 +105,15 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
     if absent:
         logger.warning("users without an adapter under %s, answered by the base model: %s "
                        "of %d", root, preview(absent), len(folders))
-    method, virtual = _one_method(root, folders, flag)
-    return UserAdapters(root=root, folders=folders, method=method, virtual_tokens=virtual)
+    method, virtual, task_type = _one_method(root, folders, flag)
+    return UserAdapters(root=root, folders=folders, method=method, virtual_tokens=virtual,
+                        task_type=task_type)
 
 
 def _one_method(root: Path, folders: Mapping[str, Path | None], flag: str
-                ) -> tuple[PeftMethod | None, int]:
-    """The adapters' common method and their most virtual tokens; adapters of two methods
-    (or task types) are one error line naming a user of each."""
+                ) -> tuple[PeftMethod | None, int, str | None]:
+    """The adapters' common method, their most virtual tokens and their task type; adapters
+    of two methods (or task types) are one error line naming a user of each."""
     kinds: dict[tuple, str] = {}
     virtual = 0
     for user, folder in folders.items():
@@ -126,12 +131,12 @@ def _one_method(root: Path, folders: Mapping[str, Path | None], flag: str
         raise LampError(f"{flag} {root}: the adapters are of different kinds ({shown}); "
                         "serve one kind per run")
     if not kinds:
-        return None, 0
-    (name, _), user = next(iter(kinds.items()))
+        return None, 0, None
+    (name, task_type), user = next(iter(kinds.items()))
     if name not in PEFT_METHODS:
         raise LampError(f"{flag} {root}: user {user!r}'s adapter is {name}, not a method of "
                         f"the table ({', '.join(m for m in PEFT_METHODS if m != 'none')})")
-    return PEFT_METHODS[name], virtual
+    return PEFT_METHODS[name], virtual, task_type
 
 
 def users_together(users: Sequence[str]) -> list[int]:
@@ -153,6 +158,12 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
 
     if len(users) != len(examples):
         raise ValueError("one user per example expected")
+    wanted = "SEQ_2_SEQ_LM" if lamp_model.is_seq2seq else "CAUSAL_LM"
+    if adapters.task_type not in (None, wanted):
+        # peft would wrap the model in the other kind's class and fail mid-generation.
+        raise LampError(f"the adapters under {adapters.root} are for {adapters.task_type} "
+                        f"models; this model is {'seq2seq' if lamp_model.is_seq2seq else 'causal'} "
+                        f"({wanted})")
     outputs: list[str] = [""] * len(examples)
     rows: dict[str, list[int]] = {}
     for index, user in enumerate(users):
@@ -260,13 +271,16 @@ class _AdapterPool:
 
 
 @contextlib.contextmanager
-def rows_through(model, names: Sequence[str] | None) -> Iterator[None]:
+def rows_through(model, names: Sequence[str] | None, num_beams: int = 1) -> Iterator[None]:
     """Inside, row i of every forward pass of ``model`` (a peft model) goes through adapter
-    ``names[i]``. peft's own ``forward``/``generate`` take ``adapter_names`` for this; label
-    scoring also runs the encoder alone and continues a cache, which go around them, so the
-    same hooks are put in for the whole pass here. ``None``: a no-op."""
+    ``names[i]``; with ``num_beams``, generation's beams of prompt i too (an encoder still
+    reads one row per prompt). peft's own ``forward``/``generate`` take ``adapter_names``
+    for this, but ``generate`` sees the beam count only as its own argument (not in a
+    generation config), and label scoring runs the encoder alone and continues a cache,
+    which go around ``forward``: so peft's hooks are put in here, around the whole call.
+    ``None``: a no-op."""
     if names is None:
         yield
         return
-    with model._enable_peft_forward_hooks(adapter_names=list(names)):
+    with model._enable_peft_forward_hooks(adapter_names=list(names), num_beams=num_beams):
         yield
