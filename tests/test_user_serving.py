@@ -80,7 +80,7 @@ def save_user_adapters(model: Path, root: Path, users, *, method: str = "lora") 
             config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=3 + number % 2)
         else:
             config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=task_type,
-                                use_dora=method == "dora")
+                                use_dora=method == "dora", use_rslora=method == "rslora")
         adapted = get_peft_model(model_class.from_pretrained(model), config)
         adapted.save_pretrained(user_adapter_dir(root, user))
     return root
@@ -163,8 +163,10 @@ def test_label_scoring_picks_each_users_own_label(tiny_model, tmp_path):
     assert set(expected) <= set(get_task("LaMP-3").labels)
 
 
-@pytest.mark.parametrize("method", ["ia3", "dora", "prompt_tuning"])
-def test_methods_peft_cannot_mix_are_served_user_by_user(tiny_llama, tmp_path, method):
+# rsLoRA mixes users in a batch as LoRA does; the others are served user by user.
+@pytest.mark.parametrize("method", ["rslora", "ia3", "dora", "prompt_tuning"])
+def test_every_lora_family_and_other_method_answers_as_each_user_alone(tiny_llama, tmp_path,
+                                                                       method):
     questions = tweet_questions(4)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = save_user_adapters(tiny_llama, tmp_path / "per_user", [q["id"] for q in questions],
@@ -215,21 +217,26 @@ def test_a_missing_users_adapter_is_one_error_line(tiny_t5, tmp_path, capsys):
     assert not (tmp_path / "eval" / "predictions.json").exists()
 
 
-def test_missing_user_adapter_base_answers_with_the_base_model(tiny_model, tmp_path):
-    questions = tweet_questions(6)
-    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
-    with_adapter = ["q0", "q1", "q3", "q5"]
+@pytest.mark.parametrize("task_name, extra", [("LaMP-7", ()), ("LaMP-3", ("--label_scoring",))],
+                         ids=["generation", "label-scoring"])
+def test_missing_user_adapter_base_answers_with_the_base_model(tiny_model, tmp_path, task_name,
+                                                               extra):
+    questions = tweet_questions(6) if task_name == "LaMP-7" else review_questions(6)
+    data = write_json(tmp_path / "dev.json", questions)
+    with_adapter = [questions[i]["id"] for i in (0, 1, 3, 5)]
     root = save_user_adapters(tiny_model, tmp_path / "per_user", with_adapter)
-    returned = evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "eval",
+    # In mixed batches the base model's rows go through peft's "__base__".
+    returned = evaluate_llm.main(serve_args(data, tiny_model, task_name, tmp_path / "eval",
                                             "--user_adapters", str(root),
                                             "--missing_user_adapter", "base",
-                                            "--max_loaded_adapters", "3"))
-    plain = evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "plain"))
+                                            "--max_loaded_adapters", "3", *extra))
+    plain = evaluate_llm.main(serve_args(data, tiny_model, task_name, tmp_path / "plain",
+                                         *extra))
     for index, question in enumerate(questions):
         if question["id"] not in with_adapter:
             assert returned["predictions"][index] == plain["predictions"][index]
-    assert returned["predictions"] == one_user_at_a_time(tiny_model, root, questions,
-                                                         "LaMP-7", tmp_path)
+    assert returned["predictions"] == one_user_at_a_time(
+        tiny_model, root, questions, task_name, tmp_path, label_scoring=bool(extra))
 
 
 def test_adapter_and_user_adapters_together_are_refused(tiny_t5, tmp_path, capsys):

@@ -228,6 +228,8 @@ class _AdapterPool:
         for user in users:
             if user not in self.loaded:
                 self.loaded[user] = self._load_one(user)
+        # peft builds new adapter layers in training mode (dropout on); once per group.
+        self.peft_model.eval()
         self.activate(self.loaded[users[0]])
         return dict(self.loaded)
 
@@ -266,7 +268,6 @@ class _AdapterPool:
             raise LampError(f"cannot load user {user!r}'s adapter {folder}: its "
                             f"{ADAPTER_CONFIG} does not suit peft ({type(error).__name__}: "
                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
-        self.peft_model.eval()
         return name
 
 
