@@ -9,6 +9,9 @@ Writes ``predictions.json`` (the LaMP format the evaluator reads), ``results_out
 (metrics, when the data carries gold outputs) and ``args.json`` into ``--output_dir``. A rerun
 into the same folder replaces them (and removes a results_output.json the new data has no
 golds for); a training run's folder is refused, since these names would replace its own.
+With ``--user_adapters DIR`` (a per-user training run) each question is answered with its
+own user's adapter, users mixed in one batch where peft allows it (see
+``LaMP/utils/user_serving.py``).
 Runs unchanged under ``torchrun`` / ``accelerate launch``: each process answers a contiguous
 slice of the questions and the main process alone writes the same files one process would.
 """
@@ -34,6 +37,7 @@ from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
                                check_outputs, check_readable, remove_outputs, save_run_args)
 from LaMP.utils.tasks import task_arg
+from LaMP.utils.user_serving import MAX_LOADED_ADAPTERS, MISSING_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter", default=None,
                         help="a peft adapter folder (train_llm.py output, any --peft method but "
                              "none) to load on the model")
+    parser.add_argument("--user_adapters", default=None,
+                        help="per-user PEFT: a train_user_peft.py --output_dir; each question "
+                             "is answered with its user's adapter (users/<user_id, else the "
+                             "question id>/), many users per batch for LoRA and rsLoRA")
+    parser.add_argument("--max_loaded_adapters", type=int, default=MAX_LOADED_ADAPTERS,
+                        help="--user_adapters: most users' adapters on the model at once; "
+                             f"more users are served in groups of this many (default "
+                             f"{MAX_LOADED_ADAPTERS}: about 70 MB of LoRA r 8 on a 135M model, "
+                             "1 GB on a 7B one)")
+    parser.add_argument("--missing_user_adapter", choices=MISSING_CHOICES, default="error",
+                        help="--user_adapters: a question whose user has no adapter is an "
+                             "error (default: a run meant to be per-user should not quietly "
+                             "fall back), or is answered by the base model (base)")
     parser.add_argument("--label_scoring", action="store_true",
                         help="classification/rating tasks: answer with the label the model "
                              "finds most likely instead of free text")
@@ -74,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--limit must be >= 1")
     if args.label_scoring and not args.task.labels:
         parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
+    if args.adapter and args.user_adapters:
+        parser.error("--adapter and --user_adapters cannot be combined: each question is "
+                     "answered by its user's adapter alone (merge a shared adapter into the "
+                     "model first)")
+    if args.max_loaded_adapters < 1:
+        parser.error("--max_loaded_adapters must be >= 1")
     return args
 
 
@@ -85,6 +108,7 @@ def main(argv=None) -> dict:
     check_outputs(folders={"--output_dir": args.output_dir},
                   inputs={"--validation_data": args.validation_data,
                           "--model_addr": args.model_addr, "--adapter": args.adapter,
+                          "--user_adapters": args.user_adapters,
                           "--contriever_checkpoint": args.contriever_checkpoint})
     check_evaluation_folder(args.output_dir, "--output_dir")
     check_model_folder(args.model_addr, "--model_addr")
@@ -95,6 +119,19 @@ def main(argv=None) -> dict:
     # The whole file is checked before the model loads: a data mistake in the last question
     # should not cost a model load first.
     check_questions(args.validation_data, args.task, limit=args.limit)
+    user_adapters, users = None, None
+    if args.user_adapters:
+        from LaMP.utils.user_serving import find_user_adapters, question_users
+
+        ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
+        users = [user for _, user in ids_and_users]
+        user_adapters = find_user_adapters(args.user_adapters, users,
+                                           missing=args.missing_user_adapter)
+        # A user's folder may be a link to elsewhere: it is an input like the root.
+        check_outputs(folders={"--output_dir": args.output_dir},
+                      inputs={"--user_adapters": [str(f) for f in user_adapters.adapter_folders]
+                              + ([user_adapters.base_adapter] if user_adapters.base_adapter
+                                 else [])})
 
     from dataclasses import replace
 
@@ -117,24 +154,39 @@ def main(argv=None) -> dict:
     try:
         set_seed(args.seed)
         task = args.task
-        lamp_model = load_model(args.model_addr, device=str(device), adapter=args.adapter,
+        base_adapter = user_adapters.base_adapter if user_adapters else None
+        lamp_model = load_model(args.model_addr, device=str(device),
+                                adapter=base_adapter or args.adapter,
                                 chat_template=args.chat_template,
                                 trust_remote_code=args.trust_remote_code,
                                 cache_dir=args.cache_dir)
+        if base_adapter:
+            # OPPU: the users' adapters were trained on the base with the task adapter
+            # merged in (train_user_peft.py --base_adapter); they are served on the same.
+            lamp_model.model = lamp_model.model.merge_and_unload()
         # Dense retrieval runs on this process's device too, not on GPU 0 in every process.
         options = replace(profile_options(args), device=str(device))
+        # Per-user prompt-learning adapters are loaded after the prompts are built: their
+        # virtual tokens are reserved now.
+        virtual = user_adapters.virtual_tokens if user_adapters else None
         examples = build_examples(args.validation_data, task,
                                   lamp_model.prompt_builder(task, args.max_length,
                                                             args.input_truncation,
-                                                            args.prompt_budget), options,
+                                                            args.prompt_budget,
+                                                            virtual_tokens=virtual), options,
                                   limit=args.limit)
+        per_user = {}
+        if user_adapters:
+            assert [e.id for e in examples] == [qid for qid, _ in ids_and_users]
+            per_user = dict(users=users, user_adapters=user_adapters,
+                            max_loaded_adapters=args.max_loaded_adapters)
         started = time.perf_counter()
         predictions = predict_in_slices(lamp_model, task, examples, launch,
                                         max_length=args.max_length,
                                         max_new_tokens=args.generation_max_length,
                                         num_beams=args.generation_num_beams,
                                         batch_size=args.per_device_batch_size,
-                                        label_scoring=args.label_scoring)
+                                        label_scoring=args.label_scoring, **per_user)
         elapsed = time.perf_counter() - started
     finally:
         end_process_group(created_group)

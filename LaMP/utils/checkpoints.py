@@ -126,16 +126,16 @@ def check_model_folder(name_or_path: str, what: str = "model") -> None:
         raise LampError(f"{what} {name_or_path}: {problem}")
 
 
-def check_adapter_folder(path: str, what: str = "--adapter") -> None:
+def check_adapter_folder(path: str, flag: str = "--adapter") -> None:
     """One error line unless ``path`` is a folder with a peft config and loadable weights
     (without this, peft looks the missing weights up on the hub under the folder's name);
-    ``what`` names it (the flag it came from)."""
+    ``flag``: how the message names where the folder came from."""
     if not Path(path).is_dir():
-        raise LampError(f"{what} {path} is not a folder (a peft adapter folder, e.g. "
+        raise LampError(f"{flag} {path} is not a folder (a peft adapter folder, e.g. "
                         "train_llm.py's --output_dir)")
     problem = adapter_folder_problem(path)
     if problem:
-        raise LampError(f"{what} {path}: {problem}")
+        raise LampError(f"{flag} {path}: {problem}")
 
 
 def adapter_folder_problem(folder: str | os.PathLike) -> str | None:

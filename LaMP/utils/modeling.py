@@ -137,15 +137,19 @@ class LampModel:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
     def prompt_builder(self, task, max_length: int, input_truncation: str = "share",
-                       prompt_budget: str = "exact"):
+                       prompt_budget: str = "exact", virtual_tokens: int | None = None):
         """``prompt(input, items)`` for ``task``, counted in this model's tokens so that the
         model input (special tokens and chat wrapping included) fits ``max_length``
         (``input_truncation="tokenizer"``: a long input is left for ``encode`` to cut;
-        ``prompt_budget="official"``: the items sized by the official code's constants)."""
+        ``prompt_budget="official"``: the items sized by the official code's constants).
+        ``virtual_tokens``: the positions adapters loaded later will put ahead of each
+        prompt (per-user serving), instead of those of the adapter loaded now."""
         from LaMP.utils.prompts import make_prompt_fn
 
+        if virtual_tokens is None:
+            virtual_tokens = self.virtual_tokens
         return make_prompt_fn(task, self.tokenizer, max_length,
-                              reserved=self.prompt_overhead() + self.virtual_tokens,
+                              reserved=self.prompt_overhead() + virtual_tokens,
                               input_truncation=input_truncation,
                               prompt_budget=prompt_budget)
 
@@ -188,12 +192,15 @@ class LampModel:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], *, max_length: int, max_new_tokens: int,
                  num_beams: int = 1, batch_size: int = 8, progress: bool = True,
-                 synced_gpus: bool = False) -> list[str]:
+                 synced_gpus: bool = False,
+                 adapter_names: Sequence[str] | None = None) -> list[str]:
         """Greedy (num_beams=1) or beam-search outputs for each prompt, in input order.
 
         Prompts are grouped by length so that batches carry little padding. ``synced_gpus``:
         the weights are sharded over processes (FSDP, DeepSpeed ZeRO-3), so every forward
         pass is a collective; each process keeps stepping until all have finished.
+        ``adapter_names``: per prompt, the peft adapter it goes through (``"__base__"``:
+        none), so that one batch serves many users (peft's mixed-adapter batches).
         """
         if not prompts:
             return []  # e.g. a process whose share of a small evaluation set is empty
@@ -204,12 +211,22 @@ class LampModel:
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         with _top_level_gathered(self.model):
             for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-                self._generate_batch(prompts, batch, max_length, config, synced_gpus, outputs)
+                rows = None if adapter_names is None else [adapter_names[i] for i in batch]
+                self._generate_batch(prompts, batch, max_length, config, synced_gpus, outputs,
+                                     rows)
         return outputs
 
-    def _generate_batch(self, prompts, batch, max_length, config, synced_gpus, outputs):
+    def _generate_batch(self, prompts, batch, max_length, config, synced_gpus, outputs,
+                        adapter_names=None):
         encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
-        if self.is_seq2seq or not self.virtual_tokens:
+        if adapter_names is not None:
+            from LaMP.utils.user_serving import rows_through
+
+            with rows_through(self.model, adapter_names, num_beams=config.num_beams):
+                generated = self.model.generate(**encoded, generation_config=config,
+                                                synced_gpus=synced_gpus)
+            prompt_columns = 0 if self.is_seq2seq else encoded["input_ids"].shape[1]
+        elif self.is_seq2seq or not self.virtual_tokens:
             generated = self.model.generate(**encoded, generation_config=config,
                                             synced_gpus=synced_gpus)
             # A causal model returns the prompt ahead of its answer.
@@ -252,13 +269,15 @@ class LampModel:
     # -- label scoring -----------------------------------------------------------------
     @torch.inference_mode()
     def score_labels(self, prompts: Sequence[str], labels: Sequence[str], *, max_length: int,
-                     batch_size: int = 8, progress: bool = True) -> list[str]:
+                     batch_size: int = 8, progress: bool = True,
+                     adapter_names: Sequence[str] | None = None) -> list[str]:
         """For each prompt, the label the model finds most likely (sum of token log-probs).
 
         Each label is scored followed by the end-of-sequence token, so that a label that is
         the start of another (e.g. "1" / "10") is not favoured for being a prefix. Each
         prompt is read once: causal models continue its key/value cache with every label,
-        seq2seq models reuse its encoding.
+        seq2seq models reuse its encoding. ``adapter_names``: per prompt, its peft adapter
+        (as in ``generate``).
         """
         if not prompts:
             return []
@@ -273,7 +292,8 @@ class LampModel:
             for batch in tqdm(batches, desc="scoring labels", unit="batch",
                               disable=not progress):
                 encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
-                scores = self._label_log_likelihoods(encoded, label_ids)
+                rows = None if adapter_names is None else [adapter_names[i] for i in batch]
+                scores = self._label_log_likelihoods(encoded, label_ids, rows)
                 for i, j in zip(batch, scores.argmax(dim=1).tolist()):
                     best[i] = labels[j]
         return best
@@ -282,29 +302,36 @@ class LampModel:
         ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
         return ids + [self.tokenizer.eos_token_id]
 
-    def _label_log_likelihoods(self, encoded, label_ids) -> torch.Tensor:
+    def _label_log_likelihoods(self, encoded, label_ids, adapter_names=None) -> torch.Tensor:
         """(prompts, labels) summed log-probabilities of each label after each prompt.
 
         A prompt-learning adapter (prompt tuning, p-tuning, prefix tuning) adds its virtual
         tokens in its own forward pass, which knows nothing of a cache continued label by
         label (it would add them again). Its virtual tokens are therefore put in once, here,
         as that forward pass does (``_virtual_prefix``), and the base model runs the rest.
+        ``adapter_names``: per prompt, its peft adapter; its label rows use the same one.
         """
+        from LaMP.utils.user_serving import rows_through
+
         n_prompts, n_labels = encoded["input_ids"].shape[0], len(label_ids)
+        per_label = None if adapter_names is None else [
+            name for name in adapter_names for _ in range(n_labels)]
         model, prefix = self._virtual_prefix(encoded, n_prompts)
         if self.is_seq2seq:
             from transformers.modeling_outputs import BaseModelOutput
 
-            hidden = model.get_encoder()(attention_mask=prefix.encoder_mask,
-                                         **prefix.inputs).last_hidden_state
+            with rows_through(self.model, adapter_names):
+                hidden = model.get_encoder()(attention_mask=prefix.encoder_mask,
+                                             **prefix.inputs).last_hidden_state
             targets = _padded(label_ids, IGNORE).repeat(n_prompts, 1).to(self.device)
             extra = {}
             if prefix.cache_rows is not None:  # prefix tuning: the decoder's trained keys
                 extra["past_key_values"] = prefix.cache_rows(n_prompts * n_labels)
-            logits = model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_labels, 0)),
-                attention_mask=prefix.encoder_mask.repeat_interleave(n_labels, 0),
-                labels=targets, **extra).logits
+            with rows_through(self.model, per_label):
+                logits = model(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_labels, 0)),
+                    attention_mask=prefix.encoder_mask.repeat_interleave(n_labels, 0),
+                    labels=targets, **extra).logits
             return _summed_log_probs(logits, targets).view(n_prompts, n_labels)
 
         # ``mask``: every position the cache will hold (virtual ones included);
@@ -314,8 +341,9 @@ class LampModel:
         extra = {}
         if prefix.cache_rows is not None:
             extra["past_key_values"] = prefix.cache_rows(n_prompts)
-        out = model(attention_mask=mask, position_ids=positions, use_cache=True,
-                    **prefix.inputs, **extra)
+        with rows_through(self.model, adapter_names):
+            out = model(attention_mask=mask, position_ids=positions, use_cache=True,
+                        **prefix.inputs, **extra)
         # The prompt's last real token predicts every label's first token.
         last = read.shape[1] - 1 - read.flip(1).argmax(dim=1)
         first = torch.log_softmax(out.logits[torch.arange(n_prompts), last].float(), dim=-1)
@@ -331,12 +359,13 @@ class LampModel:
         targets = _padded([ids[1:] for ids in label_ids], IGNORE)
         inputs, targets = (t.repeat(n_prompts, 1).to(self.device) for t in (inputs, targets))
         steps = torch.arange(longest - 1, device=self.device)
-        logits = model(
-            input_ids=inputs,
-            attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0),
-                                      torch.ones_like(inputs)], dim=1),
-            position_ids=prompt_lengths.repeat_interleave(n_labels)[:, None] + steps,
-            past_key_values=cache, use_cache=True).logits
+        with rows_through(self.model, per_label):
+            logits = model(
+                input_ids=inputs,
+                attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0),
+                                          torch.ones_like(inputs)], dim=1),
+                position_ids=prompt_lengths.repeat_interleave(n_labels)[:, None] + steps,
+                past_key_values=cache, use_cache=True).logits
         return scores + _summed_log_probs(logits, targets).view(n_prompts, n_labels)
 
     def _virtual_prefix(self, encoded, n_prompts: int):

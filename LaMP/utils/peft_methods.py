@@ -40,6 +40,9 @@ class PeftMethod:
     signature: Mapping[str, object] = field(default_factory=dict)
     # flag -> the adapter_config.json key that records it (resume checks read these).
     saved_as: Mapping[str, str] = field(default_factory=dict)
+    # peft answers a batch whose rows use different adapters of this method (adapter_names=,
+    # per-user serving); peft refuses it for DoRA and IA3's layers would ignore the names.
+    mixed_batches: bool = False
 
 
 _LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
@@ -50,13 +53,14 @@ PEFT_METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     PeftMethod("lora", "low-rank updates of the attention (and chosen) layers",
                f"{_BUILDERS}:lora_config", _LORA_FLAGS,
                signature={"peft_type": "LORA", "use_dora": False, "use_rslora": False},
-               saved_as=_LORA_SAVED),
+               saved_as=_LORA_SAVED, mixed_batches=True),
     PeftMethod("dora", "LoRA with weight decomposition: direction by LoRA, magnitude apart",
                f"{_BUILDERS}:dora_config", _LORA_FLAGS,
                signature={"peft_type": "LORA", "use_dora": True}, saved_as=_LORA_SAVED),
     PeftMethod("rslora", "rank-stabilised LoRA: updates scaled by alpha / sqrt(r)",
                f"{_BUILDERS}:rslora_config", _LORA_FLAGS,
-               signature={"peft_type": "LORA", "use_rslora": True}, saved_as=_LORA_SAVED),
+               signature={"peft_type": "LORA", "use_rslora": True}, saved_as=_LORA_SAVED,
+               mixed_batches=True),
     PeftMethod("ia3", "learned rescaling of keys, values and feed-forward activations",
                f"{_BUILDERS}:ia3_config", ("ia3_target_modules", "ia3_feedforward_modules"),
                signature={"peft_type": "IA3"},

@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Sequence
 
 from LaMP.utils.distributed import Launch, contiguous_slice, gather_in_order
+from LaMP.utils.errors import LampError
 from LaMP.utils.examples import Example
 from LaMP.utils.outputs import write_outputs
 from LaMP.utils.scoring import score_outputs
 from LaMP.utils.tasks import Task
+from LaMP.utils.user_serving import (MAX_LOADED_ADAPTERS, UserAdapters, predict_per_user,
+                                     users_together)
 
 logger = logging.getLogger(__name__)
 
@@ -17,24 +20,28 @@ logger = logging.getLogger(__name__)
 def predict(lamp_model, task: Task, examples: Sequence[Example], *, max_length: int,
             max_new_tokens: int, num_beams: int = 1, batch_size: int = 8,
             label_scoring: bool = False, progress: bool = True,
-            synced_gpus: bool = False) -> list[str]:
+            synced_gpus: bool = False, adapter_names: Sequence[str] | None = None) -> list[str]:
     """One output per example: generated text, or the most likely label.
 
     ``synced_gpus``: the weights are sharded over the launched processes (see
     ``LampModel.generate``); label scoring needs nothing more, as it runs the same passes
-    for every batch.
+    for every batch. ``adapter_names``: the peft adapter each example goes through (a
+    batch then mixes adapters); ``None``: the model's active one for all.
     """
     prompts = [example.prompt for example in examples]
     if label_scoring:
         return lamp_model.score_labels(prompts, task.labels, max_length=max_length,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, progress=progress,
+                                       adapter_names=adapter_names)
     return lamp_model.generate(prompts, max_length=max_length, max_new_tokens=max_new_tokens,
                                num_beams=num_beams, batch_size=batch_size, progress=progress,
-                               synced_gpus=synced_gpus)
+                               synced_gpus=synced_gpus, adapter_names=adapter_names)
 
 
 def predict_in_slices(lamp_model, task: Task, examples: Sequence[Example], launch: Launch,
-                      *, sharded: bool = False, progress: bool = True, **settings) -> list[str]:
+                      *, sharded: bool = False, progress: bool = True,
+                      users: Sequence[str] | None = None, user_adapters: UserAdapters | None = None,
+                      max_loaded_adapters: int = MAX_LOADED_ADAPTERS, **settings) -> list[str]:
     """``predict`` with the examples split over the launched processes: each answers its
     contiguous slice and every process gets all outputs, in example order. ``settings`` are
     ``predict``'s keyword arguments. One process (no launcher): ``predict`` itself.
@@ -43,16 +50,38 @@ def predict_in_slices(lamp_model, task: Task, examples: Sequence[Example], launc
     forward pass needs every process. Slices are then topped up to one length (with copies
     of an example, whose answers are dropped) so that all run the same batches, and
     generation keeps every process stepping until the longest answer is done.
+
+    ``user_adapters``: each example is answered with its user's adapter (``users[i]``, see
+    ``user_serving.predict_per_user``, at most ``max_loaded_adapters`` on the model at once).
+    The examples are sliced with each user's questions together, so that a process loads
+    only its own users' adapters; the outputs come back in example order all the same.
     """
     examples = list(examples)
-    mine = examples[contiguous_slice(len(examples), launch.rank, launch.world_size)]
+    order = list(range(len(examples)))
+    if user_adapters is not None:
+        if sharded:
+            raise LampError("per-user adapters cannot be served from weights sharded over "
+                            "the processes; run data-parallel (without FSDP / ZeRO-3)")
+        order = users_together(users)
+    mine = [order[i] for i in range(len(order))[contiguous_slice(len(examples), launch.rank,
+                                                                 launch.world_size)]]
     answered = len(mine)
     if sharded and launch.distributed and examples:
         longest = -(-len(examples) // launch.world_size)  # the first slice is the longest
-        mine = mine + [mine[-1] if mine else examples[0]] * (longest - answered)
-    texts = predict(lamp_model, task, mine, progress=progress and launch.is_main,
-                    synced_gpus=sharded and launch.distributed, **settings)
-    return gather_in_order(texts[:answered], launch)
+        mine = mine + [mine[-1] if mine else 0] * (longest - answered)
+    progress = progress and launch.is_main
+    if user_adapters is not None:
+        texts = predict_per_user(lamp_model, task, [examples[i] for i in mine],
+                                 [users[i] for i in mine], user_adapters,
+                                 max_loaded=max_loaded_adapters, progress=progress, **settings)
+    else:
+        texts = predict(lamp_model, task, [examples[i] for i in mine], progress=progress,
+                        synced_gpus=sharded and launch.distributed, **settings)
+    gathered = gather_in_order(texts[:answered], launch)
+    outputs: list[str] = [""] * len(examples)
+    for index, text in zip(order, gathered):
+        outputs[index] = text
+    return outputs
 
 
 def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[str],

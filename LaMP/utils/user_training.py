@@ -53,12 +53,11 @@ from LaMP.utils.errors import LampError
 from LaMP.utils.examples import Example
 from LaMP.utils.fileio import atomic_folder, atomic_write_json, read_json
 from LaMP.utils.tasks import Task, UserTemplate
-from LaMP.utils.users import USERS_FOLDER, user_adapter_dir, user_of
+from LaMP.utils.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
 
 logger = logging.getLogger(__name__)
 
 USER_RECORD = "user.json"  # inside each user's folder: who it is and how it was trained
-USERS_INDEX = "users.json"  # at the output folder: every complete user's record
 ADAPTER_NAME = "user"  # the peft adapter name while a user trains (never saved: folders are standard)
 # A user.json is a few hundred bytes; anything far larger is not ours.
 MAX_RECORD_BYTES = 1_000_000

@@ -14,6 +14,7 @@ from urllib.parse import quote
 from LaMP.utils.errors import LampError
 
 USERS_FOLDER = "users"  # <output_dir>/users/<user>/: one standard peft folder per user
+USERS_INDEX = "users.json"  # <output_dir>/users.json: the run and every complete user's record
 MAX_NAME_BYTES = 255  # the longest file name of common file systems (ext4, xfs, NTFS)
 
 

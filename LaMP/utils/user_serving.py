@@ -1,0 +1,307 @@
+"""Answering every question with its own user's adapter (per-user PEFT serving).
+
+A per-user training run leaves one standard peft folder per user under
+``<root>/users/<user>/`` (``LaMP.utils.users``). Serving loads the base model once and the
+users' adapters onto it in groups of at most ``max_loaded`` (``delete_adapter`` between
+groups, so memory stays bounded however many users there are). Methods whose peft layers
+take ``adapter_names`` (plain LoRA and rsLoRA: the table's ``mixed_batches``) answer a
+group's questions in batches that mix users, each row through its own user's adapter (and
+``"__base__"`` for a user answered by the base model); the others (DoRA, which peft refuses
+to mix; IA3, whose layers would silently ignore the names; prompt learning, whose virtual
+tokens are one per model call) are answered user by user. Users without an adapter are
+either an error or, with ``missing="base"``, answered by the base model.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from LaMP.utils.checkpoints import ADAPTER_CONFIG, check_adapter_folder
+from LaMP.utils.data import as_id, iter_questions
+from LaMP.utils.errors import LampError, preview
+from LaMP.utils.fileio import read_json
+from LaMP.utils.peft_methods import PEFT_METHODS, PeftMethod, method_of_adapter
+from LaMP.utils.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
+
+logger = logging.getLogger(__name__)
+
+# 64 LoRA r 8 adapters of SmolLM2-135M (q, v) take about 70 MB in fp32, of a 7B model about
+# 1 GB in bf16: small beside the model, and enough users per group that a group fills many
+# mixed batches (a larger group saves little: each batch runs one LoRA product per adapter
+# it holds, not per adapter loaded).
+MAX_LOADED_ADAPTERS = 64
+BASE = "__base__"  # peft's name, in adapter_names, for rows the base model answers
+MISSING_CHOICES = ("error", "base")
+
+
+def question_users(path: str, task, limit: int | None = None) -> list[tuple[str, str]]:
+    """(question id, user) of each question of ``path`` (its first ``limit``), in file order;
+    a ``user_id`` that is neither a string nor an integer is one error line."""
+    pairs = []
+    questions = iter_questions(path, task)
+    for index, question in enumerate(itertools.islice(questions, limit)):
+        user_id = question.get("user_id")
+        if user_id is not None and as_id(user_id) is None:
+            raise LampError(f'{path}: question {index} (id {question["id"]}): "user_id" must '
+                            f"be a string or an integer, not {user_id!r:.60}")
+        pairs.append((question["id"], user_of(question)))
+    return pairs
+
+
+@dataclass(frozen=True)
+class UserAdapters:
+    """Which adapter answers each user: ``folders[user]`` is the user's peft folder, or
+    ``None`` for a user answered by the base model. ``method``: the adapters' method (one
+    for all, so that they load onto one model); ``None`` when no user has an adapter."""
+
+    root: Path
+    folders: Mapping[str, Path | None]
+    method: PeftMethod | None
+    virtual_tokens: int = 0  # the most virtual tokens an adapter puts ahead of a prompt
+    task_type: str | None = None  # peft's SEQ_2_SEQ_LM or CAUSAL_LM, as the configs say
+    # The task-level adapter the users' adapters were trained on top of (OPPU: shared +
+    # personal), as the run's users.json records it; merged into the model before serving.
+    base_adapter: str | None = None
+
+    @property
+    def adapter_folders(self) -> list[Path]:
+        return [folder for folder in self.folders.values() if folder is not None]
+
+
+def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str = "error",
+                       flag: str = "--user_adapters") -> UserAdapters:
+    """Each of ``users``' adapter folder under ``root``, checked as ``--adapter`` is (config
+    and weights loadable, without loading them). A user without a folder is an error naming
+    the user and the folder expected, unless ``missing="base"``. All adapters must be of one
+    peft method and task type: they are loaded onto one model."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LampError(f"{flag} {root} is not a folder (train_user_peft.py's --output_dir, "
+                        f"holding {USERS_FOLDER}/<user>/ adapter folders)")
+    if not (root / USERS_FOLDER).is_dir():
+        raise LampError(f"{flag} {root} has no {USERS_FOLDER}/ folder (a per-user training "
+                        f"run keeps one adapter per user in {USERS_FOLDER}/<user>/)")
+    if missing not in MISSING_CHOICES:
+        raise LampError(f"unknown missing-adapter policy {missing!r}; valid: "
+                        f"{', '.join(MISSING_CHOICES)}")
+    folders: dict[str, Path | None] = {}
+    absent = []
+    for user in dict.fromkeys(users):
+        folder = user_adapter_dir(root, user)
+        if folder.exists():
+            check_adapter_folder(str(folder), flag=f"{flag} (user {user!r})")
+            folders[user] = folder
+        else:
+            folders[user] = None
+            absent.append(user)
+    if absent and missing == "error":
+        first = absent[0]
+        raise LampError(f"{flag} {root}: no adapter for user {first!r} (expected "
+                        f"{user_adapter_dir(root, first)}/); users without one: "
+                        f"{preview(absent)} of {len(folders)}; train them first or pass "
+                        "--missing_user_adapter base to answer them with the base model")
+    if absent:
+        logger.warning("users without an adapter under %s, answered by the base model: %s "
+                       "of %d", root, preview(absent), len(folders))
+    method, virtual, task_type = _one_method(root, folders, flag)
+    return UserAdapters(root=root, folders=folders, method=method, virtual_tokens=virtual,
+                        task_type=task_type, base_adapter=_base_adapter(root, flag))
+
+
+def _base_adapter(root: Path, flag: str) -> str | None:
+    """The task-level adapter a per-user run merged into its base (``users.json``'s
+    ``base_adapter``), checked as ``--adapter`` is; None for a run from the plain base (or
+    adapter folders without a run index)."""
+    index_path = root / USERS_INDEX
+    if not index_path.exists():
+        return None
+    index = read_json(index_path, "per-user index")
+    base = index.get("base_adapter") if isinstance(index, dict) else None
+    if base is None:
+        return None
+    if not isinstance(base, str):
+        raise LampError(f"{flag} {root}: {USERS_INDEX} names no usable base adapter ({base!r})")
+    check_adapter_folder(base, flag=f"{flag} (the base adapter its users were trained on)")
+    return base
+
+
+def _one_method(root: Path, folders: Mapping[str, Path | None], flag: str
+                ) -> tuple[PeftMethod | None, int, str | None]:
+    """The adapters' common method, their most virtual tokens and their task type; adapters
+    of two methods (or task types) are one error line naming a user of each."""
+    kinds: dict[tuple, str] = {}
+    virtual = 0
+    for user, folder in folders.items():
+        if folder is None:
+            continue
+        config = read_json(folder / ADAPTER_CONFIG)
+        # A LoRA config the table does not tell apart counts as LoRA, as resume checks do.
+        name = method_of_adapter(config) or ("lora" if config.get("peft_type") == "LORA"
+                                             else str(config.get("peft_type")))
+        kinds.setdefault((name, config.get("task_type")), user)
+        virtual = max(virtual, int(config.get("num_virtual_tokens") or 0))
+    if len(kinds) > 1:
+        shown = "; ".join(f"{name} ({task_type or 'no task type'}) for user {user!r}"
+                          for (name, task_type), user in kinds.items())
+        raise LampError(f"{flag} {root}: the adapters are of different kinds ({shown}); "
+                        "serve one kind per run")
+    if not kinds:
+        return None, 0, None
+    (name, task_type), user = next(iter(kinds.items()))
+    if name not in PEFT_METHODS:
+        raise LampError(f"{flag} {root}: user {user!r}'s adapter is {name}, not a method of "
+                        f"the table ({', '.join(m for m in PEFT_METHODS if m != 'none')})")
+    return PEFT_METHODS[name], virtual, task_type
+
+
+def users_together(users: Sequence[str]) -> list[int]:
+    """Indices of ``users`` with each user's questions side by side, users in order of first
+    appearance (stable): contiguous slices of it give each launched process whole users,
+    so that it loads only its own users' adapters."""
+    first = {user: index for index, user in reversed(list(enumerate(users)))}
+    return sorted(range(len(users)), key=lambda i: first[users[i]])
+
+
+def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
+                     adapters: UserAdapters, *, max_loaded: int = MAX_LOADED_ADAPTERS,
+                     label_scoring: bool = False, progress: bool = True,
+                     **settings) -> list[str]:
+    """One output per example, each from its user's adapter (``users[i]`` is example i's
+    user). ``lamp_model`` holds the base model without an adapter; the users' adapters are
+    put onto it (and taken off again) here. ``settings``: ``predict``'s keyword arguments."""
+    from LaMP.utils.predict import predict
+
+    if len(users) != len(examples):
+        raise ValueError("one user per example expected")
+    wanted = "SEQ_2_SEQ_LM" if lamp_model.is_seq2seq else "CAUSAL_LM"
+    if adapters.task_type not in (None, wanted):
+        # peft would wrap the model in the other kind's class and fail mid-generation.
+        raise LampError(f"the adapters under {adapters.root} are for {adapters.task_type} "
+                        f"models; this model is {'seq2seq' if lamp_model.is_seq2seq else 'causal'} "
+                        f"({wanted})")
+    outputs: list[str] = [""] * len(examples)
+    rows: dict[str, list[int]] = {}
+    for index, user in enumerate(users):
+        rows.setdefault(user, []).append(index)
+    with_adapter = [user for user in rows if adapters.folders.get(user) is not None]
+    on_base = [user for user in rows if adapters.folders.get(user) is None]
+    mixed = adapters.method is not None and adapters.method.mixed_batches
+
+    def answer(model, indices: list[int], names: list[str] | None = None) -> None:
+        texts = predict(model, task, [examples[i] for i in indices],
+                        label_scoring=label_scoring, progress=progress,
+                        adapter_names=names, **settings)
+        for i, text in zip(indices, texts):
+            outputs[i] = text
+
+    base_rows = [i for user in on_base for i in rows[user]]
+    if base_rows and not (mixed and with_adapter):
+        # Before any adapter is on the model: the base model as it was loaded.
+        answer(lamp_model, base_rows)
+        base_rows = []
+    if not with_adapter:
+        return outputs
+    groups = [with_adapter[i:i + max_loaded] for i in range(0, len(with_adapter), max_loaded)]
+    pool = _AdapterPool(lamp_model, adapters)
+    for number, group in enumerate(groups, 1):
+        names = pool.load(group)
+        logger.info("adapter group %d of %d: %d user(s)", number, len(groups), len(group))
+        served = pool.lamp_model
+        if mixed:
+            indices = [i for user in group for i in rows[user]]
+            # The base model's rows ride along in the first group's batches.
+            answer(served, indices + base_rows,
+                   [names[users[i]] for i in indices] + [BASE] * len(base_rows))
+            base_rows = []
+        else:
+            for user in group:
+                pool.activate(names[user])
+                answer(served, rows[user])
+    pool.unload()
+    return outputs
+
+
+class _AdapterPool:
+    """The users' adapters on one peft model, a group at a time. Adapter names are ``u<N>``
+    (a user id may hold characters peft module names cannot)."""
+
+    def __init__(self, lamp_model, adapters: UserAdapters):
+        self.base = lamp_model
+        self.adapters = adapters
+        self.peft_model = None
+        self.loaded: dict[str, str] = {}  # user -> adapter name
+        self.counter = itertools.count()
+
+    @property
+    def lamp_model(self):
+        return replace(self.base, model=self.peft_model)
+
+    def load(self, users: Sequence[str]) -> dict[str, str]:
+        """Make exactly ``users``' adapters the loaded ones; returns user -> adapter name."""
+        for user in [user for user in self.loaded if user not in users]:
+            self._delete(self.loaded.pop(user))
+        for user in users:
+            if user not in self.loaded:
+                self.loaded[user] = self._load_one(user)
+        # peft builds new adapter layers in training mode (dropout on); once per group.
+        self.peft_model.eval()
+        self.activate(self.loaded[users[0]])
+        return dict(self.loaded)
+
+    def activate(self, name: str) -> None:
+        # After a delete, peft's active adapter may be one no longer loaded.
+        self.peft_model.set_adapter(name)
+
+    def unload(self) -> None:
+        for name in self.loaded.values():
+            self._delete(name)
+        self.loaded.clear()
+
+    def _delete(self, name: str) -> None:
+        with warnings.catch_warnings():
+            # peft names the adapter it activates instead of a deleted active one; the next
+            # group's first adapter is activated right after (``load``).
+            warnings.filterwarnings("ignore", message=".* was active which is now deleted")
+            self.peft_model.delete_adapter(name)
+
+    def _load_one(self, user: str) -> str:
+        from peft import PeftModel
+
+        folder = str(self.adapters.folders[user])
+        name = f"u{next(self.counter)}"
+        options = dict(adapter_name=name, torch_device=str(self.base.device),
+                       local_files_only=True)
+        try:
+            if self.peft_model is None:
+                self.peft_model = PeftModel.from_pretrained(self.base.model, folder, **options)
+            else:
+                self.peft_model.load_adapter(folder, **options)
+        except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: shape mismatch
+            raise LampError(f"cannot load user {user!r}'s adapter {folder}: "
+                            f"{str(error).splitlines()[0]}") from None
+        except (KeyError, TypeError) as error:  # as load_model: a config peft cannot use
+            raise LampError(f"cannot load user {user!r}'s adapter {folder}: its "
+                            f"{ADAPTER_CONFIG} does not suit peft ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        return name
+
+
+@contextlib.contextmanager
+def rows_through(model, names: Sequence[str] | None, num_beams: int = 1) -> Iterator[None]:
+    """Inside, row i of every forward pass of ``model`` (a peft model) goes through adapter
+    ``names[i]``; with ``num_beams``, generation's beams of prompt i too (an encoder still
+    reads one row per prompt). peft's own ``forward``/``generate`` take ``adapter_names``
+    for this, but ``generate`` sees the beam count only as its own argument (not in a
+    generation config), and label scoring runs the encoder alone and continues a cache,
+    which go around ``forward``: so peft's hooks are put in here, around the whole call.
+    ``None``: a no-op."""
+    if names is None:
+        yield
+        return
+    with model._enable_peft_forward_hooks(adapter_names=list(names), num_beams=num_beams):
+        yield
