@@ -173,7 +173,7 @@ def test_evaluation_generates_in_one_batched_call(tmp_path, tiny_llama, monkeypa
     calls = []
 
     def fake_generate(self, prompts, *, max_length, max_new_tokens, num_beams, batch_size,
-                      progress, synced_gpus=False):
+                      progress, synced_gpus=False, adapter_names=None):
         calls.append((list(prompts), batch_size, num_beams))
         return ["x"] * len(prompts)
 

@@ -174,7 +174,7 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
     """One output per example, each from its user's adapter (``users[i]`` is example i's
     user). ``lamp_model`` holds the base model without an adapter; the users' adapters are
     put onto it (and taken off again) here. ``settings``: ``predict``'s keyword arguments."""
-    from LaMP.utils.predict import predict
+    from LaMP.utils.answering import predict
 
     if len(users) != len(examples):
         raise ValueError("one user per example expected")
