@@ -99,6 +99,35 @@ def test_many_questions_with_ties_rank_the_same_with_workers(tmp_path, small_chu
     assert ranking["q0"] and len(ranking) == 120
 
 
+def _exit_at_once(*args, **kwargs):
+    os._exit(3)  # a worker killed outright (the out-of-memory killer, kill -9)
+
+
+def _exit_at_start(*args, **kwargs):
+    raise RuntimeError("a worker that cannot start")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
+@pytest.mark.parametrize("replaced, by", [("_rank_span", _exit_at_once),
+                                          ("_start_worker", _exit_at_start)],
+                         ids=["dies while ranking", "fails to start"])
+def test_a_lost_worker_falls_back_inline_instead_of_waiting_forever(
+        tmp_path, small_chunks, monkeypatch, capfd, replaced, by):
+    import multiprocessing
+
+    path = write_questions(tmp_path / "q.json", tricky_questions(12))
+    inline = run_rank(path, tmp_path / "one.json", "LaMP-7", "--ranker", "bm25",
+                      "--num_workers", "1")
+    # Forked workers run the replacement (a fork server would import the module afresh).
+    monkeypatch.setattr(parallel_rank, "_pool_context",
+                        lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(parallel_rank, replaced, by)
+    capfd.readouterr()
+    assert run_rank(path, tmp_path / "two.json", "LaMP-7", "--ranker", "bm25",
+                    "--num_workers", "2") == inline
+    assert "a ranking worker process ended before its work did" in capfd.readouterr().err
+
+
 def test_shards_with_workers_equal_the_inline_shards(tmp_path, small_chunks, monkeypatch):
     path = write_questions(tmp_path / "q.json", tricky_questions(25))
     shard_flags = ["--ranker", "bm25", "--num_shards", "3"]
@@ -267,8 +296,17 @@ def test_layouts_the_splitter_does_not_follow_fail(tmp_path, content):
 
 def children(pid: int) -> list[int]:
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:  # the process is gone
+        return found
+    for task in tasks:
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            # A thread (the progress bar's monitor, a pool's helper) ended between the
+            # listing and the read.
+            continue
     return found
 
 
@@ -294,17 +332,24 @@ def test_an_interrupted_run_leaves_no_workers_and_no_files(tmp_path, how, status
          "--num_workers", "2"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
-    workers: list[int] = []
-    deadline = time.monotonic() + 120
-    while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
-        workers = children(process.pid)
-        time.sleep(0.005)
-    assert len(workers) == 2, "the run ended before its workers could be seen"
-    if how == "SIGINT":
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole group
-    else:
-        os.kill(process.pid, getattr(signal, how))
-    _, stderr = process.communicate(timeout=120)
+    try:
+        workers: list[int] = []
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+            workers = children(process.pid)
+            time.sleep(0.005)
+        assert len(workers) == 2, "the run ended before its workers could be seen"
+        if how == "SIGINT":
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole group
+        else:
+            os.kill(process.pid, getattr(signal, how))
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        # Whatever failed above, the run and its workers (its whole session) do not outlive
+        # the test, nor does a full stderr pipe leave them blocked.
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
     assert process.returncode == status, stderr
     if how == "SIGINT":
         assert stderr.strip().splitlines()[-1] == "interrupted"
