@@ -37,6 +37,8 @@ import signal
 import sys
 import threading
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -373,16 +375,56 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
+def _noop() -> None:
+    """A first task: submitting it starts the workers (a process pool forks on first use)."""
+
+
 @contextmanager
 def _started_pool(context, num_workers: int, options: tuple):
+    """A process pool of ``num_workers`` started workers; on leaving, however that happens,
+    no worker outlives it.
+
+    A ``ProcessPoolExecutor`` rather than a ``multiprocessing.Pool``: a worker that dies
+    (killed by the out-of-memory killer or a user, or failing to start) breaks the executor,
+    and every wait for a result then raises, where a ``Pool`` would replace the worker,
+    lose its task and wait for that task forever (and hang again when terminated).
+    """
     parent = os.getpid() if context.get_start_method() == "fork" else None
-    previous = _set_signal_mask(signal.SIG_BLOCK, _BLOCKED)
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_start_worker,
+                               initargs=(*options[:-1], parent))
     try:
-        pool = context.Pool(num_workers, _start_worker, (*options[:-1], parent))
-    finally:
-        _set_signal_mask(signal.SIG_SETMASK, previous)
-    with pool:
+        previous = _set_signal_mask(signal.SIG_BLOCK, _BLOCKED)
+        try:
+            started = pool.submit(_noop)  # forks every worker (all at once when forking)
+        finally:
+            _set_signal_mask(signal.SIG_SETMASK, previous)
+        _outcome(started)
         yield pool
+    finally:
+        _stop(pool)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued, end the workers now (not after their current task) and wait
+    for them: no worker outlives the run, also on an error or an interrupt."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14 on
+    if terminate is not None:
+        terminate()
+    else:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            if process.exitcode is None:
+                process.terminate()
+    pool.shutdown(wait=True)
+
+
+def _outcome(future):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        logger.warning("a ranking worker process ended before its work did; ranking in this "
+                       "process instead")
+        raise FastPathFailed("a worker process ended") from None
 
 
 def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options: dict,
@@ -392,7 +434,8 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
     per run of questions, in input order, ``[(question id, ranking as JSON text)]``.
 
     Questions before ``start`` are validated, not ranked, as in an inline run. Raises
-    ``FastPathFailed`` when the file is not plainly well formed (see the module docstring).
+    ``FastPathFailed`` when the file is not plainly well formed (see the module docstring)
+    or a worker process ends before its work does.
     """
     context = _pool_context()
     options = (ranker_name, task_name, ranker_options, str(path), num_workers, None)
@@ -400,22 +443,18 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
         in_flight: deque = deque()
         first = 0
         scanner = _Scanner()
-        try:
-            for span, count in question_spans(path, stop, scanner=scanner):
-                deep = scanner.deepest > MAX_DEPTH
-                in_flight.append(pool.apply_async(_rank_span,
-                                                  (span, first, count, start, deep)))
-                first += count
-                if len(in_flight) >= num_workers * TASKS_PER_WORKER:
-                    yield _result(in_flight.popleft())
-            while in_flight:
+        for span, count in question_spans(path, stop, scanner=scanner):
+            deep = scanner.deepest > MAX_DEPTH
+            in_flight.append(pool.submit(_rank_span, span, first, count, start, deep))
+            first += count
+            if len(in_flight) >= num_workers * TASKS_PER_WORKER:
                 yield _result(in_flight.popleft())
-        finally:
-            pool.terminate()  # also on an error or an interrupt: no worker outlives the run
+        while in_flight:
+            yield _result(in_flight.popleft())
 
 
 def _result(pending) -> list[tuple[str, str]]:
-    ranked = pending.get()
+    ranked = _outcome(pending)
     if ranked is None:
         raise FastPathFailed("a worker could not rank its questions")
     return ranked
