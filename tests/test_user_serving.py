@@ -354,7 +354,7 @@ def test_a_user_id_that_is_not_an_id_is_one_error(tiny_t5, tmp_path):
 # -- under a launcher: each process answers (and loads) its own users ------------------------
 
 def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path, monkeypatch):
-    from LaMP.utils import distributed, user_serving
+    from LaMP.utils import distributed, lora_stack, user_serving
     from LaMP.utils.distributed import Launch
 
     users = ["A", "B", "A", "B", "C", "D", "C", "D"]
@@ -370,13 +370,19 @@ def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path,
         return ["x"] * 4 + list(mine)
 
     load_one = user_serving._AdapterPool._load_one
+    read_weights = lora_stack._read_weights
 
-    def record(pool, user):
+    def record(pool, user):  # through peft
         loaded.append(user)
         return load_one(pool, user)
 
+    def record_read(folder):  # stacked (the default for LoRA)
+        loaded.append(folder.name)
+        return read_weights(folder)
+
     monkeypatch.setattr("LaMP.utils.predict.gather_in_order", gather)
     monkeypatch.setattr(user_serving._AdapterPool, "_load_one", record)
+    monkeypatch.setattr(lora_stack, "_read_weights", record_read)
     out = evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                        "--user_adapters", str(root)))
     # Sliced with each user's questions together: process 1 has C's and D's, and only those.

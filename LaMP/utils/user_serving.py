@@ -2,11 +2,13 @@
 
 A per-user training run leaves one standard peft folder per user under
 ``<root>/users/<user>/`` (``LaMP.utils.users``). Serving loads the base model once and the
-users' adapters onto it in groups of at most ``max_loaded`` (``delete_adapter`` between
-groups, so memory stays bounded however many users there are). Methods whose peft layers
-take ``adapter_names`` (plain LoRA and rsLoRA: the table's ``mixed_batches``) answer a
-group's questions in batches that mix users, each row through its own user's adapter (and
-``"__base__"`` for a user answered by the base model); the others (DoRA, which peft refuses
+users' adapters onto it in groups of at most ``max_loaded`` (released between groups, so
+memory stays bounded however many users there are). Methods whose peft layers take
+``adapter_names`` (plain LoRA and rsLoRA: the table's ``mixed_batches``) answer a group's
+questions in batches that mix users, each row through its own user's adapter (and
+``"__base__"`` for a user answered by the base model): stacked (``LaMP.utils.lora_stack``:
+weights read into one tensor per layer, batched products) where the adapters allow it, else
+through peft's ``adapter_names``; the others (DoRA, which peft refuses
 to mix; IA3, whose layers would silently ignore the names; prompt learning, whose virtual
 tokens are one per model call) are answered user by user. Users without an adapter are
 either an error or, with ``missing="base"``, answered by the base model.
@@ -170,10 +172,13 @@ def users_together(users: Sequence[str]) -> list[int]:
 def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
                      adapters: UserAdapters, *, max_loaded: int = MAX_LOADED_ADAPTERS,
                      label_scoring: bool = False, progress: bool = True,
-                     **settings) -> list[str]:
+                     stacked: bool = True, **settings) -> list[str]:
     """One output per example, each from its user's adapter (``users[i]`` is example i's
     user). ``lamp_model`` holds the base model without an adapter; the users' adapters are
-    put onto it (and taken off again) here. ``settings``: ``predict``'s keyword arguments."""
+    put onto it (and taken off again) here. ``stacked``: mixed batches of LoRA adapters go
+    through ``LoraStack`` (their weights stacked per layer, two batched products per layer)
+    where the adapters allow it, else through peft's own mixed batches. ``settings``:
+    ``predict``'s keyword arguments."""
     from LaMP.utils.answering import predict
 
     if len(users) != len(examples):
@@ -207,14 +212,40 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
     if not with_adapter:
         return outputs
     groups = [with_adapter[i:i + max_loaded] for i in range(0, len(with_adapter), max_loaded)]
-    pool = _AdapterPool(lamp_model, adapters)
+    use_stack = mixed and stacked
+    if use_stack:
+        from LaMP.utils.lora_stack import LoraStack, NotStackable
+
+        why_not = LoraStack.unsupported(adapters.adapter_folders)
+        if why_not is not None:
+            use_stack = False
+            logger.info("mixed batches through peft (the adapters cannot be stacked: %s)",
+                        why_not)
+    pool = None
     for number, group in enumerate(groups, 1):
-        names = pool.load(group)
         logger.info("adapter group %d of %d: %d user(s)", number, len(groups), len(group))
+        indices = [i for user in group for i in rows[user]]
+        if use_stack:
+            names = {user: f"u{n}" for n, user in enumerate(group)}
+            try:
+                stack = LoraStack(lamp_model.model,
+                                  {names[user]: adapters.folders[user] for user in group},
+                                  {names[user]: f"user {user!r}'s adapter "
+                                                f"{adapters.folders[user]}" for user in group})
+            except NotStackable as why:  # this group and the rest through peft
+                use_stack = False
+                logger.info("mixed batches through peft from group %d on (%s)", number, why)
+            else:
+                with _stacked(lamp_model.model, stack):
+                    # The base model's rows ride along in the first group's batches.
+                    answer(lamp_model, indices + base_rows,
+                           [names[users[i]] for i in indices] + [BASE] * len(base_rows))
+                base_rows = []
+                continue
+        pool = pool or _AdapterPool(lamp_model, adapters)
+        names = pool.load(group)
         served = pool.lamp_model
         if mixed:
-            indices = [i for user in group for i in rows[user]]
-            # The base model's rows ride along in the first group's batches.
             answer(served, indices + base_rows,
                    [names[users[i]] for i in indices] + [BASE] * len(base_rows))
             base_rows = []
@@ -222,7 +253,8 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
             for user in group:
                 pool.activate(names[user])
                 answer(served, rows[user])
-    pool.unload()
+    if pool is not None:
+        pool.unload()
     return outputs
 
 
@@ -291,6 +323,18 @@ class _AdapterPool:
         return name
 
 
+_STACK_ATTRIBUTE = "lamp_lora_stack"  # set on a base model while a LoraStack serves it
+
+
+@contextlib.contextmanager
+def _stacked(model, stack) -> Iterator[None]:
+    setattr(model, _STACK_ATTRIBUTE, stack)
+    try:
+        yield
+    finally:
+        delattr(model, _STACK_ATTRIBUTE)
+
+
 @contextlib.contextmanager
 def rows_through(model, names: Sequence[str] | None, num_beams: int = 1) -> Iterator[None]:
     """Inside, row i of every forward pass of ``model`` (a peft model) goes through adapter
@@ -302,6 +346,11 @@ def rows_through(model, names: Sequence[str] | None, num_beams: int = 1) -> Iter
     ``None``: a no-op."""
     if names is None:
         yield
+        return
+    stack = getattr(model, _STACK_ATTRIBUTE, None)
+    if stack is not None:  # a LoraStack lays out beams and label rows itself
+        with stack.rows(names, BASE):
+            yield
         return
     with model._enable_peft_forward_hooks(adapter_names=list(names), num_beams=num_beams):
         yield

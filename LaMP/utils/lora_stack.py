@@ -1,0 +1,194 @@
+"""Many LoRA adapters on one base model, each batch row through its own user's adapter.
+
+peft serves a batch that mixes adapters (``adapter_names``) by looping, in every adapted
+layer at every step, over the adapters the batch holds (a product per adapter), and it loads
+an adapter by building a new LoRA module into every adapted layer. Here the adapters' weights
+are read straight from their files into one tensor per adapted ``Linear`` and per matrix
+(adapters × rank × features), and a forward hook on each such ``Linear`` adds every row's
+LoRA term with two batched products:
+
+    out[i] += scale[a] * (x[i] @ A[a]^T) @ B[a]^T,   a = the adapter of row i
+
+which is peft's own term in eval mode (dropout is off when answering), for plain LoRA
+(``lora_alpha / r``) and rsLoRA (``lora_alpha / sqrt(r)``). Slot 0 holds zeros: the rows the
+base model answers. Adapters of different ranks are padded with zero rows and columns, which
+add nothing.
+
+What it takes is checked, and anything else is served by peft's own path: LoRA (not DoRA),
+no LoRA bias, no per-module rank or alpha patterns, no other trained modules, not
+``fan_in_fan_out`` weights (from the configs: ``stackable``), only ``nn.Linear`` layers, not
+embeddings or convolutions (from the weights: ``NotStackable``). Memory: the stacked
+weights, and per batch each adapted layer's A and B gathered for its rows (rows × features ×
+rank, twice).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from LaMP.utils.checkpoints import ADAPTER_CONFIG
+from LaMP.utils.errors import LampError
+from LaMP.utils.fileio import read_json
+
+WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+_PREFIX = "base_model.model."  # peft's prefix of the base model's module names
+_MATRICES = (".lora_A.weight", ".lora_B.weight")
+
+
+class NotStackable(Exception):
+    """These adapters adapt layers the stack does not handle (embeddings, convolutions):
+    serve them through peft."""
+
+
+def stackable(config: Mapping) -> str | None:
+    """Why an adapter with this ``adapter_config.json`` cannot be stacked, or ``None``."""
+    if config.get("peft_type") != "LORA":
+        return f"a {config.get('peft_type')} adapter, not LoRA"
+    for key, why in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias"),
+                     ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
+                     ("modules_to_save", "other trained modules"),
+                     ("fan_in_fan_out", "fan_in_fan_out weights"),
+                     ("layer_replication", "replicated layers")):
+        if config.get(key):
+            return why
+    return None
+
+
+def _scale(config: Mapping, rank: int) -> float:
+    alpha = float(config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS).exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / WEIGHTS))
+    return torch.load(folder / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+
+
+class LoraStack:
+    """The LoRA adapters of ``folders`` (name -> peft folder) stacked onto ``model``'s
+    ``nn.Linear`` layers; ``rows(names)`` routes each batch row through its adapter.
+
+    ``unsupported(folders)`` says whether a set of adapters can be stacked at all.
+    """
+
+    def __init__(self, model: torch.nn.Module, folders: Mapping[str, Path],
+                 labels: Mapping[str, str] | None = None):
+        """``labels[name]``: how errors name that adapter (default ``adapter <folder>``)."""
+        self.model = model
+        self.slots = {name: slot for slot, name in enumerate(folders, 1)}
+        modules = dict(model.named_modules())
+        # module name -> {slot: (A, B, scale)}
+        found: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        for name, folder in folders.items():
+            folder = Path(folder)
+            label = (labels or {}).get(name, f"adapter {folder}")
+            config = read_json(folder / ADAPTER_CONFIG)
+            try:
+                weights = _read_weights(folder)
+            except (OSError, RuntimeError, ValueError) as error:
+                raise LampError(f"cannot load {label}: "
+                                f"{str(error).splitlines()[0] if str(error) else error}") from None
+            pairs: dict[str, dict[str, torch.Tensor]] = {}
+            embedding = next((key for key in weights if ".lora_embedding_" in key), None)
+            if embedding is not None:  # (peft then saves the embedding layer too)
+                raise NotStackable(f"{folder}: LoRA on an embedding ({embedding})")
+            for key, tensor in weights.items():
+                matrix = next((m for m in _MATRICES if key.endswith(m)), None)
+                if matrix is None or not key.startswith(_PREFIX):
+                    raise LampError(f"cannot load {label}: weight {key} is not a "
+                                    "LoRA matrix of the base model")
+                pairs.setdefault(key[len(_PREFIX):-len(matrix)], {})[matrix] = tensor
+            for module_name, pair in pairs.items():
+                layer = modules.get(module_name)
+                if layer is not None and not isinstance(layer, torch.nn.Linear):
+                    raise NotStackable(f"{folder}: {module_name} is a "
+                                       f"{type(layer).__name__}, not a Linear layer")
+                if layer is None or len(pair) != 2:
+                    raise LampError(f"cannot load {label}: {module_name} is not a "
+                                    "linear layer of this model with both LoRA matrices")
+                a, b = pair[_MATRICES[0]], pair[_MATRICES[1]]
+                if (a.shape[1] != layer.in_features or b.shape[0] != layer.out_features
+                        or a.shape[0] != b.shape[1]):
+                    raise LampError(
+                        f"cannot load {label}: the LoRA matrices of {module_name} "
+                        f"({tuple(a.shape)}, {tuple(b.shape)}) do not fit the layer "
+                        f"({layer.in_features} -> {layer.out_features}); an adapter of "
+                        "another base model?")
+                found.setdefault(module_name, {})[self.slots[name]] = (
+                    a, b, _scale(config, a.shape[0]))
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for module_name, per_slot in found.items():
+            layer = modules[module_name]
+            rank = max(a.shape[0] for a, _, _ in per_slot.values())
+            # A quantized layer's weight is not floating point: its LoRA terms in float32.
+            dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+            options = dict(dtype=dtype, device=layer.weight.device)
+            stack_a = torch.zeros(len(self.slots) + 1, rank, layer.in_features, **options)
+            stack_b = torch.zeros(len(self.slots) + 1, layer.out_features, rank, **options)
+            # Applied after the products, as peft does (not folded into B: other rounding).
+            scales = torch.zeros(len(self.slots) + 1, **options)
+            for slot, (a, b, scale) in per_slot.items():
+                stack_a[slot, :a.shape[0]] = a.to(**options)
+                stack_b[slot, :, :b.shape[1]] = b.to(**options)
+                scales[slot] = scale
+            self.layers[module_name] = (stack_a, stack_b, scales)
+        self._by_name = modules
+
+    @staticmethod
+    def unsupported(folders: Sequence[Path]) -> str | None:
+        """Why these adapters cannot be stacked (the first reason found), or ``None``."""
+        for folder in folders:
+            why = stackable(read_json(Path(folder) / ADAPTER_CONFIG))
+            if why is not None:
+                return f"{folder}: {why}"
+        return None
+
+    @contextlib.contextmanager
+    def rows(self, names: Sequence[str], base: str) -> Iterator[None]:
+        """Inside, row i of every forward pass goes through adapter ``names[i]`` (``base``:
+        none). A pass with k times as many rows (beams, one row per label) repeats each
+        prompt's adapter k times, as generation and label scoring lay their rows out."""
+        slots = torch.tensor([0 if name == base else self.slots[name] for name in names])
+        handles = []
+        for module_name, stacks in self.layers.items():
+            handles.append(self._by_name[module_name].register_forward_hook(
+                _LayerRows(*stacks, slots)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _LayerRows:
+    """The forward hook of one adapted layer: its rows' A and B gathered once per row count
+    (a batch's passes all have the same), then two batched products per pass."""
+
+    def __init__(self, stack_a: torch.Tensor, stack_b: torch.Tensor, scales: torch.Tensor,
+                 slots: torch.Tensor):
+        self.stack_a, self.stack_b, self.scales, self.slots = stack_a, stack_b, scales, slots
+        self.gathered: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, module, inputs, output):
+        x = inputs[0]
+        rows = x.shape[0]
+        if rows not in self.gathered:
+            if rows % len(self.slots):
+                raise RuntimeError(f"a pass of {rows} rows for {len(self.slots)} prompts")
+            slots = self.slots.repeat_interleave(rows // len(self.slots)).to(x.device)
+            # (rows, in, r) and (rows, r, out): ready for x @ A^T @ B^T.
+            self.gathered[rows] = (self.stack_a[slots].transpose(1, 2).contiguous(),
+                                   self.stack_b[slots].transpose(1, 2).contiguous(),
+                                   self.scales[slots].view(rows, 1, 1))
+        a_t, b_t, scales = self.gathered[rows]
+        flat = x.reshape(rows, -1, x.shape[-1]).to(a_t.dtype)
+        delta = torch.bmm(torch.bmm(flat, a_t), b_t) * scales
+        return output + delta.reshape(output.shape).to(output.dtype)

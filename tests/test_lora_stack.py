@@ -1,0 +1,221 @@
+"""Stacked LoRA serving (LaMP/utils/lora_stack.py): every row through its own adapter with
+batched products, against peft's own LoRA layers and against one user at a time."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import write_json
+from test_user_serving import (one_user_at_a_time, predictions_file, save_user_adapters,
+                               serve_args, tweet_questions)
+from LaMP import evaluate_llm
+from LaMP.utils import lora_stack
+from LaMP.utils.errors import LampError
+from LaMP.utils.users import user_adapter_dir
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture
+def stacks_built(monkeypatch):
+    """How many LoraStacks serving built (0: it went through peft)."""
+    built = []
+    original = lora_stack.LoraStack.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_stack.LoraStack, "__init__", counting)
+    return built
+
+
+def load_base(model_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = AutoConfig.from_pretrained(model_path).is_encoder_decoder
+    return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
+        model_path).eval()
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_each_rows_lora_term_is_peft_s_for_its_adapter(tiny_model, tmp_path, rslora):
+    """Layer by layer: the stacked hook adds to each row what peft's LoRA layer adds for that
+    row's adapter (nothing for a base-model row), with adapters of different ranks."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folders = {}
+    for number, rank in enumerate((2, 4, 3)):
+        torch.manual_seed(number)
+        config = LoraConfig(r=rank, lora_alpha=8, init_lora_weights=False, use_rslora=rslora,
+                            target_modules="all-linear")
+        folders[f"u{number}"] = tmp_path / f"a{number}"
+        get_peft_model(load_base(tiny_model), config).save_pretrained(folders[f"u{number}"])
+    base = load_base(tiny_model)
+    stack = lora_stack.LoraStack(base, folders)
+    assert len(stack.layers) > 4
+    names = ["u1", "__base__", "u0", "u2", "u1"]
+    x_by_layer = {}
+    modules = dict(base.named_modules())
+    generator = torch.Generator().manual_seed(0)
+    for module_name in stack.layers:
+        layer = modules[module_name]
+        x = torch.randn(len(names), 3, layer.in_features, generator=generator)
+        x_by_layer[module_name] = x
+        with torch.no_grad(), stack.rows(names, "__base__"):
+            stacked = layer(x)
+        plain = layer(x).detach()
+        for row, name in enumerate(names):
+            if name == "__base__":
+                assert torch.equal(stacked[row], plain[row])
+                continue
+            peft_model = PeftModel.from_pretrained(load_base(tiny_model), str(folders[name]))
+            peft_layer = dict(peft_model.base_model.model.named_modules())[module_name]
+            with torch.no_grad():
+                expected = peft_layer(x[row:row + 1])[0]
+            torch.testing.assert_close(stacked[row], expected, rtol=1e-5, atol=1e-6)
+    # The hooks are gone after the block: every layer is the base model's again.
+    for module_name in stack.layers:
+        layer, x = modules[module_name], x_by_layer[module_name]
+        assert not layer._forward_hooks
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_rows_repeated_for_beams_and_labels_take_their_prompts_adapter(tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    folders = {}
+    for number in range(2):
+        torch.manual_seed(number)
+        folders[f"u{number}"] = tmp_path / f"a{number}"
+        get_peft_model(load_base(tiny_llama), LoraConfig(r=2, init_lora_weights=False)
+                       ).save_pretrained(folders[f"u{number}"])
+    base = load_base(tiny_llama)
+    stack = lora_stack.LoraStack(base, folders)
+    name = next(iter(stack.layers))
+    layer = dict(base.named_modules())[name]
+    x = torch.randn(2, 1, layer.in_features)
+    with torch.no_grad():
+        with stack.rows(["u0", "u1"], "__base__"):
+            once = layer(x)
+        with stack.rows(["u0", "u1"], "__base__"):
+            thrice = layer(x.repeat_interleave(3, 0))  # beams, or one row per label
+        with stack.rows(["u0", "u1"], "__base__"):
+            with pytest.raises(RuntimeError, match="a pass of 3 rows for 2 prompts"):
+                layer(x[:1].repeat(3, 1, 1))
+    torch.testing.assert_close(thrice, once.repeat_interleave(3, 0))
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_serving_stacks_lora_adapters_and_answers_as_peft_and_each_user_alone(
+        tiny_model, tmp_path, monkeypatch, stacks_built, num_beams):
+    questions = tweet_questions(6)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_model, tmp_path / "per_user", [q["id"] for q in questions])
+    flags = ("--user_adapters", str(root), "--max_loaded_adapters", "4",
+             "--generation_num_beams", str(num_beams))
+    evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "stacked", *flags))
+    assert len(stacks_built) == 2  # two groups: 4 users, then 2
+    stacks_built.clear()
+    monkeypatch.setattr(lora_stack.LoraStack, "unsupported", staticmethod(lambda f: "forced"))
+    evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "peft", *flags))
+    assert not stacks_built
+    stacked, through_peft = (predictions_file(tmp_path / d) for d in ("stacked", "peft"))
+    assert stacked == through_peft
+    assert [answer for _, answer in stacked] == one_user_at_a_time(
+        tiny_model, root, questions, "LaMP-7", tmp_path, num_beams=num_beams)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"use_dora": True}, "DoRA"),
+    ({"rank_pattern": {"q": 2}}, "per-module ranks"),
+    ({"alpha_pattern": {"q": 2}}, "per-module alphas"),
+    ({"modules_to_save": ["lm_head"]}, "other trained modules"),
+    ({"lora_bias": True}, "a LoRA bias"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"peft_type": "IA3"}, "not LoRA"),
+])
+def test_what_cannot_be_stacked_is_named(change, reason):
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": False,
+              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+              "lora_bias": False, "fan_in_fan_out": False}
+    assert lora_stack.stackable(config) is None
+    assert reason in lora_stack.stackable({**config, **change})
+
+
+def test_per_module_ranks_are_served_through_peft_with_the_same_answers(
+        tiny_t5, tmp_path, stacks_built):
+    questions = tweet_questions(4)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", [q["id"] for q in questions])
+    config_path = user_adapter_dir(root, "q0") / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["alpha_pattern"] = {"q": 8}  # the default alpha written out: same adapter
+    config_path.write_text(json.dumps(config))
+    evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
+                                 "--user_adapters", str(root)))
+    assert not stacks_built
+    assert [a for _, a in predictions_file(tmp_path / "eval")] == one_user_at_a_time(
+        tiny_t5, root, questions, "LaMP-7", tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("foreign key", r"weight base_model\.model\.extra\.weight is not a LoRA matrix"),
+    ("one matrix", r"is not a linear layer of this model with both LoRA matrices"),
+    ("wrong width", r"do not fit the layer .* an adapter of another base model\?"),
+    ("a layer it lacks", r"model\.layers\.9\.self_attn\.q_proj is not a linear layer of "
+                         r"this model"),
+])
+def test_damaged_weights_are_one_error_naming_the_user(tiny_llama, tmp_path, damage, message):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    data = write_json(tmp_path / "LaMP_7_dev.json", tweet_questions(2))
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", ["q0", "q1"])
+    weights_path = user_adapter_dir(root, "q1") / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    if damage == "foreign key":
+        weights["base_model.model.extra.weight"] = torch.zeros(2)
+    elif damage == "one matrix":
+        weights.pop(next(key for key in weights if key.endswith("lora_B.weight")))
+    elif damage == "wrong width":
+        key = next(key for key in weights if key.endswith("lora_A.weight"))
+        weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
+    elif damage == "a layer it lacks":  # the tiny model has two layers
+        for matrix, shape in (("lora_A", (4, 32)), ("lora_B", (32, 4))):
+            weights[f"base_model.model.model.layers.9.self_attn.q_proj.{matrix}.weight"] = (
+                torch.zeros(shape))
+    save_file(weights, str(weights_path))
+    with pytest.raises(LampError) as error:
+        evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
+                                     "--user_adapters", str(root)))
+    text = str(error.value)
+    assert re.match(r"cannot load user 'q1'\'s adapter .*/users/q1: ", text), text
+    assert re.search(message, text) and len(text.splitlines()) == 1, text
+    assert not (tmp_path / "eval").exists()
+
+
+def test_lora_on_embeddings_is_served_through_peft_with_the_same_answers(
+        tiny_llama, tmp_path, capfd):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    questions = tweet_questions(4)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = tmp_path / "per_user"
+    for number, question in enumerate(questions):
+        torch.manual_seed(number)
+        config = LoraConfig(r=2, init_lora_weights=False, task_type="CAUSAL_LM",
+                            target_modules=["q_proj", "embed_tokens"])
+        get_peft_model(load_base(tiny_llama), config).save_pretrained(
+            user_adapter_dir(root, question["id"]))
+    capfd.readouterr()
+    evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
+                                 "--user_adapters", str(root)))
+    assert "mixed batches through peft from group 1 on" in capfd.readouterr().err
+    assert [a for _, a in predictions_file(tmp_path / "eval")] == one_user_at_a_time(
+        tiny_llama, root, questions, "LaMP-7", tmp_path)
