@@ -9,9 +9,11 @@ modules) with random non-zero weights, saved where a per-user training run saves
 the same questions are answered two ways, from the same base model:
 
 1. ours (``evaluate_llm.py --user_adapters``): adapters loaded in groups of
-   ``--max_loaded_adapters``, batches of ``--batch_size`` questions that mix users
-   (peft's ``adapter_names``);
-2. the swap loop of the published per-user code: per user, load that user's adapter
+   ``--max_loaded_adapters``, batches of ``--batch_size`` questions that mix users, the
+   adapters stacked per layer (``LaMP/utils/lora_stack.py``);
+2. the same batches through peft's own mixed batches (``adapter_names``; what serving
+   falls back to for LoRA adapters it cannot stack);
+3. the swap loop of the published per-user code: per user, load that user's adapter
    (``PeftModel.from_pretrained`` for the first, ``load_adapter`` + ``set_adapter`` after),
    answer its question alone, unload it.
 
@@ -169,7 +171,7 @@ def main(argv=None):
         settings = dict(max_length=args.max_length, max_new_tokens=args.generation_max_length,
                         num_beams=1, batch_size=args.batch_size)
 
-        mixed_times, swap_times = [], []
+        mixed_times, peft_times, swap_times = [], [], []
         for repeat in range(args.repeats):
             # A fresh model for each run: none starts with another's (emptied) LoRA layers.
             lamp_model = lamp_model if repeat == 0 else fresh_model()
@@ -179,24 +181,34 @@ def main(argv=None):
             mixed_times.append(time.perf_counter() - started)
             lamp_model = fresh_model()
             started = time.perf_counter()
+            through_peft = predict_per_user(lamp_model, task, examples, users, adapters,
+                                            max_loaded=max_loaded, progress=False,
+                                            stacked=False, **settings)
+            peft_times.append(time.perf_counter() - started)
+            lamp_model = fresh_model()
+            started = time.perf_counter()
             swapped = swap_one_adapter_per_user(lamp_model, examples,
                                                 [adapters.folders[user] for user in users], args)
             swap_times.append(time.perf_counter() - started)
-            print(f"run {repeat + 1}: mixed {mixed_times[-1]:.1f} s, swap {swap_times[-1]:.1f} s",
-                  flush=True)
-        mixed_seconds, swap_seconds = min(mixed_times), min(swap_times)
+            print(f"run {repeat + 1}: stacked {mixed_times[-1]:.1f} s, peft mixed "
+                  f"{peft_times[-1]:.1f} s, swap {swap_times[-1]:.1f} s", flush=True)
+        mixed_seconds, peft_seconds, swap_seconds = (min(mixed_times), min(peft_times),
+                                                     min(swap_times))
 
     same = sum(a == b for a, b in zip(mixed, swapped))
     print(f"SmolLM2-135M-Instruct, LoRA r {args.lora_r} per user, {len(users)} users x 1 "
           f"question ({source}), greedy, {args.generation_max_length} new tokens, "
           f"k = {args.num_retrieved}, {torch.get_num_threads()} thread(s)")
     print(f"  adapters made: {made:.1f} s")
-    print(f"  mixed batches (batch {args.batch_size}, {max_loaded} loaded at once): "
+    print(f"  mixed batches (batch {args.batch_size}, {max_loaded} loaded at once), stacked: "
           f"{mixed_seconds:7.1f} s (best of {args.repeats})")
-    print(f"  swap one adapter per user, one question at a time:       {swap_seconds:7.1f} s "
-          f"(best of {args.repeats})")
-    print(f"  speed-up: {swap_seconds / mixed_seconds:.2f}x")
-    print(f"  identical answers: {same}/{len(users)}"
+    print(f"  the same batches through peft's adapter_names:         {peft_seconds:7.1f} s")
+    print(f"  swap one adapter per user, one question at a time:      {swap_seconds:7.1f} s")
+    print(f"  speed-up over the swap loop: stacked {swap_seconds / mixed_seconds:.2f}x, "
+          f"peft mixed {swap_seconds / peft_seconds:.2f}x")
+    print(f"  stacked answers equal to peft mixed batches': "
+          f"{sum(a == b for a, b in zip(mixed, through_peft))}/{len(users)}")
+    print(f"  identical answers (stacked vs swap): {same}/{len(users)}"
           f"{'' if same == len(users) else ' (differing: ' + str([i for i, (a, b) in enumerate(zip(mixed, swapped)) if a != b][:5]) + ')'}")
     print(f"  distinct answers among users: {len(set(mixed))}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
