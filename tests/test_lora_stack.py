@@ -112,7 +112,7 @@ def test_rows_repeated_for_beams_and_labels_take_their_prompts_adapter(tiny_llam
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_serving_stacks_lora_adapters_and_answers_as_peft_and_each_user_alone(
-        tiny_model, tmp_path, monkeypatch, stacks_built, num_beams):
+        tiny_model, tmp_path, stacks_built, num_beams):
     questions = tweet_questions(6)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = save_user_adapters(tiny_model, tmp_path / "per_user", [q["id"] for q in questions])
@@ -121,8 +121,8 @@ def test_serving_stacks_lora_adapters_and_answers_as_peft_and_each_user_alone(
     evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "stacked", *flags))
     assert len(stacks_built) == 2  # two groups: 4 users, then 2
     stacks_built.clear()
-    monkeypatch.setattr(lora_stack.LoraStack, "unsupported", staticmethod(lambda f: "forced"))
-    evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "peft", *flags))
+    evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "peft", *flags,
+                                 "--user_adapter_batches", "peft"))
     assert not stacks_built
     stacked, through_peft = (predictions_file(tmp_path / d) for d in ("stacked", "peft"))
     assert stacked == through_peft

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 def predict_in_slices(lamp_model, task: Task, examples: Sequence[Example], launch: Launch,
                       *, sharded: bool = False, progress: bool = True,
                       users: Sequence[str] | None = None, user_adapters: UserAdapters | None = None,
-                      max_loaded_adapters: int = MAX_LOADED_ADAPTERS, **settings) -> list[str]:
+                      max_loaded_adapters: int = MAX_LOADED_ADAPTERS,
+                      stacked_adapters: bool = True, **settings) -> list[str]:
     """``predict`` with the examples split over the launched processes: each answers its
     contiguous slice and every process gets all outputs, in example order. ``settings`` are
     ``predict``'s keyword arguments. One process (no launcher): ``predict`` itself.
@@ -32,7 +33,8 @@ def predict_in_slices(lamp_model, task: Task, examples: Sequence[Example], launc
     generation keeps every process stepping until the longest answer is done.
 
     ``user_adapters``: each example is answered with its user's adapter (``users[i]``, see
-    ``user_serving.predict_per_user``, at most ``max_loaded_adapters`` on the model at once).
+    ``user_serving.predict_per_user``, at most ``max_loaded_adapters`` on the model at once;
+    ``stacked_adapters``: LoRA adapters stacked per layer where they allow it).
     The examples are sliced with each user's questions together, so that a process loads
     only its own users' adapters; the outputs come back in example order all the same.
     """
@@ -53,7 +55,8 @@ def predict_in_slices(lamp_model, task: Task, examples: Sequence[Example], launc
     if user_adapters is not None:
         texts = predict_per_user(lamp_model, task, [examples[i] for i in mine],
                                  [users[i] for i in mine], user_adapters,
-                                 max_loaded=max_loaded_adapters, progress=progress, **settings)
+                                 max_loaded=max_loaded_adapters, progress=progress,
+                                 stacked=stacked_adapters, **settings)
     else:
         texts = predict(lamp_model, task, [examples[i] for i in mine], progress=progress,
                         synced_gpus=sharded and launch.distributed, **settings)
