@@ -184,9 +184,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where the user/ and time/ folders are written (default: raw_data)")
     parser.add_argument("--tasks", nargs="+", type=parse_source,
                         default=[source for source in SOURCES if source.default],
-                        help="tasks to fetch: LaMP_1 … LaMP_5, LaMP_7 (LaMP-N works too); "
-                             "LaMP_2_old is the older news-categorization LaMP-2, only on "
-                             "request (default: all but LaMP_2_old)")
+                        help="tasks to fetch: "
+                             f"{', '.join(s.name for s in SOURCES if s.default)} (the "
+                             "LaMP-N spelling works too); "
+                             f"{', '.join(s.name for s in SOURCES if not s.default)}: only on "
+                             "request (LaMP_2_old is the older news-categorization LaMP-2; "
+                             "default: all the others)")
     parser.add_argument("--splits", nargs="+", choices=sorted(SPLIT_DIRS), default=["user", "time"],
                         help="user-based and/or time-based splits (default: both)")
     parser.add_argument("--sets", nargs="+", choices=list(SET_KINDS), default=list(SET_KINDS),

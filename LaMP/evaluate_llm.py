@@ -36,7 +36,7 @@ from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
                                check_outputs, check_readable, remove_outputs, save_run_args)
-from LaMP.utils.tasks import task_arg
+from LaMP.utils.tasks import TASK_HELP, task_arg
 from LaMP.utils.user_serving import MAX_LOADED_ADAPTERS, MISSING_CHOICES
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_addr", required=True,
                         help="model to run: a hub name or a local folder")
     parser.add_argument("--task", required=True, type=task_arg,
-                        help="LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+                        help=f"the task: {TASK_HELP}")
     parser.add_argument("--output_dir", required=True,
                         help="folder for predictions.json, results_output.json and args.json")
     add_profile_arguments(parser)

@@ -40,7 +40,7 @@ from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, R
 from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores,
                                            rank_in_workers, worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
-from LaMP.utils.tasks import task_arg
+from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_ranking_addr", required=True,
                         help="where to write the ranking JSON {question id: [profile ids]}")
     parser.add_argument("--task", required=True, type=task_arg,
-                        help="the task: LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+                        help=f"the task: {TASK_HELP}")
     parser.add_argument("--ranker", required=True, choices=RANKERS,
                         help="bm25 (Okapi BM25), contriever (any Hugging Face encoder, see "
                              "--contriever_checkpoint), recency (newest first) or random")

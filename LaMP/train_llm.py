@@ -39,7 +39,7 @@ from LaMP.utils.fileio import (atomic_write_json, check_new_run_folder, check_ou
                                check_outputs, check_readable, remove_outputs, save_run_args,
                                writing_into)
 from LaMP.utils.peft_methods import add_peft_arguments, check_peft_arguments, get_method
-from LaMP.utils.tasks import task_arg
+from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_name", required=True,
                         help="model to start from: a hub name or a local folder")
     parser.add_argument("--task", required=True, type=task_arg,
-                        help="LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+                        help=f"the task: {TASK_HELP}")
     parser.add_argument("--output_dir", required=True,
                         help="folder for the adapter, predictions, results and checkpoints")
     add_profile_arguments(parser, max_length=256)

@@ -36,7 +36,7 @@ from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import check_outputs, require_regular_file, save_run_args
 from LaMP.utils.peft_methods import add_peft_arguments, check_peft_arguments, get_method
-from LaMP.utils.tasks import task_arg
+from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="questions file (raw or merged with outputs); each user's "
                              "adapter trains on the profile items of the user's questions")
     parser.add_argument("--task", required=True, type=task_arg,
-                        help="LaMP-1 … LaMP-7 (LaMP_N is accepted too)")
+                        help=f"the task: {TASK_HELP}")
     parser.add_argument("--model_name", required=True,
                         help="base model: a hub name or a local folder")
     parser.add_argument("--output_dir", required=True,

@@ -33,7 +33,7 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
 from LaMP.utils.fileio import JsonListWriter
 from LaMP.utils.outputs import write_outputs
-from LaMP.utils.tasks import MOVIE_TAGS, TASK_NAMES, Task, get_task, task_arg
+from LaMP.utils.tasks import MOVIE_TAGS, TASK_HELP, TASK_NAMES, Task, get_task, task_arg
 
 logger = logging.getLogger("make_sample")
 
@@ -498,7 +498,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seed of every random choice; the committed sample uses 0")
     parser.add_argument("--tasks", nargs="+", type=task_arg,
                         default=[get_task(name) for name in TASK_NAMES],
-                        help="tasks to write: LaMP_1 … LaMP_7 (default: all seven)")
+                        help=f"tasks to write: {TASK_HELP} (default: every task)")
     args = parser.parse_args(argv)
     args.tasks = sorted(set(args.tasks), key=lambda task: task.name)
     return args

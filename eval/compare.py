@@ -26,7 +26,7 @@ from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.metrics import metric_for, paired_bootstrap
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.scoring import check_bootstrap_arguments, paired_outputs, prepare
-from LaMP.utils.tasks import task_arg
+from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preds_a", required=True, help="predictions of system A (baseline)")
     parser.add_argument("--preds_b", required=True, help="predictions of system B")
     parser.add_argument("--task_name", required=True, type=task_arg,
-                        help="the task: LaMP_1 … LaMP_7 (LaMP-N is accepted too)")
+                        help=f"the task: {TASK_HELP}")
     parser.add_argument("--output_file", default=None,
                         help="optional path for the comparison as JSON")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",

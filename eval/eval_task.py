@@ -22,7 +22,7 @@ from LaMP.utils.fileio import atomic_write_json, check_outputs
 from LaMP.utils.outputs import load_outputs
 from LaMP.utils.scoring import (add_bootstrap_arguments, add_rouge_aggregation_argument,
                                 check_bootstrap_arguments, format_results_table, score_files)
-from LaMP.utils.tasks import task_arg
+from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preds_json", required=True,
                         help="predictions in the same format as the gold file")
     parser.add_argument("--task_name", required=True, type=task_arg,
-                        help="the task: LaMP_1 … LaMP_7 (LaMP-N is accepted too)")
+                        help=f"the task: {TASK_HELP}")
     parser.add_argument("--output_file", required=True,
                         help="where to write the results JSON")
     add_bootstrap_arguments(parser)

@@ -106,3 +106,48 @@ def test_each_task_matches_issue_2(name):
 def test_tasks_are_immutable():
     with pytest.raises(AttributeError):
         TASKS["LaMP-1"].labels = ("x",)
+
+
+# -- the registry is the one source of names and directions -------------------------------
+
+def test_every_spelling_of_every_registered_task_resolves_and_nothing_else_does():
+    from LaMP.utils.tasks import get_task
+
+    for task in TASKS.values():
+        for spelling in (task.name, task.file_name, task.name.upper(), task.file_name.lower(),
+                         f"  {task.name} "):
+            assert get_task(spelling) is task
+    for wrong in ("LaMP-8", "LaMP 3", "lamp3", "LaMP-3x", "", "LaMP-", "3"):
+        with pytest.raises(LampError) as error:
+            get_task(wrong)
+        # The message lists what the registry holds, whatever it holds.
+        assert all(name in str(error.value) for name in TASK_NAMES)
+
+
+@pytest.mark.parametrize("script", ["LaMP/rank_profiles.py", "LaMP/evaluate_llm.py",
+                                    "LaMP/train_llm.py", "LaMP/train_user_peft.py",
+                                    "eval/eval_task.py", "eval/compare.py"])
+def test_every_scripts_task_help_names_every_registered_task(script):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    text = subprocess.run([sys.executable, script, "-h"], cwd=REPO, capture_output=True,
+                          text=True, check=True, env={"PYTHONPATH": str(REPO),
+                                                      "COLUMNS": "1000"}).stdout
+    options = text.split("\n  -")  # one entry per option, its help included
+    task_help = next(entry for entry in options if entry.startswith("-task"))
+    assert all(name in task_help for name in TASK_NAMES), task_help
+
+
+def test_metric_direction_has_one_source():
+    from LaMP.utils.metrics import Metric, metric_for
+    from LaMP.utils.tasks import LOWER_IS_BETTER
+
+    for task in TASKS.values():
+        family = metric_for(task)
+        assert isinstance(family, Metric)
+        assert task.greater_is_better is (task.selection_metric not in family.lower_is_better)
+        assert set(family.lower_is_better) == set(family.names) & set(LOWER_IS_BETTER)
+    assert not TASKS["LaMP-3"].greater_is_better and TASKS["LaMP-7"].greater_is_better

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from LaMP.utils.tasks import CLASSIFICATION, GENERATION, RATING, Task
+from LaMP.utils.tasks import CLASSIFICATION, GENERATION, LOWER_IS_BETTER, RATING, Task
 
 DEFAULT_BOOTSTRAP_SEED = 0  # fixed so that confidence intervals are the same on every run
 
@@ -111,7 +111,7 @@ def parse_rating(text: str) -> float | None:
 
 class RatingMetric(Metric):
     names = ("MAE", "RMSE")
-    lower_is_better = ("MAE", "RMSE")
+    lower_is_better = tuple(name for name in names if name in LOWER_IS_BETTER)
 
     def __init__(self, lowest: float = 1.0, highest: float = 5.0):
         self.lowest, self.highest = lowest, highest

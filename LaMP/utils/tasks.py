@@ -7,7 +7,6 @@ that picks a best checkpoint. Facts follow the LaMP paper and its published data
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Callable, Mapping, Sequence
@@ -83,7 +82,6 @@ class Task:
     labels: tuple[str, ...] | None  # the valid outputs of a classification/rating task
     metrics: tuple[str, ...]  # result keys, as the official evaluator names them
     selection_metric: str  # the metric that picks a best checkpoint
-    greater_is_better: bool  # direction of selection_metric
     profile_fields: tuple[str, ...]  # fields of a profile item besides id and date
     query_marker: str | None  # the input's query is the text after this marker
     corpus_fields: tuple[str, ...]  # profile fields joined (by a space) into the corpus text
@@ -98,6 +96,11 @@ class Task:
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def greater_is_better(self) -> bool:
+        """The direction of ``selection_metric`` (from ``LOWER_IS_BETTER``)."""
+        return self.selection_metric not in LOWER_IS_BETTER
 
     def query(self, text: str, question_id: str = "?") -> str:
         """The retrieval query for one input; a missing marker is the user's data error."""
@@ -201,13 +204,16 @@ _RATING_INSTRUCTION = ("What is the score of the following review on a scale of 
 
 _CLASSIFICATION_METRICS = ("accuracy", "f1")
 _RATING_METRICS = ("MAE", "RMSE")
+# The metrics that are errors rather than scores: the one statement of every metric's
+# direction (checkpoint selection, tables, comparisons and plots all read it).
+LOWER_IS_BETTER: tuple[str, ...] = _RATING_METRICS
 _ROUGE_METRICS = ("rouge-1", "rouge-L")
 
 _TASKS = (
     Task(
         name="LaMP-1", file_name="LaMP_1", title="Personalized Citation Identification",
         kind=CLASSIFICATION, labels=("[1]", "[2]"), metrics=_CLASSIFICATION_METRICS,
-        selection_metric="accuracy", greater_is_better=True,
+        selection_metric="accuracy",
         profile_fields=("title", "abstract"), query_marker=None, query_fn=_citation_query,
         corpus_fields=("title", "abstract"),
         prompt=PromptTemplate(item='"{title}"', truncate_field="title", insert_after="title",
@@ -219,7 +225,7 @@ _TASKS = (
     Task(
         name="LaMP-2", file_name="LaMP_2", title="Personalized Movie Tagging",
         kind=CLASSIFICATION, labels=MOVIE_TAGS, metrics=_CLASSIFICATION_METRICS,
-        selection_metric="accuracy", greater_is_better=True,
+        selection_metric="accuracy",
         profile_fields=("description", "tag"), query_marker="description:",
         corpus_fields=("description",),
         prompt=PromptTemplate(item='the tag for the movie: "{description}" is "{tag}" ',
@@ -231,7 +237,7 @@ _TASKS = (
     Task(
         name="LaMP-3", file_name="LaMP_3", title="Personalized Product Rating",
         kind=RATING, labels=("1", "2", "3", "4", "5"), metrics=_RATING_METRICS,
-        selection_metric="MAE", greater_is_better=False,
+        selection_metric="MAE",
         profile_fields=("text", "score"), query_marker="review:", corpus_fields=("text",),
         prompt=PromptTemplate(item='{score} is the score for "{text}" ', truncate_field="text"),
         input_prefix="What is the score of the following review on a scale of 1 to 5?",
@@ -241,7 +247,7 @@ _TASKS = (
     Task(
         name="LaMP-4", file_name="LaMP_4", title="Personalized News Headline Generation",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
-        selection_metric="rouge-1", greater_is_better=True,
+        selection_metric="rouge-1",
         profile_fields=("text", "title"), query_marker="article:",
         corpus_fields=("title", "text"),
         prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
@@ -252,7 +258,7 @@ _TASKS = (
     Task(
         name="LaMP-5", file_name="LaMP_5", title="Personalized Scholarly Title Generation",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
-        selection_metric="rouge-1", greater_is_better=True,
+        selection_metric="rouge-1",
         profile_fields=("title", "abstract"), query_marker="paper:",
         corpus_fields=("title", "abstract"),
         prompt=PromptTemplate(item='"{title}" is a title for "{abstract}" ',
@@ -269,7 +275,7 @@ _TASKS = (
     Task(
         name="LaMP-6", file_name="LaMP_6", title="Personalized Email Subject Generation",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
-        selection_metric="rouge-1", greater_is_better=True,
+        selection_metric="rouge-1",
         profile_fields=("text", "title"), query_marker=":", corpus_fields=("text",),
         prompt=PromptTemplate(item='"{title}" is the title for "{text}" ', truncate_field="text"),
         input_prefix="Generate a subject for the following email:",
@@ -279,7 +285,7 @@ _TASKS = (
     Task(
         name="LaMP-7", file_name="LaMP_7", title="Personalized Tweet Paraphrasing",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
-        selection_metric="rouge-1", greater_is_better=True,
+        selection_metric="rouge-1",
         profile_fields=("text",), query_marker=":", corpus_fields=("text",),
         prompt=PromptTemplate(item='"{text}" ', truncate_field="text",
                               suffix=" are written by a person. Following the given patterns ",
@@ -294,16 +300,18 @@ _TASKS = (
 
 TASKS: dict[str, Task] = {task.name: task for task in _TASKS}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
-_NAME_RE = re.compile(r"^lamp[-_]([1-7])$", re.IGNORECASE)
+# For flags' help= and error messages: the registry's names, whatever it holds.
+TASK_HELP = (f"{', '.join(TASK_NAMES)} (or {_TASKS[0].file_name} … {_TASKS[-1].file_name}: "
+             "either spelling, any case)")
 
 
 def get_task(name: str) -> Task:
-    """Look a task up by ``LaMP-N`` or ``LaMP_N`` in any case."""
-    match = _NAME_RE.match(str(name).strip())
-    if match is None:
-        valid = ", ".join(TASK_NAMES)
-        raise LampError(f"unknown task {name!r}; valid tasks: {valid} (or LaMP_1 … LaMP_7)")
-    return TASKS[f"LaMP-{match.group(1)}"]
+    """Look a task up by its name (``LaMP-N``) or file name (``LaMP_N``), in any case."""
+    spelling = str(name).strip().lower()
+    for task in TASKS.values():  # the registry as it is now (tests swap entries)
+        if spelling in (task.name.lower(), task.file_name.lower()):
+            return task
+    raise LampError(f"unknown task {name!r}; valid tasks: {TASK_HELP}")
 
 
 def task_arg(name: str) -> Task:
