@@ -30,8 +30,9 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_model_arguments, add_profile_arguments, check_common,
-                                  profile_options)
+from LaMP.utils.arguments import (add_generation_arguments, add_model_arguments,
+                                  add_profile_arguments, check_common,
+                                  check_generation_arguments, profile_options)
 from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
@@ -54,12 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True,
                         help="folder for predictions.json, results_output.json and args.json")
     add_profile_arguments(parser)
-    parser.add_argument("--generation_max_length", type=int, default=128,
-                        help="most new tokens generated per answer")
-    parser.add_argument("--per_device_batch_size", type=int, default=16,
-                        help="prompts per generation batch")
-    parser.add_argument("--generation_num_beams", type=int, default=4,
-                        help="beam width (1: greedy decoding)")
+    add_generation_arguments(parser, training=False)
     parser.add_argument("--adapter", default=None,
                         help="a peft adapter folder (train_llm.py output, any --peft method but "
                              "none) to load on the model")
@@ -83,21 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="--user_adapters: a question whose user has no adapter is an "
                              "error (default: a run meant to be per-user should not quietly "
                              "fall back), or is answered by the base model (base)")
-    parser.add_argument("--label_scoring", action="store_true",
-                        help="classification/rating tasks: answer with the label the model "
-                             "finds most likely instead of free text")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N questions (quick checks)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_common(parser, args)
-    for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1")
+    check_generation_arguments(parser, args)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
-    if args.label_scoring and not args.task.labels:
-        parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
     if args.adapter and args.user_adapters:
         parser.error("--adapter and --user_adapters cannot be combined: each question is "
                      "answered by its user's adapter alone (merge a shared adapter into the "

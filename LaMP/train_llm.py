@@ -28,9 +28,10 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_model_arguments, add_optimizer_arguments,
-                                  add_profile_arguments, check_common,
-                                  check_optimizer_arguments, profile_options)
+from LaMP.utils.arguments import (add_generation_arguments, add_model_arguments,
+                                  add_optimizer_arguments, add_profile_arguments, check_common,
+                                  check_generation_arguments, check_optimizer_arguments,
+                                  profile_options)
 from LaMP.utils.checkpoints import (check_checkpoint, check_model_folder,
                                     check_resume_compatible, last_complete_checkpoint)
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
@@ -64,13 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             learning_rate_help="peak learning rate (5e-5 as published for full "
                                                "fine-tuning; LoRA usually wants 10-40x more, "
                                                "5e-4 to 2e-3)")
-    parser.add_argument("--generation_num_beams", type=int, default=4,
-                        help="beam width of evaluation generation (1: greedy)")
+    add_generation_arguments(parser, training=True)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
                         help="steps whose gradients add up before each optimizer update")
-    parser.add_argument("--label_scoring", action="store_true",
-                        help="classification/rating tasks: evaluate by the most likely label "
-                             "instead of free generation")
     add_peft_arguments(parser)  # --peft NAME and the flags of its methods
     parser.add_argument("--load_in_4bit", action="store_true",
                         help="load the frozen base model in 4-bit (QLoRA; needs CUDA and "
@@ -111,14 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_common(parser, args)
     check_optimizer_arguments(parser, args)
-    for flag in ("generation_num_beams", "gradient_accumulation_steps", "logging_steps",
-                 "save_total_limit"):
+    check_generation_arguments(parser, args)
+    for flag in ("gradient_accumulation_steps", "logging_steps", "save_total_limit"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
     if args.eval_steps is not None and args.eval_steps < 1:
         parser.error("--eval_steps must be >= 1")
-    if args.label_scoring and not args.task.labels:
-        parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
     check_peft_arguments(parser, args)
     if args.load_in_4bit and get_method(args.peft).builder is None:
         parser.error("--load_in_4bit trains adapters on a frozen 4-bit model: not with "

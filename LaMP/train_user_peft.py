@@ -29,9 +29,10 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_model_arguments, add_optimizer_arguments,
-                                  add_profile_arguments, check_common,
-                                  check_optimizer_arguments, profile_options)
+from LaMP.utils.arguments import (add_generation_arguments, add_model_arguments,
+                                  add_optimizer_arguments, add_profile_arguments, check_common,
+                                  check_generation_arguments, check_optimizer_arguments,
+                                  profile_options)
 from LaMP.utils.cli import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError
 from LaMP.utils.fileio import check_outputs, require_regular_file, save_run_args
@@ -76,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "on a CPU 2-3 with a larger --learning_rate)",
         max_steps_help="stop each user after this many optimizer steps (overrides epochs; "
                        "-1: off)")
+    add_generation_arguments(parser, training=True, decoding=False)
     add_peft_arguments(parser)  # --peft NAME and the flags of its methods
     parser.set_defaults(lora_r=8, lora_dropout=0.1)  # the per-user recipe (alpha is 32 already)
     parser.add_argument("--save_dtype", choices=SAVE_DTYPES, default="fp32",
@@ -89,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_common(parser, args)
     check_optimizer_arguments(parser, args)
+    check_generation_arguments(parser, args)
     check_peft_arguments(parser, args)
     if get_method(args.peft).builder is None:
         parser.error("--peft none trains the whole model: per-user training needs an adapter "

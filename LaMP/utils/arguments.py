@@ -75,10 +75,6 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, num_train_epochs
                                                   "(overrides epochs; -1: off)") -> None:
     """How an adapter (or model) is optimised: the flags train_llm.py and train_user_peft.py
     share, with the defaults and help each script gives its own recipe."""
-    parser.add_argument("--generation_max_length", type=int, default=128,
-                        help="most tokens of a target (training) and of an answer (evaluation)")
-    parser.add_argument("--per_device_batch_size", type=int, default=16,
-                        help="examples per device per step, training and evaluation")
     parser.add_argument("--learning_rate", type=float, default=5e-5, help=learning_rate_help)
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--num_train_epochs", type=float, default=num_train_epochs,
@@ -90,15 +86,44 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, num_train_epochs
     parser.add_argument("--max_steps", type=int, default=-1, help=max_steps_help)
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, *, training: bool,
+                             decoding: bool = True) -> None:
+    """How answers are produced, one definition for every script that produces them:
+    lengths and batch size (with ``training``, their help says what they also mean for
+    training), and with ``decoding`` the beam width and label scoring."""
+    parser.add_argument("--generation_max_length", type=int, default=128,
+                        help="most tokens of a target (training) and of an answer (evaluation)"
+                        if training else "most new tokens generated per answer")
+    parser.add_argument("--per_device_batch_size", type=int, default=16,
+                        help="examples per device per step, training and evaluation"
+                        if training else "prompts per generation batch")
+    if not decoding:
+        return
+    parser.add_argument("--generation_num_beams", type=int, default=4,
+                        help="beam width" + (" of evaluation generation" if training else "")
+                        + " (1: greedy decoding)")
+    parser.add_argument("--label_scoring", action="store_true",
+                        help="classification/rating tasks: answer with the label the model "
+                             "finds most likely instead of free text"
+                             + (" (in evaluation)" if training else ""))
+
+
+def check_generation_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags of ``add_generation_arguments`` checked while parsing (``args.task``: the
+    parsed task, for label scoring)."""
+    for flag in ("generation_max_length", "per_device_batch_size", "generation_num_beams"):
+        if getattr(args, flag, 1) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    if getattr(args, "label_scoring", False) and not args.task.labels:
+        parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
+
+
 def check_optimizer_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every number of ``add_optimizer_arguments`` checked while parsing: a bad one would
     otherwise surface only after the model has loaded (the optimizer rejects a negative
     learning rate) or train on nonsense (nan)."""
     import math
 
-    for flag in ("generation_max_length", "per_device_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1")
     for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio"):
         if not math.isfinite(getattr(args, flag)):
             parser.error(f"--{flag} must be a finite number, not {getattr(args, flag)}")
