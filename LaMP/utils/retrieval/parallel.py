@@ -405,17 +405,12 @@ def _started_pool(context, num_workers: int, options: tuple):
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued, end the workers now (not after their current task) and wait
-    for them: no worker outlives the run, also on an error or an interrupt."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14 on
-    if terminate is not None:
-        terminate()
-    else:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            if process.exitcode is None:
-                process.terminate()
-    pool.shutdown(wait=True)
+    """Cancel what is queued and wait for the workers to finish what they hold (a run of
+    questions each, well under a second) and exit: no worker outlives the run, also on an
+    error or an interrupt. Not by killing them: with tasks still on their way to the
+    workers, the executor's own threads then trip over its closed pipes and print
+    tracebacks (CPython 3.11)."""
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _outcome(future):
