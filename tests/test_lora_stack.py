@@ -219,3 +219,38 @@ def test_lora_on_embeddings_is_served_through_peft_with_the_same_answers(
     assert "mixed batches through peft from group 1 on" in capfd.readouterr().err
     assert [a for _, a in predictions_file(tmp_path / "eval")] == one_user_at_a_time(
         tiny_llama, root, questions, "LaMP-7", tmp_path)
+
+
+def test_a_bf16_models_terms_are_computed_and_added_as_peft_does(tiny_llama, tmp_path):
+    """peft keeps adapters of a bf16 model in float32 and adds their term before rounding;
+    the stack does the same, so its rows equal peft's bit for bit."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = {}
+    for number in range(2):
+        torch.manual_seed(number)
+        folders[f"u{number}"] = tmp_path / f"a{number}"
+        get_peft_model(load_base(tiny_llama), LoraConfig(r=4, init_lora_weights=False)
+                       ).save_pretrained(folders[f"u{number}"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    stack = lora_stack.LoraStack(base, folders)
+    modules = dict(base.named_modules())
+    generator = torch.Generator().manual_seed(0)
+    peft_layers = {}
+    for name in folders:
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16),
+            str(folders[name])).eval()
+        peft_layers[name] = dict(peft_model.base_model.model.named_modules())
+    for module_name in stack.layers:
+        layer = modules[module_name]
+        x = torch.randn(2, 3, layer.in_features, generator=generator).to(torch.bfloat16)
+        with torch.no_grad(), stack.rows(["u0", "u1"], "__base__"):
+            stacked = layer(x)
+        assert stacked.dtype == torch.bfloat16
+        for row, name in enumerate(["u0", "u1"]):
+            with torch.no_grad():
+                expected = peft_layers[name][module_name](x[row:row + 1])[0]
+            assert torch.equal(stacked[row], expected), module_name

@@ -128,8 +128,11 @@ class LoraStack:
         for module_name, per_slot in found.items():
             layer = modules[module_name]
             rank = max(a.shape[0] for a, _, _ in per_slot.values())
-            # A quantized layer's weight is not floating point: its LoRA terms in float32.
-            dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32
+            # LoRA terms in float32 unless the layer itself is in a wider type: as peft
+            # keeps adapters of a bf16/fp16 (or quantized) model in float32.
+            dtype = torch.float32
+            if layer.weight.is_floating_point() and layer.weight.element_size() > 4:
+                dtype = layer.weight.dtype
             options = dict(dtype=dtype, device=layer.weight.device)
             stack_a = torch.zeros(len(self.slots) + 1, rank, layer.in_features, **options)
             stack_b = torch.zeros(len(self.slots) + 1, layer.out_features, rank, **options)
@@ -191,4 +194,5 @@ class _LayerRows:
         a_t, b_t, scales = self.gathered[rows]
         flat = x.reshape(rows, -1, x.shape[-1]).to(a_t.dtype)
         delta = torch.bmm(torch.bmm(flat, a_t), b_t) * scales
-        return output + delta.reshape(output.shape).to(output.dtype)
+        # Added in the wider type, then rounded once, as peft adds its term.
+        return (output + delta.reshape(output.shape)).to(output.dtype)
