@@ -40,20 +40,30 @@ def load_base(model_path):
         model_path).eval()
 
 
+def random_adapters(model_path, folder, ranks, **config) -> dict:
+    """One random (non-zero) LoRA adapter per rank in ``ranks``, named u0, u1, …"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    folders = {}
+    for number, rank in enumerate(ranks):
+        torch.manual_seed(number)
+        folders[f"u{number}"] = folder / f"a{number}"
+        get_peft_model(load_base(model_path), LoraConfig(r=rank, init_lora_weights=False,
+                                                         **config)
+                       ).save_pretrained(folders[f"u{number}"])
+    return folders
+
+
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 def test_each_rows_lora_term_is_peft_s_for_its_adapter(tiny_model, tmp_path, rslora):
     """Layer by layer: the stacked hook adds to each row what peft's LoRA layer adds for that
     row's adapter (nothing for a base-model row), with adapters of different ranks."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
-    folders = {}
-    for number, rank in enumerate((2, 4, 3)):
-        torch.manual_seed(number)
-        config = LoraConfig(r=rank, lora_alpha=8, init_lora_weights=False, use_rslora=rslora,
-                            target_modules="all-linear")
-        folders[f"u{number}"] = tmp_path / f"a{number}"
-        get_peft_model(load_base(tiny_model), config).save_pretrained(folders[f"u{number}"])
+    folders = random_adapters(tiny_model, tmp_path, (2, 4, 3), lora_alpha=8,
+                              use_rslora=rslora, target_modules="all-linear")
     base = load_base(tiny_model)
     stack = lora_stack.LoraStack(base, folders)
     assert len(stack.layers) > 4
@@ -86,14 +96,8 @@ def test_each_rows_lora_term_is_peft_s_for_its_adapter(tiny_model, tmp_path, rsl
 
 def test_rows_repeated_for_beams_and_labels_take_their_prompts_adapter(tiny_llama, tmp_path):
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    folders = {}
-    for number in range(2):
-        torch.manual_seed(number)
-        folders[f"u{number}"] = tmp_path / f"a{number}"
-        get_peft_model(load_base(tiny_llama), LoraConfig(r=2, init_lora_weights=False)
-                       ).save_pretrained(folders[f"u{number}"])
+    folders = random_adapters(tiny_llama, tmp_path, (2, 2))
     base = load_base(tiny_llama)
     stack = lora_stack.LoraStack(base, folders)
     name = next(iter(stack.layers))
@@ -225,15 +229,10 @@ def test_a_bf16_models_terms_are_computed_and_added_as_peft_does(tiny_llama, tmp
     """peft keeps adapters of a bf16 model in float32 and adds their term before rounding;
     the stack does the same, so its rows equal peft's bit for bit."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    folders = {}
-    for number in range(2):
-        torch.manual_seed(number)
-        folders[f"u{number}"] = tmp_path / f"a{number}"
-        get_peft_model(load_base(tiny_llama), LoraConfig(r=4, init_lora_weights=False)
-                       ).save_pretrained(folders[f"u{number}"])
+    folders = random_adapters(tiny_llama, tmp_path, (4, 4))
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
     stack = lora_stack.LoraStack(base, folders)
     modules = dict(base.named_modules())
