@@ -49,8 +49,8 @@ def random_adapters(model_path, folder, ranks, **config) -> dict:
     for number, rank in enumerate(ranks):
         torch.manual_seed(number)
         folders[f"u{number}"] = folder / f"a{number}"
-        get_peft_model(load_base(model_path), LoraConfig(r=rank, init_lora_weights=False,
-                                                         **config)
+        options = {"init_lora_weights": False, **config}  # random B: a term that shows
+        get_peft_model(load_base(model_path), LoraConfig(r=rank, **options)
                        ).save_pretrained(folders[f"u{number}"])
     return folders
 
@@ -142,6 +142,13 @@ def test_serving_stacks_lora_adapters_and_answers_as_peft_and_each_user_alone(
     ({"lora_bias": True}, "a LoRA bias"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"peft_type": "IA3"}, "not LoRA"),
+    ({"alora_invocation_tokens": [5, 6]}, "aLoRA"),
+    ({"bias": "lora_only"}, "trained biases"),
+    ({"trainable_token_indices": [3]}, "trained token embeddings"),
+    ({"init_lora_weights": "pissa"}, "changes the base weights"),
+    ({"init_lora_weights": "olora"}, "changes the base weights"),
+    # A field peft adds later, set: served by peft's own layers, not as plain LoRA.
+    ({"some_future_variant": {"k": 1}}, "some_future_variant = {'k': 1}"),
 ])
 def test_what_cannot_be_stacked_is_named(change, reason):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": False,
@@ -253,3 +260,42 @@ def test_a_bf16_models_terms_are_computed_and_added_as_peft_does(tiny_llama, tmp
             with torch.no_grad():
                 expected = peft_layers[name][module_name](x[row:row + 1])[0]
             assert torch.equal(stacked[row], expected), module_name
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"use_rslora": True}, {"init_lora_weights": "gaussian"},
+    {"target_modules": ["q_proj", "v_proj"], "lora_alpha": 32, "lora_dropout": 0.1},
+], ids=["defaults", "rslora", "gaussian init", "the per-user recipe"])
+def test_configs_peft_saves_for_plain_lora_are_stackable(tiny_llama, tmp_path, options):
+    folders = random_adapters(tiny_llama, tmp_path, (2,), task_type="CAUSAL_LM", **options)
+    config = json.loads((folders["u0"] / "adapter_config.json").read_text())
+    assert lora_stack.stackable(config) is None
+
+
+def test_trained_biases_are_served_through_peft_with_the_same_answers(tmp_path, stacks_built):
+    """bias="lora_only" on a model whose adapted layers have biases: peft saves the trained
+    biases with the adapter, which the stack cannot hold, so peft serves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny_llama
+
+    model_path = build_tiny_llama(tmp_path / "model")
+    config = LlamaConfig.from_pretrained(model_path)
+    config.attention_bias = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_path)
+    questions = tweet_questions(2)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = tmp_path / "per_user"
+    for number, question in enumerate(questions):
+        torch.manual_seed(number)
+        get_peft_model(load_base(model_path), LoraConfig(
+            r=2, init_lora_weights=False, bias="lora_only" if number == 0 else "none",
+            task_type="CAUSAL_LM")).save_pretrained(user_adapter_dir(root, question["id"]))
+    evaluate_llm.main(serve_args(data, model_path, "LaMP-7", tmp_path / "eval",
+                                 "--user_adapters", str(root)))
+    assert not stacks_built
+    assert [a for _, a in predictions_file(tmp_path / "eval")] == one_user_at_a_time(
+        model_path, root, questions, "LaMP-7", tmp_path)

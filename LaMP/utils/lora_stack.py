@@ -14,9 +14,10 @@ which is peft's own term in eval mode (dropout is off when answering), for plain
 base model answers. Adapters of different ranks are padded with zero rows and columns, which
 add nothing.
 
-What it takes is checked, and anything else is served by peft's own path: LoRA (not DoRA),
-no LoRA bias, no per-module rank or alpha patterns, no other trained modules, not
-``fan_in_fan_out`` weights (from the configs: ``stackable``), only ``nn.Linear`` layers, not
+What it takes is checked, and anything else is served by peft's own path: plain LoRA or
+rsLoRA, every other config field unset (no DoRA, aLoRA, biases, rank or alpha patterns,
+other trained modules, PiSSA-style initialisations that rewrite the base weights, nor any
+variant peft adds later: ``stackable`` is a whitelist), only ``nn.Linear`` layers, not
 embeddings or convolutions (from the weights: ``NotStackable``). Memory: the stacked
 weights, and per batch each adapted layer's A and B gathered for its rows (rows × features ×
 rank, twice).
@@ -45,17 +46,41 @@ class NotStackable(Exception):
     serve them through peft."""
 
 
+# Config fields that do not change what a LoRA layer computes from its A and B at inference
+# (which modules are adapted shows in the weights themselves).
+_ANY_VALUE = frozenset({
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "megatron_core", "qalora_group_size"})
+# Initialisations that only choose the starting A and B (PiSSA, OLoRA, CorDA, LoftQ… also
+# rewrite the base weights when peft loads the adapter, which a stack cannot do).
+_PLAIN_INITS = (True, False, "gaussian")
+# The reasons named for the usual variants; any other field set to something is refused too.
+_NAMED = {"use_dora": "DoRA", "lora_bias": "a LoRA bias", "bias": "trained biases",
+          "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+          "modules_to_save": "other trained modules", "fan_in_fan_out": "fan_in_fan_out weights",
+          "layer_replication": "replicated layers",
+          "alora_invocation_tokens": "activated LoRA (aLoRA)",
+          "trainable_token_indices": "trained token embeddings"}
+
+
 def stackable(config: Mapping) -> str | None:
-    """Why an adapter with this ``adapter_config.json`` cannot be stacked, or ``None``."""
+    """Why an adapter with this ``adapter_config.json`` cannot be stacked, or ``None``.
+
+    A whitelist, so that a LoRA variant peft adds later goes through peft's own layers
+    rather than being served as plain LoRA: every field outside ``_ANY_VALUE`` must be unset
+    (None, False, empty), ``bias`` ``"none"``, the initialisation a plain one."""
     if config.get("peft_type") != "LORA":
         return f"a {config.get('peft_type')} adapter, not LoRA"
-    for key, why in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias"),
-                     ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
-                     ("modules_to_save", "other trained modules"),
-                     ("fan_in_fan_out", "fan_in_fan_out weights"),
-                     ("layer_replication", "replicated layers")):
-        if config.get(key):
-            return why
+    init = config.get("init_lora_weights", True)
+    if not any(init is plain or init == plain for plain in _PLAIN_INITS):
+        return f"init_lora_weights {init!r:.40} (peft changes the base weights for it)"
+    for key, value in config.items():
+        if key in _ANY_VALUE or key == "init_lora_weights" or (key == "bias" and value == "none"):
+            continue
+        if value not in (None, False, "", 0) and value != {} and value != []:
+            return _NAMED.get(key, f"{key} = {value!r:.40}")
     return None
 
 
@@ -124,7 +149,7 @@ class LoraStack:
                         "another base model?")
                 found.setdefault(module_name, {})[self.slots[name]] = (
                     a, b, _scale(config, a.shape[0]))
-        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
         for module_name, per_slot in found.items():
             layer = modules[module_name]
             rank = max(a.shape[0] for a, _, _ in per_slot.values())
@@ -142,7 +167,10 @@ class LoraStack:
                 stack_a[slot, :a.shape[0]] = a.to(**options)
                 stack_b[slot, :, :b.shape[1]] = b.to(**options)
                 scales[slot] = scale
-            self.layers[module_name] = (stack_a, stack_b, scales)
+            # peft rounds the term of a quantized (bitsandbytes) layer to the output's type
+            # before adding it; a float layer's it adds in the wider type.
+            self.layers[module_name] = (stack_a, stack_b, scales,
+                                        not layer.weight.is_floating_point())
         self._by_name = modules
 
     @staticmethod
@@ -176,8 +204,9 @@ class _LayerRows:
     (a batch's passes all have the same), then two batched products per pass."""
 
     def __init__(self, stack_a: torch.Tensor, stack_b: torch.Tensor, scales: torch.Tensor,
-                 slots: torch.Tensor):
+                 round_first: bool, slots: torch.Tensor):
         self.stack_a, self.stack_b, self.scales, self.slots = stack_a, stack_b, scales, slots
+        self.round_first = round_first
         self.gathered: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, module, inputs, output):
@@ -194,5 +223,8 @@ class _LayerRows:
         a_t, b_t, scales = self.gathered[rows]
         flat = x.reshape(rows, -1, x.shape[-1]).to(a_t.dtype)
         delta = torch.bmm(torch.bmm(flat, a_t), b_t) * scales
+        delta = delta.reshape(output.shape)
+        if self.round_first:
+            return output + delta.to(output.dtype)
         # Added in the wider type, then rounded once, as peft adds its term.
-        return (output + delta.reshape(output.shape)).to(output.dtype)
+        return (output + delta).to(output.dtype)
