@@ -6,7 +6,7 @@ User split: each of the first ``--users`` LaMP-7 dev questions is its own user (
 dev set from ../shared/lamp-real or LAMP_REAL_DIR when present, else the bundled sample,
 which has 24). Every user gets a LoRA adapter (r 8 on SmolLM2-135M-Instruct's default
 modules) with random non-zero weights, saved where a per-user training run saves it. Then
-the same questions are answered two ways, from the same base model:
+the same questions are answered three ways, from the same base model:
 
 1. ours (``evaluate_llm.py --user_adapters``): adapters loaded in groups of
    ``--max_loaded_adapters``, batches of ``--batch_size`` questions that mix users, the

@@ -107,7 +107,6 @@ class LoraStack:
     def __init__(self, model: torch.nn.Module, folders: Mapping[str, Path],
                  labels: Mapping[str, str] | None = None):
         """``labels[name]``: how errors name that adapter (default ``adapter <folder>``)."""
-        self.model = model
         self.slots = {name: slot for slot, name in enumerate(folders, 1)}
         modules = dict(model.named_modules())
         # module name -> {slot: (A, B, scale)}
