@@ -27,7 +27,7 @@ from pathlib import Path
 
 from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
 from LaMP.utils.fileio import atomic_write_json, check_outputs, open_output
-from LaMP.utils.tasks import TASKS, get_task
+from LaMP.utils.tasks import BENCHMARK_TASK_NAMES, TASK_HELP, get_task
 
 REPO = Path(__file__).resolve().parent
 logger = logging.getLogger("demo")
@@ -42,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a folder laid out like raw_data/user (LaMP_k/{set}_questions.json)")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "demo"),
                         help="where rankings, merged files, predictions and results go")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS),
-                        help="tasks to run zero-shot (default: all seven)")
+    parser.add_argument("--tasks", nargs="+", default=list(BENCHMARK_TASK_NAMES),
+                        help=f"tasks to run zero-shot: {TASK_HELP} (default: the benchmark's "
+                             f"{len(BENCHMARK_TASK_NAMES)}, {', '.join(BENCHMARK_TASK_NAMES)})")
     parser.add_argument("--train_task", default="LaMP-7",
                         help="the task fine-tuned with LoRA ('none' to skip training)")
     parser.add_argument("--model", default=None,

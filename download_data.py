@@ -56,7 +56,7 @@ class Source:
 
     name: str  # the local folder and the --tasks spelling
     remote: str  # the path under the base URL (and under "time/" for the time split)
-    task: Task | None  # the registry task its files follow; None: not a registry task
+    task: Task  # the registry task its files follow
     default: bool  # downloaded when --tasks is not given
 
 
@@ -71,7 +71,7 @@ SOURCES = (
     Source("LaMP_4", "LaMP_4", get_task("LaMP-4"), True),
     Source("LaMP_5", "LaMP_5", get_task("LaMP-5"), True),
     Source("LaMP_7", "LaMP_7", get_task("LaMP-7"), True),
-    Source("LaMP_2_old", "LaMP_2", None, False),
+    Source("LaMP_2_old", "LaMP_2", get_task("LaMP-2N"), False),
 )
 SPLIT_DIRS = {"user": "", "time": "time/"}
 SET_KINDS = {"train": ("questions", "outputs"), "dev": ("questions", "outputs"),
@@ -101,8 +101,7 @@ MAX_RETRIES = 100
 
 # LaMP ids are f"{task index - 1}{set digit}{row}" (LaMP-7 dev: 610 … 611499), so the first
 # character tells which task a file's ids were made for.
-ID_DIGITS = {task: str(index) for index, task in enumerate(TASKS.values())}
-TASK_OF_DIGIT = {digit: task for task, digit in ID_DIGITS.items()}
+TASK_OF_DIGIT = {task.id_digit: task for task in TASKS.values() if task.benchmark}
 
 
 # A file that this run could not bring up to date; the run ends with status 2.
@@ -158,24 +157,23 @@ class FileResult:
 
 
 def parse_source(name: str) -> Source:
-    """argparse ``type=`` for --tasks: a registry task name or LaMP_2_old."""
+    """argparse ``type=`` for --tasks: a folder name (LaMP_2_old) or any task spelling."""
     by_name = {source.name.lower(): source for source in SOURCES}
     spelled = name.strip().lower().replace("-", "_")
     if spelled in by_name:
         return by_name[spelled]
+    valid = ", ".join(source.name for source in SOURCES)
     try:
         task = get_task(name)
     except LampError:
-        task = None
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}; valid: {valid}") from None
     for source in SOURCES:
-        if task is not None and source.task is task:
+        if source.task is task:
             return source
-    valid = ", ".join(source.name for source in SOURCES)
-    if task is not None:  # a real task that is not on the server: LaMP-6
-        raise argparse.ArgumentTypeError(
-            f"{task.name} is not downloadable; build it from the Avocado corpus with "
-            f"data/avocado/create_avocado_dataset.py (downloadable: {valid})")
-    raise argparse.ArgumentTypeError(f"unknown task {name!r}; valid: {valid}")
+    # A real task that is not on the server: LaMP-6.
+    raise argparse.ArgumentTypeError(
+        f"{task.name} is not downloadable; build it from the Avocado corpus with "
+        f"data/avocado/create_avocado_dataset.py (downloadable: {valid})")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -188,8 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"{', '.join(s.name for s in SOURCES if s.default)} (the "
                              "LaMP-N spelling works too); "
                              f"{', '.join(s.name for s in SOURCES if not s.default)}: only on "
-                             "request (LaMP_2_old is the older news-categorization LaMP-2; "
-                             "default: all the others)")
+                             "request (LaMP_2_old is LaMP-2N, the original news-categorization "
+                             "LaMP-2; default: all the others)")
     parser.add_argument("--splits", nargs="+", choices=sorted(SPLIT_DIRS), default=["user", "time"],
                         help="user-based and/or time-based splits (default: both)")
     parser.add_argument("--sets", nargs="+", choices=list(SET_KINDS), default=list(SET_KINDS),
@@ -417,14 +415,14 @@ def inspect_file(path: Path, job: FileJob, question_ids: set | None = None) -> F
             result.profile_items += len(question["profile"])
             leading[question["id"][:1]] += 1
             ids.append(question["id"])
-            problem = input_problem(question["input"], task) if task is not None else None
+            problem = input_problem(question["input"], task)
             if problem is not None:
                 result.problems.append([question["id"], problem])
                 first_bad_input = first_bad_input or question["input"]
         if result.records == 0:
             raise LampError(f"{path}: no questions")
         result.ids = set(ids)
-        if task is not None and 2 * len(result.problems) > result.records:
+        if 2 * len(result.problems) > result.records:
             qid, why = result.problems[0]
             raise LampError(f"{path}: {len(result.problems):,} of {result.records:,} inputs "
                             f"are not {task.name} inputs{_looks_like(first_bad_input, task)} "
@@ -433,16 +431,14 @@ def inspect_file(path: Path, job: FileJob, question_ids: set | None = None) -> F
         outputs = read_outputs(path, job)
         result.records = len(outputs)
         leading.update(qid[:1] for qid in outputs.outputs)
-        if task is not None:
-            result.problems = [[qid, f"output {outputs.outputs[qid]!r} is not a "
-                                     f"{task.name} label"] for qid in invalid_gold_ids(outputs)]
-            if 2 * len(result.problems) > result.records:
-                raise LampError(f"{path}: {len(result.problems):,} of {result.records:,} golds "
-                                f"are not {task.name} labels (first: {result.problems[0][1]})")
-    if task is not None:
-        foreign = _foreign_ids(leading, result.records, task)
-        if foreign is not None:
-            raise LampError(f"{path}: {foreign}")
+        result.problems = [[qid, f"output {outputs.outputs[qid]!r} is not a "
+                                 f"{task.name} label"] for qid in invalid_gold_ids(outputs)]
+        if 2 * len(result.problems) > result.records:
+            raise LampError(f"{path}: {len(result.problems):,} of {result.records:,} golds "
+                            f"are not {task.name} labels (first: {result.problems[0][1]})")
+    foreign = _foreign_ids(leading, result.records, task)
+    if foreign is not None:
+        raise LampError(f"{path}: {foreign}")
     if job.kind == "outputs" and question_ids is not None:
         others = [qid for qid in outputs.outputs if qid not in question_ids]
         if 2 * len(others) > result.records:
@@ -466,7 +462,7 @@ def _foreign_ids(leading: Counter, total: int, task: Task) -> str | None:
     Only a majority in another task's scheme counts: a file whose ids follow no scheme we
     know is not refused on that ground.
     """
-    own = ID_DIGITS[task]
+    own = task.id_digit
     if 2 * leading[own] >= total:
         return None
     digit, count = max(leading.items(), key=lambda item: (item[1], item[0]))
@@ -483,21 +479,21 @@ def read_outputs(path: Path, job: FileJob) -> OutputsFile:
     Another task's name in its "task" field means a wrong file. A name that is no task at all
     (we have not seen every published file) is reported and read as the expected task.
     """
-    expected = job.source.task.file_name if job.source.task else "LaMP_2"
+    expected = job.source.task
     document = read_json(path, f"downloaded {job.rel}", max_bytes=MAX_OUTPUTS_BYTES)
     declared = document.get("task") if isinstance(document, dict) else None
-    if isinstance(document, dict) and declared != expected:
+    if isinstance(declared, str):
         try:
-            other = get_task(str(declared))
+            get_task(declared)
         except LampError:
-            other = None
-        if other is not None and other.file_name != expected:
-            raise LampError(f"{path}: holds {other.file_name} outputs, expected {expected}")
-        if other is None:
             logger.warning("%s: its \"task\" is %r, not %s; read as %s outputs", job.rel,
-                           declared, expected, expected)
-            document = {**document, "task": expected}
-    return parse_outputs(document, str(path))
+                           declared, expected.file_name, expected.file_name)
+            document = {**document, "task": expected.file_name}
+    outputs = parse_outputs(document, str(path))
+    if outputs.task is not expected:
+        raise LampError(f"{path}: holds {outputs.task.file_name} outputs, "
+                        f"expected {expected.file_name}")
+    return outputs
 
 
 class Manifest:

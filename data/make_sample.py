@@ -1,4 +1,4 @@
-"""Write the bundled sample: a small synthetic LaMP dataset for all seven tasks.
+"""Write the bundled sample: a small synthetic LaMP dataset for every task.
 
 Example:
     python data/make_sample.py --out_dir data/sample --seed 0
@@ -7,7 +7,8 @@ The sample has the layout of ``raw_data/user`` (``user/LaMP_{k}/{train,dev,test}
 and ``{train,dev}_outputs.json``), the real LaMP input formats and id scheme, and text we
 generate from our own word lists; no LaMP or Avocado text is in it. Every user carries a
 personal signal that the profile reveals and the input alone does not (a typical rating, a
-favourite tag, a headline, title, subject or tweet style, a research topic), and each profile
+favourite tag or news category, a headline, title, subject or tweet style, a research
+topic), and each profile
 holds a few items close to the input so that retrieval matters. Texts are short (tweets of
 8–25 words, the other texts 30–80) so that a CPU demo stays fast. The same seed writes the
 same bytes.
@@ -33,7 +34,8 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
 from LaMP.utils.fileio import JsonListWriter
 from LaMP.utils.outputs import write_outputs
-from LaMP.utils.tasks import MOVIE_TAGS, TASK_HELP, TASK_NAMES, Task, get_task, task_arg
+from LaMP.utils.tasks import (MOVIE_TAGS, NEWS_INSTRUCTION, TASK_HELP,
+                              TASK_NAMES, Task, get_task, task_arg)
 
 logger = logging.getLogger("make_sample")
 
@@ -98,6 +100,11 @@ NEWS = {
     "money": ["mortgage", "savings", "interest rates", "pension", "credit card", "rent",
               "stock market", "budget app", "inflation", "side job"],
 }
+# The LaMP-2N category each news topic is written about.
+NEWS_CATEGORY = {"politics": "politics", "sports": "sports", "food": "food & drink",
+                 "travel": "travel", "health": "healthy living",
+                 "technology": "science & technology", "parenting": "parents",
+                 "money": "business"}
 ARTICLE_SENTENCES = [
     "The {t0} has people talking about {t1} again this week.",
     "Officials said the {t2} would change how {f} families deal with {t3}.",
@@ -343,14 +350,8 @@ def citation_question(rng):
 def movie_question(rng):
     favourite = rng.choice(MOVIE_TAGS)
     other_tag = other(rng, MOVIE_TAGS, favourite)
-    # Usually the movie could carry either tag and the user picks their favourite; otherwise
-    # it is plainly another tag's movie.
-    if rng.random() < 0.7:
-        mixed = MOVIE_WORDS[favourite][:4] + MOVIE_WORDS[other_tag][:4]
-        description = paragraph(rng, MOVIE_SENTENCES, rng.sample(mixed, 6), LONG_WORDS)
-        gold = favourite
-    else:
-        description, gold = movie_description(rng, other_tag), other_tag
+    description, gold = favourite_or_other(rng, MOVIE_WORDS, MOVIE_SENTENCES, favourite,
+                                           other_tag)
     text = ("Which tag does this movie relate to among the following tags? Just answer with the "
             f"tag name without further explanation. tags: [{', '.join(MOVIE_TAGS)}] "
             f"description: {description}")
@@ -358,6 +359,33 @@ def movie_question(rng):
     for topic in profile_topics(rng, other_tag, favourite, MOVIE_TAGS):
         profile.append({"description": movie_description(rng, topic), "tag": topic})
     return text, gold, profile
+
+
+def news_question(rng):
+    """LaMP-2N: like movie tagging, an article on two topics is filed under the user's usual
+    category; a plain article on another topic under that topic's."""
+    usual = rng.choice(list(NEWS))
+    other_topic = other(rng, NEWS, usual)
+    body, gold = favourite_or_other(rng, NEWS, ARTICLE_SENTENCES, usual, other_topic)
+    style = HEADLINE_STYLES[rng.choice(list(HEADLINE_STYLES))]
+    profile = []
+    for topic in profile_topics(rng, other_topic, usual, NEWS):
+        words = keywords(rng, NEWS, topic, 6)
+        profile.append({"text": paragraph(rng, ARTICLE_SENTENCES, words, LONG_WORDS),
+                        "title": style(words, ""), "category": NEWS_CATEGORY[topic]})
+    return f"{NEWS_INSTRUCTION} article: {body}", NEWS_CATEGORY[gold], profile
+
+
+def favourite_or_other(rng, bank: dict[str, list[str]], sentences: list[str], favourite: str,
+                       other_topic: str) -> tuple[str, str]:
+    """(text, its gold topic) of the labelling tasks: usually the text could carry either
+    topic and the user files it under their favourite; otherwise it is plainly the other
+    topic's."""
+    if rng.random() < 0.7:
+        mixed = bank[favourite][:4] + bank[other_topic][:4]
+        return paragraph(rng, sentences, rng.sample(mixed, 6), LONG_WORDS), favourite
+    return (paragraph(rng, sentences, keywords(rng, bank, other_topic, 6), LONG_WORDS),
+            other_topic)
 
 
 def movie_description(rng, tag: str) -> str:
@@ -455,6 +483,7 @@ BUILDERS: dict[str, tuple[Builder, bool]] = {
     "LaMP-6": (styled_question(WORK, EMAIL_SENTENCES, SUBJECT_STYLES, TEAMS,
                                get_task("LaMP-6").input_prefix), True),
     "LaMP-7": (tweet_question, False),
+    "LaMP-2N": (news_question, True),
 }
 
 
@@ -463,7 +492,7 @@ def make_question(task: Task, set_digit: str, row: int, seed: int) -> tuple[dict
     rng = random.Random(f"{seed}/{task.name}/{set_digit}/{row}")
     build, dated = BUILDERS[task.name]
     text, gold, items = build(rng)
-    qid = f"{TASK_NAMES.index(task.name)}{set_digit}{row}"
+    qid = f"{task.id_digit}{set_digit}{row}"
     profile = []
     for index, item in enumerate(items):
         entry = {**item, "id": f"{qid}{index}"}

@@ -26,3 +26,20 @@ def test_demo_runs_every_stage_and_scores_the_zip(tmp_path, tiny_llama, capsys):
     printed = capsys.readouterr().out
     assert "zero-shot vs LoRA" in printed and "LaMP-7" in printed
     assert (work / "demo_summary.json").exists()
+
+
+def test_lamp_2n_runs_through_every_stage_like_any_task(tmp_path, tiny_llama):
+    """The eighth registry entry end to end: BM25 ranking, merging, LoRA training (its
+    prompts), zero-shot answers, the zip and eval_all's scores, from the committed sample."""
+    demo = load_script("demo.py")
+    work = tmp_path / "demo"
+    summary = demo.main(["--model", str(tiny_llama), "--tasks", "LaMP-2N",
+                         "--train_task", "lamp_2_old", "--epochs", "1", "--work_dir", str(work)])
+    merged = json.loads((work / "LaMP_2N" / "dev_merged.json").read_text())
+    assert len(merged) == 24 and all(q["id"].startswith("11") for q in merged)
+    assert (work / "LaMP_2N" / "lora" / "adapter_model.safetensors").exists()
+    results = json.loads((work / "results_all.json").read_text())
+    assert list(results) == ["LaMP_2N"]
+    assert results["LaMP_2N"]["count"] == 24 and set(results["LaMP_2N"]) >= {"accuracy", "f1"}
+    rows = {name: (zero, lora) for name, _, zero, lora in summary["rows"]}
+    assert rows["LaMP-2N"][0] is not None and rows["LaMP-2N"][1] is not None

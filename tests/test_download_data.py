@@ -408,3 +408,57 @@ def test_dry_run_reports_sizes_and_downloads_nothing(server, tmp_path, capsys):
     assert server.gets() == []
     assert not (tmp_path / "out").exists()
     assert f"{sum(len(d) for d in published.values()):,}" in capsys.readouterr().out
+
+
+NEWS_INSTRUCTION = ("Which category does this article relate to among the following categories? "
+                    "Just answer with the category name without further explanation. categories: "
+                    "[women, religion, politics, sports] article: ")
+
+
+def publish_lamp2_old(server: LampServer, golds: list[str], inputs: list[str] | None = None
+                      ) -> None:
+    """The original LaMP-2 (news) dev set where the server keeps it: LaMP_2/, not LaMP_2/new/;
+    its outputs file says "LaMP_2", as the published one does."""
+    inputs = inputs or [f"{NEWS_INSTRUCTION}article {row} about a match" for row in range(4)]
+    questions = [{"id": f"11{row}", "input": text,
+                  "profile": [{"id": f"11{row}{i}", "text": "t", "title": "h",
+                               "category": "sports", "date": "2014-01-01"} for i in range(2)]}
+                 for row, text in enumerate(inputs)]
+    server.put("LaMP_2/dev/dev_questions.json", questions)
+    server.put("LaMP_2/dev/dev_outputs.json",
+               outputs_doc("LaMP_2", [(q["id"], gold) for q, gold in zip(questions, golds)]))
+
+
+@pytest.mark.parametrize("spelling", ["LaMP_2_old", "LaMP-2N", "lamp_2n"])
+def test_the_original_lamp_2_is_checked_as_lamp_2n(server, tmp_path, spelling):
+    publish_lamp2_old(server, ["sports", "women", "politics", "sports"])
+    results = download.main(args_for(server, tmp_path, "--tasks", spelling, "--splits", "user",
+                                     "--sets", "dev"))
+    assert [r.status for r in results] == ["downloaded", "downloaded"]
+    assert [r.problems for r in results] == [[], []]
+    folder = tmp_path / "user" / "LaMP_2_old"  # the layout keeps its published folder name
+    # The file keeps the published bytes ("task": "LaMP_2") and reads as LaMP-2N.
+    assert json.loads((folder / "dev_outputs.json").read_text())["task"] == "LaMP_2"
+    from LaMP.utils.outputs import load_outputs
+
+    assert load_outputs(folder / "dev_outputs.json").task.name == "LaMP-2N"
+
+
+def test_movie_tagging_files_in_the_lamp_2_old_place_are_refused(server, tmp_path, capsys):
+    # Movie tags as golds: LaMP-2's outputs, not the original LaMP-2's.
+    publish_lamp2_old(server, ["comedy", "sci-fi", "comedy", "comedy"])
+    with pytest.raises(LampError, match="1 of 2 files failed"):
+        download.main(args_for(server, tmp_path, "--tasks", "LaMP_2_old", "--splits", "user",
+                               "--sets", "dev"))
+    assert "holds LaMP_2 outputs, expected LaMP_2N" in capsys.readouterr().err
+    assert not (tmp_path / "user" / "LaMP_2_old" / "dev_outputs.json").exists()
+    # Movie inputs: not LaMP-2N inputs, and the message says what they look like.
+    server.files.clear()
+    publish_lamp2_old(server, ["sports"] * 4,
+                      inputs=[f"{LAMP2_INSTRUCTION}a film {row}" for row in range(4)])
+    with pytest.raises(LampError, match="files failed"):
+        download.main(args_for(server, tmp_path / "b", "--tasks", "LaMP_2_old", "--splits",
+                               "user", "--sets", "dev"))
+    err = capsys.readouterr().err
+    assert "are not LaMP-2N inputs but LaMP-2 inputs" in err
+    assert not (tmp_path / "b" / "user" / "LaMP_2_old" / "dev_questions.json").exists()

@@ -685,3 +685,65 @@ def test_script_eval_all_prints_a_table(tmp_path):
     assert "not scored: LaMP_7 (no predictions)" in lines
     assert json.loads(output.read_text(encoding="utf-8"))["LaMP_3"]["invalid"] == 1
     assert not (tmp_path / "t").exists()  # --temp_dir is accepted, never created
+
+
+# --- LaMP-2N: the original LaMP-2, whose published files say "LaMP_2" -----------------------
+
+NEWS_GOLDS = [("100", "sports"), ("101", "women"), ("102", "crime"), ("103", "sports")]
+NEWS_PREDS = [("100", "sports"), ("101", "sports"), ("102", " crime "), ("103", "football")]
+
+
+@pytest.mark.parametrize("declared", ["LaMP_2", "LaMP_2N"])
+def test_eval_task_scores_lamp_2n_files_whichever_name_they_carry(tmp_path, declared):
+    golds = write_outputs(tmp_path / "golds.json", declared, NEWS_GOLDS)
+    preds = write_outputs(tmp_path / "preds.json", declared, NEWS_PREDS)
+    for flag in ("LaMP-2N", "lamp_2_old"):
+        result = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds),
+                                 "--task_name", flag, "--output_file", str(tmp_path / "r.json")])
+        # 2 of 4 right ("crime" after stripping); "football" is no category. Macro F1 over
+        # the 15 categories: sports P 1/2 R 1/2, crime 1, women 0, the rest 0 -> 1.5 / 15.
+        assert result["accuracy"] == pytest.approx(0.5)
+        assert result["f1"] == pytest.approx(1.5 / 15)
+        assert result["invalid"] == 1 and result["count"] == 4
+    # Read without a flag the file's own outputs say which LaMP-2 it is.
+    assert LaMP.utils.outputs.load_outputs(golds).task.name == "LaMP-2N"
+    # Movie tagging is still movie tagging: its golds are not news categories.
+    message = assert_lamp_error(eval_task.main, [
+        "--golds_json", str(golds), "--preds_json", str(preds), "--task_name", "LaMP-2",
+        "--output_file", str(tmp_path / "out" / "r.json")], tmp_path / "out" / "r.json",
+        "expected LaMP_2")
+    assert str(golds) in message
+
+
+def test_lamp_2n_predictions_of_no_label_under_the_old_name_are_still_scored(tmp_path):
+    golds = write_outputs(tmp_path / "golds.json", "LaMP_2", NEWS_GOLDS)
+    preds = write_outputs(tmp_path / "preds.json", "LaMP_2", [(i, "no idea") for i, _ in NEWS_GOLDS])
+    result = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds),
+                             "--task_name", "LaMP-2N", "--output_file", str(tmp_path / "r.json")])
+    assert result["accuracy"] == 0.0 and result["invalid"] == 4
+    # ... but movie tags against news golds are another task's predictions.
+    movie = write_outputs(tmp_path / "movie.json", "LaMP_2", [(i, "comedy") for i, _ in NEWS_GOLDS])
+    assert_lamp_error(eval_task.main, [
+        "--golds_json", str(golds), "--preds_json", str(movie), "--task_name", "LaMP-2N",
+        "--output_file", str(tmp_path / "o" / "r.json")], tmp_path / "o" / "r.json",
+        str(movie), "task is LaMP_2, expected LaMP_2N")
+
+
+def test_eval_all_scores_lamp_2n_beside_lamp_2_and_never_requires_it(tmp_path, capsys):
+    golds = make_zip(tmp_path / "golds.zip", {
+        "LaMP_2/dev_outputs.json": outputs_doc("LaMP_2", LAMP2_GOLDS),
+        "LaMP_2_old/dev_outputs.json": outputs_doc("LaMP_2", NEWS_GOLDS)})
+    preds = make_zip(tmp_path / "preds.zip", {
+        "LaMP_2.json": outputs_doc("LaMP_2", LAMP2_PREDS),
+        "LaMP_2N.json": outputs_doc("LaMP_2N", NEWS_PREDS)})
+    results = eval_all.main(eval_all_argv(golds, preds, tmp_path / "r.json"))
+    assert list(results) == ["LaMP_2", "LaMP_2N"]
+    assert results["LaMP_2"]["accuracy"] == pytest.approx(0.5)  # the movie sets above
+    assert results["LaMP_2N"]["accuracy"] == pytest.approx(0.5)
+    out = capsys.readouterr().out
+    assert "not scored: LaMP_1" in out and "LaMP_2N (" not in out
+    # --require_all names the seven benchmark tasks it lacks, never LaMP-2N.
+    message = assert_lamp_error(eval_all.main, eval_all_argv(
+        golds_zip(tmp_path / "g.zip"), preds_zip(tmp_path / "p.zip"), tmp_path / "o" / "r.json",
+        "--require_all"), tmp_path / "o" / "r.json", "LaMP_1 (no golds and no predictions)")
+    assert "LaMP_2N" not in message

@@ -38,6 +38,7 @@ PUBLISHED = {
                ". Following the given patterns "),
     "LaMP-6": ('"{title}" is the title for "{text}" ', "text", ". "),
     "LaMP-7": ('"{text}" ', "text", " are written by a person. Following the given patterns "),
+    "LaMP-2N": ('the category for the article: "{text}" is "{category}" ', "text", ". "),
 }
 JOINER = ", and "
 
@@ -180,6 +181,20 @@ HAND_CASES = {
                                 "min late lol #whyme"},
          {"id": "7001", "text": "finally finished my exams!! beach with the girls tomorrow, "
                                 "can't wait to sleep in the sun "}]),
+    "LaMP-2N": Case(
+        "LaMP-2N",
+        "Which category does this article relate to among the following categories? Just "
+        "answer with the category name without further explanation. categories: [women, "
+        "religion, politics, style & beauty, entertainment, culture & arts, sports, science "
+        "& technology, travel, business, crime, education, healthy living, parents, food & "
+        "drink] article: A small bakery on the corner sells out of its rye loaves before "
+        "eight every morning, and the owners now plan a second oven.",
+        [{"id": "1000", "title": "Sourdough Is Having a Moment", "category": "food & drink",
+          "text": "Home bakers kept their starters alive long after the lockdowns ended, and "
+                  "the neighbourhood bakeries that taught them are busier than ever."},
+         {"id": "1001", "title": "Five Cheap Weeknight Dinners", "category": "food & drink",
+          "text": "Beans, rice and a good spice drawer go a long way: these five dinners cost "
+                  "little and take less than half an hour each."}]),
 }
 
 
@@ -280,6 +295,10 @@ LITERAL_FORMATS = {
     "LaMP-7": ("tweet: sunny", [{"id": "1", "text": "t1"}, {"id": "2", "text": "t2"}],
                '"t1" , and "t2"  are written by a person. Following the given patterns '
                'tweet: sunny'),
+    "LaMP-2N": ("article: rain", [{"id": "1", "text": "A1", "title": "H1", "category": "women"},
+                                  {"id": "2", "text": "A2", "title": "H2", "category": "crime"}],
+                'the category for the article: "A1" is "women" , and the category for the '
+                'article: "A2" is "crime" . article: rain'),
 }
 
 

@@ -83,6 +83,8 @@ PROFILE_ITEMS = {
     "LaMP-6": ({"id": "6", "title": "Subj", "text": "mail body", "date": "2001-09-10"},
                "mail body"),
     "LaMP-7": ({"id": "7", "text": "a tweet ", "date": "2009-06-01"}, "a tweet "),
+    "LaMP-2N": ({"id": "8", "title": "Head", "text": "news body", "category": "crime",
+                 "date": "2016-03-04"}, "Head news body"),
 }
 
 

@@ -18,7 +18,8 @@ evaluator = load_script("eval/eval_task.py")
 SIZES = {"train": ("0", 48), "dev": ("1", 24), "test": ("2", 12)}
 # The long text field of each task's profile items, and its word bounds.
 TEXT_FIELDS = {"LaMP-1": "abstract", "LaMP-2": "description", "LaMP-3": "text",
-               "LaMP-4": "text", "LaMP-5": "abstract", "LaMP-6": "text", "LaMP-7": "text"}
+               "LaMP-4": "text", "LaMP-5": "abstract", "LaMP-6": "text", "LaMP-7": "text",
+               "LaMP-2N": "text"}
 LONG, TWEET = (30, 80), (8, 25)
 
 
@@ -53,7 +54,7 @@ def test_sample_files_are_valid_lamp(task_name):
         "train_questions.json"]
     for set_name, (digit, size) in SIZES.items():
         items = list(iter_questions(folder / f"{set_name}_questions.json", task))
-        prefix = f"{TASK_NAMES.index(task_name)}{digit}"
+        prefix = f"{task.id_digit}{digit}"
         assert [q["id"] for q in items] == [f"{prefix}{row}" for row in range(size)]
         for question in items:
             assert input_problem(question["input"], task) is None
@@ -104,7 +105,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     committed = sorted(path.relative_to(SAMPLE.parent) for path in SAMPLE.parent.rglob("*.json"))
     rebuilt = sorted(path.relative_to(tmp_path / "again")
                      for path in (tmp_path / "again").rglob("*.json"))
-    assert rebuilt == committed and len(committed) == 35
+    assert rebuilt == committed and len(committed) == 5 * len(TASK_NAMES)
     for relative in committed:
         assert (tmp_path / "again" / relative).read_bytes() == \
                (SAMPLE.parent / relative).read_bytes(), relative
@@ -129,11 +130,12 @@ def test_a_users_typical_rating_beats_the_global_majority():
     assert personal_mae < global_mae - 0.3
 
 
-def test_a_users_favourite_tag_beats_the_global_majority():
-    train_majority = majority(golds("LaMP-2", "train").values())
-    dev, gold = questions("LaMP-2", "dev"), golds("LaMP-2", "dev")
+@pytest.mark.parametrize("task_name, field", [("LaMP-2", "tag"), ("LaMP-2N", "category")])
+def test_a_users_favourite_label_beats_the_global_majority(task_name, field):
+    train_majority = majority(golds(task_name, "train").values())
+    dev, gold = questions(task_name, "dev"), golds(task_name, "dev")
     global_accuracy = sum(gold[q["id"]] == train_majority for q in dev) / len(dev)
-    personal = sum(gold[q["id"]] == majority(i["tag"] for i in q["profile"]) for q in dev)
+    personal = sum(gold[q["id"]] == majority(i[field] for i in q["profile"]) for q in dev)
     assert personal / len(dev) > global_accuracy + 0.25
 
 

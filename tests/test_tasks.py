@@ -6,19 +6,64 @@ import argparse
 import pytest
 
 from LaMP.utils.errors import LampError
-from LaMP.utils.tasks import (CLASSIFICATION, GENERATION, MOVIE_TAGS, RATING, TASK_NAMES, TASKS,
-                              get_task, task_arg)
+from LaMP.utils.tasks import (BENCHMARK_TASK_NAMES, CLASSIFICATION, GENERATION, MOVIE_TAGS,
+                              NEWS_CATEGORIES, RATING, TASK_NAMES, TASKS, get_task, task_arg,
+                              task_of_file)
 
-ALL_NAMES = [f"LaMP-{n}" for n in range(1, 8)]
+BENCHMARK_NAMES = [f"LaMP-{n}" for n in range(1, 8)]
+ALL_NAMES = BENCHMARK_NAMES + ["LaMP-2N"]  # the original LaMP-2 (news) comes last
 
 
-def test_registry_holds_exactly_the_seven_tasks_in_order():
+def test_registry_holds_the_seven_benchmark_tasks_then_lamp_2n():
     assert list(TASK_NAMES) == ALL_NAMES
     assert list(TASKS) == ALL_NAMES
+    assert list(BENCHMARK_TASK_NAMES) == BENCHMARK_NAMES
     for name, task in TASKS.items():
         assert task.name == name
         assert task.file_name == name.replace("-", "_")
         assert str(task) == name
+        assert task.benchmark is (name != "LaMP-2N")
+    # Published ids start with N - 1: LaMP-2N shares LaMP-2's digit.
+    assert [task.id_digit for task in TASKS.values()] == list("01234561")
+
+
+@pytest.mark.parametrize("spelling", ["LaMP-2N", "LaMP_2N", "lamp-2n", "LAMP_2N", "LaMP_2_old",
+                                      "lamp_2_old", " LaMP-2N\t"])
+def test_lamp_2n_has_its_own_spellings_and_lamp_2_keeps_its_own(spelling):
+    assert get_task(spelling) is TASKS["LaMP-2N"]
+    assert get_task("LaMP_2") is TASKS["LaMP-2"] and get_task("lamp-2") is TASKS["LaMP-2"]
+    for wrong in ("LaMP-2-old", "LaMP_2n_old", "LaMP-N", "LaMP_2_new"):
+        with pytest.raises(LampError):
+            get_task(wrong)
+
+
+def test_news_categories_are_the_fifteen_of_the_original_lamp_2():
+    assert NEWS_CATEGORIES == (
+        "food & drink", "sports", "education", "parents", "religion", "travel", "business",
+        "crime", "science & technology", "culture & arts", "entertainment", "politics", "women",
+        "style & beauty", "healthy living",
+    )
+    assert not set(NEWS_CATEGORIES) & set(MOVIE_TAGS)  # what tells their files apart
+    # The published instruction lists the same fifteen (in its own order).
+    task = TASKS["LaMP-2N"]
+    listed = task.user_template.input.split("categories: [")[1].split("]")[0].split(", ")
+    assert sorted(listed) == sorted(NEWS_CATEGORIES)
+
+
+@pytest.mark.parametrize("declared, outputs, expected", [
+    ("LaMP_2", ["sports", "women"], "LaMP-2N"),  # the original LaMP-2's published files
+    ("lamp_2", ["crime", "not a label"], "LaMP-2N"),
+    ("LaMP_2", ["comedy", "sci-fi"], "LaMP-2"),
+    ("LaMP_2", ["comedy", "sports"], "LaMP-2"),  # a movie tag: the name wins
+    ("LaMP_2", [], "LaMP-2"),
+    ("LaMP_2", ["neither"], "LaMP-2"),
+    ("LaMP_2N", ["comedy"], "LaMP-2N"),  # our own spelling is never second-guessed
+    ("LaMP_2_old", ["sports"], "LaMP-2N"),
+    ("LaMP_4", ["sports"], "LaMP-4"),  # no other task is published as LaMP_4
+])
+def test_the_outputs_decide_only_a_name_two_tasks_were_published_under(declared, outputs,
+                                                                        expected):
+    assert task_of_file(declared, outputs) is TASKS[expected]
 
 
 @pytest.mark.parametrize("spelling", [
@@ -28,9 +73,9 @@ def test_both_spellings_in_any_case_find_the_same_task(spelling):
     assert get_task(spelling) is TASKS["LaMP-3"]
 
 
-@pytest.mark.parametrize("n", range(1, 8))
-def test_every_task_is_found_by_its_file_name_and_its_name(n):
-    task = TASKS[f"LaMP-{n}"]
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_task_is_found_by_its_file_name_and_its_name(name):
+    task = TASKS[name]
     assert get_task(task.file_name) is task
     assert get_task(task.name.lower()) is task
 
@@ -83,6 +128,8 @@ EXPECTED = {
     "LaMP-5": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"title", "abstract"}),
     "LaMP-6": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"text", "title"}),
     "LaMP-7": (GENERATION, None, ("rouge-1", "rouge-L"), "rouge-1", True, {"text"}),
+    "LaMP-2N": (CLASSIFICATION, NEWS_CATEGORIES, ("accuracy", "f1"), "accuracy", True,
+                {"text", "title", "category"}),
 }
 
 

@@ -22,7 +22,7 @@ from LaMP.utils.users import user_adapter_dir
 train_user_peft = load_script("LaMP/train_user_peft.py")
 
 ITEM = {"id": "9", "title": "A Title", "abstract": "An abstract.", "description": "A heist.",
-        "tag": "comedy", "text": "Some text here.", "score": "4"}
+        "tag": "comedy", "text": "Some text here.", "score": "4", "category": "crime"}
 TAGS = ", ".join(MOVIE_TAGS)
 
 
@@ -42,6 +42,12 @@ TAGS = ", ".join(MOVIE_TAGS)
                 "A Title", "An abstract.")),
     ("LaMP-6", ("Generate a subject for the following email: Some text here.", "A Title",
                 "Some text here.")),
+    ("LaMP-2N", ("Which category does this article relate to among the following categories? "
+                 "Just answer with the category name without further explanation. categories: "
+                 "[women, religion, politics, style & beauty, entertainment, culture & arts, "
+                 "sports, science & technology, travel, business, crime, education, healthy "
+                 "living, parents, food & drink] article: Some text here.", "crime",
+                 "Some text here.")),
 ])
 def test_each_task_makes_per_user_examples_with_the_published_template(task, expected):
     assert TASKS[task].user_template.example(ITEM) == expected
@@ -93,7 +99,8 @@ def test_lamp7_share_is_seeded_per_item_and_stays_in_range():
 
 
 def test_the_lamp2_and_lamp3_instructions_are_those_of_the_task_inputs():
-    for task, marker in (("LaMP-2", " description:"), ("LaMP-3", " review:")):
+    for task, marker in (("LaMP-2", " description:"), ("LaMP-3", " review:"),
+                         ("LaMP-2N", " article:")):
         sample = json.loads((SAMPLE / task.replace("-", "_") / "dev_questions.json").read_text())
         instruction = sample[0]["input"].split(marker)[0]
         made = TASKS[task].user_template.example(ITEM)[0]

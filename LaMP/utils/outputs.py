@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from LaMP.utils.data import as_id
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.fileio import atomic_write_json, parse_json_bytes, read_json, require_regular_file
-from LaMP.utils.tasks import Task, get_task
+from LaMP.utils.tasks import Task, get_task, task_of_file
 
 # The largest published LaMP outputs file is a few tens of MB; anything far beyond that is
 # not a LaMP file (or is a zip bomb) and is refused before it is read.
@@ -44,7 +44,7 @@ def parse_outputs(document: Any, source: str) -> OutputsFile:
     if not isinstance(document["task"], str):
         raise LampError(f'{source}: "task" must be a string such as "LaMP_1"')
     try:
-        task = get_task(document["task"])
+        get_task(document["task"])
     except LampError as error:
         raise LampError(f"{source}: {error}") from None
     entries = document["golds"]
@@ -68,6 +68,8 @@ def parse_outputs(document: Any, source: str) -> OutputsFile:
         outputs[entry_id] = entry["output"]
     if duplicates:
         raise LampError(f"{source}: duplicate ids: {preview(duplicates)}")
+    # The name alone is not always enough: the original LaMP-2's files say "LaMP_2" too.
+    task = task_of_file(document["task"], outputs.values())
     return OutputsFile(source=source, task=task, outputs=outputs)
 
 

@@ -21,7 +21,7 @@ def paired_outputs(golds: OutputsFile, preds: OutputsFile, task: Task | None = N
     """Check that two files describe the same task and ids; return (task, ids, golds, preds)."""
     task = task or golds.task
     for side in (golds, preds):
-        if side.task is not task:
+        if side.task is not task and not _could_be(side, task):
             raise LampError(f"{side.source}: task is {side.task.file_name}, expected {task.file_name}")
     if not golds.outputs:
         raise LampError(f"{golds.source}: the gold set is empty")
@@ -33,6 +33,14 @@ def paired_outputs(golds: OutputsFile, preds: OutputsFile, task: Task | None = N
         raise LampError(f"{preds.source}: predictions for {preview(extra)} ids that have no gold")
     ids = list(golds.outputs)
     return task, ids, [golds.outputs[i] for i in ids], [preds.outputs[i] for i in ids]
+
+
+def _could_be(side: OutputsFile, task: Task) -> bool:
+    """A file that says the name ``task`` was published under ("LaMP_2" for LaMP-2N) and
+    holds none of that name's own labels: only its outputs could have told it apart, so it
+    is read as ``task`` (predictions that are no label at all, say)."""
+    return (task.published_as is not None and side.task.file_name == task.published_as
+            and not set(side.outputs.values()) & set(side.task.labels or ()))
 
 
 def prepare(metric: Metric, ids: list[str], golds: list[str], preds: list[str],

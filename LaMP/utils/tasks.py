@@ -1,15 +1,17 @@
-"""The one description of the seven LaMP tasks.
+"""The one description of the LaMP tasks: the seven of the benchmark, and LaMP-2N.
 
 Every stage looks a task up here instead of branching on its name: labels, profile fields,
 how to build the retrieval query and corpus, the prompt template, the metrics and the metric
 that picks a best checkpoint. Facts follow the LaMP paper and its published data format.
+Adding a task is one ``Task`` entry in ``_TASKS`` (and, for the committed sample, one
+builder in ``data/make_sample.py``): names, help strings and checks all read this table.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from LaMP.utils.errors import LampError
 
@@ -77,6 +79,7 @@ class UserTemplate:
 class Task:
     name: str  # "LaMP-3": the spelling used by the ranking and training scripts
     file_name: str  # "LaMP_3": the spelling inside LaMP output files and zips
+    number: int  # the N of LaMP-N: published ids start with N - 1 (LaMP-7 dev: 610 …)
     title: str
     kind: str  # CLASSIFICATION, RATING or GENERATION
     labels: tuple[str, ...] | None  # the valid outputs of a classification/rating task
@@ -93,9 +96,28 @@ class Task:
     # How a profile item becomes a per-user training example (train_user_peft.py); None: the
     # task has no per-user recipe.
     user_template: UserTemplate | None = None
+    # False for a task outside the current seven-task benchmark (LaMP-2N): it is scored
+    # when present but never required (eval_all.py --require_all) nor run by default.
+    benchmark: bool = True
+    # More spellings that name the task (the download folder of LaMP-2N is LaMP_2_old).
+    aliases: tuple[str, ...] = ()
+    # The "task" its published files write when that is another task's file name (the
+    # original LaMP-2's files say "LaMP_2"): such a file is this task's when its outputs are
+    # this task's labels and none is a label of the task the name belongs to.
+    published_as: str | None = None
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def id_digit(self) -> str:
+        """The first character of the task's published ids."""
+        return str(self.number - 1)
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every name that looks this task up, as written (lookups ignore case)."""
+        return (self.name, self.file_name, *self.aliases)
 
     @property
     def greater_is_better(self) -> bool:
@@ -199,6 +221,18 @@ MOVIE_TAGS = (
 # review, which the per-user templates append (as the tasks' own inputs end).
 _MOVIE_INSTRUCTION = ("Which tag does this movie relate to among the following tags? Just answer "
                       f"with the tag name without further explanation. tags: [{', '.join(MOVIE_TAGS)}]")
+NEWS_CATEGORIES = (
+    "food & drink", "sports", "education", "parents", "religion", "travel", "business",
+    "crime", "science & technology", "culture & arts", "entertainment", "politics", "women",
+    "style & beauty", "healthy living",
+)
+# The instruction of the published news-categorization inputs, which list the categories
+# in this order (not the order above).
+NEWS_INSTRUCTION = (
+    "Which category does this article relate to among the following categories? Just answer "
+    "with the category name without further explanation. categories: [women, religion, "
+    "politics, style & beauty, entertainment, culture & arts, sports, science & technology, "
+    "travel, business, crime, education, healthy living, parents, food & drink]")
 _RATING_INSTRUCTION = ("What is the score of the following review on a scale of 1 to 5? just "
                        "answer with 1, 2, 3, 4, or 5 without further explanation.")
 
@@ -211,7 +245,7 @@ _ROUGE_METRICS = ("rouge-1", "rouge-L")
 
 _TASKS = (
     Task(
-        name="LaMP-1", file_name="LaMP_1", title="Personalized Citation Identification",
+        name="LaMP-1", file_name="LaMP_1", number=1, title="Personalized Citation Identification",
         kind=CLASSIFICATION, labels=("[1]", "[2]"), metrics=_CLASSIFICATION_METRICS,
         selection_metric="accuracy",
         profile_fields=("title", "abstract"), query_marker=None, query_fn=_citation_query,
@@ -223,7 +257,7 @@ _TASKS = (
                                    query="title"),
     ),
     Task(
-        name="LaMP-2", file_name="LaMP_2", title="Personalized Movie Tagging",
+        name="LaMP-2", file_name="LaMP_2", number=2, title="Personalized Movie Tagging",
         kind=CLASSIFICATION, labels=MOVIE_TAGS, metrics=_CLASSIFICATION_METRICS,
         selection_metric="accuracy",
         profile_fields=("description", "tag"), query_marker="description:",
@@ -235,7 +269,7 @@ _TASKS = (
                                    target="tag", query="description"),
     ),
     Task(
-        name="LaMP-3", file_name="LaMP_3", title="Personalized Product Rating",
+        name="LaMP-3", file_name="LaMP_3", number=3, title="Personalized Product Rating",
         kind=RATING, labels=("1", "2", "3", "4", "5"), metrics=_RATING_METRICS,
         selection_metric="MAE",
         profile_fields=("text", "score"), query_marker="review:", corpus_fields=("text",),
@@ -245,7 +279,7 @@ _TASKS = (
                                    query="text"),
     ),
     Task(
-        name="LaMP-4", file_name="LaMP_4", title="Personalized News Headline Generation",
+        name="LaMP-4", file_name="LaMP_4", number=4, title="Personalized News Headline Generation",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
         selection_metric="rouge-1",
         profile_fields=("text", "title"), query_marker="article:",
@@ -256,7 +290,7 @@ _TASKS = (
                                    target="title", query="text"),
     ),
     Task(
-        name="LaMP-5", file_name="LaMP_5", title="Personalized Scholarly Title Generation",
+        name="LaMP-5", file_name="LaMP_5", number=5, title="Personalized Scholarly Title Generation",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
         selection_metric="rouge-1",
         profile_fields=("title", "abstract"), query_marker="paper:",
@@ -273,7 +307,7 @@ _TASKS = (
             target="title", query="abstract"),
     ),
     Task(
-        name="LaMP-6", file_name="LaMP_6", title="Personalized Email Subject Generation",
+        name="LaMP-6", file_name="LaMP_6", number=6, title="Personalized Email Subject Generation",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
         selection_metric="rouge-1",
         profile_fields=("text", "title"), query_marker=":", corpus_fields=("text",),
@@ -283,7 +317,7 @@ _TASKS = (
                                    target="title", query="text"),
     ),
     Task(
-        name="LaMP-7", file_name="LaMP_7", title="Personalized Tweet Paraphrasing",
+        name="LaMP-7", file_name="LaMP_7", number=7, title="Personalized Tweet Paraphrasing",
         kind=GENERATION, labels=None, metrics=_ROUGE_METRICS,
         selection_metric="rouge-1",
         profile_fields=("text",), query_marker=":", corpus_fields=("text",),
@@ -296,22 +330,62 @@ _TASKS = (
         user_template=UserTemplate("Complete the following tweet: {start}", target="rest",
                                    query="start", split=_tweet_start),
     ),
+    # The original LaMP-2 (news categorization, replaced by movie tagging in the benchmark;
+    # OPPU reports it as LaMP-2N). download_data.py fetches it on request as LaMP_2_old.
+    Task(
+        name="LaMP-2N", file_name="LaMP_2N", number=2,
+        title="Personalized News Categorization",
+        kind=CLASSIFICATION, labels=NEWS_CATEGORIES, metrics=_CLASSIFICATION_METRICS,
+        selection_metric="accuracy",
+        profile_fields=("text", "title", "category"), query_marker="article:",
+        corpus_fields=("title", "text"),
+        prompt=PromptTemplate(item='the category for the article: "{text}" is "{category}" ',
+                              truncate_field="text"),
+        input_prefix="Which category does this article relate to among the following "
+                     "categories?",
+        user_template=UserTemplate(NEWS_INSTRUCTION + " article: {text}", target="category",
+                                   query="text"),
+        benchmark=False, aliases=("LaMP_2_old",), published_as="LaMP_2",
+    ),
 )
 
 TASKS: dict[str, Task] = {task.name: task for task in _TASKS}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+# The seven tasks of the current benchmark: what runs and is required by default.
+BENCHMARK_TASK_NAMES: tuple[str, ...] = tuple(task.name for task in _TASKS if task.benchmark)
 # For flags' help= and error messages: the registry's names, whatever it holds.
-TASK_HELP = (f"{', '.join(TASK_NAMES)} (or {_TASKS[0].file_name} … {_TASKS[-1].file_name}: "
-             "either spelling, any case)")
+TASK_HELP = (f"{', '.join(TASK_NAMES)} (or the file-name spelling, "
+             f"{', '.join(task.file_name for task in _TASKS[:2])} …; any case"
+             + "".join(f"; {task.name} also as {', '.join(task.aliases)}"
+                       for task in _TASKS if task.aliases) + ")")
 
 
 def get_task(name: str) -> Task:
-    """Look a task up by its name (``LaMP-N``) or file name (``LaMP_N``), in any case."""
+    """Look a task up by any of its spellings (``LaMP-N``, ``LaMP_N``, an alias), in any
+    case."""
     spelling = str(name).strip().lower()
     for task in TASKS.values():  # the registry as it is now (tests swap entries)
-        if spelling in (task.name.lower(), task.file_name.lower()):
+        if spelling in (written.lower() for written in task.spellings):
             return task
     raise LampError(f"unknown task {name!r}; valid tasks: {TASK_HELP}")
+
+
+def task_of_file(declared: str, outputs: Iterable[str]) -> Task:
+    """The task of a LaMP outputs file whose "task" field is ``declared``.
+
+    A name some task is ``published_as`` is ambiguous (the original LaMP-2's files say
+    "LaMP_2", as movie tagging's do): the outputs decide. They are that task's when some
+    output is one of its labels and none is a label of the task the name belongs to.
+    """
+    named = get_task(declared)
+    spelling = str(declared).strip().lower()
+    for task in TASKS.values():
+        if task is named or (task.published_as or "").lower() != spelling:
+            continue
+        texts = set(outputs)
+        if texts & set(task.labels or ()) and not texts & set(named.labels or ()):
+            return task
+    return named
 
 
 def task_arg(name: str) -> Task:
