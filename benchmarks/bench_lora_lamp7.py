@@ -104,6 +104,15 @@ def lamp7_splits(work: Path, seed: int, n_train: int, n_test: int, n_sweep_valid
     if not (LAMP_REAL / "LaMP_7/dev/dev_questions.json").exists():
         sys.exit(f"real LaMP data not found at {LAMP_REAL}")
     work.mkdir(parents=True, exist_ok=True)
+    names = ("train", "test", "sweep_valid")
+    merged = {name: work / f"{name}_merged.json" for name in names}
+    outputs = {name: work / f"{name}_outputs.json" for name in names}
+    # Made once per work folder and sizes: a resumed run (or a second one beside it) must
+    # not rewrite files a running stage reads.
+    stamp, sizes = work / "split.json", [seed, n_train, n_test, n_sweep_valid]
+    if (stamp.exists() and json.loads(stamp.read_text()) == sizes
+            and all(path.exists() for path in (*merged.values(), *outputs.values()))):
+        return merged, outputs
     questions = json.loads((LAMP_REAL / "LaMP_7/dev/dev_questions.json").read_text())
     golds = {g["id"]: g["output"] for g in
              json.loads((LAMP_REAL / "LaMP_7/dev/dev_outputs.json").read_text())["golds"]}
@@ -111,10 +120,10 @@ def lamp7_splits(work: Path, seed: int, n_train: int, n_test: int, n_sweep_valid
     parts = {"train": questions[:n_train],
              "test": questions[n_train:n_train + n_test],
              "sweep_valid": questions[n_train + n_test:n_train + n_test + n_sweep_valid]}
-    merged, outputs = {}, {}
     for name, part in parts.items():
         questions_path, outputs[name] = write_split(work, name, part, golds)
         merged[name] = rank_and_merge(work, name, questions_path, outputs[name])
+    stamp.write_text(json.dumps(sizes))
     return merged, outputs
 
 
