@@ -25,8 +25,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
-from LaMP.utils.fileio import atomic_write_json, check_outputs, open_output
+from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.data.fileio import atomic_write_json, check_outputs, open_output
 from LaMP.utils.tasks import BENCHMARK_TASK_NAMES, TASK_HELP, get_task
 
 REPO = Path(__file__).resolve().parent
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
                   inputs={"--data_dir": args.data_dir, "--model": args.model})
     check_stage_flags(args)
     from LaMP import evaluate_llm, train_llm
-    from LaMP.utils.local_models import smollm2_path
+    from LaMP.utils.modeling.local_models import smollm2_path
 
     started = time.perf_counter()
     work = Path(args.work_dir)

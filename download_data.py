@@ -37,12 +37,13 @@ try:
 except ImportError:  # Windows has no flock: runs there are not kept apart (a warning says so)
     fcntl = None
 
-from LaMP.utils.cli import ArgumentParser, format_table, run, setup_logging
-from LaMP.utils.data import input_problem, iter_questions
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.tables import format_table
+from LaMP.utils.data.fileio import JsonListWriter, atomic_write_json, check_output_dir, read_json
+from LaMP.utils.data.outputs import MAX_OUTPUTS_BYTES, OutputsFile, parse_outputs, write_outputs
+from LaMP.utils.data.questions import input_problem, iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import JsonListWriter, atomic_write_json, check_output_dir, read_json
-from LaMP.utils.outputs import (MAX_OUTPUTS_BYTES, OutputsFile, invalid_gold_ids,
-                                parse_outputs, write_outputs)
+from LaMP.utils.evaluation.scoring import invalid_gold_ids
 from LaMP.utils.tasks import TASKS, Task, get_task
 
 logger = logging.getLogger("download_data")

@@ -11,7 +11,7 @@ into the same folder replaces them (and removes a results_output.json the new da
 golds for); a training run's folder is refused, since these names would replace its own.
 With ``--user_adapters DIR`` (a per-user training run) each question is answered with its
 own user's adapter, users mixed in one batch where peft allows it (see
-``LaMP/utils/user_serving.py``).
+``LaMP/utils/modeling/user_serving.py``).
 Runs unchanged under ``torchrun`` / ``accelerate launch``: each process answers a contiguous
 slice of the questions and the main process alone writes the same files one process would.
 """
@@ -30,15 +30,15 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_generation_arguments, add_model_arguments,
-                                  add_profile_arguments, check_common,
-                                  check_generation_arguments, profile_options)
-from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
-from LaMP.utils.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
-                               check_outputs, check_readable, remove_outputs, save_run_args)
+from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_profile_arguments, check_common,
+                                      check_generation_arguments, profile_options)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.data.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
+                                    check_outputs, check_readable, remove_outputs, save_run_args)
+from LaMP.utils.modeling.checkpoints import check_adapter_folder, check_model_folder
+from LaMP.utils.modeling.user_serving import MAX_LOADED_ADAPTERS, MISSING_CHOICES
 from LaMP.utils.tasks import TASK_HELP, task_arg
-from LaMP.utils.user_serving import MAX_LOADED_ADAPTERS, MISSING_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,14 @@ def main(argv=None) -> dict:
     check_model_folder(args.model_addr, "--model_addr")
     if args.adapter:
         check_adapter_folder(args.adapter)
-    from LaMP.utils.examples import build_examples, check_questions
+    from LaMP.utils.modeling.examples import build_examples, check_questions
 
     # The whole file is checked before the model loads: a data mistake in the last question
     # should not cost a model load first.
     check_questions(args.validation_data, args.task, limit=args.limit)
     user_adapters, users = None, None
     if args.user_adapters:
-        from LaMP.utils.user_serving import find_user_adapters, question_users
+        from LaMP.utils.modeling.user_serving import find_user_adapters, question_users
 
         ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
         users = [user for _, user in ids_and_users]
@@ -133,10 +133,11 @@ def main(argv=None) -> dict:
 
     from transformers import set_seed
 
-    from LaMP.utils.distributed import end_process_group, init_process_group, launch_from_env
     from LaMP.utils.devices import resolve_device
-    from LaMP.utils.modeling import load_model
-    from LaMP.utils.predict import predict_in_slices, write_predictions
+    from LaMP.utils.modeling.distributed import (end_process_group, init_process_group,
+                                                 launch_from_env)
+    from LaMP.utils.modeling.model import load_model
+    from LaMP.utils.modeling.predict import predict_in_slices, write_predictions
 
     # Under torchrun / accelerate launch every process gets here having checked the same
     # inputs; each answers a contiguous slice and the main process writes everything.

@@ -29,17 +29,18 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import add_tie_order_argument
-from LaMP.utils.cli import ArgumentParser, DEFAULT_SEED, run, seed_arg, setup_logging
-from LaMP.utils.data import iter_questions
+from LaMP.utils.cli.arguments import add_tie_order_argument
+from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.data.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
+                                    require_regular_file, save_run_args)
+from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
-                               require_regular_file, save_run_args)
 from LaMP.utils.retrieval import RANKERS, build_ranker
 from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranker
-from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores,
-                                           rank_in_workers, worth_workers)
+from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_in_workers,
+                                           worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
+from LaMP.utils.seeds import DEFAULT_SEED
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ if importlib.util.find_spec("LaMP") is None:
 
 from tqdm import tqdm
 
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.data.fileio import atomic_write_json, atomic_write_text
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import atomic_write_json, atomic_write_text
 from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage
 from LaMP.utils.grid.schema import Grid, load_grid
 

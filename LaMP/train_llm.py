@@ -28,18 +28,18 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_generation_arguments, add_model_arguments,
-                                  add_optimizer_arguments, add_profile_arguments, check_common,
-                                  check_generation_arguments, check_optimizer_arguments,
-                                  profile_options)
-from LaMP.utils.checkpoints import (check_checkpoint, check_model_folder,
-                                    check_resume_compatible, last_complete_checkpoint)
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_optimizer_arguments, add_profile_arguments, check_common,
+                                      check_generation_arguments, check_optimizer_arguments,
+                                      profile_options)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.data.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
+                                    check_outputs, check_readable, remove_outputs, save_run_args,
+                                    writing_into)
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
-                               check_outputs, check_readable, remove_outputs, save_run_args,
-                               writing_into)
-from LaMP.utils.peft_methods import add_peft_arguments, check_peft_arguments, get_method
+from LaMP.utils.modeling.checkpoints import (check_checkpoint, check_model_folder,
+                                             check_resume_compatible, last_complete_checkpoint)
+from LaMP.utils.modeling.peft_methods import add_peft_arguments, check_peft_arguments, get_method
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on user mistakes before anything expensive is loaded."""
-    from LaMP.utils.examples import check_questions
+    from LaMP.utils.modeling.examples import check_questions
 
     check_output_dir(args.output_dir)
     check_readable(args.train_data, "--train_data")
@@ -157,8 +157,8 @@ def load_for_training(args: argparse.Namespace):
     """The LampModel with the model ready for the Trainer (the --peft adapter attached)."""
     import torch
 
-    from LaMP.utils.modeling import LampModel, load_model_and_tokenizer
-    from LaMP.utils.training import add_peft
+    from LaMP.utils.modeling.model import LampModel, load_model_and_tokenizer
+    from LaMP.utils.modeling.training import add_peft
 
     quantization, device_map = None, None
     if args.load_in_4bit:
@@ -192,7 +192,7 @@ def load_for_training(args: argparse.Namespace):
 def training_arguments(args: argparse.Namespace, checkpoint_dir: Path):
     from transformers import TrainingArguments
 
-    from LaMP.utils.training import on_cpu, throughput_arguments
+    from LaMP.utils.modeling.training import on_cpu, throughput_arguments
 
     task = args.task
     strategy = "epoch"
@@ -256,7 +256,7 @@ def check_processes_joined(trainer_arguments) -> None:
     """Several launched processes that did not form one group would each train alone and
     all write --output_dir: accelerate does that with an FSDP/DeepSpeed/multi-GPU config on
     a machine without GPUs."""
-    from LaMP.utils.distributed import launch_from_env
+    from LaMP.utils.modeling.distributed import launch_from_env
 
     launched = launch_from_env().world_size
     if launched > 1 and trainer_arguments.world_size != launched:
@@ -282,13 +282,13 @@ def main(argv=None) -> dict:
 
     from transformers import set_seed
 
-    from LaMP.utils.examples import build_examples
-    from LaMP.utils.modeling import LampModel
-    from LaMP.utils.predict import score_predictions
-    from LaMP.utils.outputs import write_outputs
-    from LaMP.utils.training import (GenerationEvalTrainer, GenerationSettings, PaddingCollator,
-                                     RunArgsInCheckpoints, gathered_state_dict, resolve_bf16,
-                                     training_features)
+    from LaMP.utils.data.outputs import write_outputs
+    from LaMP.utils.modeling.examples import build_examples
+    from LaMP.utils.modeling.model import LampModel
+    from LaMP.utils.modeling.predict import score_predictions
+    from LaMP.utils.modeling.training import (GenerationEvalTrainer, GenerationSettings,
+                                              PaddingCollator, RunArgsInCheckpoints,
+                                              gathered_state_dict, resolve_bf16, training_features)
 
     set_seed(args.seed)
     task = args.task

@@ -29,14 +29,14 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.arguments import (add_generation_arguments, add_model_arguments,
-                                  add_optimizer_arguments, add_profile_arguments, check_common,
-                                  check_generation_arguments, check_optimizer_arguments,
-                                  profile_options)
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_optimizer_arguments, add_profile_arguments, check_common,
+                                      check_generation_arguments, check_optimizer_arguments,
+                                      profile_options)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.data.fileio import check_outputs, require_regular_file, save_run_args
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import check_outputs, require_regular_file, save_run_args
-from LaMP.utils.peft_methods import add_peft_arguments, check_peft_arguments, get_method
+from LaMP.utils.modeling.peft_methods import add_peft_arguments, check_peft_arguments, get_method
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_previous_run(output_dir: Path, args: argparse.Namespace) -> None:
     """A rerun into --output_dir continues it only with the same settings: adapters trained
     otherwise would sit beside each other as if they were one run's."""
-    from LaMP.utils.fileio import RUN_FILES, TRAINING_RUN_FILES, read_json
+    from LaMP.utils.data.fileio import RUN_FILES, TRAINING_RUN_FILES, read_json
 
     if not output_dir.is_dir():
         return
-    from LaMP.utils.fileio import check_output_dir
-    from LaMP.utils.user_training import USERS_INDEX
-    from LaMP.utils.users import USERS_FOLDER
+    from LaMP.utils.data.fileio import check_output_dir
+    from LaMP.utils.data.users import USERS_FOLDER
+    from LaMP.utils.modeling.user_training import USERS_INDEX
 
     # What the run writes into, checked now rather than after the first user has trained.
     check_output_dir(output_dir / USERS_FOLDER, "--output_dir")
@@ -148,17 +148,17 @@ def check_previous_run(output_dir: Path, args: argparse.Namespace) -> None:
 
 def run_arguments(args: argparse.Namespace) -> dict:
     """The flags as args.json records them (JSON values, plus which stage wrote it)."""
-    from LaMP.utils.fileio import plain_run_args
+    from LaMP.utils.data.fileio import plain_run_args
 
     return {**plain_run_args(args), "stage": "train_user_peft"}
 
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on user mistakes before anything expensive is loaded."""
-    from LaMP.utils.checkpoints import (ADAPTER_CONFIG, check_adapter_folder,
-                                        check_model_folder)
-    from LaMP.utils.fileio import check_output_dir, read_json
-    from LaMP.utils.peft_methods import method_of_adapter
+    from LaMP.utils.data.fileio import check_output_dir, read_json
+    from LaMP.utils.modeling.checkpoints import (ADAPTER_CONFIG, check_adapter_folder,
+                                                 check_model_folder)
+    from LaMP.utils.modeling.peft_methods import method_of_adapter
 
     check_output_dir(args.output_dir)
     require_regular_file(args.train_data, "--train_data",
@@ -179,7 +179,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 def shard_of(args: argparse.Namespace) -> tuple[int, int]:
     """(shard, number of shards) of this process: --shard_id of --num_shards, each split
     again among the processes a launcher started."""
-    from LaMP.utils.distributed import launch_from_env
+    from LaMP.utils.modeling.distributed import launch_from_env
 
     launch = launch_from_env()
     return (args.shard_id * launch.world_size + launch.rank,
@@ -188,8 +188,8 @@ def shard_of(args: argparse.Namespace) -> tuple[int, int]:
 
 def device_of(args: argparse.Namespace):
     """This process's device: --device, or under a launcher its own GPU (LOCAL_RANK)."""
-    from LaMP.utils.distributed import launch_from_env
     from LaMP.utils.devices import resolve_device
+    from LaMP.utils.modeling.distributed import launch_from_env
 
     launch = launch_from_env()
     return resolve_device(args.device,
@@ -201,8 +201,8 @@ def load_base(args: argparse.Namespace):
     peft with a first adapter of --peft; fp32 weights (the adapters train in fp32)."""
     import torch
 
-    from LaMP.utils.modeling import LampModel, load_model
-    from LaMP.utils.training import add_peft
+    from LaMP.utils.modeling.model import LampModel, load_model
+    from LaMP.utils.modeling.training import add_peft
 
     device = device_of(args)
     loaded = load_model(args.model_name, device=str(device), adapter=args.base_adapter,
@@ -233,11 +233,11 @@ def main(argv=None) -> dict:
                           "--contriever_checkpoint": args.contriever_checkpoint})
     check_inputs(args)
 
-    from LaMP.utils.fileio import remove_stale_temporaries_in
-    from LaMP.utils.user_training import (check_users_have_items, collect_profiles,
-                                          pending_users, scan_users, shard_users,
-                                          write_users_index)
-    from LaMP.utils.users import USERS_FOLDER
+    from LaMP.utils.data.fileio import remove_stale_temporaries_in
+    from LaMP.utils.data.users import USERS_FOLDER
+    from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
+                                                   pending_users, scan_users, shard_users,
+                                                   write_users_index)
 
     task = args.task
     output_dir = Path(args.output_dir)
@@ -276,8 +276,8 @@ class TrainingSetup:
     """The model (loaded once), the prompt builder, the ranker and the per-user trainer."""
 
     def __init__(self, args: argparse.Namespace):
-        from LaMP.utils.peft_methods import build_config
-        from LaMP.utils.user_training import UserAdapterTrainer, retrieval_task
+        from LaMP.utils.modeling.peft_methods import build_config
+        from LaMP.utils.modeling.user_training import UserAdapterTrainer, retrieval_task
 
         self.args = args
         task = args.task
@@ -298,7 +298,7 @@ class TrainingSetup:
         """Train every pending user's adapter in turn; their records."""
         from tqdm.auto import tqdm
 
-        from LaMP.utils.user_training import user_examples
+        from LaMP.utils.modeling.user_training import user_examples
 
         args = self.args
         records = []
@@ -319,7 +319,7 @@ class TrainingSetup:
 
 
 def training_settings(args: argparse.Namespace):
-    from LaMP.utils.user_training import TrainSettings
+    from LaMP.utils.modeling.user_training import TrainSettings
 
     return TrainSettings(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay,

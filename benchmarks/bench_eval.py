@@ -197,8 +197,8 @@ def loaded_anywhere(stderr: str, names: tuple[str, ...]) -> list[str]:
 PHASES = """
 import json, sys, time
 start = time.perf_counter()
-from LaMP.utils.outputs import read_outputs_zip
-from LaMP.utils.scoring import score_files
+from LaMP.utils.data.outputs import read_outputs_zip
+from LaMP.utils.evaluation.scoring import score_files
 imported = time.perf_counter()
 golds, preds = read_outputs_zip(sys.argv[1]), read_outputs_zip(sys.argv[2])
 read = time.perf_counter()

@@ -83,10 +83,10 @@ def main(argv=None):
 
     import torch
 
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.local_models import smollm2_path
-    from LaMP.utils.modeling import load_model
-    from LaMP.utils.predict import predict, score_predictions
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.local_models import smollm2_path
+    from LaMP.utils.modeling.model import load_model
+    from LaMP.utils.modeling.predict import predict, score_predictions
     from LaMP.utils.tasks import get_task
 
     torch.manual_seed(0)

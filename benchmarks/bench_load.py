@@ -34,7 +34,7 @@ VOCABULARY = ("kettle boils fast lid steam handle sturdy cheap broke returned lo
 # Each child prints its counts and its own peak resident memory (ru_maxrss, KB on Linux).
 STREAM_LOAD = """
 import resource, sys
-from LaMP.utils.data import iter_questions
+from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.tasks import get_task
 questions = items = 0
 for question in iter_questions(sys.argv[1], get_task("LaMP-3")):

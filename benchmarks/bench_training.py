@@ -7,7 +7,7 @@ one epoch over the same --n_train real LaMP-7 dev questions (seeded shuffle), wi
 k = 2 BM25-retrieved profile items, under each setting:
 
 - published: random order, per-batch padding, fp32 (the original recipe);
-- grouped: length-grouped batches (LaMP.utils.training.LengthGroupedSampler);
+- grouped: length-grouped batches (LaMP.utils.modeling.training.LengthGroupedSampler);
 - hf-grouped: the Trainer's own length-grouped sampler (not run by default: on sets this
   small it sorts too few batches together to cut padding);
 - bf16: random order with bf16 autocast;
@@ -103,7 +103,7 @@ def heldout_loss(model, features, pad_token_id: int) -> float:
     """Mean target-token loss in fp32, longest-first batches of 16 (the same for all runs)."""
     import torch
 
-    from LaMP.utils.training import IGNORE_INDEX, PaddingCollator
+    from LaMP.utils.modeling.training import IGNORE_INDEX, PaddingCollator
 
     collate = PaddingCollator(pad_token_id)
     ordered = sorted(features, key=lambda f: -len(f["input_ids"]))
@@ -122,9 +122,9 @@ def train_once(setting: str, model_path: str, features, heldout, args) -> dict:
     import torch
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments, set_seed
 
-    from LaMP.utils.modeling import load_model_and_tokenizer
-    from LaMP.utils.training import (LengthGroupedTrainer, PaddingCollator, add_lora,
-                                     resolve_bf16, throughput_arguments)
+    from LaMP.utils.modeling.model import load_model_and_tokenizer
+    from LaMP.utils.modeling.training import (LengthGroupedTrainer, PaddingCollator, add_lora,
+                                              resolve_bf16, throughput_arguments)
 
     set_seed(args.seed)  # every setting starts from the same LoRA weights
     model, tokenizer, _ = load_model_and_tokenizer(model_path, chat_template=True,
@@ -164,11 +164,11 @@ def main(argv=None):
         sys.exit(f"real LaMP data not found at {LAMP_REAL}")
     import torch
 
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.local_models import smollm2_path
-    from LaMP.utils.modeling import LampModel, load_tokenizer
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.local_models import smollm2_path
+    from LaMP.utils.modeling.model import LampModel, load_tokenizer
+    from LaMP.utils.modeling.training import training_features
     from LaMP.utils.tasks import get_task
-    from LaMP.utils.training import training_features
 
     task = get_task("LaMP-7")
     model_path = str(smollm2_path())

@@ -10,7 +10,7 @@ the same questions are answered three ways, from the same base model:
 
 1. ours (``evaluate_llm.py --user_adapters``): adapters loaded in groups of
    ``--max_loaded_adapters``, batches of ``--batch_size`` questions that mix users, the
-   adapters stacked per layer (``LaMP/utils/lora_stack.py``);
+   adapters stacked per layer (``LaMP/utils/modeling/lora_stack.py``);
 2. the same batches through peft's own mixed batches (``adapter_names``; what serving
    falls back to for LoRA adapters it cannot stack);
 3. the swap loop of the published per-user code: per user, load that user's adapter
@@ -85,7 +85,7 @@ def make_adapters(model_path: str, root: Path, users: list[str], args) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from LaMP.utils.users import user_adapter_dir
+    from LaMP.utils.data.users import user_adapter_dir
 
     base = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=32, lora_dropout=0.1)
@@ -136,13 +136,13 @@ def main(argv=None):
 
     import torch
 
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.local_models import smollm2_path
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.data.users import user_of
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.local_models import smollm2_path
+    from LaMP.utils.modeling.model import load_model
+    from LaMP.utils.modeling.user_serving import (MAX_LOADED_ADAPTERS, find_user_adapters,
+                                                  predict_per_user)
     from LaMP.utils.tasks import get_task
-    from LaMP.utils.user_serving import (MAX_LOADED_ADAPTERS, find_user_adapters,
-                                         predict_per_user)
-    from LaMP.utils.users import user_of
 
     warnings.filterwarnings("ignore", message=".* was active which is now deleted")
     max_loaded = args.max_loaded_adapters or MAX_LOADED_ADAPTERS

@@ -74,7 +74,7 @@ def users_file(work: Path, merged: Path, outputs: Path, count: int) -> tuple[Pat
 
 def main(argv=None):
     args = parse_args(argv)
-    from LaMP.utils.local_models import smollm2_path
+    from LaMP.utils.modeling.local_models import smollm2_path
 
     work = Path(args.work_dir)
     merged, outputs = lamp7_splits(work, args.seed, args.n_train, args.n_test,

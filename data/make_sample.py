@@ -31,11 +31,11 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
-from LaMP.utils.fileio import JsonListWriter
-from LaMP.utils.outputs import write_outputs
-from LaMP.utils.tasks import (MOVIE_TAGS, NEWS_INSTRUCTION, TASK_HELP,
-                              TASK_NAMES, Task, get_task, task_arg)
+from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.data.fileio import JsonListWriter
+from LaMP.utils.data.outputs import write_outputs
+from LaMP.utils.tasks import (MOVIE_TAGS, NEWS_INSTRUCTION, TASK_HELP, TASK_NAMES, Task, get_task,
+                              task_arg)
 
 logger = logging.getLogger("make_sample")
 

@@ -21,11 +21,13 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import ArgumentParser, format_table, run, seed_arg, setup_logging
-from LaMP.utils.fileio import atomic_write_json, check_outputs
-from LaMP.utils.metrics import metric_for, paired_bootstrap
-from LaMP.utils.outputs import load_outputs
-from LaMP.utils.scoring import check_bootstrap_arguments, paired_outputs, prepare
+from LaMP.utils.cli.arguments import check_bootstrap_arguments
+from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.cli.tables import format_table
+from LaMP.utils.data.fileio import atomic_write_json, check_outputs
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.evaluation.metrics import metric_for, paired_bootstrap
+from LaMP.utils.evaluation.scoring import paired_outputs, prepare
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)

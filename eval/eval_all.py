@@ -21,12 +21,13 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.arguments import add_bootstrap_arguments, check_bootstrap_arguments
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.tables import format_results_table
+from LaMP.utils.data.fileio import atomic_write_json, check_outputs
+from LaMP.utils.data.outputs import read_outputs_zip
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import atomic_write_json, check_outputs
-from LaMP.utils.outputs import read_outputs_zip
-from LaMP.utils.scoring import (add_bootstrap_arguments, check_bootstrap_arguments,
-                                format_results_table, score_files)
+from LaMP.utils.evaluation.scoring import score_files
 from LaMP.utils.tasks import BENCHMARK_TASK_NAMES, TASKS
 
 logger = logging.getLogger(__name__)

@@ -17,11 +17,13 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
-from LaMP.utils.fileio import atomic_write_json, check_outputs
-from LaMP.utils.outputs import load_outputs
-from LaMP.utils.scoring import (add_bootstrap_arguments, add_rouge_aggregation_argument,
-                                check_bootstrap_arguments, format_results_table, score_files)
+from LaMP.utils.cli.arguments import (add_bootstrap_arguments, add_rouge_aggregation_argument,
+                                      check_bootstrap_arguments)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.cli.tables import format_results_table
+from LaMP.utils.data.fileio import atomic_write_json, check_outputs
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.evaluation.scoring import score_files
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from LaMP.utils.distributed import gather_in_order, launch_from_env
-from LaMP.utils.examples import Example
-from LaMP.utils.modeling import LampModel, load_model_and_tokenizer
-from LaMP.utils.predict import predict, predict_in_slices
+from LaMP.utils.modeling.distributed import gather_in_order, launch_from_env
+from LaMP.utils.modeling.examples import Example
+from LaMP.utils.modeling.model import LampModel, load_model_and_tokenizer
+from LaMP.utils.modeling.predict import predict, predict_in_slices
+from LaMP.utils.modeling.training import add_lora
 from LaMP.utils.tasks import get_task
-from LaMP.utils.training import add_lora
 
 PROMPTS = [  # lengths differ, so the two processes' batches and answers differ too
     "the quick brown fox",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from LaMP.utils.avocado import parse_email
-from LaMP.utils.data import input_problem, iter_questions
+from LaMP.utils.data.avocado import parse_email
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.data.questions import input_problem, iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.outputs import load_outputs
 from LaMP.utils.tasks import get_task
 from conftest import load_script, write_json
 

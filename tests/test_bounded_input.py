@@ -19,9 +19,9 @@ import pytest
 
 from LaMP import evaluate_llm, rank_profiles
 from LaMP.utils import merge_with_rank
-from LaMP.utils.cli import run
+from LaMP.utils.cli.program import run
+from LaMP.utils.data.jsoninput import MAX_DEPTH
 from LaMP.utils.errors import LampError
-from LaMP.utils.jsoninput import MAX_DEPTH
 from conftest import REPO, load_script
 
 eval_task = load_script("eval/eval_task.py")
@@ -441,7 +441,7 @@ def test_block_boundaries_change_nothing(monkeypatch, read_size, step, document,
     # Any read size and any short reads: strings, escapes, surrogate pairs, numbers and
     # UTF-8 sequences cut anywhere give the same verdict and offset, and the bytes pass on
     # unchanged (less the byte order mark).
-    from LaMP.utils import jsoninput
+    from LaMP.utils.data import jsoninput
 
     monkeypatch.setattr(jsoninput, "READ_SIZE", read_size)
     reader = jsoninput.GuardedReader(Trickle(document, step), "doc.json", b"", "")
@@ -460,7 +460,7 @@ def test_block_boundaries_change_nothing(monkeypatch, read_size, step, document,
     (b' {"id": 1}', "questions.json: expected a JSON list of questions"),
 ])
 def test_opener_is_checked_on_the_one_read(document, message):
-    from LaMP.utils.jsoninput import GuardedReader
+    from LaMP.utils.data.jsoninput import GuardedReader
 
     reader = GuardedReader(Trickle(document, 1), "questions.json", b"[",
                            "a JSON list of questions")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from LaMP.utils.data import input_problem, iter_questions, load_questions
+from LaMP.utils.data.outputs import parse_outputs
+from LaMP.utils.data.questions import input_problem, iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.outputs import invalid_gold_ids, parse_outputs
+from LaMP.utils.evaluation.scoring import invalid_gold_ids
 from LaMP.utils.tasks import get_task
 from conftest import LAMP_REAL, outputs_doc, requires_real_data, write_json
 
@@ -71,13 +72,13 @@ def test_yields_early_questions_before_reading_the_rest(tmp_path):
 def test_schema_errors_name_file_index_id_and_field(tmp_path, broken, message):
     path = write_json(tmp_path / "bad.json", [question("300"), broken])
     with pytest.raises(LampError, match=r"bad\.json: " + message):
-        load_questions(path, LAMP3)
+        list(iter_questions(path, LAMP3))
 
 
 def test_require_output_names_the_question(tmp_path):
     path = write_json(tmp_path / "q.json", [question("300", output="4"), question("301")])
     with pytest.raises(LampError, match=r"question 1 \(id 301\): no \"output\""):
-        load_questions(path, LAMP3, require_output=True)
+        list(iter_questions(path, LAMP3, require_output=True))
 
 
 def test_byte_order_mark_is_accepted(tmp_path):
@@ -91,7 +92,6 @@ def test_byte_order_mark_is_accepted(tmp_path):
     (b"  \n", "the file is empty"),
     (b"\xef\xbb\xbf", "the file is empty"),
     (b'{"task": "LaMP_3", "golds": []}', "expected a JSON list of questions"),
-    (b"[]", "no questions"),
     (b"[1, 2]", "question 0: expected an object, found int"),
     (b'[{"id": "1", "input": "x", "profile": []}] trailing',
      r"malformed JSON after question 0 \(id 1\)"),
@@ -101,19 +101,27 @@ def test_empty_and_malformed_files(tmp_path, content, message):
     path = tmp_path / "q.json"
     path.write_bytes(content)
     with pytest.raises(LampError, match=message):
-        load_questions(path)
+        list(iter_questions(path))
 
 
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(LampError, match="does not exist"):
-        load_questions(tmp_path / "nope.json")
+        list(iter_questions(tmp_path / "nope.json"))
     with pytest.raises(LampError, match="is a directory"):
-        load_questions(tmp_path)
+        list(iter_questions(tmp_path))
+
+
+def test_an_empty_list_is_read_as_no_questions(tmp_path):
+    # The reader accepts it; each stage that needs questions says "no questions" itself
+    # (test_rank_profiles.py, test_merge_with_rank.py).
+    path = tmp_path / "q.json"
+    path.write_bytes(b"[]")
+    assert list(iter_questions(path)) == []
 
 
 def test_unicode_survives(tmp_path):
     path = write_json(tmp_path / "q.json", [question("300", text="très bon — 👍")])
-    assert load_questions(path)[0]["input"].endswith("très bon — 👍")
+    assert list(iter_questions(path))[0]["input"].endswith("très bon — 👍")
 
 
 def test_input_problem_finds_questions_without_their_instruction():

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import REPO, TOKENIZER_CORPUS, make_unigram_tokenizer
 from LaMP import rank_profiles
-from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.grid.plan import Planner, expand_cells
 from LaMP.utils.grid.schema import load_grid
-from LaMP.utils.prompts import TokenCounter, make_prompt_fn
+from LaMP.utils.modeling.prompts import TokenCounter, make_prompt_fn
+from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.tasks import get_task
 
 TWEET = "Paraphrase the following tweet without any explanation before or after it: {}"

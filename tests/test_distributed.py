@@ -16,10 +16,10 @@ import pytest
 
 from conftest import REPO, SAMPLE
 from LaMP import evaluate_llm
-from LaMP.utils import distributed
-from LaMP.utils.distributed import Launch, contiguous_slice, launch_from_env
-from LaMP.utils.errors import LampError
 from LaMP.utils.devices import resolve_device
+from LaMP.utils.errors import LampError
+from LaMP.utils.modeling import distributed
+from LaMP.utils.modeling.distributed import Launch, contiguous_slice, launch_from_env
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -121,7 +121,7 @@ def test_only_the_main_process_writes(tmp_path, tiny_t5, monkeypatch):
         answered.extend(mine)
         return ["x"] * 2 + list(mine)
 
-    monkeypatch.setattr("LaMP.utils.predict.gather_in_order", gather)
+    monkeypatch.setattr("LaMP.utils.modeling.predict.gather_in_order", gather)
     out = evaluate_llm.main(eval_args(data, tiny_t5, "LaMP-7", tmp_path / "out"))
     assert len(answered) == 1  # 3 questions: process 0 takes 2, process 1 the last one
     assert out["predictions"] == ["x", "x", *answered] and out["results"] is None

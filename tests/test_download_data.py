@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from LaMP.utils.cli import run
+from LaMP.utils.cli.program import run
 from LaMP.utils.errors import LampError
 from conftest import load_script, outputs_doc
 
@@ -439,7 +439,7 @@ def test_the_original_lamp_2_is_checked_as_lamp_2n(server, tmp_path, spelling):
     folder = tmp_path / "user" / "LaMP_2_old"  # the layout keeps its published folder name
     # The file keeps the published bytes ("task": "LaMP_2") and reads as LaMP-2N.
     assert json.loads((folder / "dev_outputs.json").read_text())["task"] == "LaMP_2"
-    from LaMP.utils.outputs import load_outputs
+    from LaMP.utils.data.outputs import load_outputs
 
     assert load_outputs(folder / "dev_outputs.json").task.name == "LaMP-2N"
 

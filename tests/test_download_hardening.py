@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from LaMP.utils.cli import run
+from LaMP.utils.cli.program import run
 from LaMP.utils.errors import LampError
 from conftest import LAMP_REAL, REPO, SAMPLE, outputs_doc, requires_real_data
 from test_download_data import (args_for, download, lamp7_questions,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import LaMP.utils.outputs
+import LaMP.utils.data.outputs
 from LaMP.utils.errors import LampError
 from conftest import REPO, load_script, outputs_doc, write_json
 
@@ -282,7 +282,7 @@ def test_eval_task_unreadable_file(tmp_path, monkeypatch):
 def test_eval_task_file_too_large(tmp_path, monkeypatch):
     golds = write_outputs(tmp_path / "golds.json", "LaMP_7", LAMP7_GOLDS)
     preds = write_outputs(tmp_path / "preds.json", "LaMP_7", LAMP7_PREDS)
-    monkeypatch.setattr(LaMP.utils.outputs, "MAX_OUTPUTS_BYTES", 50)
+    monkeypatch.setattr(LaMP.utils.data.outputs, "MAX_OUTPUTS_BYTES", 50)
     output = tmp_path / "out.json"
     assert_lamp_error(eval_task.main, ["--golds_json", str(golds), "--preds_json", str(preds),
                                        "--task_name", "LaMP_7", "--output_file", str(output)],
@@ -517,7 +517,7 @@ def test_eval_all_unreadable_zip(tmp_path, monkeypatch):
 def test_eval_all_member_too_large(tmp_path, monkeypatch):
     golds, preds = golds_zip(tmp_path / "golds.zip"), preds_zip(tmp_path / "preds.zip")
     # the smallest gold member is about 150 bytes; 100 refuses every one of them
-    monkeypatch.setattr(LaMP.utils.outputs, "MAX_OUTPUTS_BYTES", 100)
+    monkeypatch.setattr(LaMP.utils.data.outputs, "MAX_OUTPUTS_BYTES", 100)
     (tmp_path / "out").mkdir()
     output = tmp_path / "out" / "results.json"
     assert_lamp_error(eval_all.main, eval_all_argv(golds, preds, output), output,
@@ -706,7 +706,7 @@ def test_eval_task_scores_lamp_2n_files_whichever_name_they_carry(tmp_path, decl
         assert result["f1"] == pytest.approx(1.5 / 15)
         assert result["invalid"] == 1 and result["count"] == 4
     # Read without a flag the file's own outputs say which LaMP-2 it is.
-    assert LaMP.utils.outputs.load_outputs(golds).task.name == "LaMP-2N"
+    assert LaMP.utils.data.outputs.load_outputs(golds).task.name == "LaMP-2N"
     # Movie tagging is still movie tagging: its golds are not news categories.
     message = assert_lamp_error(eval_task.main, [
         "--golds_json", str(golds), "--preds_json", str(preds), "--task_name", "LaMP-2",

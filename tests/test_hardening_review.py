@@ -16,11 +16,11 @@ import pytest
 
 from conftest import SAMPLE, load_script, outputs_doc, write_json
 from LaMP import evaluate_llm, rank_profiles, train_llm
-from LaMP.utils import fileio, merge_with_rank
-from LaMP.utils.arguments import UPPER_BOUNDS
-from LaMP.utils.cli import run
-from LaMP.utils.metrics import RatingMetric
-from LaMP.utils.scoring import MAX_BOOTSTRAP
+from LaMP.utils import merge_with_rank
+from LaMP.utils.cli.arguments import MAX_BOOTSTRAP, UPPER_BOUNDS
+from LaMP.utils.cli.program import run
+from LaMP.utils.data import fileio
+from LaMP.utils.evaluation.metrics import RatingMetric
 
 eval_task = load_script("eval/eval_task.py")
 eval_all = load_script("eval/eval_all.py")
@@ -257,8 +257,8 @@ def test_huge_counts_stop_while_parsing(tmp_path, capsys, script, flag):
 @pytest.fixture(scope="module")
 def lora_adapter(tmp_path_factory) -> tuple[Path, Path]:
     from conftest import build_tiny_llama
-    from LaMP.utils.modeling import load_pretrained
-    from LaMP.utils.training import add_lora
+    from LaMP.utils.modeling.model import load_pretrained
+    from LaMP.utils.modeling.training import add_lora
 
     base = build_tiny_llama(tmp_path_factory.mktemp("base"))
     model, _ = load_pretrained(str(base))
@@ -297,7 +297,7 @@ def edited_adapter(lora_adapter, tmp_path: Path, config) -> Path:
 def test_a_wrongly_typed_adapter_config_is_one_line_before_any_load(lora_adapter, tmp_path,
                                                                      capsys, monkeypatch,
                                                                      config, problem):
-    import LaMP.utils.modeling as modeling
+    import LaMP.utils.modeling.model as modeling
 
     monkeypatch.setattr(modeling, "load_model_and_tokenizer", lambda *a, **k: pytest.fail(
         "the base model loaded before the adapter's config was checked"))
@@ -313,7 +313,7 @@ def test_a_wrongly_typed_adapter_config_is_one_line_before_any_load(lora_adapter
 
 
 def test_a_checkpoint_with_a_hostile_adapter_config_is_incomplete(lora_adapter, tmp_path):
-    from LaMP.utils.checkpoints import checkpoint_problem
+    from LaMP.utils.modeling.checkpoints import checkpoint_problem
 
     folder = edited_adapter(lora_adapter, tmp_path, {"r": "x"})
     (folder / "trainer_state.json").write_text("{}")
@@ -323,7 +323,7 @@ def test_a_checkpoint_with_a_hostile_adapter_config_is_incomplete(lora_adapter, 
 
 def test_an_unknown_peft_type_is_one_line(lora_adapter, tmp_path):
     from LaMP.utils.errors import LampError
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     folder = edited_adapter(lora_adapter, tmp_path, {"peft_type": "NOPE"})
     with pytest.raises(LampError) as raised:

@@ -83,7 +83,7 @@ def test_deferred_and_relative_imports_are_seen():
     assert "LaMP.utils.retrieval.base" in imported_modules(
         "LaMP.utils.retrieval.dense", MODULES["LaMP.utils.retrieval.dense"])
     # evaluate_llm imports the model wrapper inside main(), not at the top.
-    assert "LaMP.utils.modeling" in imported_modules("LaMP.evaluate_llm",
+    assert "LaMP.utils.modeling.model" in imported_modules("LaMP.evaluate_llm",
                                                      MODULES["LaMP.evaluate_llm"])
 
 
@@ -96,3 +96,60 @@ def test_every_module_imports():
     result = subprocess.run([sys.executable, "-c", script, *names], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr.splitlines()[-3:]
+
+
+# The layers of LaMP/utils, lowest first: a module imports modules of its own layer or below
+# only (README, "Repository layout"). Scripts sit on top and may import anything.
+LAYERS = (
+    ("base", ("LaMP", "LaMP.utils", "LaMP.utils.errors", "LaMP.utils.tasks", "LaMP.utils.seeds",
+              "LaMP.utils.devices")),
+    ("data", ("LaMP.utils.data",)),
+    ("evaluation", ("LaMP.utils.evaluation",)),
+    ("retrieval", ("LaMP.utils.retrieval",)),
+    ("modeling", ("LaMP.utils.modeling",)),
+    ("cli", ("LaMP.utils.cli",)),
+    ("grid", ("LaMP.utils.grid",)),
+)
+SCRIPTS = ("LaMP.rank_profiles", "LaMP.evaluate_llm", "LaMP.train_llm", "LaMP.train_user_peft",
+           "LaMP.reproduce", "LaMP.utils.merge_with_rank", "LaMP.utils.make_subset")
+
+
+def layer_of(name: str) -> int | None:
+    """The index of ``name``'s layer (a package's modules share it); None for a script."""
+    if name in SCRIPTS or name.startswith("LaMP.configs"):
+        return None
+    for index, (_, members) in enumerate(LAYERS):
+        if name in members[:1] and index == 0:
+            return 0
+        if any(name == member or (index and name.startswith(member + ".")) for member in members):
+            return index
+    raise AssertionError(f"{name} is in no layer: add it to LAYERS or SCRIPTS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for name, targets in sorted(graph.items()):
+        own = layer_of(name)
+        for target in sorted(targets):
+            theirs = layer_of(target)
+            if theirs is None:
+                found.append(f"{name} imports the script {target}")
+            elif own is not None and theirs > own:
+                found.append(f"{name} ({LAYERS[own][0]}) imports {target} ({LAYERS[theirs][0]})")
+    return found
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downward():
+    graph = {name: imported_modules(name, path) for name, path in MODULES.items()}
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_and_a_script_import():
+    graph = {"LaMP.utils.data.outputs": {"LaMP.utils.evaluation.metrics", "LaMP.utils.tasks"},
+             "LaMP.utils.modeling.examples": {"LaMP.utils.cli.program"},
+             "LaMP.utils.cli.arguments": {"LaMP.utils.modeling.examples", "LaMP.rank_profiles"},
+             "LaMP.train_llm": {"LaMP.utils.cli.program", "LaMP.utils.grid.plan"}}
+    assert upward_imports(graph) == [
+        "LaMP.utils.cli.arguments imports the script LaMP.rank_profiles",
+        "LaMP.utils.data.outputs (data) imports LaMP.utils.evaluation.metrics (evaluation)",
+        "LaMP.utils.modeling.examples (modeling) imports LaMP.utils.cli.program (cli)"]

@@ -1,4 +1,4 @@
-"""Stacked LoRA serving (LaMP/utils/lora_stack.py): every row through its own adapter with
+"""Stacked LoRA serving (LaMP/utils/modeling/lora_stack.py): every row through its own adapter with
 batched products, against peft's own LoRA layers and against one user at a time."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from conftest import write_json
 from test_user_serving import (one_user_at_a_time, predictions_file, save_user_adapters,
                                serve_args, tweet_questions)
 from LaMP import evaluate_llm
-from LaMP.utils import lora_stack
+from LaMP.utils.data.users import user_adapter_dir
 from LaMP.utils.errors import LampError
-from LaMP.utils.users import user_adapter_dir
+from LaMP.utils.modeling import lora_stack
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

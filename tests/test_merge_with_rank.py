@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from LaMP.utils import merge_with_rank
+from LaMP.utils.data.outputs import load_outputs
 from LaMP.utils.errors import LampError
-from LaMP.utils.outputs import load_outputs
 from conftest import LAMP_REAL, REPO, outputs_doc, requires_real_data, write_json
 
 QUESTIONS = [

@@ -8,9 +8,17 @@ import math
 import numpy as np
 import pytest
 
-from LaMP.utils.metrics import (ClassificationMetric, InvalidGold, RatingMetric, RougeMetric,
-                                bootstrap_intervals, metric_for, paired_bootstrap, parse_rating)
+from LaMP.utils.evaluation.metrics import (ClassificationMetric, InvalidGold, RatingMetric,
+                                           RougeMetric, bootstrap_intervals, metric_for,
+                                           paired_bootstrap, parse_rating)
 from LaMP.utils.tasks import MOVIE_TAGS, TASKS
+
+
+def compute(metric, golds, preds) -> dict:
+    """A whole set's metrics with its counts, as eval_task.py reports them (no bootstrap)."""
+    prepared = metric.prepare(golds, preds)
+    return {**metric.aggregate(prepared), "count": len(golds), **prepared.counts}
+
 
 # --- classification -------------------------------------------------------------------------
 
@@ -25,7 +33,7 @@ def test_accuracy_and_macro_f1_with_a_label_never_predicted():
     # c: never predicted, actual 1            -> F1 = 0
     # macro = (1/2 + 1/2 + 0) / 3 = 1/3. Were "zzz" a class of its own the mean would run over
     # four classes and give 1/4.
-    result = metric.compute(golds, preds)
+    result = compute(metric, golds, preds)
     assert result["accuracy"] == pytest.approx(0.4, abs=1e-12)
     assert result["f1"] == pytest.approx(1 / 3, abs=1e-12)
     assert result["count"] == 5
@@ -50,7 +58,7 @@ def test_lamp2_whitespace_unicode_and_empty_predictions():
     # the other 11 tags occur nowhere and score 0 but stay in the mean (as the official
     # evaluator, which passes the label list) -> macro = (2/3 + 1) / 15 = 1/9.
     # With the three invalid predictions as classes of their own it would be (5/3) / 18.
-    result = metric.compute(golds, preds)
+    result = compute(metric, golds, preds)
     assert result["accuracy"] == pytest.approx(2 / 5, abs=1e-12)
     assert result["f1"] == pytest.approx(1 / 9, abs=1e-12)
     assert result["invalid"] == 3
@@ -58,12 +66,12 @@ def test_lamp2_whitespace_unicode_and_empty_predictions():
 
 def test_lamp1_all_right_and_all_wrong():
     metric = metric_for(TASKS["LaMP-1"])
-    assert metric.compute(["[1]", "[2]"], ["[1]", "[2]"])["f1"] == 1.0
+    assert compute(metric, ["[1]", "[2]"], ["[1]", "[2]"])["f1"] == 1.0
     # every prediction is the other label: both F1 are 0
-    assert metric.compute(["[1]", "[2]"], ["[2]", "[1]"]) == {
+    assert compute(metric, ["[1]", "[2]"], ["[2]", "[1]"]) == {
         "accuracy": 0.0, "f1": 0.0, "count": 2, "invalid": 0}
     # "1" is not "[1]"
-    assert metric.compute(["[1]"], ["1"])["accuracy"] == 0.0
+    assert compute(metric, ["[1]"], ["1"])["accuracy"] == 0.0
 
 
 def test_gold_outside_the_label_set_is_reported_by_position():
@@ -88,7 +96,7 @@ def test_macro_f1_agrees_with_scikit_learn():
             preds.append(MOVIE_TAGS[rng.integers(0, 15)])
         else:
             preds.append(junk[rng.integers(0, len(junk))])
-    ours = metric_for(TASKS["LaMP-2"]).compute(golds, preds)
+    ours = compute(metric_for(TASKS["LaMP-2"]), golds, preds)
     stripped = [p.strip() for p in preds]
     theirs = sklearn_metrics.f1_score(golds, stripped, labels=list(MOVIE_TAGS), average="macro",
                                       zero_division=0)
@@ -122,7 +130,7 @@ def test_mae_rmse_and_invalid_count():
     # errors:    1.5, 0, 4, -4, -3, 3, 2, -4
     # |errors| sum to 21.5 -> MAE = 21.5 / 8 = 2.6875
     # squares: 2.25 + 0 + 16 + 16 + 9 + 9 + 4 + 16 = 72.25 -> RMSE = sqrt(72.25 / 8) = 8.5 / sqrt(8)
-    result = metric.compute(golds, preds)
+    result = compute(metric, golds, preds)
     assert result["MAE"] == pytest.approx(2.6875, abs=1e-12)
     assert result["RMSE"] == pytest.approx(8.5 / math.sqrt(8), abs=1e-12)
     assert result["invalid"] == 5
@@ -172,7 +180,7 @@ def rouge():
 
 @pytest.mark.parametrize("gold, pred, rouge1, rougeL", ROUGE_CASES)
 def test_rouge_single_pairs(rouge, gold, pred, rouge1, rougeL):
-    result = rouge.compute([gold], [pred])
+    result = compute(rouge, [gold], [pred])
     assert result["rouge-1"] == pytest.approx(rouge1, abs=1e-12)
     assert result["rouge-L"] == pytest.approx(rougeL, abs=1e-12)
     assert result["count"] == 1
@@ -180,7 +188,7 @@ def test_rouge_single_pairs(rouge, gold, pred, rouge1, rougeL):
 
 def test_rouge_is_the_plain_mean_over_examples(rouge):
     golds, preds, rouge1, rougeL = zip(*ROUGE_CASES)
-    result = rouge.compute(list(golds), list(preds))
+    result = compute(rouge, list(golds), list(preds))
     # R1: (0.8 + 1 + 1 + 1 + 2/3 + 0.5 + 1/3 + 0 + 0 + 0 + 0) / 11 = 5.3 / 11
     # RL: (0.8 + 0.25 + 1 + 1 + 2/3 + 0.5 + 1/3 + 0 + 0 + 0 + 0) / 11 = 4.55 / 11
     assert result["rouge-1"] == pytest.approx(5.3 / 11, abs=1e-12)

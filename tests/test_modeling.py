@@ -13,7 +13,7 @@ import torch
 
 from conftest import CHAT_TEMPLATE
 from LaMP.utils.errors import LampError
-from LaMP.utils.modeling import LampModel, load_model
+from LaMP.utils.modeling.model import LampModel, load_model
 from LaMP.utils.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -1,4 +1,4 @@
-"""The one output policy (LaMP/utils/fileio.py) as every script meets it.
+"""The one output policy (LaMP/utils/data/fileio.py) as every script meets it.
 
 An output that is, contains or lies inside an input is refused before any work; a device, FIFO
 or descriptor is written in place; a symlink keeps pointing where it did; modes follow the
@@ -22,8 +22,9 @@ import pytest
 
 from conftest import REPO, SAMPLE, load_script, outputs_doc, write_json
 from LaMP import evaluate_llm, rank_profiles, train_llm
-from LaMP.utils import fileio, merge_with_rank
-from LaMP.utils.cli import run
+from LaMP.utils import merge_with_rank
+from LaMP.utils.cli.program import run
+from LaMP.utils.data import fileio
 from LaMP.utils.errors import LampError
 
 eval_task = load_script("eval/eval_task.py")
@@ -548,7 +549,7 @@ def test_sigterm_mid_write_exits_cleanly_without_a_temporary(tmp_path, big_input
 def run_under_cli(body: str, **options) -> subprocess.CompletedProcess:
     """A fresh interpreter running ``main`` (whose body is ``body``) through cli.run."""
     script = ("import os, signal, sys, time\n"
-              "from LaMP.utils.cli import run\n"
+              "from LaMP.utils.cli.program import run\n"
               "def main(argv):\n" + textwrap.indent(textwrap.dedent(body), "    ") +
               "sys.exit(run(main))\n")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

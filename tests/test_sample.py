@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from LaMP.utils.data import input_problem, iter_questions, load_questions
-from LaMP.utils.outputs import invalid_gold_ids, load_outputs
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.data.questions import input_problem, iter_questions
+from LaMP.utils.evaluation.scoring import invalid_gold_ids
 from LaMP.utils.tasks import TASK_NAMES, TASKS, get_task
 from conftest import SAMPLE, load_script
 
@@ -28,8 +29,8 @@ def bounds(task_name: str) -> tuple[int, int]:
 
 
 def questions(task_name: str, set_name: str) -> list[dict]:
-    return load_questions(SAMPLE / get_task(task_name).file_name / f"{set_name}_questions.json",
-                          get_task(task_name))
+    return list(iter_questions(
+        SAMPLE / get_task(task_name).file_name / f"{set_name}_questions.json", get_task(task_name)))
 
 
 def golds(task_name: str, set_name: str) -> dict[str, str]:

@@ -189,7 +189,7 @@ def test_every_scripts_task_help_names_every_registered_task(script):
 
 
 def test_metric_direction_has_one_source():
-    from LaMP.utils.metrics import Metric, metric_for
+    from LaMP.utils.evaluation.metrics import Metric, metric_for
     from LaMP.utils.tasks import LOWER_IS_BETTER
 
     for task in TASKS.values():

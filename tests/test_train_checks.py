@@ -19,15 +19,16 @@ import pytest
 from conftest import REPO, load_script, write_json
 from test_train_llm import common_args, merged_sample
 from LaMP import evaluate_llm, rank_profiles, train_llm
-from LaMP.utils import checkpoints
-from LaMP.utils.cli import MAX_SEED, seed_arg
+from LaMP.utils.cli.program import seed_arg
 from LaMP.utils.errors import LampError
+from LaMP.utils.modeling import checkpoints
+from LaMP.utils.seeds import MAX_SEED
 
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any model, tokenizer or config load fails the test: errors must come first."""
-    import LaMP.utils.modeling as modeling
+    import LaMP.utils.modeling.model as modeling
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the user error was reported")
@@ -199,7 +200,7 @@ def damaged_copy(model: Path, tmp_path: Path, damage: str) -> Path:
                                              ("truncated", "model.safetensors is truncated")])
 def test_a_damaged_local_model_is_one_error_and_no_hub_call(tmp_path, tiny_t5, no_network,
                                                             damage, message):
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     folder = damaged_copy(tiny_t5, tmp_path, damage)
     with pytest.raises(LampError, match=message) as raised:
@@ -230,7 +231,7 @@ def edit_json(path: Path, **changes) -> None:
 ])
 def test_a_model_folder_that_does_not_load_is_one_error(tmp_path, tiny_llama, no_network,
                                                         damage, message):
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)
@@ -248,8 +249,8 @@ def test_a_model_folder_that_does_not_load_is_one_error(tmp_path, tiny_llama, no
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama, tmp_path_factory) -> Path:
-    from LaMP.utils.modeling import load_pretrained
-    from LaMP.utils.training import add_lora
+    from LaMP.utils.modeling.model import load_pretrained
+    from LaMP.utils.modeling.training import add_lora
 
     model, _ = load_pretrained(str(tiny_llama))
     folder = tmp_path_factory.mktemp("adapter")
@@ -269,7 +270,7 @@ def test_a_damaged_adapter_is_one_error_and_no_hub_call(tmp_path, tiny_llama, ti
                                                         damage, message):
     import huggingface_hub.constants
 
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "1")
@@ -292,7 +293,7 @@ def test_a_damaged_adapter_is_one_error_and_no_hub_call(tmp_path, tiny_llama, ti
 def test_a_whole_adapter_loads_without_any_network(tiny_llama, tiny_adapter, no_network):
     from peft import PeftModel
 
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     lamp_model = load_model(str(tiny_llama), device="cpu", adapter=str(tiny_adapter))
     assert isinstance(lamp_model.model, PeftModel)
@@ -305,7 +306,7 @@ def test_a_whole_model_given_as_adapter_says_so(tiny_t5):
 
 
 def test_an_adapter_of_another_model_is_one_error(tiny_t5, tiny_adapter, no_network):
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     with pytest.raises(LampError, match=f"cannot load adapter {tiny_adapter} onto {tiny_t5}"):
         load_model(str(tiny_t5), device="cpu", adapter=str(tiny_adapter))
@@ -546,7 +547,7 @@ SLOW_SAVE = """
 import sys, time
 from transformers import Trainer
 from LaMP import train_llm
-from LaMP.utils.cli import run
+from LaMP.utils.cli.program import run
 
 save_rng_state = Trainer._save_rng_state
 
@@ -643,7 +644,7 @@ def test_duplicate_ids_stop_evaluate_llm_before_loading(tmp_path, no_model_loads
 
 def test_a_hostile_adapter_config_is_one_error_not_a_recursion_error(tmp_path):
     """Config files in model/adapter/checkpoint folders go through the guarded JSON reader."""
-    from LaMP.utils.checkpoints import check_adapter_folder, checkpoint_problem
+    from LaMP.utils.modeling.checkpoints import check_adapter_folder, checkpoint_problem
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -11,12 +11,12 @@ import torch
 
 from conftest import REPO, SAMPLE, load_script
 from LaMP import train_llm
-from LaMP.utils.examples import Example
-from LaMP.utils.modeling import LampModel, load_pretrained, load_tokenizer
-from LaMP.utils.outputs import load_outputs
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.modeling.examples import Example
+from LaMP.utils.modeling.model import LampModel, load_pretrained, load_tokenizer
+from LaMP.utils.modeling.training import (IGNORE_INDEX, PaddingCollator, add_lora, contiguous_slice,
+                                          training_features)
 from LaMP.utils.tasks import get_task
-from LaMP.utils.training import (IGNORE_INDEX, PaddingCollator, add_lora, contiguous_slice,
-                                 training_features)
 
 
 def merged_sample(tmp_path, task_number: int, split: str, limit: int) -> str:
@@ -184,7 +184,7 @@ def test_best_checkpoint_follows_the_metric_direction(tmp_path, tiny_t5, monkeyp
         answers, best_step = [str(far), str(median), str(far)], 2
     else:
         answers = [golds[0] if a == "GOLD" else a for a in answers]
-    from LaMP.utils.training import GenerationEvalTrainer
+    from LaMP.utils.modeling.training import GenerationEvalTrainer
 
     scripted = ScriptedEvaluations(answers)
     monkeypatch.setattr(GenerationEvalTrainer, "generate_texts",

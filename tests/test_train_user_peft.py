@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLE, load_script
-from LaMP.utils import user_training
+from LaMP.utils.data.users import user_adapter_dir
 from LaMP.utils.errors import LampError
+from LaMP.utils.modeling import user_training
+from LaMP.utils.modeling.user_training import (collect_profiles, derived_seed, item_examples,
+                                               read_users_index, retrieval_task, scan_users,
+                                               shard_users, user_examples)
 from LaMP.utils.tasks import MOVIE_TAGS, TASKS
-from LaMP.utils.user_training import (collect_profiles, derived_seed, item_examples,
-                                      read_users_index, retrieval_task, scan_users,
-                                      shard_users, user_examples)
-from LaMP.utils.users import user_adapter_dir
 
 train_user_peft = load_script("LaMP/train_user_peft.py")
 
@@ -267,8 +267,8 @@ def test_training_changes_only_the_users_adapter_and_saved_adapters_load(tmp_pat
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from LaMP.utils.modeling import load_model
-    from LaMP.utils.user_training import TrainSettings, UserAdapterTrainer
+    from LaMP.utils.modeling.model import load_model
+    from LaMP.utils.modeling.user_training import TrainSettings, UserAdapterTrainer
 
     args = train_user_peft.parse_args(train_argv(sample_users(tmp_path, 2), tiny_model,
                                                  tmp_path / "out"))
@@ -276,7 +276,7 @@ def test_training_changes_only_the_users_adapter_and_saved_adapters_load(tmp_pat
     base = lamp_model.model.get_base_model()
     before = {name: value.clone() for name, value in base.state_dict().items()
               if "lora_" not in name}
-    from LaMP.utils.peft_methods import build_config, get_method
+    from LaMP.utils.modeling.peft_methods import build_config, get_method
 
     settings = TrainSettings(learning_rate=1e-2, weight_decay=0.0, num_train_epochs=1,
                              max_steps=3, batch_size=2, warmup_ratio=0.0,
@@ -326,7 +326,7 @@ def test_adapters_save_in_bf16_when_asked_and_still_load(tmp_path, tiny_llama,
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     data = sample_users(tmp_path, 1)
     result = train_user_peft.main(train_argv(data, tiny_llama, tmp_path / "out",
@@ -393,7 +393,7 @@ def test_a_killed_run_resumes_with_only_the_users_not_done(tmp_path, tiny_llama,
     done = sorted(p.name for p in (out / "users").iterdir())
     assert done == users[:2]
     # What a SIGKILL during a save leaves: a temporary of a writer that is gone.
-    from LaMP.utils import fileio
+    from LaMP.utils.data import fileio
 
     stale = out / "users" / f".{users[2]}{fileio._TMP_MARK}{fileio._HOST}-4194303-0badcafe.tmp"
     stale.mkdir()
@@ -464,7 +464,7 @@ def test_a_base_adapter_is_merged_before_per_user_training(tmp_path, tiny_llama,
 def test_other_methods_train_per_user_too(tmp_path, tiny_llama, peft, torch_single_thread):
     from peft import PeftModel
 
-    from LaMP.utils.modeling import load_model
+    from LaMP.utils.modeling.model import load_model
 
     data = sample_users(tmp_path, 2)
     result = train_user_peft.main(train_argv(data, tiny_llama, tmp_path / "out", "--peft", peft,
@@ -479,7 +479,7 @@ def test_other_methods_train_per_user_too(tmp_path, tiny_llama, peft, torch_sing
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    import LaMP.utils.modeling as modeling
+    import LaMP.utils.modeling.model as modeling
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the user error was reported")
@@ -489,7 +489,7 @@ def no_model_loads(monkeypatch):
 
 
 def run_cli(argv, capsys) -> tuple[int, list[str]]:
-    from LaMP.utils.cli import run
+    from LaMP.utils.cli.program import run
 
     try:
         code = run(train_user_peft.main, argv)
@@ -669,7 +669,7 @@ def test_a_pipe_as_train_data_is_refused_from_the_command_line(tmp_path):
 
 
 def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path):
-    from LaMP.utils.fileio import atomic_folder
+    from LaMP.utils.data.fileio import atomic_folder
 
     target = tmp_path / "users" / "u"
     with pytest.raises(Killed):

@@ -10,11 +10,12 @@ import torch
 from conftest import SAMPLE
 from LaMP import train_llm
 from LaMP.utils.errors import LampError
-from LaMP.utils.examples import Example
-from LaMP.utils.modeling import LampModel, load_pretrained, load_tokenizer
-from LaMP.utils.training import (GenerationEvalTrainer, GenerationSettings, LengthGroupedSampler,
-                                 LengthGroupedTrainer, PaddingCollator, add_lora, resolve_bf16,
-                                 throughput_arguments, training_features)
+from LaMP.utils.modeling.examples import Example
+from LaMP.utils.modeling.model import LampModel, load_pretrained, load_tokenizer
+from LaMP.utils.modeling.training import (GenerationEvalTrainer, GenerationSettings,
+                                          LengthGroupedSampler, LengthGroupedTrainer,
+                                          PaddingCollator, add_lora, resolve_bf16,
+                                          throughput_arguments, training_features)
 from LaMP.utils.tasks import get_task
 
 REQUIRED = ["--train_data", "t.json", "--validation_data", "v.json", "--model_name", "m",

@@ -15,10 +15,10 @@ import pytest
 from conftest import write_json
 from test_evaluate_llm import no_model_loads  # noqa: F401  (a fixture: errors come first)
 from LaMP import evaluate_llm
-from LaMP.utils.cli import run
+from LaMP.utils.cli.program import run
+from LaMP.utils.data.users import user_adapter_dir, user_of
 from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import get_task
-from LaMP.utils.users import user_adapter_dir, user_of
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -102,9 +102,9 @@ def one_user_at_a_time(model: Path, root: Path | None, questions, task_name: str
                        num_beams: int = 1) -> list[str]:
     """Each question alone, through its user's adapter loaded alone (the base model for a
     user without one)."""
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.modeling import load_model
-    from LaMP.utils.predict import predict
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.model import load_model
+    from LaMP.utils.modeling.predict import predict
 
     task = get_task(task_name)
     options = ProfileOptions(use_profile=use_profile, num_retrieved=2, is_ranked=True)
@@ -354,8 +354,8 @@ def test_a_user_id_that_is_not_an_id_is_one_error(tiny_t5, tmp_path):
 # -- under a launcher: each process answers (and loads) its own users ------------------------
 
 def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path, monkeypatch):
-    from LaMP.utils import distributed, lora_stack, user_serving
-    from LaMP.utils.distributed import Launch
+    from LaMP.utils.modeling import distributed, lora_stack, user_serving
+    from LaMP.utils.modeling.distributed import Launch
 
     users = ["A", "B", "A", "B", "C", "D", "C", "D"]
     questions = tweet_questions(8, users)
@@ -380,7 +380,7 @@ def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path,
         loaded.append(folder.name)
         return read_weights(folder)
 
-    monkeypatch.setattr("LaMP.utils.predict.gather_in_order", gather)
+    monkeypatch.setattr("LaMP.utils.modeling.predict.gather_in_order", gather)
     monkeypatch.setattr(user_serving._AdapterPool, "_load_one", record)
     monkeypatch.setattr(lora_stack, "_read_weights", record_read)
     out = evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
@@ -426,9 +426,9 @@ def test_users_trained_on_a_task_adapter_are_served_on_it_merged(tiny_model, tmp
     import torch
     from peft import PeftModel
 
-    from LaMP.utils.examples import ProfileOptions, build_examples
-    from LaMP.utils.modeling import LampModel, load_model
-    from LaMP.utils.predict import predict
+    from LaMP.utils.modeling.examples import ProfileOptions, build_examples
+    from LaMP.utils.modeling.model import LampModel, load_model
+    from LaMP.utils.modeling.predict import predict
 
     questions = tweet_questions(4)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from LaMP.utils.data.users import user_adapter_dir, user_folder_name, user_of
 from LaMP.utils.errors import LampError
-from LaMP.utils.users import user_adapter_dir, user_folder_name, user_of
 
 
 def test_time_split_questions_belong_to_their_user_id_and_user_split_ones_to_themselves():

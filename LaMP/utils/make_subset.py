@@ -24,12 +24,12 @@ if importlib.util.find_spec("LaMP") is None:
     # Run from a checkout without `pip install -e .`: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from LaMP.utils.cli import ArgumentParser, run, seed_arg, setup_logging
-from LaMP.utils.data import iter_questions
+from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.data.fileio import (args_path_for, atomic_write_json, check_outputs, check_readable,
+                                    require_regular_file, save_run_args)
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import (args_path_for, atomic_write_json, check_outputs, check_readable,
-                               require_regular_file, save_run_args)
-from LaMP.utils.outputs import load_outputs
 from LaMP.utils.retrieval.rankings import count_questions
 
 logger = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
-from LaMP.utils.data import iter_questions
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.data.fileio import (JsonListWriter, args_path_for, check_outputs, check_readable,
+                                    save_run_args)
+from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import (JsonListWriter, args_path_for, check_outputs, check_readable,
-                               save_run_args)
-from LaMP.utils.outputs import load_outputs
 from LaMP.utils.retrieval.rankings import load_rankings, order_profile
 
 logger = logging.getLogger(__name__)

@@ -27,13 +27,13 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from LaMP.utils.avocado import (build_question, describe_problems, read_emails,
-                                referenced_emails, sort_out, zip_files)
-from LaMP.utils.cli import ArgumentParser, run, setup_logging
-from LaMP.utils.data import iter_questions
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.data.avocado import (build_question, describe_problems, read_emails,
+                                     referenced_emails, sort_out, zip_files)
+from LaMP.utils.data.fileio import JsonListWriter, check_outputs, check_readable, save_run_args
+from LaMP.utils.data.outputs import write_outputs
+from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import JsonListWriter, check_outputs, check_readable, save_run_args
-from LaMP.utils.outputs import write_outputs
 from LaMP.utils.tasks import get_task
 
 logger = logging.getLogger("create_avocado_dataset")

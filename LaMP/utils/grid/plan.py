@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from LaMP.utils.data.fileio import atomic_write_json
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import atomic_write_json
 from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def resolve_model(spec: str) -> str:
         if name not in LOCAL_MODELS:
             raise LampError(f"unknown packaged model {spec!r} (valid: "
                             f"{', '.join('local:' + n for n in LOCAL_MODELS)})")
-        from LaMP.utils import local_models
+        from LaMP.utils.modeling import local_models
 
         return str(getattr(local_models, LOCAL_MODELS[name])())
     return spec
@@ -431,7 +431,7 @@ def load_stage(stage: Stage):
 
 
 def _has_checkpoint(folder: Path) -> bool:
-    from LaMP.utils.checkpoints import checkpoint_folders, checkpoint_problem
+    from LaMP.utils.modeling.checkpoints import checkpoint_folders, checkpoint_problem
 
     checkpoints = folder / "checkpoints"
     return checkpoints.is_dir() and any(checkpoint_problem(item) is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from LaMP.utils.fileio import open_output
+from LaMP.utils.data.fileio import open_output
 from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
 from LaMP.utils.grid.tables import Table
 

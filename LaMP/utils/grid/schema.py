@@ -288,7 +288,7 @@ def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file (YAML)."""
     import yaml
 
-    from LaMP.utils.fileio import check_readable
+    from LaMP.utils.data.fileio import check_readable
 
     path = check_readable(path, "--grid")
     try:

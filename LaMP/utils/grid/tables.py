@@ -3,8 +3,8 @@ methods / retrievers / k, in Markdown, CSV and LaTeX (booktabs).
 
 The best value of a row is bold (by the metric's direction), a dagger marks a column whose
 difference from the named baseline column is significant under the paired bootstrap of
-``LaMP.utils.metrics.paired_bootstrap`` (what eval/compare.py reports), '—' is a cell that is
-not complete, and reference numbers from a paper sit beside ours with the difference.
+``LaMP.utils.evaluation.metrics.paired_bootstrap`` (what eval/compare.py reports), '—' is a
+cell that is not complete, and reference numbers from a paper sit beside ours with the difference.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import io
 import json
 from dataclasses import dataclass, field
 
+from LaMP.utils.evaluation.metrics import metric_for, paired_bootstrap
 from LaMP.utils.grid.plan import Cell, Runner, StageRun
 from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
-from LaMP.utils.metrics import metric_for, paired_bootstrap
 
 MISSING = "—"
 MARK = "†"
@@ -78,8 +78,8 @@ def _results(runner: Runner, cell: Cell) -> dict | None:
 def _prepared(runner: Runner, cell: Cell, cache: dict):
     """Per-example scores of a complete cell, for the paired bootstrap."""
     if cell.name not in cache:
-        from LaMP.utils.outputs import load_outputs
-        from LaMP.utils.scoring import paired_outputs, prepare
+        from LaMP.utils.data.outputs import load_outputs
+        from LaMP.utils.evaluation.scoring import paired_outputs, prepare
 
         score = cell.score
         golds = load_outputs(runner.path(_argument(score, "--golds_json"), score), "gold file")

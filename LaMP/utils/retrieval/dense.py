@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from LaMP.utils.errors import LampError
 from LaMP.utils.devices import resolve_device
+from LaMP.utils.errors import LampError
 from LaMP.utils.retrieval.base import (DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranked, Ranker,
-                                  batched_by_cost, ranked_ids)
+                                       batched_by_cost, ranked_ids)
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)

@@ -45,11 +45,11 @@ from typing import Iterator
 
 import numpy as np
 
-from LaMP.utils.retrieval.bm25 import TermIndex
-from LaMP.utils.data import validate_question
+from LaMP.utils.data.jsoninput import MAX_DEPTH, MAX_NUMBER_DIGITS, GuardedReader
+from LaMP.utils.data.questions import validate_question
 from LaMP.utils.errors import LampError
-from LaMP.utils.jsoninput import MAX_DEPTH, MAX_NUMBER_DIGITS, GuardedReader
 from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.retrieval.bm25 import TermIndex
 from LaMP.utils.tasks import get_task
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ import os
 from collections import defaultdict
 from typing import Iterator, Mapping, Sequence
 
-from LaMP.utils.data import as_id, open_json_stream
+from LaMP.utils.data.fileio import check_readable
+from LaMP.utils.data.questions import as_id, open_json_stream
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import check_readable
 
 
 def ranking_problem(profile_ids: Sequence[str], ranking: Sequence[str]) -> str | None:

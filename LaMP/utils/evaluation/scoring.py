@@ -1,19 +1,16 @@
-"""Scoring prediction files against gold files: pairing, checks, metrics and tables."""
+"""Scoring prediction files against gold files: pairing, checks and metrics."""
 from __future__ import annotations
 
-from typing import Mapping
-
-from LaMP.utils.cli import format_table, seed_arg
+from LaMP.utils.data.outputs import OutputsFile
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.metrics import (DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES, InvalidGold,
-                                Metric, Prepared, RougeMetric, bootstrap_intervals,
-                                bootstrap_medians, metric_for)
+from LaMP.utils.evaluation.metrics import (DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES,
+                                           InvalidGold, Metric, Prepared, RougeMetric,
+                                           bootstrap_intervals, bootstrap_medians, metric_for)
+from LaMP.utils.tasks import Task
 
 # How ROUGE is summarised over examples: "mean" (ours: exact), "bootstrap_median" (the official
 # evaluator's median of 1,000 bootstrap means, seeded here). Other metrics are plain in both.
 ROUGE_AGGREGATIONS = ("mean", "bootstrap_median")
-from LaMP.utils.outputs import OutputsFile
-from LaMP.utils.tasks import Task
 
 
 def paired_outputs(golds: OutputsFile, preds: OutputsFile, task: Task | None = None
@@ -81,44 +78,14 @@ def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None
                          rouge_aggregation)
 
 
-def add_bootstrap_arguments(parser) -> None:
-    """The evaluators' ``--bootstrap N`` and ``--seed`` flags."""
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
-    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_BOOTSTRAP_SEED,
-                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
-
-
-def add_rouge_aggregation_argument(parser) -> None:
-    """``--rouge_aggregation``: ours (the plain mean) or the official bootstrap median."""
-    parser.add_argument("--rouge_aggregation", default="mean", choices=ROUGE_AGGREGATIONS,
-                        help="ROUGE over examples: 'mean' (default: exact and repeatable) or "
-                             "'bootstrap_median', the official evaluator's median of "
-                             f"{OFFICIAL_ROUGE_SAMPLES:,} bootstrap means, seeded by --seed; "
-                             "other metrics are the same either way")
-
-
-# The most bootstrap resamples a run may ask for: 100,000 already resolves a p-value to 1e-5;
-# more changes no reported digit, and a mistyped 10**20 would otherwise run for ever.
-MAX_BOOTSTRAP = 100_000
-
-
-def check_bootstrap_arguments(parser, args, minimum: int = 0) -> None:
-    """``--bootstrap`` in ``minimum`` … ``MAX_BOOTSTRAP`` (compare.py needs at least one)."""
-    if not minimum <= args.bootstrap <= MAX_BOOTSTRAP:
-        parser.error(f"--bootstrap must be in {minimum} … {MAX_BOOTSTRAP:,}")
-
-
-def format_results_table(results: Mapping[str, Mapping]) -> str:
-    """A plain-text table of ``{task file name: result}`` for the terminal."""
-    header = ("task", "metric", "value", "95% CI", "n", "invalid")
-    rows = []
-    for task_name, result in results.items():
-        metric_names = [key for key in result
-                        if key not in ("count", "invalid", "ci95", "bootstrap", "aggregation")]
-        for name in metric_names:
-            interval = result.get("ci95", {}).get(name)
-            rows.append((task_name, name, f"{result[name]:.4f}",
-                         f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "",
-                         str(result.get("count", "")), str(result.get("invalid", ""))))
-    return format_table(header, rows)
+def invalid_gold_ids(outputs: OutputsFile) -> list[str]:
+    """Ids whose output the evaluator would refuse as a gold (e.g. a LaMP-2 output that is
+    not one of the 15 tags); generation tasks accept any text."""
+    if outputs.task.labels is None:
+        return []
+    ids, texts = list(outputs.outputs), list(outputs.outputs.values())
+    try:
+        metric_for(outputs.task).prepare(texts, texts)
+    except InvalidGold as error:
+        return [ids[i] for i in error.positions]
+    return []

@@ -15,9 +15,9 @@ import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from LaMP.utils.data.fileio import parse_json_bytes, read_json
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import parse_json_bytes, read_json
-from LaMP.utils.peft_methods import PEFT_METHODS, method_of_adapter
+from LaMP.utils.modeling.peft_methods import PEFT_METHODS, method_of_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The pieces ``train_user_peft.py`` runs, each usable on its own (a benchmark or t
 calls them too):
 
 - **Users.** ``scan_users`` reads a questions file once and returns its users, sorted
-  (``LaMP.utils.users.user_of``: the ``user_id`` of the time split, else the question's own
+  (``LaMP.utils.data.users.user_of``: the ``user_id`` of the time split, else the question's own
   id); ``shard_users`` gives a process its share (every ``num_shards``-th user in that sorted
   order, so shards are balanced and partition the users whatever the file order);
   ``collect_profiles`` reads the file again and keeps the profile items of the users asked
@@ -28,7 +28,7 @@ calls them too):
       users.json                                the index of every complete user folder
       args.json                                 the run's flags
 
-  ``<folder>`` is ``LaMP.utils.users.user_folder_name(user)``. A user folder appears whole
+  ``<folder>`` is ``LaMP.utils.data.users.user_folder_name(user)``. A user folder appears whole
   or not at all (written into a temporary beside it and renamed), so a user whose folder
   exists is done; ``users.json`` is rebuilt from the folders (under a lock), never edited,
   so concurrent shards cannot lose each other's users.
@@ -47,13 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from LaMP.utils.checkpoints import adapter_folder_problem
-from LaMP.utils.data import iter_questions
+from LaMP.utils.data.fileio import atomic_folder, atomic_write_json, read_json
+from LaMP.utils.data.questions import iter_questions
+from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
 from LaMP.utils.errors import LampError
-from LaMP.utils.examples import Example
-from LaMP.utils.fileio import atomic_folder, atomic_write_json, read_json
+from LaMP.utils.modeling.checkpoints import adapter_folder_problem
+from LaMP.utils.modeling.examples import Example
 from LaMP.utils.tasks import Task, UserTemplate
-from LaMP.utils.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def scan_users(path: str | os.PathLike, task: Task) -> list[str]:
     is a string or an integer, and question ids are distinct (``7`` and ``"7"`` are one)."""
     from collections import Counter
 
-    from LaMP.utils.data import as_id
+    from LaMP.utils.data.questions import as_id
     from LaMP.utils.errors import preview
 
     users: set[str] = set()
@@ -404,7 +404,7 @@ class UserAdapterTrainer:
     def train_user(self, user: str, examples: Sequence[Example], output_dir: str | os.PathLike,
                    extra: Mapping | None = None) -> dict:
         """Train ``user``'s adapter on ``examples`` and save it; returns its record."""
-        from LaMP.utils.training import training_features
+        from LaMP.utils.modeling.training import training_features
 
         started = time.perf_counter()
         seed = derived_seed(self.seed, user)
@@ -447,7 +447,7 @@ class UserAdapterTrainer:
         steps taken and the mean loss of the last epoch's steps."""
         import torch
 
-        from LaMP.utils.training import PaddingCollator
+        from LaMP.utils.modeling.training import PaddingCollator
 
         settings = self.settings
         parameters = self.trainable_parameters()

@@ -12,13 +12,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from LaMP.utils.cli import DEFAULT_SEED
-from LaMP.utils.data import iter_questions
+from LaMP.utils.data.fileio import require_regular_file
+from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import require_regular_file
 from LaMP.utils.retrieval import build_ranker
 from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL
 from LaMP.utils.retrieval.rankings import order_profile
+from LaMP.utils.seeds import DEFAULT_SEED
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ def check_questions(path: str, task: Task, *, limit: int | None = None,
     if task.labels and golds[0] is not None:
         # Gold labels the metric cannot score would otherwise surface only after
         # generation (or after a training epoch).
-        from LaMP.utils.metrics import metric_for
-        from LaMP.utils.scoring import prepare
+        from LaMP.utils.evaluation.metrics import metric_for
+        from LaMP.utils.evaluation.scoring import prepare
 
         prepare(metric_for(task), ids, golds, golds, path)
     return len(ids)

@@ -1,4 +1,5 @@
-"""The small amount of plumbing every script shares: logging set-up and error handling."""
+"""What every script's ``main`` runs inside: its parser, logging, and the way a run ends
+(one ``error:`` line, ``interrupted``, ``terminated``)."""
 from __future__ import annotations
 
 import argparse
@@ -7,17 +8,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from LaMP.utils.errors import LampError
-
-# The default --seed of every stage that draws random numbers, so that on-the-fly ranking in
-# evaluate/train_llm.py orders profiles as rank_profiles.py does with default flags.
-DEFAULT_SEED = 42
-# The largest seed every generator we seed accepts: numpy's legacy seeding (which
-# transformers' set_seed calls) takes 0 … 2**32 - 1 and rejects anything else with a traceback.
-MAX_SEED = 2**32 - 1
-
+from LaMP.utils.seeds import MAX_SEED
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage mistakes end like every other user mistake
@@ -106,13 +100,3 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
-
-
-def format_table(header: Iterable[str], rows: Iterable[Iterable]) -> str:
-    """A plain-text table for the terminal: left-aligned columns under a dashed rule."""
-    rows = [tuple(str(cell) for cell in row) for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)

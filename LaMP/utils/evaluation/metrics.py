@@ -60,11 +60,6 @@ class Metric:
     def aggregate(self, prepared: Prepared, rows: np.ndarray | None = None) -> dict[str, float]:
         raise NotImplementedError
 
-    def compute(self, golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
-        """The metrics of a whole set, with counts (``count``, and ``invalid`` where it applies)."""
-        prepared = self.prepare(golds, preds)
-        return {**self.aggregate(prepared), "count": len(golds), **prepared.counts}
-
 
 class ClassificationMetric(Metric):
     names = ("accuracy", "f1")

@@ -13,9 +13,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from LaMP.utils.data import as_id
+from LaMP.utils.data.fileio import (atomic_write_json, parse_json_bytes, read_json,
+                                    require_regular_file)
+from LaMP.utils.data.questions import as_id
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import atomic_write_json, parse_json_bytes, read_json, require_regular_file
 from LaMP.utils.tasks import Task, get_task, task_of_file
 
 # The largest published LaMP outputs file is a few tens of MB; anything far beyond that is
@@ -71,21 +72,6 @@ def parse_outputs(document: Any, source: str) -> OutputsFile:
     # The name alone is not always enough: the original LaMP-2's files say "LaMP_2" too.
     task = task_of_file(document["task"], outputs.values())
     return OutputsFile(source=source, task=task, outputs=outputs)
-
-
-def invalid_gold_ids(outputs: OutputsFile) -> list[str]:
-    """Ids whose output the evaluator would refuse as a gold (e.g. a LaMP-2 output that is
-    not one of the 15 tags); generation tasks accept any text."""
-    if outputs.task.labels is None:
-        return []
-    from LaMP.utils.metrics import InvalidGold, metric_for
-
-    ids, texts = list(outputs.outputs), list(outputs.outputs.values())
-    try:
-        metric_for(outputs.task).prepare(texts, texts)
-    except InvalidGold as error:
-        return [ids[i] for i in error.positions]
-    return []
 
 
 def load_outputs(path: str | os.PathLike, what: str = "outputs file") -> OutputsFile:

@@ -31,9 +31,9 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from LaMP.utils.checkpoints import ADAPTER_CONFIG
+from LaMP.utils.data.fileio import read_json
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import read_json
+from LaMP.utils.modeling.checkpoints import ADAPTER_CONFIG
 
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"

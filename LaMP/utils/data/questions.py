@@ -3,7 +3,7 @@
 A questions file is a JSON list of ``{"id", "input", "profile": [{"id", ...fields}]}``; a
 merged (ranked) file adds each question's gold ``"output"``. Files run to gigabytes for the
 train splits, so ``iter_questions`` streams them with ``ijson`` (memory bounded by one
-question, hostile files included: see ``LaMP.utils.jsoninput``) and validates each question
+question, hostile files included: see ``LaMP.utils.data.jsoninput``) and validates each question
 as it arrives, naming file, index, id and field.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any, Iterator
 
+from LaMP.utils.data.fileio import check_readable
+from LaMP.utils.data.jsoninput import GuardedReader
 from LaMP.utils.errors import LampError
-from LaMP.utils.fileio import check_readable
-from LaMP.utils.jsoninput import GuardedReader
 from LaMP.utils.tasks import Task
 
 
@@ -87,7 +87,7 @@ def _check_profile(profile: list, fields: tuple[str, ...], where: str, task: Tas
 @contextmanager
 def open_json_stream(path: str | os.PathLike, opener: bytes = b"", expected: str = ""
                      ) -> Iterator[GuardedReader]:
-    """A checked binary reader on a JSON file for ijson (see ``LaMP.utils.jsoninput``): past
+    """A checked binary reader on a JSON file for ijson (see ``LaMP.utils.data.jsoninput``): past
     any byte order mark, refusing a document that does not start with ``opener`` and input
     beyond the limits. The file is opened and read once, so a pipe works."""
     try:
@@ -134,12 +134,3 @@ def iter_questions(path: str | os.PathLike, task: Task | None = None,
                      else f"after question {index} (id {last_id})")
             raise LampError(f"{path}: malformed JSON {where} "
                             f"({str(error).splitlines()[0][:200]})") from None
-
-
-def load_questions(path: str | os.PathLike, task: Task | None = None,
-                   require_output: bool = False) -> list[dict]:
-    """All questions of a file (small files, or when random access is needed)."""
-    questions = list(iter_questions(path, task, require_output))
-    if not questions:
-        raise LampError(f"{path}: no questions")
-    return questions

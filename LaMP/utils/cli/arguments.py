@@ -1,11 +1,15 @@
-"""Command-line flags shared by evaluate_llm.py and train_llm.py."""
+"""Command-line flag groups, each defined once for every script that takes it: profile and
+retrieval, model, optimizer, generation, bootstrap."""
 from __future__ import annotations
 
 import argparse
 
-from LaMP.utils.cli import DEFAULT_SEED, seed_arg
+from LaMP.utils.cli.program import seed_arg
+from LaMP.utils.evaluation.metrics import DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES
+from LaMP.utils.evaluation.scoring import ROUGE_AGGREGATIONS
 from LaMP.utils.retrieval import RANKERS
 from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL, TIE_ORDERS
+from LaMP.utils.seeds import DEFAULT_SEED
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
@@ -171,7 +175,7 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def profile_options(args: argparse.Namespace):
     """The ``ProfileOptions`` that the parsed flags describe."""
-    from LaMP.utils.examples import ProfileOptions
+    from LaMP.utils.modeling.examples import ProfileOptions
 
     return ProfileOptions(use_profile=args.use_profile, num_retrieved=args.num_retrieved,
                           is_ranked=args.is_ranked, retriever=args.retriever,
@@ -179,3 +183,31 @@ def profile_options(args: argparse.Namespace):
                           retriever_model=args.contriever_checkpoint or DEFAULT_DENSE_MODEL,
                           allow_download=args.contriever_checkpoint is not None,
                           device=args.device, seed=args.seed)
+
+
+def add_bootstrap_arguments(parser) -> None:
+    """The evaluators' ``--bootstrap N`` and ``--seed`` flags."""
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
+    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_BOOTSTRAP_SEED,
+                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+
+
+def add_rouge_aggregation_argument(parser) -> None:
+    """``--rouge_aggregation``: ours (the plain mean) or the official bootstrap median."""
+    parser.add_argument("--rouge_aggregation", default="mean", choices=ROUGE_AGGREGATIONS,
+                        help="ROUGE over examples: 'mean' (default: exact and repeatable) or "
+                             "'bootstrap_median', the official evaluator's median of "
+                             f"{OFFICIAL_ROUGE_SAMPLES:,} bootstrap means, seeded by --seed; "
+                             "other metrics are the same either way")
+
+
+# The most bootstrap resamples a run may ask for: 100,000 already resolves a p-value to 1e-5;
+# more changes no reported digit, and a mistyped 10**20 would otherwise run for ever.
+MAX_BOOTSTRAP = 100_000
+
+
+def check_bootstrap_arguments(parser, args, minimum: int = 0) -> None:
+    """``--bootstrap`` in ``minimum`` … ``MAX_BOOTSTRAP`` (compare.py needs at least one)."""
+    if not minimum <= args.bootstrap <= MAX_BOOTSTRAP:
+        parser.error(f"--bootstrap must be in {minimum} … {MAX_BOOTSTRAP:,}")

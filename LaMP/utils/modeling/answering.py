@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from LaMP.utils.examples import Example
+from LaMP.utils.modeling.examples import Example
 from LaMP.utils.tasks import Task
 
 

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from LaMP.utils.data.jsoninput import READ_SIZE, GuardedReader
 from LaMP.utils.errors import LampError
-from LaMP.utils.jsoninput import READ_SIZE, GuardedReader
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def require_regular_file(path: str | os.PathLike, what: str, why: str) -> Path:
 
 def parse_json_bytes(data: bytes | str, source: str) -> Any:
     """``json.loads`` with an error that names the source and the position, after the
-    checks of ``LaMP.utils.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates)."""
+    checks of ``LaMP.utils.data.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates)."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")  # a lone surrogate is then refused
     reader = GuardedReader(io.BytesIO(data), source)

@@ -19,14 +19,14 @@ from typing import Mapping, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
-from LaMP.utils.checkpoints import RUN_ARGS
-from LaMP.utils.distributed import Launch, contiguous_slice  # noqa: F401 (tests import it)
-from LaMP.utils.examples import Example
-from LaMP.utils.fileio import save_run_args
-from LaMP.utils.modeling import IGNORE as IGNORE_INDEX  # positions the loss skips
-from LaMP.utils.modeling import LampModel
-from LaMP.utils.predict import predict_in_slices
-from LaMP.utils.scoring import score_outputs
+from LaMP.utils.modeling.checkpoints import RUN_ARGS
+from LaMP.utils.modeling.distributed import Launch, contiguous_slice  # noqa: F401 (tests import it)
+from LaMP.utils.modeling.examples import Example
+from LaMP.utils.data.fileio import save_run_args
+from LaMP.utils.modeling.model import IGNORE as IGNORE_INDEX  # positions the loss skips
+from LaMP.utils.modeling.model import LampModel
+from LaMP.utils.modeling.predict import predict_in_slices
+from LaMP.utils.evaluation.scoring import score_outputs
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def add_peft(model, method: str, options: Mapping, *, seq2seq: bool):
     attached, built from ``options`` (the parsed flags as a mapping); only the adapter
     trains. ``none`` returns ``model`` itself (full fine-tuning)."""
     from LaMP.utils.errors import LampError
-    from LaMP.utils.peft_methods import build_config, check_supported, get_method
+    from LaMP.utils.modeling.peft_methods import build_config, check_supported, get_method
 
     row = get_method(method)
     if row.builder is None:

@@ -5,14 +5,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from LaMP.utils.distributed import Launch, contiguous_slice, gather_in_order
+from LaMP.utils.modeling.distributed import Launch, contiguous_slice, gather_in_order
 from LaMP.utils.errors import LampError
-from LaMP.utils.examples import Example
-from LaMP.utils.outputs import write_outputs
-from LaMP.utils.scoring import score_outputs
+from LaMP.utils.modeling.examples import Example
+from LaMP.utils.data.outputs import write_outputs
+from LaMP.utils.evaluation.scoring import score_outputs
 from LaMP.utils.tasks import Task
-from LaMP.utils.answering import predict  # noqa: F401  (callers import it from here)
-from LaMP.utils.user_serving import (MAX_LOADED_ADAPTERS, UserAdapters, predict_per_user,
+from LaMP.utils.modeling.answering import predict  # noqa: F401  (callers import it from here)
+from LaMP.utils.modeling.user_serving import (MAX_LOADED_ADAPTERS, UserAdapters, predict_per_user,
                                      users_together)
 
 logger = logging.getLogger(__name__)

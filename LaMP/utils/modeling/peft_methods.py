@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from LaMP.utils.errors import LampError
-from LaMP.utils.prompts import MIN_PROMPT_TOKENS
+from LaMP.utils.modeling.prompts import MIN_PROMPT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PeftMethod:
 
 _LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 _LORA_SAVED = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules"}
-_BUILDERS = "LaMP.utils.peft_methods"
+_BUILDERS = "LaMP.utils.modeling.peft_methods"
 
 PEFT_METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     PeftMethod("lora", "low-rank updates of the attention (and chosen) layers",

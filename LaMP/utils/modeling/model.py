@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from LaMP.utils.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.devices import resolve_device
 from LaMP.utils.errors import LampError
+from LaMP.utils.modeling.checkpoints import check_adapter_folder, check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class LampModel:
         ``prompt_budget="official"``: the items sized by the official code's constants).
         ``virtual_tokens``: the positions adapters loaded later will put ahead of each
         prompt (per-user serving), instead of those of the adapter loaded now."""
-        from LaMP.utils.prompts import make_prompt_fn
+        from LaMP.utils.modeling.prompts import make_prompt_fn
 
         if virtual_tokens is None:
             virtual_tokens = self.virtual_tokens
@@ -163,7 +163,7 @@ class LampModel:
     def virtual_tokens(self) -> int:
         """Positions a prompt-learning adapter puts ahead of every prompt (0 otherwise);
         they count against ``max_length`` like the prompt's own tokens."""
-        from LaMP.utils.peft_methods import virtual_tokens
+        from LaMP.utils.modeling.peft_methods import virtual_tokens
 
         return virtual_tokens(self.model)
 
@@ -220,7 +220,7 @@ class LampModel:
                         adapter_names=None):
         encoded = self.encode([prompts[i] for i in batch], max_length).to(self.device)
         if adapter_names is not None:
-            from LaMP.utils.user_serving import rows_through
+            from LaMP.utils.modeling.user_serving import rows_through
 
             with rows_through(self.model, adapter_names, num_beams=config.num_beams):
                 generated = self.model.generate(**encoded, generation_config=config,
@@ -311,7 +311,7 @@ class LampModel:
         as that forward pass does (``_virtual_prefix``), and the base model runs the rest.
         ``adapter_names``: per prompt, its peft adapter; its label rows use the same one.
         """
-        from LaMP.utils.user_serving import rows_through
+        from LaMP.utils.modeling.user_serving import rows_through
 
         n_prompts, n_labels = encoded["input_ids"].shape[0], len(label_ids)
         per_label = None if adapter_names is None else [
@@ -373,7 +373,7 @@ class LampModel:
         when it adds no virtual tokens, else its base model with the adapter's virtual
         tokens put in as the adapter's forward pass puts them (trained embeddings ahead of
         the input, or trained keys and values ahead of every layer's cache)."""
-        from LaMP.utils.peft_methods import prompt_learning_kind
+        from LaMP.utils.modeling.peft_methods import prompt_learning_kind
 
         mask = encoded["attention_mask"]
         kind = prompt_learning_kind(self.model)

@@ -1,12 +1,12 @@
 """Answering every question with its own user's adapter (per-user PEFT serving).
 
 A per-user training run leaves one standard peft folder per user under
-``<root>/users/<user>/`` (``LaMP.utils.users``). Serving loads the base model once and the
+``<root>/users/<user>/`` (``LaMP.utils.data.users``). Serving loads the base model once and the
 users' adapters onto it in groups of at most ``max_loaded`` (released between groups, so
 memory stays bounded however many users there are). Methods whose peft layers take
 ``adapter_names`` (plain LoRA and rsLoRA: the table's ``mixed_batches``) answer a group's
 questions in batches that mix users, each row through its own user's adapter (and
-``"__base__"`` for a user answered by the base model): stacked (``LaMP.utils.lora_stack``:
+``"__base__"`` for a user answered by the base model): stacked (``LaMP.utils.modeling.lora_stack``:
 weights read into one tensor per layer, batched products) where the adapters allow it, else
 through peft's ``adapter_names``; the others (DoRA, which peft refuses
 to mix; IA3, whose layers would silently ignore the names; prompt learning, whose virtual
@@ -23,12 +23,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from LaMP.utils.checkpoints import ADAPTER_CONFIG, check_adapter_folder
-from LaMP.utils.data import as_id, iter_questions
+from LaMP.utils.data.fileio import read_json
+from LaMP.utils.data.questions import as_id, iter_questions
+from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.fileio import read_json
-from LaMP.utils.peft_methods import PEFT_METHODS, PeftMethod, method_of_adapter
-from LaMP.utils.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
+from LaMP.utils.modeling.checkpoints import ADAPTER_CONFIG, check_adapter_folder
+from LaMP.utils.modeling.peft_methods import PEFT_METHODS, PeftMethod, method_of_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
     through ``LoraStack`` (their weights stacked per layer, two batched products per layer)
     where the adapters allow it, else through peft's own mixed batches. ``settings``:
     ``predict``'s keyword arguments."""
-    from LaMP.utils.answering import predict
+    from LaMP.utils.modeling.answering import predict
 
     if len(users) != len(examples):
         raise ValueError("one user per example expected")
@@ -214,7 +214,7 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
     groups = [with_adapter[i:i + max_loaded] for i in range(0, len(with_adapter), max_loaded)]
     use_stack = mixed and stacked
     if use_stack:
-        from LaMP.utils.lora_stack import LoraStack, NotStackable
+        from LaMP.utils.modeling.lora_stack import LoraStack, NotStackable
 
         why_not = LoraStack.unsupported(adapters.adapter_folders)
         if why_not is not None:
