@@ -39,7 +39,8 @@ from LaMP.utils.data.fileio import (atomic_write_json, check_new_run_folder, che
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.checkpoints import (check_checkpoint, check_model_folder,
                                              check_resume_compatible, last_complete_checkpoint)
-from LaMP.utils.modeling.peft_methods import add_peft_arguments, check_peft_arguments, get_method
+from LaMP.utils.modeling.peft_methods import (add_peft_arguments, check_peft_arguments, get_method,
+                                              planned_virtual_tokens)
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
@@ -123,19 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on user mistakes before anything expensive is loaded."""
-    from LaMP.utils.modeling.examples import check_questions
-
     check_output_dir(args.output_dir)
     check_readable(args.train_data, "--train_data")
     check_readable(args.validation_data, "--validation_data")
     if args.test_data:
         check_readable(args.test_data, "--test_data")
-    # The data, golds included, is read once before the model loads: a mistake in the last
-    # question should not cost a model load, and a bad validation label not a training epoch.
-    check_questions(args.train_data, args.task, require_output=True)
-    check_questions(args.validation_data, args.task, require_output=True)
-    if args.test_data:
-        check_questions(args.test_data, args.task)
     if args.device not in (None, "cpu", "cuda"):
         raise LampError(f"--device {args.device}: training takes cpu or cuda (the launcher "
                         "gives each process its GPU; choose GPUs with CUDA_VISIBLE_DEVICES)")
@@ -153,11 +146,28 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise LampError("--load_in_4bit needs a CUDA GPU and the bitsandbytes package")
 
 
-def load_for_training(args: argparse.Namespace):
-    """The LampModel with the model ready for the Trainer (the --peft adapter attached)."""
+def load_tokenizer_side(args: argparse.Namespace):
+    """(config, a weightless LampModel): the tokenizer and chat wrapping, all that building
+    the prompts needs, loaded in a moment so that the data is read before the weights."""
+    from LaMP.utils.modeling.model import LampModel, is_seq2seq_config, load_config, load_tokenizer
+
+    options = dict(trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    config = load_config(args.model_name, **options)
+    seq2seq = is_seq2seq_config(config)
+    tokenizer = load_tokenizer(args.model_name, seq2seq=seq2seq, chat_template=args.chat_template,
+                               **options)
+    return config, LampModel(model=None, tokenizer=tokenizer, is_seq2seq=seq2seq, device=None,
+                             chat_template=args.chat_template)
+
+
+def load_for_training(args: argparse.Namespace, config, text_side):
+    """``text_side`` with its model: the weights, ready for the Trainer (the --peft adapter
+    attached)."""
+    from dataclasses import replace
+
     import torch
 
-    from LaMP.utils.modeling.model import LampModel, load_model_and_tokenizer
+    from LaMP.utils.modeling.model import load_pretrained
     from LaMP.utils.modeling.training import add_peft
 
     quantization, device_map = None, None
@@ -170,8 +180,8 @@ def load_for_training(args: argparse.Namespace):
         # (the launcher's LOCAL_RANK), not on GPU 0 in every process.
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     # Weights stay fp32 (bf16 runs as autocast, which keeps trainable weights in fp32).
-    model, tokenizer, seq2seq = load_model_and_tokenizer(
-        args.model_name, chat_template=args.chat_template, dtype=torch.float32,
+    model, seq2seq = load_pretrained(
+        args.model_name, config=config, dtype=torch.float32,
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
         quantization_config=quantization, device_map=device_map)
     if quantization is not None:
@@ -184,9 +194,7 @@ def load_for_training(args: argparse.Namespace):
         if args.peft != "none":
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     model = add_peft(model, args.peft, vars(args), seq2seq=seq2seq)
-    lamp_model = LampModel(model=model, tokenizer=tokenizer, is_seq2seq=seq2seq,
-                           device=model.device, chat_template=args.chat_template)
-    return lamp_model
+    return replace(text_side, model=model, device=model.device)
 
 
 def training_arguments(args: argparse.Namespace, checkpoint_dir: Path):
@@ -284,7 +292,6 @@ def main(argv=None) -> dict:
 
     from LaMP.utils.data.outputs import write_outputs
     from LaMP.utils.modeling.examples import build_examples
-    from LaMP.utils.modeling.model import LampModel
     from LaMP.utils.modeling.predict import score_predictions
     from LaMP.utils.modeling.training import (GenerationEvalTrainer, GenerationSettings,
                                               PaddingCollator, RunArgsInCheckpoints,
@@ -303,27 +310,27 @@ def main(argv=None) -> dict:
         raise LampError(f"training arguments: {str(error).splitlines()[0]}") from None
     check_processes_joined(trainer_arguments)
 
-    if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
-        # The old run's checkpoints would outrank the new ones in the Trainer's rotation
-        # (by step number) and in --resume_from_checkpoint last. One process removes them.
-        remove_outputs(output_dir, ["checkpoints"] + ([] if args.test_data
-                                                      else ["test_predictions.json"]))
-    lamp_model = load_for_training(args)
-    prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
-                                          args.prompt_budget)
+    # The data is read once, here, before the weights load: a mistake in the last question
+    # costs no model load (and removes no old checkpoint), a bad validation label no epoch.
+    config, text_side = load_tokenizer_side(args)
+    prompt_fn = text_side.prompt_builder(task, args.max_length, args.input_truncation,
+                                         args.prompt_budget,
+                                         virtual_tokens=planned_virtual_tokens(args.peft,
+                                                                               vars(args)))
     options = profile_options(args)
     train_examples = build_examples(args.train_data, task, prompt_fn, options, require_output=True)
     eval_examples = build_examples(args.validation_data, task, prompt_fn, options,
                                    require_output=True)
     test_examples = (build_examples(args.test_data, task, prompt_fn, options)
                      if args.test_data else [])
+    if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
+        # The old run's checkpoints would outrank the new ones in the Trainer's rotation
+        # (by step number) and in --resume_from_checkpoint last. One process removes them.
+        remove_outputs(output_dir, ["checkpoints"] + ([] if args.test_data
+                                                      else ["test_predictions.json"]))
+    lamp_model = load_for_training(args, config, text_side)
     features = training_features(lamp_model, train_examples, max_length=args.max_length,
                                  target_max_length=args.generation_max_length)
-
-    def wrap(model) -> LampModel:
-        return LampModel(model=model, tokenizer=lamp_model.tokenizer,
-                         is_seq2seq=lamp_model.is_seq2seq, device=model.device,
-                         chat_template=args.chat_template)
 
     generation = GenerationSettings(max_length=args.max_length,
                                     max_new_tokens=args.generation_max_length,
@@ -334,7 +341,7 @@ def main(argv=None) -> dict:
         model=lamp_model.model, args=trainer_arguments,
         train_dataset=features, eval_dataset=eval_examples,
         data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
-        task=task, eval_examples=eval_examples, make_lamp_model=wrap, generation=generation,
+        task=task, eval_examples=eval_examples, lamp_model=lamp_model, generation=generation,
         callbacks=[RunArgsInCheckpoints(vars(args))])  # what a later resume is checked against
     trainable = sum(p.numel() for p in lamp_model.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in lamp_model.model.parameters())

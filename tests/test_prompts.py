@@ -430,8 +430,11 @@ def test_reserved_tokens_come_off_the_budget(tokenizers):
 # -- from a questions file to prompts -----------------------------------------------------
 
 def questions_file(tmp_path, case: Case, n: int = 3, with_output: bool = True):
+    # Golds the task's metric accepts (ratings for LaMP-3): examples are checked as built.
+    labels = get_task(case.task_name).labels
     questions = [{"id": f"q{i}", "input": case.input, "profile": case.items,
-                  **({"output": f"gold {i}"} if with_output else {})} for i in range(n)]
+                  **({"output": labels[i % len(labels)] if labels else f"gold {i}"}
+                     if with_output else {})} for i in range(n)]
     return write_json(tmp_path / "questions.json", questions)
 
 
@@ -442,7 +445,7 @@ def test_ranked_profile_gives_the_first_k_items_in_file_order(tmp_path, tokenize
     options = ProfileOptions(use_profile=True, num_retrieved=1, is_ranked=True)
     examples = build_examples(str(path), get_task("LaMP-3"), prompt_fn, options)
     assert [e.id for e in examples] == ["q0", "q1", "q2"]
-    assert [e.target for e in examples] == ["gold 0", "gold 1", "gold 2"]
+    assert [e.target for e in examples] == ["1", "2", "3"]
     assert examples[0].prompt == published_prompt("LaMP-3", case.input, case.items[:1])
 
 

@@ -39,6 +39,19 @@ def no_model_loads(monkeypatch):
 
 
 @pytest.fixture
+def no_weight_loads(monkeypatch):
+    """Loading weights fails the test; the config and tokenizer may load (train_llm.py builds
+    its examples, and so checks its data, with the tokenizer alone)."""
+    import LaMP.utils.modeling.model as modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the user error was reported")
+
+    for name in ("load_model", "load_model_and_tokenizer", "load_pretrained"):
+        monkeypatch.setattr(modeling, name, refuse)
+
+
+@pytest.fixture
 def no_network(monkeypatch):
     """Every connection attempt (and name look-up) is recorded and refused."""
     attempts = []
@@ -614,11 +627,13 @@ def with_duplicate_ids(source: str, path: Path) -> str:
 
 
 @pytest.mark.parametrize("which", ["--train_data", "--validation_data", "--test_data"])
-def test_duplicate_ids_in_training_data_stop_before_loading(tmp_path, no_model_loads, which):
+def test_duplicate_ids_in_training_data_stop_before_loading(tmp_path, no_weight_loads, tiny_t5,
+                                                            which):
+    # Found while the examples are built with the tokenizer alone: the weights never load.
     good = merged_sample(tmp_path, 3, "dev", 4)
     bad = with_duplicate_ids(good, tmp_path / "dup.json")
     first = json.loads(Path(good).read_text())[0]["id"]
-    argv = common_args(tmp_path, "no/model", good, good, "LaMP-3", "--test_data", good)
+    argv = common_args(tmp_path, str(tiny_t5), good, good, "LaMP-3", "--test_data", good)
     argv[argv.index(which) + 1] = bad
     with pytest.raises(LampError) as raised:
         train_llm.main(argv)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,7 +215,7 @@ def test_resume_from_last_checkpoint_continues(tmp_path, tiny_t5):
     assert steps == [2, 4]  # the history of the first run carries over; training went on
 
 
-def test_user_errors_stop_before_loading(tmp_path):
+def test_user_errors_stop_before_loading(tmp_path, tiny_t5, monkeypatch):
     valid = merged_sample(tmp_path, 3, "dev", 2)
     from LaMP.utils.errors import LampError
 
@@ -239,10 +240,26 @@ def test_user_errors_stop_before_loading(tmp_path):
             train_llm.main(["--train_data", valid, "--validation_data", valid, "--model_name",
                             "none", "--task", "LaMP-3", "--output_dir", str(tmp_path / "o"),
                             *extra])
-    with pytest.raises(LampError, match="not numbers"):  # found before any training epoch
-        train_llm.main(["--train_data", valid, "--validation_data", str(bad_golds_path),
-                        "--model_name", "none", "--task", "LaMP-3",
-                        "--output_dir", str(tmp_path / "o")])
+    # Data mistakes are found while the examples are built, with the tokenizer only: before
+    # the weights load (and so before any training epoch).
+    import LaMP.utils.modeling.model as model_module
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the data was checked")
+
+    for name in ("load_model", "load_model_and_tokenizer", "load_pretrained"):
+        monkeypatch.setattr(model_module, name, no_weights)
+    duplicate = json.loads(open(valid).read())
+    duplicate[1]["id"] = duplicate[0]["id"]
+    duplicate_path = tmp_path / "duplicate.json"
+    duplicate_path.write_text(json.dumps(duplicate))
+    for data, message in ((bad_golds_path, "not numbers"),
+                          (duplicate_path, "duplicate question ids")):
+        for flags in (["--train_data", str(data), "--validation_data", valid],
+                      ["--train_data", valid, "--validation_data", str(data)]):
+            with pytest.raises(LampError, match=message):
+                train_llm.main([*flags, "--model_name", str(tiny_t5), "--task", "LaMP-3",
+                                "--output_dir", str(tmp_path / "o")])
     with pytest.raises(LampError, match="checkpoint"):
         train_llm.main(["--train_data", valid, "--validation_data", valid, "--model_name",
                         "none", "--task", "LaMP-3", "--output_dir", str(tmp_path / "o"),
@@ -267,3 +284,17 @@ def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path, tiny_t5):
     assert results["validation"]["count"] == 5 and results["global_step"] == 2
     assert (out / "adapter_model.safetensors").exists()
     assert not list(out.glob(".*.tmp"))  # no second writer left a half-written file
+
+
+def test_training_data_is_read_once_so_pipes_work(tmp_path, tiny_t5):
+    """train_llm.py builds its examples in one read of each file (before the weights load),
+    so its data may come from pipes, e.g. --train_data <(zcat train.json.gz)."""
+    from test_bounded_input import fifo
+
+    train = Path(merged_sample(tmp_path, 3, "train", 4)).read_bytes()
+    valid = Path(merged_sample(tmp_path, 3, "dev", 2)).read_bytes()
+    with fifo(tmp_path / "train.pipe", train) as train_pipe, \
+            fifo(tmp_path / "valid.pipe", valid) as valid_pipe:
+        results = train_llm.main(common_args(tmp_path, tiny_t5, str(train_pipe), str(valid_pipe),
+                                             "LaMP-3", "--max_steps", "1"))
+    assert results["validation"]["count"] == 2 and results["global_step"] == 1

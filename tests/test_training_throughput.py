@@ -77,7 +77,7 @@ def test_group_by_length_is_on_by_default_and_off_with_the_flag(tmp_path, tiny_l
         trainer = GenerationEvalTrainer(
             model=model, args=training_args, train_dataset=features, eval_dataset=EXAMPLES,
             data_collator=PaddingCollator(0), task=get_task("LaMP-7"), eval_examples=EXAMPLES,
-            make_lamp_model=None, generation=GenerationSettings(8, 4, 1, 4))
+            lamp_model=None, generation=GenerationSettings(8, 4, 1, 4))
         samplers[bool(extra)] = (training_args.train_sampling_strategy,
                                  trainer._get_train_sampler())
     strategy, sampler = samplers[False]
@@ -186,8 +186,7 @@ def test_evaluation_generates_in_one_batched_call(tmp_path, tiny_llama, monkeypa
         model=model, args=train_llm.training_arguments(args, tmp_path / "checkpoints"),
         train_dataset=[], eval_dataset=EXAMPLES, data_collator=PaddingCollator(0),
         task=get_task("LaMP-7"), eval_examples=EXAMPLES,
-        make_lamp_model=lambda m: LampModel(model=m, tokenizer=tokenizer, is_seq2seq=False,
-                                            device=torch.device("cpu")),
+        lamp_model=LampModel(model=None, tokenizer=tokenizer, is_seq2seq=False, device=None),
         generation=GenerationSettings(max_length=64, max_new_tokens=4, num_beams=1,
                                       batch_size=3))
     metrics = trainer.evaluate()

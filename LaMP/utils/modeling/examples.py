@@ -103,6 +103,12 @@ def check_questions(path: str, task: Task, *, limit: int | None = None,
     for question in _questions(path, task, limit, require_output):
         ids.append(question["id"])
         golds.append(question.get("output"))
+    _check_ids_and_golds(path, task, ids, golds)
+    return len(ids)
+
+
+def _check_ids_and_golds(path: str, task: Task, ids: list[str], golds: list[str | None]) -> None:
+    """What a whole file must satisfy beyond each question's own schema."""
     if not ids:
         raise LampError(f"{path}: no questions")
     # Predictions are keyed by id: a repeated id would be written twice (and rejected by the
@@ -117,7 +123,6 @@ def check_questions(path: str, task: Task, *, limit: int | None = None,
         from LaMP.utils.evaluation.scoring import prepare
 
         prepare(metric_for(task), ids, golds, golds, path)
-    return len(ids)
 
 
 def build_examples(path: str, task: Task, prompt_fn: Callable[[str, Sequence[Mapping]], str],
@@ -128,8 +133,9 @@ def build_examples(path: str, task: Task, prompt_fn: Callable[[str, Sequence[Map
     examples = [Example(id=question["id"], prompt=prompt_fn(question["input"], items),
                         target=question.get("output"))
                 for question, items in with_profile_items(questions, task, options)]
-    if not examples:
-        raise LampError(f"{path}: no questions")
+    # Checked here too, so that a stage can build its examples in its one read of the file
+    # (train_llm.py does, before its weights load).
+    _check_ids_and_golds(path, task, [e.id for e in examples], [e.target for e in examples])
     logger.info("%s: %d examples, profile %s", path, len(examples),
                 f"top {options.num_retrieved} by {'file order' if options.is_ranked else options.retriever}"
                 if options.uses_items else "not used")

@@ -190,6 +190,12 @@ def method_of_adapter(adapter_config: Mapping) -> str | None:
     return None
 
 
+def planned_virtual_tokens(name: str, options: Mapping) -> int:
+    """The virtual tokens method ``name`` will put ahead of every prompt with these flags:
+    known before the model loads (``virtual_tokens`` reads them off a loaded model)."""
+    return int(options["num_virtual_tokens"]) if get_method(name).virtual_tokens else 0
+
+
 def virtual_tokens(model) -> int:
     """Positions a (peft) model puts ahead of every input: 0 unless it is prompt learning."""
     config = getattr(model, "active_peft_config", None)

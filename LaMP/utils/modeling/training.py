@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -251,11 +251,12 @@ class GenerationEvalTrainer(LengthGroupedTrainer):
     """A Trainer whose evaluation generates answers and scores them with the task metric."""
 
     def __init__(self, *args, task: Task, eval_examples: Sequence[Example],
-                 make_lamp_model, generation: GenerationSettings, **kwargs):
+                 lamp_model, generation: GenerationSettings, **kwargs):
         super().__init__(*args, **kwargs)
         self.task = task
         self.eval_examples = list(eval_examples)
-        self.make_lamp_model = make_lamp_model  # model -> LampModel sharing its tokenizer
+        # Its tokenizer and chat wrapping; generation runs on the model the Trainer holds now.
+        self.lamp_model = lamp_model
         self.generation = generation
         self.eval_predictions: dict[int, list[str]] = {}  # global step -> validation texts
 
@@ -263,7 +264,7 @@ class GenerationEvalTrainer(LengthGroupedTrainer):
         """Predictions for ``examples``, split over the processes and gathered in order."""
         launch = Launch(rank=self.args.process_index, world_size=self.args.world_size,
                         local_rank=max(self.args.local_process_index, 0))
-        lamp_model = self.make_lamp_model(self.model)
+        lamp_model = replace(self.lamp_model, model=self.model, device=self.model.device)
         was_training = self.model.training
         settings = self.generation
         texts = predict_in_slices(lamp_model, self.task, examples, launch,
