@@ -25,7 +25,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.cli.arguments import add_seed_argument
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import atomic_write_json, check_outputs, open_output
 from LaMP.utils.tasks import BENCHMARK_TASK_NAMES, TASK_HELP, get_task
 
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=2, help="LoRA training epochs")
     parser.add_argument("--learning_rate", type=float, default=5e-4,
                         help="LoRA learning rate (LoRA wants ~10x full fine-tuning's)")
-    parser.add_argument("--seed", type=seed_arg, default=42, help="seed of every stage")
+    add_seed_argument(parser, "seed of every stage")
     args = parser.parse_args(argv)
     args.tasks = [get_task(name) for name in args.tasks]
     args.train_task = None if args.train_task == "none" else get_task(args.train_task)

@@ -31,14 +31,13 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
-                                      add_profile_arguments, check_common,
+                                      add_profile_arguments, add_task_argument, check_common,
                                       check_generation_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
                                     check_outputs, check_readable, remove_outputs, save_run_args)
 from LaMP.utils.modeling.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.modeling.user_serving import MAX_LOADED_ADAPTERS, MISSING_CHOICES
-from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "questions file (test split: predictions only)")
     parser.add_argument("--model_addr", required=True,
                         help="model to run: a hub name or a local folder")
-    parser.add_argument("--task", required=True, type=task_arg,
-                        help=f"the task: {TASK_HELP}")
+    add_task_argument(parser)
     parser.add_argument("--output_dir", required=True,
                         help="folder for predictions.json, results_output.json and args.json")
     add_profile_arguments(parser)

@@ -29,8 +29,8 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import add_tie_order_argument
-from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.cli.arguments import add_seed_argument, add_task_argument, add_tie_order_argument
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
                                     require_regular_file, save_run_args)
 from LaMP.utils.data.questions import iter_questions
@@ -40,8 +40,6 @@ from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, R
 from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_in_workers,
                                            worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
-from LaMP.utils.seeds import DEFAULT_SEED
-from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="LaMP questions file (JSON list of {id, input, profile})")
     parser.add_argument("--output_ranking_addr", required=True,
                         help="where to write the ranking JSON {question id: [profile ids]}")
-    parser.add_argument("--task", required=True, type=task_arg,
-                        help=f"the task: {TASK_HELP}")
+    add_task_argument(parser)
     parser.add_argument("--ranker", required=True, choices=RANKERS,
                         help="bm25 (Okapi BM25), contriever (any Hugging Face encoder, see "
                              "--contriever_checkpoint), recency (newest first) or random")
@@ -70,9 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="device for contriever: cpu, cuda or cuda:N (default: cuda when "
                              "available, else cpu)")
-    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED,
-                        help="seed of the random ranker (each question's order depends only on "
-                             "the seed and the question id)")
+    add_seed_argument(parser, "seed of the random ranker (each question's order depends only on "
+                              "the seed and the question id)")
     parser.add_argument("--num_shards", type=int, default=1,
                         help="split the questions into this many contiguous slices (default 1)")
     parser.add_argument("--shard_id", type=int, default=0,

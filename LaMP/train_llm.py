@@ -29,9 +29,9 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
-                                      add_optimizer_arguments, add_profile_arguments, check_common,
-                                      check_generation_arguments, check_optimizer_arguments,
-                                      profile_options)
+                                      add_optimizer_arguments, add_profile_arguments,
+                                      add_task_argument, check_common, check_generation_arguments,
+                                      check_optimizer_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
                                     check_outputs, check_readable, remove_outputs, save_run_args,
@@ -41,7 +41,6 @@ from LaMP.utils.modeling.checkpoints import (check_checkpoint, check_model_folde
                                              check_resume_compatible, last_complete_checkpoint)
 from LaMP.utils.modeling.peft_methods import (add_peft_arguments, check_peft_arguments, get_method,
                                               planned_virtual_tokens)
-from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="optional questions to predict after training (no outputs needed)")
     parser.add_argument("--model_name", required=True,
                         help="model to start from: a hub name or a local folder")
-    parser.add_argument("--task", required=True, type=task_arg,
-                        help=f"the task: {TASK_HELP}")
+    add_task_argument(parser)
     parser.add_argument("--output_dir", required=True,
                         help="folder for the adapter, predictions, results and checkpoints")
     add_profile_arguments(parser, max_length=256)

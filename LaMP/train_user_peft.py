@@ -30,14 +30,13 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
-                                      add_optimizer_arguments, add_profile_arguments, check_common,
-                                      check_generation_arguments, check_optimizer_arguments,
-                                      profile_options)
+                                      add_optimizer_arguments, add_profile_arguments,
+                                      add_task_argument, check_common, check_generation_arguments,
+                                      check_optimizer_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import check_outputs, require_regular_file, save_run_args
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.peft_methods import add_peft_arguments, check_peft_arguments, get_method
-from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_data", required=True,
                         help="questions file (raw or merged with outputs); each user's "
                              "adapter trains on the profile items of the user's questions")
-    parser.add_argument("--task", required=True, type=task_arg,
-                        help=f"the task: {TASK_HELP}")
+    add_task_argument(parser)
     parser.add_argument("--model_name", required=True,
                         help="base model: a hub name or a local folder")
     parser.add_argument("--output_dir", required=True,

@@ -21,14 +21,14 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import check_bootstrap_arguments
-from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.cli.arguments import (add_bootstrap_arguments, add_task_argument,
+                                      check_bootstrap_arguments)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.cli.tables import format_table
 from LaMP.utils.data.fileio import atomic_write_json, check_outputs
 from LaMP.utils.data.outputs import load_outputs
 from LaMP.utils.evaluation.metrics import metric_for, paired_bootstrap
 from LaMP.utils.evaluation.scoring import paired_outputs, prepare
-from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--golds_json", required=True, help="gold labels, a LaMP outputs file")
     parser.add_argument("--preds_a", required=True, help="predictions of system A (baseline)")
     parser.add_argument("--preds_b", required=True, help="predictions of system B")
-    parser.add_argument("--task_name", required=True, type=task_arg,
-                        help=f"the task: {TASK_HELP}")
+    add_task_argument(parser, "--task_name")
     parser.add_argument("--output_file", default=None,
                         help="optional path for the comparison as JSON")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                        help="number of paired bootstrap resamples (1000 is the usual choice)")
-    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the resampling")
+    add_bootstrap_arguments(parser, default=1000, help="number of paired bootstrap resamples "
+                                                      "(1000 is the usual choice)")
     args = parser.parse_args(argv)
     check_bootstrap_arguments(parser, args, minimum=1)
     return args

@@ -18,13 +18,12 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_bootstrap_arguments, add_rouge_aggregation_argument,
-                                      check_bootstrap_arguments)
+                                      add_task_argument, check_bootstrap_arguments)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.cli.tables import format_results_table
 from LaMP.utils.data.fileio import atomic_write_json, check_outputs
 from LaMP.utils.data.outputs import load_outputs
 from LaMP.utils.evaluation.scoring import score_files
-from LaMP.utils.tasks import TASK_HELP, task_arg
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gold labels of the task, a LaMP outputs file")
     parser.add_argument("--preds_json", required=True,
                         help="predictions in the same format as the gold file")
-    parser.add_argument("--task_name", required=True, type=task_arg,
-                        help=f"the task: {TASK_HELP}")
+    add_task_argument(parser, "--task_name")
     parser.add_argument("--output_file", required=True,
                         help="where to write the results JSON")
     add_bootstrap_arguments(parser)

@@ -10,6 +10,7 @@ from LaMP.utils.evaluation.scoring import ROUGE_AGGREGATIONS
 from LaMP.utils.retrieval import RANKERS
 from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL, TIE_ORDERS
 from LaMP.utils.seeds import DEFAULT_SEED
+from LaMP.utils.tasks import TASK_HELP, task_arg
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
@@ -68,9 +69,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow model code from the hub (off: only transformers' own)")
     parser.add_argument("--cache_dir", default=None,
                         help="Hugging Face cache folder for downloaded models")
-    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED,
-                        help="seed for everything stochastic (initialisation, shuffling, "
-                             "the random ranker)")
+    add_seed_argument(parser, "seed for everything stochastic (initialisation, shuffling, the "
+                              "random ranker)")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, *, num_train_epochs: float,
@@ -185,12 +185,26 @@ def profile_options(args: argparse.Namespace):
                           device=args.device, seed=args.seed)
 
 
-def add_bootstrap_arguments(parser) -> None:
-    """The evaluators' ``--bootstrap N`` and ``--seed`` flags."""
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="add 95%% confidence intervals from N bootstrap resamples (0: none)")
-    parser.add_argument("--seed", type=seed_arg, default=DEFAULT_BOOTSTRAP_SEED,
-                        help="seed of the bootstrap resampling (fixed so intervals repeat)")
+def add_task_argument(parser: argparse.ArgumentParser, flag: str = "--task") -> None:
+    """The one task of a run, in any spelling the registry knows (the evaluators call the
+    flag --task_name, as the official scripts do)."""
+    parser.add_argument(flag, required=True, type=task_arg, help=f"the task: {TASK_HELP}")
+
+
+def add_seed_argument(parser: argparse.ArgumentParser, help: str,
+                      default: int | None = DEFAULT_SEED) -> None:
+    """``--seed``, checked while parsing (``seed_arg``); ``help`` says what it seeds."""
+    parser.add_argument("--seed", type=seed_arg, default=default, help=help)
+
+
+def add_bootstrap_arguments(parser: argparse.ArgumentParser, default: int = 0,
+                            help: str = "add 95%% confidence intervals from N bootstrap "
+                                        "resamples (0: none)") -> None:
+    """The evaluators' ``--bootstrap N`` and ``--seed`` flags (compare.py: paired resamples,
+    1,000 by default)."""
+    parser.add_argument("--bootstrap", type=int, default=default, metavar="N", help=help)
+    add_seed_argument(parser, "seed of the bootstrap resampling (fixed so results repeat)",
+                      default=DEFAULT_BOOTSTRAP_SEED)
 
 
 def add_rouge_aggregation_argument(parser) -> None:
