@@ -153,3 +153,13 @@ def test_the_layer_check_finds_an_upward_and_a_script_import():
         "LaMP.utils.cli.arguments imports the script LaMP.rank_profiles",
         "LaMP.utils.data.outputs (data) imports LaMP.utils.evaluation.metrics (evaluation)",
         "LaMP.utils.modeling.examples (modeling) imports LaMP.utils.cli.program (cli)"]
+
+
+def test_the_default_model_cache_is_the_repository_roots(monkeypatch):
+    # A module moved one package deeper once put it under LaMP/.cache, outside .gitignore.
+    from LaMP.utils.modeling.local_models import cache_root
+
+    monkeypatch.delenv("LAMP_CACHE_DIR", raising=False)
+    assert cache_root() == REPO / ".cache"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(REPO / ".cache" / "x")], cwd=REPO)
+    assert ignored.returncode == 0

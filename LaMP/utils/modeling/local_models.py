@@ -34,7 +34,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir)
     if os.environ.get("LAMP_CACHE_DIR"):
         return Path(os.environ["LAMP_CACHE_DIR"])
-    return Path(__file__).resolve().parents[2] / ".cache"
+    return Path(__file__).resolve().parents[3] / ".cache"  # the repository root's .cache/
 
 
 def package_folder(package: str, pip_name: str) -> Path:
