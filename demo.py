@@ -66,7 +66,7 @@ def rank_and_merge(args, task, split: str) -> Path:
     from LaMP import rank_profiles
     from LaMP.utils import merge_with_rank
 
-    source = Path(args.data_dir) / task.file_name
+    source = Path(args.data_dir) / task.folder
     work = Path(args.work_dir) / task.file_name
     ranking = work / f"{split}_ranking_bm25.json"
     merged = work / f"{split}_merged.json"
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     predictions = {task.file_name: out / "predictions.json" for task, out in zero_shot.items()}
     if lora_dir is not None:
         predictions[args.train_task.file_name] = lora_dir / "predictions.json"
-    golds = {task.file_name: Path(args.data_dir) / task.file_name / "dev_outputs.json"
+    golds = {task.file_name: Path(args.data_dir) / task.folder / "dev_outputs.json"
              for task in merged}
     golds_zip = zip_outputs(work / "golds.zip", golds)
     preds_zip = zip_outputs(work / "predictions.zip", predictions)

@@ -72,7 +72,7 @@ SOURCES = (
     Source("LaMP_4", "LaMP_4", get_task("LaMP-4"), True),
     Source("LaMP_5", "LaMP_5", get_task("LaMP-5"), True),
     Source("LaMP_7", "LaMP_7", get_task("LaMP-7"), True),
-    Source("LaMP_2_old", "LaMP_2", get_task("LaMP-2N"), False),
+    Source(get_task("LaMP-2N").folder, "LaMP_2", get_task("LaMP-2N"), False),
 )
 SPLIT_DIRS = {"user": "", "time": "time/"}
 SET_KINDS = {"train": ("questions", "outputs"), "dev": ("questions", "outputs"),
@@ -474,6 +474,14 @@ def _foreign_ids(leading: Counter, total: int, task: Task) -> str | None:
             f"({task.name} ids start with {own!r}): it holds {other.name} data")
 
 
+def _names_a_task(value) -> bool:
+    try:
+        get_task(value)
+    except LampError:
+        return False
+    return isinstance(value, str)
+
+
 def read_outputs(path: Path, job: FileJob) -> OutputsFile:
     """A downloaded outputs file, checked to be the outputs of the job's task.
 
@@ -483,13 +491,11 @@ def read_outputs(path: Path, job: FileJob) -> OutputsFile:
     expected = job.source.task
     document = read_json(path, f"downloaded {job.rel}", max_bytes=MAX_OUTPUTS_BYTES)
     declared = document.get("task") if isinstance(document, dict) else None
-    if isinstance(declared, str):
-        try:
-            get_task(declared)
-        except LampError:
-            logger.warning("%s: its \"task\" is %r, not %s; read as %s outputs", job.rel,
-                           declared, expected.file_name, expected.file_name)
-            document = {**document, "task": expected.file_name}
+    if isinstance(document, dict) and not _names_a_task(declared):
+        # No "task" at all, or none we know: the job says which task it is.
+        logger.warning("%s: its \"task\" is %r, not %s; read as %s outputs", job.rel,
+                       declared, expected.file_name, expected.file_name)
+        document = {**document, "task": expected.file_name}
     outputs = parse_outputs(document, str(path))
     if outputs.task is not expected:
         raise LampError(f"{path}: holds {outputs.task.file_name} outputs, "

@@ -31,7 +31,8 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.cli.arguments import add_seed_argument
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import JsonListWriter
 from LaMP.utils.data.outputs import write_outputs
 from LaMP.utils.tasks import (MOVIE_TAGS, NEWS_INSTRUCTION, TASK_HELP, TASK_NAMES, Task, get_task,
@@ -505,7 +506,7 @@ def make_question(task: Task, set_digit: str, row: int, seed: int) -> tuple[dict
 def write_sample(out_dir: Path, seed: int, tasks: list[Task]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for task in tqdm(tasks, desc="tasks", disable=None):
-        folder = out_dir / "user" / task.file_name
+        folder = out_dir / "user" / task.folder
         for set_name, digit, size in SETS:
             golds = []
             with JsonListWriter(folder / f"{set_name}_questions.json") as out:
@@ -523,8 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "sample"),
                         help="where user/LaMP_{k}/ is written (default: data/sample)")
-    parser.add_argument("--seed", type=seed_arg, default=0,
-                        help="seed of every random choice; the committed sample uses 0")
+    add_seed_argument(parser, "seed of every random choice; the committed sample uses 0",
+                      default=0)
     parser.add_argument("--tasks", nargs="+", type=task_arg,
                         default=[get_task(name) for name in TASK_NAMES],
                         help=f"tasks to write: {TASK_HELP} (default: every task)")

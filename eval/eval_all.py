@@ -27,7 +27,7 @@ from LaMP.utils.cli.tables import format_results_table
 from LaMP.utils.data.fileio import atomic_write_json, check_outputs
 from LaMP.utils.data.outputs import read_outputs_zip
 from LaMP.utils.errors import LampError
-from LaMP.utils.evaluation.scoring import score_files
+from LaMP.utils.evaluation.scoring import pair_with_golds, score_files
 from LaMP.utils.tasks import BENCHMARK_TASK_NAMES, TASKS
 
 logger = logging.getLogger(__name__)
@@ -64,20 +64,21 @@ def main(argv=None) -> dict:
     check_outputs(files={"--output_file": args.output_file},
                   inputs={"--golds_zip": args.golds_zip, "--preds_zip": args.preds_zip})
     golds = read_outputs_zip(args.golds_zip, what="golds zip")
-    preds = read_outputs_zip(args.preds_zip, what="predictions zip")
+    preds = pair_with_golds(golds, read_outputs_zip(args.preds_zip, what="predictions zip"))
     lacking = {}
     for task in TASKS.values():  # a task outside the benchmark (LaMP-2N) only when present
         if not task.benchmark and task not in golds and task not in preds:
             continue
         if task not in golds and task not in preds:
-            lacking[task.file_name] = "no golds and no predictions"
+            lacking[task] = "no golds and no predictions"
         elif task not in golds:
-            lacking[task.file_name] = "no golds"
+            lacking[task] = "no golds"
         elif task not in preds:
-            lacking[task.file_name] = "no predictions"
-    if args.require_all and lacking:
+            lacking[task] = "no predictions"
+    required = {task: why for task, why in lacking.items() if task.benchmark}
+    if args.require_all and required:
         raise LampError("--require_all: tasks not scored: "
-                        + ", ".join(f"{name} ({why})" for name, why in lacking.items()))
+                        + ", ".join(f"{task.file_name} ({why})" for task, why in required.items()))
     if not any(task in preds for task in golds):
         # Name both archives and what each holds: either one may be the wrong file.
         raise LampError("no task has both golds and predictions: "
@@ -90,8 +91,8 @@ def main(argv=None) -> dict:
                                                   bootstrap=args.bootstrap, seed=args.seed)
     atomic_write_json(args.output_file, results, indent=2)
     print(format_results_table(results))
-    for name, why in lacking.items():
-        print(f"not scored: {name} ({why})")
+    for task, why in lacking.items():
+        print(f"not scored: {task.file_name} ({why})")
     logger.info("wrote %s", args.output_file)
     return results
 

@@ -462,3 +462,18 @@ def test_movie_tagging_files_in_the_lamp_2_old_place_are_refused(server, tmp_pat
     err = capsys.readouterr().err
     assert "are not LaMP-2N inputs but LaMP-2 inputs" in err
     assert not (tmp_path / "b" / "user" / "LaMP_2_old" / "dev_questions.json").exists()
+
+
+@pytest.mark.parametrize("declared", [None, 7, "LaMP_7_time"])
+def test_outputs_without_a_known_task_name_are_read_as_the_jobs_task(server, tmp_path, capsys,
+                                                                     declared):
+    published = publish_lamp7(server)
+    golds = json.loads(published["dev_outputs.json"])
+    document = {key: value for key, value in golds.items() if key != "task"}
+    if declared is not None:
+        document["task"] = declared
+    server.put("LaMP_7/dev/dev_outputs.json", document)
+    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+                                     "--sets", "dev"))
+    assert [r.status for r in results] == ["downloaded", "downloaded"] and results[1].records == 4
+    assert f"its \"task\" is {declared!r}, not LaMP_7; read as LaMP_7" in capsys.readouterr().err

@@ -715,18 +715,29 @@ def test_eval_task_scores_lamp_2n_files_whichever_name_they_carry(tmp_path, decl
     assert str(golds) in message
 
 
-def test_lamp_2n_predictions_of_no_label_under_the_old_name_are_still_scored(tmp_path):
+@pytest.mark.parametrize("prediction", ["no idea", "comedy", "Sports"])
+def test_lamp_2n_predictions_under_the_old_name_are_scored_against_lamp_2n_golds(tmp_path,
+                                                                                prediction):
+    # Whatever the predictions hold (no label, movie tags, a category in another case), a
+    # file saying "LaMP_2" is scored as the golds' task: the golds decide.
     golds = write_outputs(tmp_path / "golds.json", "LaMP_2", NEWS_GOLDS)
-    preds = write_outputs(tmp_path / "preds.json", "LaMP_2", [(i, "no idea") for i, _ in NEWS_GOLDS])
+    preds = write_outputs(tmp_path / "preds.json", "LaMP_2",
+                          [(i, prediction) for i, _ in NEWS_GOLDS])
     result = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds),
                              "--task_name", "LaMP-2N", "--output_file", str(tmp_path / "r.json")])
     assert result["accuracy"] == 0.0 and result["invalid"] == 4
-    # ... but movie tags against news golds are another task's predictions.
-    movie = write_outputs(tmp_path / "movie.json", "LaMP_2", [(i, "comedy") for i, _ in NEWS_GOLDS])
+    # Movie golds are still movie golds, whatever their predictions look like ("crime" for
+    # every movie); and predictions that say LaMP_2N never pass for movie tagging's.
+    movie_golds = write_outputs(tmp_path / "movie_golds.json", "LaMP_2", LAMP2_GOLDS)
+    crime = write_outputs(tmp_path / "crime.json", "LaMP_2", [(i, "crime") for i, _ in LAMP2_GOLDS])
+    result = eval_task.main(["--golds_json", str(movie_golds), "--preds_json", str(crime),
+                             "--task_name", "LaMP-2", "--output_file", str(tmp_path / "m.json")])
+    assert result["accuracy"] == 0.0 and result["invalid"] == 4
+    news_named = write_outputs(tmp_path / "news.json", "LaMP_2N", LAMP2_PREDS)
     assert_lamp_error(eval_task.main, [
-        "--golds_json", str(golds), "--preds_json", str(movie), "--task_name", "LaMP-2N",
-        "--output_file", str(tmp_path / "o" / "r.json")], tmp_path / "o" / "r.json",
-        str(movie), "task is LaMP_2, expected LaMP_2N")
+        "--golds_json", str(movie_golds), "--preds_json", str(news_named), "--task_name",
+        "LaMP-2", "--output_file", str(tmp_path / "o" / "r.json")], tmp_path / "o" / "r.json",
+        str(news_named), "task is LaMP_2N, expected LaMP_2")
 
 
 def test_eval_all_scores_lamp_2n_beside_lamp_2_and_never_requires_it(tmp_path, capsys):
@@ -747,3 +758,27 @@ def test_eval_all_scores_lamp_2n_beside_lamp_2_and_never_requires_it(tmp_path, c
         golds_zip(tmp_path / "g.zip"), preds_zip(tmp_path / "p.zip"), tmp_path / "o" / "r.json",
         "--require_all"), tmp_path / "o" / "r.json", "LaMP_1 (no golds and no predictions)")
     assert "LaMP_2N" not in message
+
+
+def test_eval_all_require_all_passes_with_lamp_2n_golds_but_no_lamp_2n_predictions(tmp_path,
+                                                                                   capsys):
+    sample = REPO / "data" / "sample" / "user"
+    golds = make_zip(tmp_path / "golds.zip", {
+        f"{folder.name}/dev_outputs.json": json.loads((folder / "dev_outputs.json").read_text())
+        for folder in sorted(sample.iterdir())})
+    preds = make_zip(tmp_path / "preds.zip", {
+        f"{folder.name}.json": json.loads((folder / "dev_outputs.json").read_text())
+        for folder in sorted(sample.iterdir()) if folder.name != "LaMP_2_old"})
+    results = eval_all.main(eval_all_argv(golds, preds, tmp_path / "r.json", "--require_all"))
+    assert len(results) == 7 and "LaMP_2N" not in results
+    assert "not scored: LaMP_2N (no predictions)" in capsys.readouterr().out
+
+
+def test_eval_all_pairs_lamp_2n_predictions_of_no_label_with_lamp_2n_golds(tmp_path):
+    # Read alone such predictions look like movie tagging's (no news category among them);
+    # with LaMP-2N golds in the other zip and no movie golds, they are LaMP-2N's.
+    golds = make_zip(tmp_path / "golds.zip", {"old/dev.json": outputs_doc("LaMP_2", NEWS_GOLDS)})
+    preds = make_zip(tmp_path / "preds.zip", {
+        "p.json": outputs_doc("LaMP_2", [(i, "?") for i, _ in NEWS_GOLDS])})
+    results = eval_all.main(eval_all_argv(golds, preds, tmp_path / "r.json"))
+    assert list(results) == ["LaMP_2N"] and results["LaMP_2N"]["invalid"] == 4

@@ -363,3 +363,20 @@ def test_make_subset_refuses_a_pipe_it_would_read_twice(tmp_path):
                           "--output_questions_addr", str(tmp_path / "q.json"),
                           "--output_outputs_addr", str(tmp_path / "o.json"), "--count", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["questions.fifo"]
+
+
+def test_a_grid_reads_each_task_from_its_download_folder(tmp_path):
+    """LaMP-2N lies in raw_data/{split}/LaMP_2_old/ (download_data.py's folder for it, as in
+    the sample), not under its file name."""
+    from LaMP.utils.grid.schema import parse_grid
+    from LaMP.utils.tasks import get_task
+
+    grid = parse_grid({"name": "g", "tasks": ["LaMP-2N", "LaMP-7"], "models": {"m": "m"},
+                       "methods": {"zero_shot": {}}, "retrievers": ["bm25"], "k": [1]},
+                      "g", "g")
+    planner = Planner(grid, SAMPLE.parent)
+    paths = [planner.data_file("questions", "user", get_task(name), "dev").path
+             for name in ("LaMP-2N", "LaMP-7")]
+    assert [Path(path) for path in paths] == [
+        SAMPLE / "LaMP_2_old" / "dev_questions.json", SAMPLE / "LaMP_7" / "dev_questions.json"]
+    assert all(Path(path).exists() for path in paths)

@@ -30,11 +30,11 @@ def bounds(task_name: str) -> tuple[int, int]:
 
 def questions(task_name: str, set_name: str) -> list[dict]:
     return list(iter_questions(
-        SAMPLE / get_task(task_name).file_name / f"{set_name}_questions.json", get_task(task_name)))
+        SAMPLE / get_task(task_name).folder / f"{set_name}_questions.json", get_task(task_name)))
 
 
 def golds(task_name: str, set_name: str) -> dict[str, str]:
-    return load_outputs(SAMPLE / get_task(task_name).file_name / f"{set_name}_outputs.json").outputs
+    return load_outputs(SAMPLE / get_task(task_name).folder / f"{set_name}_outputs.json").outputs
 
 
 def words(text: str) -> set[str]:
@@ -49,7 +49,7 @@ def tokens(text: str) -> set[str]:
 @pytest.mark.parametrize("task_name", TASK_NAMES)
 def test_sample_files_are_valid_lamp(task_name):
     task = get_task(task_name)
-    folder = SAMPLE / task.file_name
+    folder = SAMPLE / task.folder
     assert sorted(path.name for path in folder.iterdir()) == [
         "dev_outputs.json", "dev_questions.json", "test_questions.json", "train_outputs.json",
         "train_questions.json"]
@@ -80,7 +80,7 @@ def test_sample_files_are_valid_lamp(task_name):
 @pytest.mark.parametrize("task_name, metric, perfect", [("LaMP-2", "accuracy", 1.0),
                                                         ("LaMP-3", "MAE", 0.0)])
 def test_the_evaluator_accepts_the_sample(task_name, metric, perfect, tmp_path):
-    gold_file = SAMPLE / get_task(task_name).file_name / "dev_outputs.json"
+    gold_file = SAMPLE / get_task(task_name).folder / "dev_outputs.json"
     result = evaluator.main(["--golds_json", str(gold_file), "--preds_json", str(gold_file),
                              "--task_name", task_name, "--output_file", str(tmp_path / "r.json")])
     assert result["count"] == 24

@@ -27,6 +27,11 @@ def test_registry_holds_the_seven_benchmark_tasks_then_lamp_2n():
     assert [task.id_digit for task in TASKS.values()] == list("01234561")
 
 
+def test_no_two_tasks_share_a_spelling():
+    spellings = [written.lower() for task in TASKS.values() for written in task.spellings]
+    assert len(spellings) == len(set(spellings)) == 2 * len(TASKS) + 1  # + LaMP-2N's alias
+
+
 @pytest.mark.parametrize("spelling", ["LaMP-2N", "LaMP_2N", "lamp-2n", "LAMP_2N", "LaMP_2_old",
                                       "lamp_2_old", " LaMP-2N\t"])
 def test_lamp_2n_has_its_own_spellings_and_lamp_2_keeps_its_own(spelling):

@@ -105,9 +105,17 @@ class Task:
     # original LaMP-2's files say "LaMP_2"): such a file is this task's when its outputs are
     # this task's labels and none is a label of the task the name belongs to.
     published_as: str | None = None
+    # Its folder in download_data.py's layout (raw_data/{split}/<folder>/) when that is not
+    # file_name: the original LaMP-2 stays in LaMP_2_old/, as it always has been downloaded.
+    download_folder: str | None = None
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def folder(self) -> str:
+        """The task's folder under raw_data/{split}/ (and in the bundled sample)."""
+        return self.download_folder or self.file_name
 
     @property
     def id_digit(self) -> str:
@@ -346,6 +354,7 @@ _TASKS = (
         user_template=UserTemplate(NEWS_INSTRUCTION + " article: {text}", target="category",
                                    query="text"),
         benchmark=False, aliases=("LaMP_2_old",), published_as="LaMP_2",
+        download_folder="LaMP_2_old",
     ),
 )
 
@@ -375,17 +384,29 @@ def task_of_file(declared: str, outputs: Iterable[str]) -> Task:
 
     A name some task is ``published_as`` is ambiguous (the original LaMP-2's files say
     "LaMP_2", as movie tagging's do): the outputs decide. They are that task's when some
-    output is one of its labels and none is a label of the task the name belongs to.
+    output is one of its labels and none is a label of the task the name belongs to (after
+    stripping, as the metrics compare them). A prediction file's outputs may be no label at
+    all: where golds are at hand, ``could_be`` lets the golds decide instead.
     """
     named = get_task(declared)
-    spelling = str(declared).strip().lower()
-    for task in TASKS.values():
-        if task is named or (task.published_as or "").lower() != spelling:
-            continue
-        texts = set(outputs)
+    texts = {str(text).strip() for text in outputs}
+    for task in ambiguous_with(named):
         if texts & set(task.labels or ()) and not texts & set(named.labels or ()):
             return task
     return named
+
+
+def ambiguous_with(named: Task) -> list[Task]:
+    """The other tasks whose published files carry ``named``'s file name."""
+    return [task for task in TASKS.values() if task is not named and task.published_as
+            and get_task(task.published_as) is named]
+
+
+def could_be(declared: str, task: Task) -> bool:
+    """Whether a file whose "task" field is ``declared`` may hold ``task``'s outputs: it names
+    ``task``, or the name ``task`` was published under (a LaMP-2N file saying "LaMP_2")."""
+    named = get_task(declared)
+    return named is task or task in ambiguous_with(named)
 
 
 def task_arg(name: str) -> Task:

@@ -29,6 +29,7 @@ class OutputsFile:
     source: str  # the path, or "archive.zip:member.json"
     task: Task
     outputs: dict[str, str]  # id -> output, in file order
+    declared: str = ""  # its "task" field as written ("LaMP_2" may be LaMP-2N's: tasks.could_be)
 
     def __len__(self) -> int:
         return len(self.outputs)
@@ -71,7 +72,7 @@ def parse_outputs(document: Any, source: str) -> OutputsFile:
         raise LampError(f"{source}: duplicate ids: {preview(duplicates)}")
     # The name alone is not always enough: the original LaMP-2's files say "LaMP_2" too.
     task = task_of_file(document["task"], outputs.values())
-    return OutputsFile(source=source, task=task, outputs=outputs)
+    return OutputsFile(source=source, task=task, outputs=outputs, declared=document["task"])
 
 
 def load_outputs(path: str | os.PathLike, what: str = "outputs file") -> OutputsFile:

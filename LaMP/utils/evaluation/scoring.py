@@ -6,7 +6,7 @@ from LaMP.utils.errors import LampError, preview
 from LaMP.utils.evaluation.metrics import (DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES,
                                            InvalidGold, Metric, Prepared, RougeMetric,
                                            bootstrap_intervals, bootstrap_medians, metric_for)
-from LaMP.utils.tasks import Task
+from LaMP.utils.tasks import Task, could_be
 
 # How ROUGE is summarised over examples: "mean" (ours: exact), "bootstrap_median" (the official
 # evaluator's median of 1,000 bootstrap means, seeded here). Other metrics are plain in both.
@@ -17,8 +17,8 @@ def paired_outputs(golds: OutputsFile, preds: OutputsFile, task: Task | None = N
                    ) -> tuple[Task, list[str], list[str], list[str]]:
     """Check that two files describe the same task and ids; return (task, ids, golds, preds)."""
     task = task or golds.task
-    for side in (golds, preds):
-        if side.task is not task and not _could_be(side, task):
+    for side in (golds, preds):  # the golds' own task must match; predictions may defer
+        if side.task is not task and not (side is preds and _could_be(side, task)):
             raise LampError(f"{side.source}: task is {side.task.file_name}, expected {task.file_name}")
     if not golds.outputs:
         raise LampError(f"{golds.source}: the gold set is empty")
@@ -33,11 +33,24 @@ def paired_outputs(golds: OutputsFile, preds: OutputsFile, task: Task | None = N
 
 
 def _could_be(side: OutputsFile, task: Task) -> bool:
-    """A file that says the name ``task`` was published under ("LaMP_2" for LaMP-2N) and
-    holds none of that name's own labels: only its outputs could have told it apart, so it
-    is read as ``task`` (predictions that are no label at all, say)."""
-    return (task.published_as is not None and side.task.file_name == task.published_as
-            and not set(side.outputs.values()) & set(side.task.labels or ()))
+    """A file read as another task whose "task" field still allows ``task`` (LaMP-2N
+    predictions saying "LaMP_2" whose outputs are no news category): the golds decide."""
+    return could_be(side.declared, task) if side.declared else False
+
+
+def pair_with_golds(golds: dict[Task, OutputsFile], preds: dict[Task, OutputsFile]
+                    ) -> dict[Task, OutputsFile]:
+    """``preds`` keyed so that each golds task finds its predictions: a predictions file read
+    as a task without golds moves to the one golds task its "task" field allows."""
+    paired = dict(preds)
+    for task in golds:
+        if task in paired:
+            continue
+        movable = [other for other, side in paired.items()
+                   if other not in golds and _could_be(side, task)]
+        if len(movable) == 1:
+            paired[task] = paired.pop(movable[0])
+    return paired
 
 
 def prepare(metric: Metric, ids: list[str], golds: list[str], preds: list[str],

@@ -179,7 +179,7 @@ class Planner:
         self._identities: dict[str, str] = {}
 
     def data_file(self, kind: str, split: str, task, set_name: str) -> Raw:
-        relative = self.grid.layout[kind].format(split=split, task=task.file_name, set=set_name)
+        relative = self.grid.layout[kind].format(split=split, task=task.folder, set=set_name)
         path = str(self.data_root / relative)
         self.data_files[path] = None
         return Raw(path)
