@@ -1,6 +1,6 @@
 """Cases an adversarial review of the hardening found still open, one test per class.
 
-Each runs a script as its ``__main__`` would (``cli.run``) and checks the exit status, the
+Each runs a script as its ``__main__`` would (``cli.program.run``) and checks the exit status, the
 exact error line, that inputs are byte-identical afterwards and that nothing stray is left.
 Devices are made in ``tmp_path`` with ``os.mknod``: nothing here points at the real /dev.
 """

@@ -547,7 +547,7 @@ def test_sigterm_mid_write_exits_cleanly_without_a_temporary(tmp_path, big_input
 
 
 def run_under_cli(body: str, **options) -> subprocess.CompletedProcess:
-    """A fresh interpreter running ``main`` (whose body is ``body``) through cli.run."""
+    """A fresh interpreter running ``main`` (whose body is ``body``) through cli.program.run."""
     script = ("import os, signal, sys, time\n"
               "from LaMP.utils.cli.program import run\n"
               "def main(argv):\n" + textwrap.indent(textwrap.dedent(body), "    ") +

@@ -24,7 +24,8 @@ if importlib.util.find_spec("LaMP") is None:
     # Run from a checkout without `pip install -e .`: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from LaMP.utils.cli.program import ArgumentParser, run, seed_arg, setup_logging
+from LaMP.utils.cli.arguments import add_seed_argument
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (args_path_for, atomic_write_json, check_outputs, check_readable,
                                     require_regular_file, save_run_args)
 from LaMP.utils.data.outputs import load_outputs
@@ -44,9 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where the kept questions go")
     parser.add_argument("--output_outputs_addr", required=True,
                         help="where the golds of the kept questions go")
-    parser.add_argument("--seed", type=seed_arg, default=None,
-                        help="shuffle with random.Random(seed) before slicing (default: no "
-                             "shuffle, file order)")
+    add_seed_argument(parser, "shuffle with random.Random(seed) before slicing (default: no "
+                              "shuffle, file order)", default=None)
     parser.add_argument("--skip", type=int, default=0,
                         help="questions passed over before the kept ones (default 0)")
     parser.add_argument("--count", type=int, required=True, help="questions kept")

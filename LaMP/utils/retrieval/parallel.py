@@ -167,7 +167,7 @@ def _escaped(backslashes: np.ndarray, after_backslash: np.ndarray) -> np.ndarray
 
 
 def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None = None,
-                   block_bytes: int = BLOCK_BYTES, scanner: _Scanner | None = None
+                   block_bytes: int | None = None, scanner: _Scanner | None = None
                    ) -> Iterator[tuple[bytes, int]]:
     """``(span, count)``: consecutive runs of the first ``stop`` (all) questions of the JSON
     list in ``path``, each about ``chunk_bytes`` long. A span runs from just past the end of
@@ -177,6 +177,7 @@ def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None 
     ``scanner``, when given, is the one used (its ``deepest`` covers each span when it is
     handed out)."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes  # read now: tests patch it
     scanner = _Scanner() if scanner is None else scanner
     buffer = b""
     scanned = 0  # bytes of ``buffer`` already scanned
