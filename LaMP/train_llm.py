@@ -316,16 +316,12 @@ def main(argv=None) -> dict:
                                          virtual_tokens=planned_virtual_tokens(args.peft,
                                                                                vars(args)))
     options = profile_options(args)
-    train_examples = build_examples(args.train_data, task, prompt_fn, options, require_output=True)
+    # The small files first: a mistake there costs no ranking of the training file.
     eval_examples = build_examples(args.validation_data, task, prompt_fn, options,
                                    require_output=True)
     test_examples = (build_examples(args.test_data, task, prompt_fn, options)
                      if args.test_data else [])
-    if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
-        # The old run's checkpoints would outrank the new ones in the Trainer's rotation
-        # (by step number) and in --resume_from_checkpoint last. One process removes them.
-        remove_outputs(output_dir, ["checkpoints"] + ([] if args.test_data
-                                                      else ["test_predictions.json"]))
+    train_examples = build_examples(args.train_data, task, prompt_fn, options, require_output=True)
     lamp_model = load_for_training(args, config, text_side)
     features = training_features(lamp_model, train_examples, max_length=args.max_length,
                                  target_max_length=args.generation_max_length)
@@ -347,6 +343,12 @@ def main(argv=None) -> dict:
         logger.info("%d training examples; %s of %s parameters train (%.2f%%)",
                     len(features), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
+    if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
+        # The old run's checkpoints would outrank the new ones in the Trainer's rotation
+        # (by step number) and in --resume_from_checkpoint last. One process removes them,
+        # once everything before training has worked.
+        remove_outputs(output_dir, ["checkpoints"] + ([] if args.test_data
+                                                      else ["test_predictions.json"]))
     started = time.perf_counter()
     with writing_into(checkpoint_dir):  # a full disk while checkpointing: one line
         train_output = trainer.train(resume_from_checkpoint=resume)

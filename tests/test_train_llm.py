@@ -298,3 +298,27 @@ def test_training_data_is_read_once_so_pipes_work(tmp_path, tiny_t5):
         results = train_llm.main(common_args(tmp_path, tiny_t5, str(train_pipe), str(valid_pipe),
                                              "LaMP-3", "--max_steps", "1"))
     assert results["validation"]["count"] == 2 and results["global_step"] == 1
+
+
+def test_overwrite_removes_old_checkpoints_only_once_everything_before_training_worked(
+        tmp_path, tiny_t5):
+    from LaMP.utils.errors import LampError
+
+    train = merged_sample(tmp_path, 3, "train", 4)
+    valid = merged_sample(tmp_path, 3, "dev", 2)
+    old = tmp_path / "out" / "checkpoints" / "checkpoint-7"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text("{}")
+    duplicate = json.loads(Path(valid).read_text())
+    duplicate[1]["id"] = duplicate[0]["id"]
+    bad_valid = tmp_path / "dup.json"
+    bad_valid.write_text(json.dumps(duplicate))
+    for data, extra, message in ((str(bad_valid), [], "duplicate question ids"),
+                                 (valid, ["--lora_target_modules", "no_such_layer"], "--peft")):
+        with pytest.raises(LampError, match=message):
+            train_llm.main(common_args(tmp_path, tiny_t5, train, data, "LaMP-3",
+                                       "--overwrite_output_dir", "--max_steps", "1", *extra))
+        assert (old / "trainer_state.json").exists()
+    train_llm.main(common_args(tmp_path, tiny_t5, train, valid, "LaMP-3", "--overwrite_output_dir",
+                               "--max_steps", "1"))
+    assert not old.exists()
