@@ -101,7 +101,7 @@ def test_lamp7_share_is_seeded_per_item_and_stays_in_range():
 def test_the_lamp2_and_lamp3_instructions_are_those_of_the_task_inputs():
     for task, marker in (("LaMP-2", " description:"), ("LaMP-3", " review:"),
                          ("LaMP-2N", " article:")):
-        sample = json.loads((SAMPLE / task.replace("-", "_") / "dev_questions.json").read_text())
+        sample = json.loads((SAMPLE / TASKS[task].folder / "dev_questions.json").read_text())
         instruction = sample[0]["input"].split(marker)[0]
         made = TASKS[task].user_template.example(ITEM)[0]
         assert made.startswith(instruction + marker + " ")
