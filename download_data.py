@@ -475,11 +475,13 @@ def _foreign_ids(leading: Counter, total: int, task: Task) -> str | None:
 
 
 def _names_a_task(value) -> bool:
+    if not isinstance(value, str):
+        return False
     try:
         get_task(value)
     except LampError:
         return False
-    return isinstance(value, str)
+    return True
 
 
 def read_outputs(path: Path, job: FileJob) -> OutputsFile:

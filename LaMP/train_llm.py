@@ -147,13 +147,11 @@ def check_inputs(args: argparse.Namespace) -> None:
 def load_tokenizer_side(args: argparse.Namespace):
     """(config, a weightless LampModel): the tokenizer and chat wrapping, all that building
     the prompts needs, loaded in a moment so that the data is read before the weights."""
-    from LaMP.utils.modeling.model import LampModel, is_seq2seq_config, load_config, load_tokenizer
+    from LaMP.utils.modeling.model import LampModel, load_config_and_tokenizer
 
-    options = dict(trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
-    config = load_config(args.model_name, **options)
-    seq2seq = is_seq2seq_config(config)
-    tokenizer = load_tokenizer(args.model_name, seq2seq=seq2seq, chat_template=args.chat_template,
-                               **options)
+    config, tokenizer, seq2seq = load_config_and_tokenizer(
+        args.model_name, chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
     return config, LampModel(model=None, tokenizer=tokenizer, is_seq2seq=seq2seq, device=None,
                              chat_template=args.chat_template)
 

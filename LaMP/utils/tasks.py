@@ -389,8 +389,11 @@ def task_of_file(declared: str, outputs: Iterable[str]) -> Task:
     all: where golds are at hand, ``could_be`` lets the golds decide instead.
     """
     named = get_task(declared)
+    candidates = ambiguous_with(named)
+    if not candidates:  # nearly every file: no need to look at its outputs
+        return named
     texts = {str(text).strip() for text in outputs}
-    for task in ambiguous_with(named):
+    for task in candidates:
         if texts & set(task.labels or ()) and not texts & set(named.labels or ()):
             return task
     return named

@@ -109,15 +109,24 @@ def load_model_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
                              cache_dir: str | None = None, quantization_config=None,
                              device_map=None):
     """(model, tokenizer, is_seq2seq); the tokenizer is checked before the weights load."""
+    config, tokenizer, seq2seq = load_config_and_tokenizer(
+        name_or_path, chat_template=chat_template, trust_remote_code=trust_remote_code,
+        cache_dir=cache_dir)
+    model, _ = load_pretrained(name_or_path, config=config, dtype=dtype,
+                               quantization_config=quantization_config, device_map=device_map,
+                               trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    return model, tokenizer, seq2seq
+
+
+def load_config_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
+                              trust_remote_code: bool = False, cache_dir: str | None = None):
+    """(config, tokenizer, is_seq2seq): all that building prompts needs, without weights."""
     options = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     config = load_config(name_or_path, **options)
     seq2seq = is_seq2seq_config(config)
     tokenizer = load_tokenizer(name_or_path, seq2seq=seq2seq, chat_template=chat_template,
                                **options)
-    model, _ = load_pretrained(name_or_path, config=config, dtype=dtype,
-                               quantization_config=quantization_config, device_map=device_map,
-                               **options)
-    return model, tokenizer, seq2seq
+    return config, tokenizer, seq2seq
 
 
 @dataclass
