@@ -152,27 +152,53 @@ def test_bm25_path_imports_neither_torch_nor_transformers(tmp_path, workers, set
     assert json.loads((tmp_path / "r.json").read_text()) == {"1": ["i2", "i1", "i3"]}
 
 
-def test_term_index_ids_and_memo():
+def test_term_index_ids_are_dense_in_order_of_first_sight():
     index = TermIndex()
-    first, second = index.text_ids(["a b  a", "b c\n"])
-    assert first[0] == first[2] == index.token_ids(["a"])[0]
-    assert first[1] == second[0] and len(set(first.tolist() + second.tolist())) == 3
-    assert index.text_ids(["a b  a"])[0] is first  # memoised
-    assert first.base is None  # its own memory, not a view pinning a larger array
-    query = index.text_ids(["z a"], remember=False)[0]
-    assert query[1] == first[0]
-    assert index.text_ids(["z a"], remember=False)[0] is not query
-    assert index.text_ids([""])[0].shape == (0,)
+    assert index.token_ids(["b", "a", "b", "c"]).tolist() == [0, 1, 0, 2]
+    assert index.token_ids(["c", "d"]).tolist() == [2, 3]
+    # Not added: unknown tokens are -1, and stay unknown.
+    assert index.token_ids(["e", "a", "e"], add=False).tolist() == [-1, 1, -1]
+    assert index.token_ids(["e"]).tolist() == [4]
+    assert index.token_ids([]).shape == (0,)
+
+
+def test_term_index_remembers_each_text_once_and_gathers_their_tokens():
+    index = TermIndex()
+    numbers = index.text_numbers(["a b  a", "b c\n", "a b  a", ""])
+    assert numbers.tolist() == [0, 1, 0, 2]  # a repeated text: one number, within a call too
+    assert index.text_numbers(["b c\n", "x"]).tolist() == [1, 3]
+    tokens, lengths = index.tokens(np.array([1, 0, 2, 3, 0]))
+    a, b, c, x = index.token_ids(["a", "b", "c", "x"]).tolist()
+    assert lengths.tolist() == [2, 3, 0, 1, 3]
+    assert tokens.tolist() == [b, c, a, b, a, x, a, b, a]
+    assert [ids.tolist() for ids in index.text_ids(["a b  a", "x", ""])] == [[a, b, a], [x], []]
+    assert index.text_ids([]) == []
+
+
+def test_term_index_grows_past_its_first_allocation():
+    index = TermIndex()
+    texts = [f"w{n} w{n + 1} w{n + 2}" for n in range(2_000)]  # 6,000 tokens, 2,002 terms
+    numbers = index.text_numbers(texts)
+    tokens, lengths = index.tokens(numbers[::-1])
+    expected = [index.token_ids(text.split()).tolist() for text in texts[::-1]]
+    assert tokens.tolist() == [token for ids in expected for token in ids]
+    assert set(lengths.tolist()) == {3}
 
 
 def test_term_index_trim_empties_tables_past_their_limits():
     index = TermIndex(max_terms=3)
-    memo = index.text_ids(["a b c"])[0]
+    index.text_numbers(["a b c"])
     index.trim()
-    assert index.text_ids(["a b c"])[0] is memo  # 3 terms: within the limit
-    index.text_ids(["d"])
+    assert index.text_numbers(["z", "a b c"]).tolist() == [1, 0]  # 4 terms: not trimmed yet
     index.trim()
-    assert index.text_ids(["a b c"])[0] is not memo
+    assert index.text_numbers(["z"]).tolist() == [0]  # emptied: numbers and ids start again
+    assert index.token_ids(["q"]).tolist() == [1]
+    small = TermIndex(max_text_chars=4)
+    small.text_numbers(["abc"])
+    small.trim()
+    assert small.text_numbers(["abcd"]).tolist() == [1]
+    small.trim()
+    assert small.text_numbers(["abcd"]).tolist() == [0]
 
 
 def test_huge_ids_take_the_unpacked_sort_and_give_the_same_scores():
@@ -214,3 +240,33 @@ def test_sort_free_helpers_match_numpy(spread):
     positions = rng.choice(spread * 1_000, size=3_000, replace=False)
     assert np.array_equal(_argsort_distinct(positions), np.argsort(positions))
     assert len(_distinct(np.zeros(0, dtype=np.int64))[0]) == 0
+
+
+def random_profiles(seed: int, questions: int):
+    """Small profiles over a small vocabulary: many terms in more than half of a profile's
+    documents (negative IDFs, floored), next to profiles without any."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for number in range(questions):
+        vocabulary = [f"t{index}" for index in range(int(rng.integers(2, 40)))]
+        # Some documents empty, never all (rank_bm25 would divide by zero).
+        corpus = [" ".join(rng.choice(vocabulary, size=int(rng.integers(0 if index else 1, 12))))
+                  for index in range(int(rng.integers(1, 9)))]
+        query = " ".join(rng.choice(vocabulary + ["absent"], size=int(rng.integers(0, 7))))
+        cases.append((query, corpus))
+    return cases
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_many_questions_at_once_equal_rank_bm25_bit_for_bit(seed):
+    cases = random_profiles(seed, 150)
+    expected = [reference_scores(query, corpus) for query, corpus in cases]
+    assert any(np.any(scores < 0) for scores in expected)  # the floor is exercised
+    # 150 questions at once take the key lookup; 50 at a time, the table of query terms.
+    for size in (150, 50, 7):
+        for start in range(0, len(cases), size):
+            part = cases[start:start + size]
+            got = bm25_scores_many([query.split() for query, _ in part],
+                                   [[text.split() for text in corpus] for _, corpus in part])
+            for offset, scores in enumerate(got):
+                assert np.array_equal(scores, expected[start + offset]), (size, start + offset)

@@ -1,7 +1,7 @@
 """What every ranker shares: the interface, batching by cost, and scores to ranked ids."""
 from __future__ import annotations
 
-from itertools import chain
+from itertools import accumulate, chain
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -79,16 +79,13 @@ def argsort_ranked_ids(profile: Sequence[Mapping], scores: np.ndarray) -> list[s
 
 def ranked_ids_many(profiles: Sequence[Sequence[Mapping]], scores: Sequence[np.ndarray]
                     ) -> list[list[str]]:
-    """``ranked_ids`` of several profiles with one sort: by question, descending score, then
-    profile position (so equal scores keep profile order, as in ``ranked_ids``)."""
+    """``ranked_ids`` of several profiles with one sort: by question, then descending score;
+    the sort is stable, so equal scores keep profile order, as in ``ranked_ids``."""
     sizes = [len(profile) for profile in profiles]
     flat = np.concatenate(scores) if scores else np.zeros(0)
     question = np.repeat(np.arange(len(profiles)), sizes)
-    position = np.arange(len(flat)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    order = np.lexsort((position, -flat, question)).tolist()
+    order = np.lexsort((-flat, question)).tolist()
     ids = list(map(itemgetter("id"), chain.from_iterable(profiles)))
-    ranked, start = [], 0
-    for size in sizes:
-        ranked.append(list(map(ids.__getitem__, order[start:start + size])))
-        start += size
-    return ranked
+    ranked = list(map(ids.__getitem__, order))
+    ends = list(accumulate(sizes))
+    return [ranked[end - size:end] for size, end in zip(sizes, ends)]
