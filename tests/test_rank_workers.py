@@ -89,7 +89,10 @@ def test_many_questions_with_ties_rank_the_same_with_workers(tmp_path, small_chu
     path = write_questions(tmp_path / "q.json", tricky_questions(120),
                            ensure_ascii=layout == "ascii",
                            indent=2 if "indented" in layout else None)
-    monkeypatch.setattr(parallel_rank, "BLOCK_BYTES", 97)  # cuts inside strings and escapes
+    # Reads that end inside strings and escapes: the exact splitter's blocks (learning the
+    # signature, shards) and the signature's windows.
+    monkeypatch.setattr(parallel_rank, "BLOCK_BYTES", 97)
+    monkeypatch.setattr(parallel_rank, "_WINDOW_BYTES", 97)
     parallel = rankings_for(path, tmp_path, "LaMP-7", (2, 3), "--ranker", "bm25")
     monkeypatch.undo()
     inline = run_rank(path, tmp_path / "inline.json", "LaMP-7", "--ranker", "bm25",
@@ -416,3 +419,129 @@ def test_a_command_line_run_forks_its_workers_rather_than_start_a_fork_server(tm
     assert result.stdout.split() == ["['fork']"]
     assert (tmp_path / "r.json").read_bytes() == run_rank(
         source, tmp_path / "one.json", "LaMP-7", "--ranker", "bm25", "--num_workers", "1")
+
+
+# --- the signature splitter (a whole file in workers) -----------------------------------------
+
+def parsed_signature_spans(path: Path, chunk_bytes: int) -> list[list]:
+    signature = parallel_rank.learn_signature(path)
+    spans = list(parallel_rank.signature_spans(path, signature, chunk_bytes=chunk_bytes))
+    data = path.read_bytes()
+    assert spans[0][0] == data.index(b"[") + 1
+    assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))  # no gap, no overlap
+    assert sum(spans[-1]) == data.rindex(b"]")
+    parsed = []
+    for number, (offset, length) in enumerate(spans):
+        text = data[offset:offset + length].decode()
+        if number:
+            text = text.lstrip()
+            assert text[0] == ","
+            text = text[1:]
+        parsed.append(json.loads(f"[{text}]"))
+    return parsed
+
+
+@pytest.mark.parametrize("window", [1, 50, 1 << 16])
+@pytest.mark.parametrize("layout", ["compact", "indented", "utf-8"])
+def test_signature_spans_are_runs_of_whole_questions(tmp_path, monkeypatch, window, layout):
+    monkeypatch.setattr(parallel_rank, "_WINDOW_BYTES", window)  # markers across reads
+    questions = tricky_questions(30, items=3)
+    path = write_questions(tmp_path / "q.json", questions, ensure_ascii=layout != "utf-8",
+                           indent=2 if layout == "indented" else None)
+    assert parallel_rank.learn_signature(path).marker.endswith(b'"id"')
+    one_each = parsed_signature_spans(path, 1)
+    assert [len(part) for part in one_each] == [1] * 30
+    assert [question for part in one_each for question in part] == questions
+    bigger = parsed_signature_spans(path, 2_000)
+    assert 1 < len(bigger) < 30
+    assert [question for part in bigger for question in part] == questions
+
+
+def test_signature_needs_two_questions_objects_and_a_plain_first_key(tmp_path):
+    cases = {"[]": None, '[{"id": "a"}]': None, '[[1], [2]]': None,
+             '[{"a\\"b": 1}, {"a\\"b": 2}]': None,
+             '\ufeff [{"id": 1}, {"id": 2}]': (b' 1}, {"id"', 3, 5)}
+    for content, expected in cases.items():
+        path = tmp_path / "q.json"
+        path.write_text(content, encoding="utf-8")
+        signature = parallel_rank.learn_signature(path)
+        assert (signature if signature is None else tuple(signature)) == expected, content
+    for content in ('x [{"id": 1}, {"id": 2}]', "[1, 2]"):  # layouts the splitter refuses
+        path.write_text(content)
+        with pytest.raises(FastPathFailed):
+            parallel_rank.learn_signature(path)
+
+
+def test_a_file_changed_since_it_was_looked_at_is_not_cut(tmp_path):
+    path = write_questions(tmp_path / "q.json", tricky_questions(5))
+    signature = parallel_rank.learn_signature(path)
+    identity = parallel_rank.file_identity(os.stat(path))
+    assert len(list(parallel_rank.signature_spans(path, signature, identity, 1))) == 5
+    path.write_bytes(path.read_bytes() + b" ")
+    with pytest.raises(FastPathFailed):
+        list(parallel_rank.signature_spans(path, signature, identity, 1))
+
+
+def varied_questions(count: int) -> list[dict]:
+    """Questions whose first key and ending vary (nested lists closing items and questions):
+    boundaries the signature misses, and items that end like a question."""
+    questions = tricky_questions(count, items=4)
+    for number, question in enumerate(questions):
+        if number % 3 == 1:
+            questions[number] = {"input": question["input"], "id": question["id"],
+                                 "profile": question["profile"]}
+        if number % 4 == 2:
+            for item in question["profile"]:
+                item["tags"] = ["a", ["b"]]  # nested deeper than a plain LaMP item
+    return questions
+
+
+def test_boundaries_the_signature_misses_only_make_spans_longer(tmp_path, small_chunks,
+                                                               monkeypatch):
+    path = write_questions(tmp_path / "q.json", varied_questions(40))
+    parts = parsed_signature_spans(path, 1)
+    assert len(parts) < 40 and sum(map(len, parts)) == 40
+    inline, = rankings_for(path, tmp_path, "LaMP-7", (1,), "--ranker", "bm25")
+    monkeypatch.setattr(rank_profiles, "_rank_inline", None)  # the workers must do it
+    assert rankings_for(path, tmp_path, "LaMP-7", (2, 3), "--ranker", "bm25") == [inline] * 2
+
+
+def rankings_with_fallbacks(path: Path, tmp_path: Path, monkeypatch) -> list[bytes]:
+    """The rankings with 1 and with 2 workers, the second checked to have gone inline."""
+    inline = run_rank(path, tmp_path / "one.json", "LaMP-7", "--ranker", "bm25",
+                      "--num_workers", "1")
+    calls = []
+    original = rank_profiles._rank_inline
+    monkeypatch.setattr(rank_profiles, "_rank_inline",
+                        lambda *args: calls.append(args) or original(*args))
+    parallel = run_rank(path, tmp_path / "two.json", "LaMP-7", "--ranker", "bm25",
+                        "--num_workers", "2")
+    assert len(calls) == 1
+    return [inline, parallel]
+
+
+def test_a_cut_inside_a_profile_sends_the_run_inline_with_the_same_rankings(
+        tmp_path, small_chunks, monkeypatch):
+    # Items that start with "id" and end with a list of objects end like the questions
+    # do: the signature cuts between items too, and a span cut there does not parse.
+    questions = tricky_questions(20, items=3)
+    for question in questions:
+        question["profile"] = [{"id": item["id"], "text": item["text"], "tags": [{"k": "v"}]}
+                               for item in question["profile"]]
+    path = write_questions(tmp_path / "q.json", questions)
+    signature = parallel_rank.learn_signature(path)
+    assert signature.marker == b'}]}, {"id"'
+    data = path.read_bytes()
+    assert data.count(signature.marker) > 3 * (len(questions) - 1)  # items' ends too
+    inline, parallel = rankings_with_fallbacks(path, tmp_path, monkeypatch)
+    assert parallel == inline and len(json.loads(inline)) == 20
+
+
+def test_a_span_past_its_limit_sends_the_run_inline(tmp_path, small_chunks, monkeypatch):
+    path = write_questions(tmp_path / "q.json", varied_questions(30))
+    monkeypatch.setattr(parallel_rank, "MAX_SPAN_BYTES", 200)
+    monkeypatch.setattr(parallel_rank, "_WINDOW_BYTES", 64)
+    with pytest.raises(FastPathFailed):
+        parsed_signature_spans(path, 1)
+    inline, parallel = rankings_with_fallbacks(path, tmp_path, monkeypatch)
+    assert parallel == inline

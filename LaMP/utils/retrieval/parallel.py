@@ -1,10 +1,16 @@
 """Ranking a questions file with CPU rankers in worker processes, output in input order.
 
-The main process does little per byte: it finds where each question of the top-level JSON
-list ends with a few numpy passes over the raw bytes (quotes, backslashes, brackets), and
-hands runs of whole questions, as bytes, to the workers. A worker parses its run with the
-C ``json`` module, validates every question with ``validate_question``, ranks them and
-returns each ranking already encoded; the main process writes them in order.
+The main process does almost nothing per byte. It learns what the boundary between the
+file's first two questions looks like (``learn_signature``: a few bytes before the first
+question's closing brace and the second one's first key, ``}]}, {"id"`` in a file
+``json.dump`` wrote), then cuts the file into spans of about ``CHUNK_BYTES`` where that
+marker recurs, reading only a few KB past each cut (``signature_spans``), and hands each
+worker where its span is. A worker reads its span from the file, parses it with the C
+``json`` module, validates every question with ``validate_question``, ranks them and returns
+each ranking already encoded; the main process writes them in order. A shard
+(``--num_shards``) is cut by the exact splitter instead (``question_spans``: a few numpy
+passes over every quote, backslash and bracket), which counts questions, and its spans
+travel as bytes.
 
 This path is a fast route to the very same result as the inline one
 (``iter_questions`` + ``Ranker.rank``), never a second definition of what a valid file is.
@@ -15,9 +21,14 @@ range, lone surrogate escapes), a layout the splitter does not follow — it giv
 output or raises exactly the error a run with one worker raises.
 
 Splitting is a heuristic that parsing checks: the bytes between the list's ``[`` and ``]``
-are cut into spans at question ends, and a span parses (wrapped in brackets) to exactly the
-number of questions the splitter counted, or the run fails. Spans that parse correctly,
-joined by their commas, are the list itself, so a wrong cut cannot go unnoticed.
+are cut into spans, every byte in exactly one, and each span must parse (wrapped in
+brackets, after its leading comma) as a run of whole values, to exactly the number of
+questions the exact splitter counted where it counted them, or the run fails. The first
+span starts at the list's start; a span that starts where values end and parses as whole
+values ends where values end too, so spans that parse are the list itself, cut between its
+elements, and a wrong cut (inside a string, inside a question) cannot go unnoticed. The
+depth limit, which ``json`` does not enforce, is checked on the parsed questions: nothing
+nests deeper than a LaMP file does, or the readers' guard passes over the span's bytes.
 
 Workers are forked on Linux (no imports to repeat; see ``_pool_context`` for when and how);
 they import nothing beyond what the main process has (no torch for these rankers), ignore
@@ -27,6 +38,7 @@ run's memo of tokenised texts, so memory does not grow with the number of cores.
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -40,11 +52,14 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from LaMP.utils.data.fileio import json_string_lists
 from LaMP.utils.data.jsoninput import MAX_DEPTH, MAX_NUMBER_DIGITS, GuardedReader
 from LaMP.utils.data.questions import validate_question
 from LaMP.utils.errors import LampError
@@ -62,7 +77,11 @@ PARALLEL_RANKERS = ("bm25", "recency", "random")
 # 2 tasks per worker in flight stay a few MB.
 CHUNK_BYTES = 1 << 20
 BLOCK_BYTES = 8 << 20  # bytes read from the file at a time by the splitter
+_WINDOW_BYTES = 64 << 10  # read at a time when looking for a question's end by its signature
 TASKS_PER_WORKER = 2  # in flight per worker: one running, one queued, so none waits
+# The most bytes a span cut by the signature may reach (a worker parses a span whole, at
+# about ten times its size in memory): past it, the splitter gives up on the file.
+MAX_SPAN_BYTES = 32 << 20
 _JSON_SPACE = " \t\n\r"  # JSON's whitespace (str.strip() would take more)
 _INT_LIMIT = 2 ** 63 - 1  # ijson (yajl) refuses integers beyond +-(2**63 - 1)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -230,13 +249,113 @@ def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None 
                 scanner.closed_at -= cut
 
 
+class Signature(NamedTuple):
+    """The bytes where the file's first question ends and its second starts, from a few
+    bytes before the first one's closing brace to the second one's first key (in a file
+    ``json.dump`` wrote, ``}]}, {"id"``), and where the list's content starts."""
+
+    marker: bytes
+    end: int  # where, in ``marker``, a question ends (just past its closing brace)
+    list_start: int  # file offset just past the list's "["
+
+
+def learn_signature(path: Path, block_bytes: int | None = None) -> Signature | None:
+    """The ``Signature`` of the questions file ``path``, found by the exact splitter over its
+    first two questions; ``None`` when it has fewer, or they do not look like objects whose
+    first key has no escapes. Raises ``FastPathFailed`` on a layout the splitter does not
+    follow."""
+    scanner = _Scanner()
+    spans = list(question_spans(path, stop=2, chunk_bytes=1, scanner=scanner,
+                                block_bytes=_WINDOW_BYTES if block_bytes is None else block_bytes))
+    if len(spans) < 2:
+        return None
+    first, second = spans[0][0].strip(_JSON_SPACE.encode()), spans[1][0]
+    if not (first.startswith(b"{") and first.endswith(b"}")):
+        return None
+    match = _NEXT_QUESTION.match(second)
+    if match is None:
+        return None
+    with open(path, "rb") as handle:
+        bom = 3 if handle.read(3) == b"\xef\xbb\xbf" else 0
+    tail = first[-3:]
+    return Signature(tail + match.group(), len(tail), bom + scanner.opened_at)
+
+
+# A comma, then an object's opening brace and its first key, which has no escapes.
+_NEXT_QUESTION = re.compile(rb'[ \t\n\r]*,[ \t\n\r]*\{[ \t\n\r]*"[^"\\]*"')
+
+
+def signature_spans(path: Path, signature: Signature, identity: tuple | None = None,
+                    chunk_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(offset, length)``: consecutive runs of whole questions of the JSON list in
+    ``path``, each about ``chunk_bytes`` long, cut where ``signature.marker`` recurs.
+
+    Far cheaper than ``question_spans``: past each cut it skips ``chunk_bytes`` and reads
+    only until the marker's next occurrence (a few KB per span, not the whole file). As
+    safe, because the marker cannot cut inside a string: it holds a quote after bytes that
+    are not quotes, which can only open a string in valid JSON (a closing one would be
+    followed by the key's letters). Cutting inside a nested value is possible (a profile
+    item that ends like a question), and then a span does not parse and the run goes
+    inline, as with any problem with the file, the skipped bytes included: every span is
+    parsed whole. Cuts it misses only make spans longer (up to ``MAX_SPAN_BYTES``). Nothing
+    before the list's ``[`` is looked at again: ``learn_signature`` checked it.
+    ``identity``: the file's (``file_identity``), if it must not have changed.
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    marker, shift = signature.marker, signature.end
+    window_bytes = max(_WINDOW_BYTES, 2 * len(marker))  # read at a time: more than a marker
+    cut = signature.list_start  # where the next span starts
+    with open(path, "rb") as handle:
+        if identity is not None and file_identity(os.fstat(handle.fileno())) != identity:
+            raise FastPathFailed("the file changed")
+        close = _closing_bracket(handle)
+        while True:
+            position = max(cut + chunk_bytes - shift, cut)
+            end = None
+            while position < close:
+                handle.seek(position)
+                window = handle.read(window_bytes)
+                found = window.find(marker)
+                if found >= 0:
+                    end = position + found + shift
+                    break
+                if len(window) < window_bytes:
+                    break
+                position += len(window) - len(marker) + 1
+                if position - cut > MAX_SPAN_BYTES:
+                    raise FastPathFailed("no question end found by its signature")
+            if end is None or end > close:
+                break
+            yield cut, end - cut
+            cut = end
+    if close - cut > MAX_SPAN_BYTES:
+        raise FastPathFailed("no question end found by its signature")
+    yield cut, close - cut
+
+
+def _closing_bracket(handle) -> int:
+    """The offset of the "]" the file ends with (JSON whitespace after it allowed)."""
+    size = os.fstat(handle.fileno()).st_size
+    back = min(size, 4096)
+    while True:
+        handle.seek(size - back)
+        tail = handle.read(back)
+        stripped = tail.rstrip(_JSON_SPACE.encode())
+        if stripped or back == size:
+            break
+        back = min(size, back * 16)  # a long run of trailing whitespace
+    if not stripped.endswith(b"]"):
+        raise FastPathFailed("the list is not closed cleanly")
+    return size - back + len(stripped) - 1
+
+
 # --- the workers ------------------------------------------------------------------------------
 
 _worker: dict = {}
 
 
 def _start_worker(ranker_name: str, task_name: str, ranker_options: dict, source: str,
-                  num_workers: int, parent: int | None) -> None:
+                  identity: tuple, num_workers: int, parent: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, if forked
     _set_signal_mask(signal.SIG_UNBLOCK, _BLOCKED)  # blocked while the pool started
@@ -256,7 +375,18 @@ def _start_worker(ranker_name: str, task_name: str, ranker_options: dict, source
         # budget, so that memory does not grow with the number of cores.
         ranker.terms = TermIndex(max(terms.max_terms // num_workers, 1),
                                  max(terms.max_text_chars // num_workers, 1))
-    _worker.update(task=task, source=source, ranker=ranker)
+    # Spans cut by the signature are read here, from the very file the main process read
+    # (not one put in its place since): no bytes through the pipes.
+    handle = open(source, "rb")
+    if file_identity(os.fstat(handle.fileno())) != identity:
+        handle.close()
+        handle = None
+    _worker.update(task=task, source=source, ranker=ranker, file=handle)
+
+
+def file_identity(status: os.stat_result) -> tuple:
+    """What tells one version of a file from another: device, inode, size, change time."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _reject_constant(name: str):
@@ -279,22 +409,24 @@ def _checked_int(text: str) -> int:
     return value
 
 
-def _parse_span(span: bytes, first: int, count: int, deep: bool = True) -> list | None:
+def _parse_span(span: bytes, first: int, count: int | None, deep: bool | None = True
+                ) -> list | None:
     """The questions of one span, or ``None`` where ijson might read it differently.
 
-    ``deep``: the span may nest deeper than ``MAX_DEPTH``; only then, or when it holds an
-    escape that may be half a surrogate pair, does the guard's pass over the bytes run. The
-    other limits every reader enforces are caught without it: strict UTF-8 by ``decode``,
-    numbers by the parse hooks (a float too long to be sure of is refused outright). ``None``
-    on any of them sends the run inline, which names the problem with its byte offset.
+    ``first``: the index of the span's first question (0: the span starts the list; the
+    others start with a comma). ``count``: how many questions it holds (``None``: not known;
+    the parse alone checks the span). ``deep``: the span may nest deeper than ``MAX_DEPTH``;
+    only then, or when it holds an escape that may be half a surrogate pair, does the guard's
+    pass over the bytes run (``None``: not known, for the caller to check on the parsed
+    questions, see ``_shallow``). The other limits every reader enforces are caught without
+    it: strict UTF-8 by ``decode``, numbers by the parse hooks (a float too long to be sure
+    of is refused outright). ``None`` on any of them sends the run inline, which names the
+    problem with its byte offset.
     """
     text = span.decode("utf-8")
-    surrogates = _SURROGATE_ESCAPE.search(text) is not None
-    if deep or surrogates:
-        try:
-            GuardedReader(io.BytesIO(b"[" + span + b"]"), _worker["source"]).read()
-        except LampError:
-            return None
+    surrogates = "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
+    if (deep or surrogates) and not _guard_passes(span):
+        return None
     if first > 0:
         text = text.lstrip(_JSON_SPACE)
         if not text.startswith(","):
@@ -302,7 +434,7 @@ def _parse_span(span: bytes, first: int, count: int, deep: bool = True) -> list 
         text = text[1:]
     questions = json.loads(f"[{text}]", parse_constant=_reject_constant,
                            parse_float=_checked_float, parse_int=_checked_int)
-    if len(questions) != count:
+    if count is not None and len(questions) != count:
         return None
     if surrogates:
         # ijson turns a lone surrogate escape into "?"; json keeps it, and then the text
@@ -311,19 +443,62 @@ def _parse_span(span: bytes, first: int, count: int, deep: bool = True) -> list 
     return questions
 
 
-def _rank_span(span: bytes, first: int, count: int, rank_from: int, deep: bool = True
-               ) -> list[tuple[str, str]] | None:
-    """``(question id, its ranking as JSON text)`` of the questions of a span from index
-    ``rank_from`` on (the ones before it are only validated), or ``None`` on any problem."""
+def _guard_passes(span: bytes) -> bool:
+    """Whether the readers' guard (depth, numbers, escapes) lets the span's bytes through."""
     try:
+        GuardedReader(io.BytesIO(b"[" + span + b"]"), _worker["source"]).read()
+    except LampError:
+        return False
+    return True
+
+
+def _read_span(offset: int, length: int) -> bytes | None:
+    handle = _worker["file"]
+    if handle is None:  # the file changed before this worker opened it
+        return None
+    handle.seek(offset)
+    data = handle.read(length)
+    return data if len(data) == length else None
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _shallow(questions: list[dict]) -> bool:
+    """Whether valid questions (objects with a profile list of objects) nest no deeper than
+    a LaMP file does: every value of an item, and every value of a question but its profile,
+    plain. Then nothing is deeper than 4 (the list, a question, its profile, an item). One
+    C-level pass over the values."""
+    values = chain.from_iterable(map(dict.values, questions))
+    kinds = list(map(type, values))
+    if not set(kinds) <= _SCALARS | {list} or kinds.count(list) != len(questions):
+        return False  # a list besides the profile, or an object: the guard decides
+    profiles = map(itemgetter("profile"), questions)
+    items = chain.from_iterable(map(dict.values, chain.from_iterable(profiles)))
+    return set(map(type, items)) <= _SCALARS
+
+
+def _rank_span(span: bytes | tuple[int, int], first: int, count: int | None, rank_from: int,
+               deep: bool | None = True) -> list[tuple[str, str]] | None:
+    """``(question id, its ranking as JSON text)`` of the questions of a span from index
+    ``rank_from`` on (the ones before it are only validated), or ``None`` on any problem.
+    ``span``: its bytes, or where they are in the file, ``(offset, length)``; the other
+    arguments as for ``_parse_span``."""
+    try:
+        if isinstance(span, tuple):
+            span = _read_span(*span)
+            if span is None:
+                return None
         questions = _parse_span(span, first, count, deep)
         if questions is None:
             return None
         for offset, question in enumerate(questions):
             validate_question(question, first + offset, _worker["source"], _worker["task"])
-        ranked = _worker["ranker"].rank(questions[max(rank_from - first, 0):])
-        return [(question["id"], json.dumps(ranking, ensure_ascii=False))
-                for question, ranking in ranked]
+        if deep is None and not _shallow(questions) and not _guard_passes(span):
+            return None
+        ranked = list(_worker["ranker"].rank(questions[max(rank_from - first, 0):]))
+        return list(zip(map(itemgetter("id"), map(itemgetter(0), ranked)),
+                        json_string_lists(list(map(itemgetter(1), ranked)))))
     except (LampError, ValueError, RecursionError):
         # ValueError covers malformed JSON, bad UTF-8 and lone surrogates. The inline run
         # that follows names the problem exactly.
@@ -395,9 +570,15 @@ def _started_pool(context, num_workers: int, options: tuple):
                                initargs=(*options[:-1], parent))
     try:
         previous = _set_signal_mask(signal.SIG_BLOCK, _BLOCKED)
+        # Forked workers share this process's objects until they write to them, and the
+        # cycle collector's passes write to every object it visits: frozen, a worker's
+        # collector leaves them alone (a process holding a large dataset would otherwise
+        # see each worker copy it page by page). Here they thaw at once.
+        gc.freeze()
         try:
             started = pool.submit(_noop)  # forks every worker (all at once when forking)
         finally:
+            gc.unfreeze()
             _set_signal_mask(signal.SIG_SETMASK, previous)
         _outcome(started)
         yield pool
@@ -434,19 +615,33 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
     or a worker process ends before its work does.
     """
     context = _pool_context()
-    options = (ranker_name, task_name, ranker_options, str(path), num_workers, None)
+    identity = file_identity(os.stat(path))
+    # The whole file: cut by its signature, the workers reading their spans from the file.
+    # A shard: the exact splitter, which counts questions.
+    signature = learn_signature(path) if start == 0 and stop is None else None
+    options = (ranker_name, task_name, ranker_options, str(path), identity, num_workers, None)
     with _terminate_on_sigterm(), _started_pool(context, num_workers, options) as pool:
         in_flight: deque = deque()
-        first = 0
-        scanner = _Scanner()
-        for span, count in question_spans(path, stop, scanner=scanner):
-            deep = scanner.deepest > MAX_DEPTH
-            in_flight.append(pool.submit(_rank_span, span, first, count, start, deep))
-            first += count
+        for task in _tasks(path, identity, signature, start, stop):
+            in_flight.append(pool.submit(_rank_span, *task))
             if len(in_flight) >= num_workers * TASKS_PER_WORKER:
                 yield _result(in_flight.popleft())
         while in_flight:
             yield _result(in_flight.popleft())
+
+
+def _tasks(path: Path, identity: tuple, signature: Signature | None, start: int,
+           stop: int | None) -> Iterator[tuple]:
+    """The arguments of ``_rank_span`` for each span of the file, in order."""
+    if signature is not None:
+        for number, span in enumerate(signature_spans(path, signature, identity)):
+            yield span, number, None, 0, None
+        return
+    first = 0
+    scanner = _Scanner()
+    for span, count in question_spans(path, stop, scanner=scanner):
+        yield span, first, count, start, scanner.deepest > MAX_DEPTH
+        first += count
 
 
 def _result(pending) -> list[tuple[str, str]]:
