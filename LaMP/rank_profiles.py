@@ -22,8 +22,6 @@ from contextlib import ExitStack
 from itertools import chain, islice
 from pathlib import Path
 
-from tqdm import tqdm
-
 if importlib.util.find_spec("LaMP") is None:
     # Run from a checkout without `pip install -e .` (as the original README's steps
     # do): make the repository root importable.
@@ -37,8 +35,8 @@ from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.retrieval import RANKERS, build_ranker
 from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranker
-from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_in_workers,
-                                           worth_workers)
+from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_here,
+                                           rank_in_workers, worth_fast_path, worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
 
 logger = logging.getLogger(__name__)
@@ -114,7 +112,9 @@ def main(argv=None) -> dict:
         logger.info("shard %d of %d: questions %d … %d", args.shard_id, args.num_shards,
                     shard.start, shard.stop - 1)
     ranker = count = None
-    if worth_workers(input_path, args.num_workers, args.ranker) and (shard is None or shard):
+    if ((worth_workers(input_path, args.num_workers, args.ranker)
+         or worth_fast_path(input_path, args.num_workers, args.ranker))
+            and (shard is None or shard)):
         try:
             ranker, count = _rank_in_workers(args, input_path, output_path, shard)
         except FastPathFailed as reason:
@@ -151,6 +151,8 @@ def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
     # Written as it goes: a train split's ranking holds millions of ids, too many to keep.
     seen: set[str] = set()
     with JsonObjectWriter(output_path) as writer:
+        from tqdm import tqdm  # here, not at the top: its import takes a tenth of a second
+
         progress = tqdm(ranker.rank(questions), total=len(shard) if shard is not None else None,
                         unit="question", desc="ranking")
         for question, ranking in progress:
@@ -165,13 +167,17 @@ def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
 
 def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Path,
                      shard: range | None) -> tuple[Ranker, int]:
-    """Rank in ``--num_workers`` processes; ``FastPathFailed`` on anything but a clean file
-    (the caller then ranks inline, which names the problem exactly)."""
+    """Rank in ``--num_workers`` processes (with one, on the same fast path in this one);
+    ``FastPathFailed`` on anything but a clean file (the caller then ranks inline, which
+    names the problem exactly)."""
     ranker = _build_ranker(args)  # cheap for these rankers; it describes the run
-    batches = rank_in_workers(input_path, args.task.name, args.ranker,
-                              {"use_date": args.use_date, "seed": args.seed,
-                               "tie_order": args.tie_order}, args.num_workers,
-                              *((shard.start, shard.stop) if shard is not None else ()))
+    options = {"use_date": args.use_date, "seed": args.seed, "tie_order": args.tie_order}
+    bounds = (shard.start, shard.stop) if shard is not None else ()
+    if args.num_workers == 1:
+        batches = rank_here(input_path, args.task.name, args.ranker, options, *bounds)
+    else:
+        batches = rank_in_workers(input_path, args.task.name, args.ranker, options,
+                                  args.num_workers, *bounds)
     seen: set[str] = set()
     total = len(shard) if shard is not None else None
     with JsonObjectWriter(output_path) as writer, ExitStack() as stack:
@@ -180,7 +186,10 @@ def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Pa
             if progress is None:
                 # The bar only once the pool is up: its monitor thread would make the pool
                 # start from a fork server (a fresh interpreter, ~0.2 s), since forking a
-                # process with a second thread is not safe.
+                # process with a second thread is not safe. Imported only now too, while
+                # the workers rank (it takes ~50 ms).
+                from tqdm import tqdm
+
                 progress = stack.enter_context(tqdm(total=total, unit="question",
                                                     desc="ranking"))
             for question_id, encoded_ranking in batch:

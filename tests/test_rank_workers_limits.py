@@ -97,3 +97,20 @@ def test_nesting_at_the_limit_and_short_floats_rank_in_workers(tmp_path, small_c
     monkeypatch.setattr(rank_profiles, "_rank_inline", refuse)
     assert run(path, tmp_path / "two.json", "2") == inline
     assert len(json.loads(inline)) == len(data)
+
+
+@pytest.mark.parametrize("item, shallow", [
+    ({"id": "1", "text": "a"}, True),
+    ({"id": "1", "text": "a", "date": "2020-01-01"}, True),
+    ({"id": "1", "text": "a", "date": None}, True),
+    ({"id": "1", "text": "a", "date": ["2020"]}, False),
+    ({"id": "1", "text": "a", "tags": "x"}, True),
+    ({"id": "1", "text": "a", "tags": ["x"]}, False),
+    ({"id": "1", "text": "a", "date": "d", "tags": {"k": 1}}, False),
+])
+def test_the_depth_check_on_parsed_questions_looks_at_every_value_it_must(item, shallow):
+    question = {"id": "q", "input": "x: y", "profile": [{"id": "0", "text": "b"}, item]}
+    assert parallel_rank._shallow([question], ("text",)) is shallow
+    assert parallel_rank._shallow([question, {**question, "extra": 5}], ("text",)) is shallow
+    assert parallel_rank._shallow([{**question, "extra": [5]}], ("text",)) is False
+    assert parallel_rank._shallow([{**question, "extra": {"k": 5}}], ("text",)) is False
