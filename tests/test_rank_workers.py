@@ -460,7 +460,9 @@ def test_signature_spans_are_runs_of_whole_questions(tmp_path, monkeypatch, wind
 def test_signature_needs_two_questions_objects_and_a_plain_first_key(tmp_path):
     cases = {"[]": None, '[{"id": "a"}]': None, '[[1], [2]]': None,
              '[{"a\\"b": 1}, {"a\\"b": 2}]': None,
-             '\ufeff [{"id": 1}, {"id": 2}]': (b' 1}, {"id"', 3, 5)}
+             '[{"id": 1}, {"id": 2}]': None,  # ends in a single bracket: items might too
+             '\ufeff [{"id": [1]}, {"id": [2]}]': (b']}, {"id"', 2, 5),
+             '[{"p": [{}\n ]\n}, {"id": 2}]': (b'}\n ]\n}, {"id"', 6, 1)}
     for content, expected in cases.items():
         path = tmp_path / "q.json"
         path.write_text(content, encoding="utf-8")
@@ -538,9 +540,16 @@ def test_a_cut_inside_a_profile_sends_the_run_inline_with_the_same_rankings(
 
 
 def test_a_span_past_its_limit_sends_the_run_inline(tmp_path, small_chunks, monkeypatch):
-    path = write_questions(tmp_path / "q.json", varied_questions(30))
-    monkeypatch.setattr(parallel_rank, "MAX_SPAN_BYTES", 200)
+    # The second question starts with another key than all the others: the signature
+    # learned from the first boundary never recurs, and the rest is one span.
+    questions = tricky_questions(30, items=3)
+    questions[1] = {"input": questions[1]["input"], "id": questions[1]["id"],
+                    "profile": questions[1]["profile"]}
+    path = write_questions(tmp_path / "q.json", questions)
+    question_bytes = len(json.dumps(questions[0]))
+    monkeypatch.setattr(parallel_rank, "MAX_SPAN_BYTES", 5 * question_bytes)
     monkeypatch.setattr(parallel_rank, "_WINDOW_BYTES", 64)
+    assert parallel_rank.learn_signature(path).marker == b'}]}, {"input"'
     with pytest.raises(FastPathFailed):
         parsed_signature_spans(path, 1)
     inline, parallel = rankings_with_fallbacks(path, tmp_path, monkeypatch)
@@ -598,3 +607,25 @@ def test_an_error_on_the_one_worker_fast_path_reads_as_inline(tmp_path, small_ch
     assert str(error.value) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json"]
     assert parallel_rank._worker == {}
+
+
+def test_no_signature_for_a_first_question_past_the_span_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel_rank, "MAX_SPAN_BYTES", 5_000)
+    monkeypatch.setattr(parallel_rank, "_WINDOW_BYTES", 64)  # many reads, growing
+    questions = tricky_questions(4, items=3)
+    questions[0]["profile"] *= 100  # about 10 KB
+    path = write_questions(tmp_path / "q.json", questions)
+    assert parallel_rank.learn_signature(path) is None
+    monkeypatch.setattr(parallel_rank, "MAX_SPAN_BYTES", 50_000)
+    assert parallel_rank.learn_signature(path).marker == b'}]}, {"id"'
+
+
+def test_without_a_signature_the_exact_splitter_cuts_the_file_for_the_workers(
+        tmp_path, small_chunks, monkeypatch):
+    # Questions that end with a string (as merged files do): no signature.
+    questions = [{**question, "output": "the end"} for question in tricky_questions(20)]
+    path = write_questions(tmp_path / "q.json", questions)
+    assert parallel_rank.learn_signature(path) is None
+    inline, = rankings_for(path, tmp_path, "LaMP-7", (1,), "--ranker", "bm25")
+    monkeypatch.setattr(rank_profiles, "_rank_inline", None)  # the workers must do it
+    assert rankings_for(path, tmp_path, "LaMP-7", (2,), "--ranker", "bm25") == [inline]

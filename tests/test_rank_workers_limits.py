@@ -108,9 +108,68 @@ def test_nesting_at_the_limit_and_short_floats_rank_in_workers(tmp_path, small_c
     ({"id": "1", "text": "a", "tags": ["x"]}, False),
     ({"id": "1", "text": "a", "date": "d", "tags": {"k": 1}}, False),
 ])
-def test_the_depth_check_on_parsed_questions_looks_at_every_value_it_must(item, shallow):
+def test_the_shape_check_on_parsed_questions_looks_at_every_value_it_must(item, shallow):
     question = {"id": "q", "input": "x: y", "profile": [{"id": "0", "text": "b"}, item]}
-    assert parallel_rank._shallow([question], ("text",)) is shallow
-    assert parallel_rank._shallow([question, {**question, "extra": 5}], ("text",)) is shallow
-    assert parallel_rank._shallow([{**question, "extra": [5]}], ("text",)) is False
-    assert parallel_rank._shallow([{**question, "extra": {"k": 5}}], ("text",)) is False
+    count = 4 if shallow else None  # the question, its profile, two items
+    assert parallel_rank._containers([question], ("text",)) == count
+    assert parallel_rank._containers([question, {**question, "extra": 5}], ("text",)) == (
+        None if count is None else 2 * count)
+    assert parallel_rank._containers([{**question, "extra": [5]}], ("text",)) is None
+    assert parallel_rank._containers([{**question, "extra": {"k": 5}}], ("text",)) is None
+
+
+def nested_dicts(levels: int) -> str:
+    return '{"k": ' * levels + "1" + "}" * levels
+
+
+# Nesting the parsed questions do not show: under a key that occurs twice (the parser keeps
+# the last value), or in a field that validation turns into text. Found by review.
+HIDDEN_DEPTH = {
+    "a field holding a deep list": lambda text: text.replace(
+        '"text": "words 1', '"text": ' + json.dumps(nested(70)) + ', "x": "words 1', 1),
+    "a field holding deep objects": lambda text: text.replace(
+        '"text": "words 1', '"text": ' + nested_dicts(61) + ', "x": "words 1', 1),
+    "a repeated question key": lambda text: text.replace(
+        '"id": "q5"', '"extra": ' + json.dumps(nested(70)) + ', "extra": 1, "id": "q5"', 1),
+    "a repeated item key": lambda text: text.replace(
+        '"id": "q5-1"', '"x": ' + json.dumps(nested(62)) + ', "x": 1, "id": "q5-1"', 1),
+}
+
+
+@pytest.mark.parametrize("ranker", ["bm25", "recency"])
+@pytest.mark.parametrize("case", sorted(HIDDEN_DEPTH))
+def test_nesting_the_parsed_questions_hide_is_refused_as_with_one_worker(
+        tmp_path, small_chunks, monkeypatch, case, ranker):
+    text = HIDDEN_DEPTH[case](json.dumps(questions()))
+    path = tmp_path / "q.json"
+    path.write_text(text)
+    messages = []
+    for workers, fast_from in (("1", float("inf")), ("1", 1), ("2", 1)):
+        monkeypatch.setattr(parallel_rank, "FAST_PATH_MIN_BYTES", fast_from)
+        with pytest.raises(LampError) as error:
+            rank_profiles.main(["--input_data_addr", str(path), "--output_ranking_addr",
+                                str(tmp_path / "r.json"), "--task", "LaMP-7", "--ranker",
+                                ranker, "--num_workers", workers])
+        messages.append(str(error.value))
+    assert messages == [messages[0]] * 3 and "nesting deeper than" in messages[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json"]
+
+
+def test_brackets_in_texts_past_the_margin_take_the_guard_and_rank_in_workers(
+        tmp_path, small_chunks, monkeypatch):
+    data = questions(6)
+    data[3]["profile"][0]["text"] = "[" * 70 + " words"  # not nesting: inside a string
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(data))
+    inline = run(path, tmp_path / "one.json", "1")
+    guarded = []
+    original = parallel_rank._guard_passes
+    monkeypatch.setattr(parallel_rank, "_guard_passes",
+                        lambda span: guarded.append(len(span)) or original(span))
+    monkeypatch.setattr(parallel_rank, "_pool_context",
+                        lambda: __import__("multiprocessing").get_context("fork"))
+    monkeypatch.setattr(parallel_rank, "FAST_PATH_MIN_BYTES", 1)
+    monkeypatch.setattr(rank_profiles, "_rank_inline", None)
+    assert run(path, tmp_path / "fast.json", "1") == inline
+    assert len(guarded) == 1  # the one span with the bracketed text, in this process
+    assert run(path, tmp_path / "two.json", "2") == inline

@@ -27,8 +27,11 @@ questions the exact splitter counted where it counted them, or the run fails. Th
 span starts at the list's start; a span that starts where values end and parses as whole
 values ends where values end too, so spans that parse are the list itself, cut between its
 elements, and a wrong cut (inside a string, inside a question) cannot go unnoticed. The
-depth limit, which ``json`` does not enforce, is checked on the parsed questions: nothing
-nests deeper than a LaMP file does, or the readers' guard passes over the span's bytes.
+depth limit, which ``json`` does not enforce, is checked without a pass over every byte
+where that is safe: the parsed questions are shaped as in a LaMP file and the span's
+opening brackets do not outnumber the objects and lists they hold by enough to hide deeper
+nesting (under a repeated key, in a field that validation made text); otherwise the
+readers' guard passes over the span's bytes.
 
 Workers are forked on Linux (no imports to repeat; see ``_pool_context`` for when and how);
 they import nothing beyond what the main process has (no torch for these rankers), ignore
@@ -193,8 +196,13 @@ def _escaped(backslashes: np.ndarray, after_backslash: np.ndarray) -> np.ndarray
     return after_backslash[run_length % 2 == 1]
 
 
+class _TooLong(FastPathFailed):
+    """No question ended within the bytes the caller allowed."""
+
+
 def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None = None,
-                   block_bytes: int | None = None, scanner: _Scanner | None = None
+                   block_bytes: int | None = None, scanner: _Scanner | None = None,
+                   grow: bool = False, max_bytes: int | None = None
                    ) -> Iterator[tuple[bytes, int]]:
     """``(span, count)``: consecutive runs of the first ``stop`` (all) questions of the JSON
     list in ``path``, each about ``chunk_bytes`` long. A span runs from just past the end of
@@ -202,7 +210,10 @@ def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None 
     just past the end of its last question. Raises ``FastPathFailed`` on a layout it does not
     follow; the spans are only as good as their parse (see the module's docstring).
     ``scanner``, when given, is the one used (its ``deepest`` covers each span when it is
-    handed out)."""
+    handed out). ``grow``: reads start at ``block_bytes`` and double up to ``BLOCK_BYTES``
+    (a short look at the start of a file, in few reads however long its questions).
+    ``max_bytes``: raise ``_TooLong`` once that many bytes are held without a question's
+    end."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes  # read now: tests patch it
     scanner = _Scanner() if scanner is None else scanner
@@ -215,8 +226,12 @@ def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None 
             handle.seek(0)
         while stop is None or given < stop:
             block = handle.read(block_bytes)
+            if grow:
+                block_bytes = max(min(2 * block_bytes, BLOCK_BYTES), block_bytes)
             opened = scanner.opened_at >= 0
             buffer += block
+            if max_bytes is not None and not pending and len(buffer) > max_bytes:
+                raise _TooLong(f"no question ends within {max_bytes:,} bytes")
             # Start at the first of any backslashes the scanned bytes end with: they are
             # neither quotes nor brackets, and an escape needs its whole run.
             start = scanned
@@ -258,38 +273,47 @@ def question_spans(path: Path, stop: int | None = None, chunk_bytes: int | None 
 
 
 class Signature(NamedTuple):
-    """The bytes where the file's first question ends and its second starts, from a few
-    bytes before the first one's closing brace to the second one's first key (in a file
-    ``json.dump`` wrote, ``}]}, {"id"``), and where the list's content starts."""
+    """The bytes where the file's first question ends and its second starts: the closing
+    brackets that end the first (two or three of them, with any whitespace between) and the
+    second one's first key; in a file ``json.dump`` wrote, ``}]}, {"id"``. And where the
+    list's content starts."""
 
     marker: bytes
     end: int  # where, in ``marker``, a question ends (just past its closing brace)
     list_start: int  # file offset just past the list's "["
 
 
-def learn_signature(path: Path, block_bytes: int | None = None) -> Signature | None:
+def learn_signature(path: Path) -> Signature | None:
     """The ``Signature`` of the questions file ``path``, found by the exact splitter over its
-    first two questions; ``None`` when it has fewer, or they do not look like objects whose
-    first key has no escapes. Raises ``FastPathFailed`` on a layout the splitter does not
-    follow."""
+    first two questions; ``None`` when there is no good one (fewer than two questions within
+    ``MAX_SPAN_BYTES``, or ones that are not objects, end in fewer than two closing brackets
+    or start with a key that has escapes): then the exact splitter cuts the whole file.
+    Raises ``FastPathFailed`` on a layout the splitter does not follow."""
     scanner = _Scanner()
-    spans = list(question_spans(path, stop=2, chunk_bytes=1, scanner=scanner,
-                                block_bytes=_WINDOW_BYTES if block_bytes is None else block_bytes))
+    try:
+        spans = list(question_spans(path, stop=2, chunk_bytes=1, scanner=scanner,
+                                    block_bytes=_WINDOW_BYTES, grow=True,
+                                    max_bytes=MAX_SPAN_BYTES))
+    except _TooLong:
+        return None
     if len(spans) < 2:
         return None
     first, second = spans[0][0].strip(_JSON_SPACE.encode()), spans[1][0]
-    if not (first.startswith(b"{") and first.endswith(b"}")):
-        return None
+    closing = _CLOSING_RUN.search(first[-256:])
     match = _NEXT_QUESTION.match(second)
-    if match is None:
+    if not first.startswith(b"{") or closing is None or match is None:
         return None
     with open(path, "rb") as handle:
         bom = 3 if handle.read(3) == b"\xef\xbb\xbf" else 0
-    tail = first[-3:]
+    tail = closing.group()
     return Signature(tail + match.group(), len(tail), bom + scanner.opened_at)
 
 
-# A comma, then an object's opening brace and its first key, which has no escapes.
+# The closing brackets an object ends with, two or three of them (an item's, its profile
+# list's and its own, in a LaMP file), whitespace between: fewer would also end profile
+# items that end with a string. A comma, then an object's opening brace and its first key,
+# which has no escapes.
+_CLOSING_RUN = re.compile(rb'(?:[\]}][ \t\n\r]*){1,2}\}\Z')
 _NEXT_QUESTION = re.compile(rb'[ \t\n\r]*,[ \t\n\r]*\{[ \t\n\r]*"[^"\\]*"')
 
 
@@ -299,14 +323,14 @@ def signature_spans(path: Path, signature: Signature, identity: tuple | None = N
     ``path``, each about ``chunk_bytes`` long, cut where ``signature.marker`` recurs.
 
     Far cheaper than ``question_spans``: past each cut it skips ``chunk_bytes`` and reads
-    only until the marker's next occurrence (a few KB per span, not the whole file). As
-    safe, because the marker cannot cut inside a string: it holds a quote after bytes that
-    are not quotes, which can only open a string in valid JSON (a closing one would be
-    followed by the key's letters). Cutting inside a nested value is possible (a profile
-    item that ends like a question), and then a span does not parse and the run goes
-    inline, as with any problem with the file, the skipped bytes included: every span is
-    parsed whole. Cuts it misses only make spans longer (up to ``MAX_SPAN_BYTES``). Nothing
-    before the list's ``[`` is looked at again: ``learn_signature`` checked it.
+    only until the marker's next occurrence (a few KB per span, not the whole file). The cuts
+    are guesses that the workers' parse checks: the marker may also occur inside a nested
+    value (a profile item that ends like a question) or, in a contrived file, inside a
+    string; a span cut there does not parse, and the run goes inline, as with any problem
+    with the file, the skipped bytes included (every span is parsed whole). Cuts it misses
+    only make spans longer, up to ``MAX_SPAN_BYTES``, past which it raises
+    ``FastPathFailed``. Nothing before the list's ``[`` is looked at again:
+    ``learn_signature`` checked it.
     ``identity``: the file's (``file_identity``), if it must not have changed.
     """
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -428,12 +452,13 @@ def _parse_span(span: bytes, first: int, count: int | None, deep: bool | None = 
                 ) -> list | None:
     """The questions of one span, or ``None`` where ijson might read it differently.
 
-    ``first``: the index of the span's first question (0: the span starts the list; the
-    others start with a comma). ``count``: how many questions it holds (``None``: not known;
-    the parse alone checks the span). ``deep``: the span may nest deeper than ``MAX_DEPTH``;
-    only then, or when it holds an escape that may be half a surrogate pair, does the guard's
-    pass over the bytes run (``None``: not known, for the caller to check on the parsed
-    questions, see ``_shallow``). The other limits every reader enforces are caught without
+    ``first``: the index of the span's first question, or for spans cut by the signature
+    the span's number (for messages only; 0: the span starts the list, the others start
+    with a comma). ``count``: how many questions it holds (``None``: not known; the parse
+    alone checks the span). ``deep``: the span may nest deeper than ``MAX_DEPTH``; only
+    then, or when it holds an escape that may be half a surrogate pair, does the guard's
+    pass over the bytes run (``None``: not known, for the caller to check, see
+    ``_within_depth``). The other limits every reader enforces are caught without
     it: strict UTF-8 by ``decode``, numbers by the parse hooks (a float too long to be sure
     of is refused outright). ``None`` on any of them sends the run inline, which names the
     problem with its byte offset.
@@ -479,28 +504,45 @@ def _read_span(offset: int, length: int) -> bytes | None:
 _SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
-def _shallow(questions: list[dict], fields: tuple[str, ...]) -> bool:
-    """Whether valid questions (objects with a profile list of objects holding an id and
-    ``fields``, all made text) nest no deeper than a LaMP file does: every value of a
-    question but its profile plain, and every value of an item (besides its id and fields,
-    which are text) plain. Then nothing is deeper than 4 (the list, a question, its
-    profile, an item). C-level passes only: item sizes, and the dates of items that have one
-    more key; the types of all item values only where items hold other keys."""
+def _containers(questions: list[dict], fields: tuple[str, ...]) -> int | None:
+    """How many objects and lists valid questions (objects with a profile list of objects
+    holding an id and ``fields``, all made text by validation) hold, when they are shaped
+    as in a LaMP file: every value of a question but its profile plain, and every value of
+    an item plain. ``None`` otherwise. C-level passes only: item sizes, and the dates of
+    items that have one more key; the types of all item values only where items hold
+    other keys."""
     kinds = list(map(type, chain.from_iterable(map(dict.values, questions))))
     if not set(kinds) <= _SCALARS | {list} or kinds.count(list) != len(questions):
-        return False  # a list besides the profile, or an object: the guard decides
+        return None  # a list besides the profile, or an object
     items = list(chain.from_iterable(map(itemgetter("profile"), questions)))
+    count = 2 * len(questions) + len(items)  # the questions, their profiles, the items
     plain = len(fields) + 1  # the id and the fields, all text after validation
     sizes = list(map(len, items))
     if max(sizes, default=plain) == plain:
-        return True
+        return count
     if min(sizes) >= plain and max(sizes) == plain + 1:
         dated = compress(items, map(plain.__lt__, sizes))
         try:
-            return set(map(type, map(itemgetter("date"), dated))) <= _SCALARS
+            return count if set(map(type, map(itemgetter("date"), dated))) <= _SCALARS else None
         except KeyError:  # another key than a date
             pass
-    return set(map(type, chain.from_iterable(map(dict.values, items)))) <= _SCALARS
+    return count if set(map(type, chain.from_iterable(map(dict.values, items)))) <= _SCALARS else None
+
+
+def _within_depth(span: bytes, questions: list[dict], fields: tuple[str, ...]) -> bool:
+    """Whether the questions parsed (and validated) from ``span`` cannot nest deeper than
+    ``MAX_DEPTH``, as far as cheap checks can tell (``False``: let the guard decide).
+
+    The parsed questions do not show everything the bytes held: a value under a key that
+    occurs twice is dropped by the parser, and validation turns a field's value into
+    text. So they must be LaMP-shaped (nothing deeper than an item, depth 4), and the
+    span's opening brackets may outnumber the objects and lists they hold by at most
+    ``MAX_DEPTH - 4``: nesting past ``MAX_DEPTH`` unseen would take at least one more
+    (from a dropped value in an item, at depth 5, to depth ``MAX_DEPTH + 1``). Brackets
+    inside strings count against the margin too, which only errs on the side of the
+    guard."""
+    seen = _containers(questions, fields)
+    return seen is not None and span.count(b"[") + span.count(b"{") - seen <= MAX_DEPTH - 4
 
 
 def _rank_span(span: bytes | tuple[int, int], first: int, count: int | None, rank_from: int,
@@ -520,7 +562,7 @@ def _rank_span(span: bytes | tuple[int, int], first: int, count: int | None, ran
         for offset, question in enumerate(questions):
             validate_question(question, first + offset, _worker["source"], _worker["task"])
         fields = _worker["task"].profile_fields
-        if deep is None and not _shallow(questions, fields) and not _guard_passes(span):
+        if deep is None and not _within_depth(span, questions, fields) and not _guard_passes(span):
             return None
         ranked = list(_worker["ranker"].rank(questions[max(rank_from - first, 0):]))
         return list(zip(map(itemgetter("id"), map(itemgetter(0), ranked)),
