@@ -30,6 +30,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,21 +108,29 @@ def timed(function, repeats: int = 1):
 
 def compare(functions, repeats: int):
     """``timed`` for each function, their runs interleaved so that changing load hits all
-    alike."""
+    alike: (result, best wall, best CPU, every run's wall) for each."""
     runs = [[timed(function) for function in functions] for _ in range(repeats)]
-    return [(results[0][0], min(r[1] for r in results), min(r[2] for r in results))
-            for results in zip(*runs)]
+    return [(results[0][0], min(r[1] for r in results), min(r[2] for r in results),
+             [r[1] for r in results]) for results in zip(*runs)]
 
 
 def report(label: str, ours: tuple, theirs: tuple, unit_count: int, unit: str) -> None:
-    _, our_wall, our_cpu = ours
-    _, their_wall, their_cpu = theirs
+    our_wall, our_cpu = ours[1:3]
+    their_wall, their_cpu = theirs[1:3]
     print(f"  {label}")
     print(f"    published: {their_wall:8.2f} s wall {their_cpu:8.2f} s CPU "
           f"({unit_count / their_wall:,.1f} {unit}/s)")
     print(f"    ours:      {our_wall:8.2f} s wall {our_cpu:8.2f} s CPU "
           f"({unit_count / our_wall:,.1f} {unit}/s)")
-    print(f"    speed-up:  {their_wall / our_wall:8.1f}x wall {their_cpu / our_cpu:8.1f}x CPU")
+    pairs = ""
+    if len(ours) > 3 and len(ours[3]) > 1:
+        # On a shared machine the best runs may come from different moments; runs made
+        # one after the other see the same load.
+        ratios = sorted(theirs_run / ours_run for theirs_run, ours_run in zip(theirs[3], ours[3]))
+        pairs = (f"; per pair of runs made together: median {statistics.median(ratios):.1f}x "
+                 f"(from {ratios[0]:.1f}x to {ratios[-1]:.1f}x, {len(ratios)} pairs)")
+    print(f"    speed-up:  {their_wall / our_wall:8.1f}x wall {their_cpu / our_cpu:8.1f}x CPU"
+          f"{pairs}")
 
 
 def canonical_ties(ranking: list[str], scores: dict[str, float], profile_ids: list[str]):

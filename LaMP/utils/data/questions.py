@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from itertools import chain
 from operator import itemgetter
 from typing import Any, Iterator
 
@@ -59,10 +58,11 @@ def _profile_is_clean(profile: list, fields: tuple[str, ...]) -> bool:
     """Whether every item is an object whose id and ``fields`` are all strings (the usual
     case), checked with C-level calls: per-item Python code costs as much as ranking."""
     try:
-        values = list(map(itemgetter("id", *fields), profile))
+        # Field by field: no tuple per item.
+        return all(set(map(type, map(itemgetter(field), profile))) <= {str}
+                   for field in ("id", *fields))
     except (TypeError, KeyError, IndexError):
         return False
-    return set(map(type, chain.from_iterable(values) if fields else values)) <= {str}
 
 
 def _check_profile(profile: list, fields: tuple[str, ...], where: str, task: Task | None) -> None:

@@ -84,8 +84,9 @@ def ranked_ids_many(profiles: Sequence[Sequence[Mapping]], scores: Sequence[np.n
     sizes = [len(profile) for profile in profiles]
     flat = np.concatenate(scores) if scores else np.zeros(0)
     question = np.repeat(np.arange(len(profiles)), sizes)
-    order = np.lexsort((-flat, question)).tolist()
-    ids = list(map(itemgetter("id"), chain.from_iterable(profiles)))
-    ranked = list(map(ids.__getitem__, order))
+    order = np.lexsort((-flat, question))
+    ids = np.fromiter(map(itemgetter("id"), chain.from_iterable(profiles)), dtype=object,
+                      count=len(flat))
+    ranked = ids[order].tolist()
     ends = list(accumulate(sizes))
     return [ranked[end - size:end] for size, end in zip(sizes, ends)]
