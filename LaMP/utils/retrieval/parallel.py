@@ -526,7 +526,8 @@ def _containers(questions: list[dict], fields: tuple[str, ...]) -> int | None:
             return count if set(map(type, map(itemgetter("date"), dated))) <= _SCALARS else None
         except KeyError:  # another key than a date
             pass
-    return count if set(map(type, chain.from_iterable(map(dict.values, items)))) <= _SCALARS else None
+    values = chain.from_iterable(map(dict.values, items))
+    return count if set(map(type, values)) <= _SCALARS else None
 
 
 def _within_depth(span: bytes, questions: list[dict], fields: tuple[str, ...]) -> bool:
@@ -695,10 +696,7 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
     or a worker process ends before its work does.
     """
     context = _pool_context()
-    identity = file_identity(os.stat(path))
-    # The whole file: cut by its signature, the workers reading their spans from the file.
-    # A shard: the exact splitter, which counts questions.
-    signature = learn_signature(path) if start == 0 and stop is None else None
+    identity, signature = _plan(path, start, stop)
     options = (ranker_name, task_name, ranker_options, str(path), identity, num_workers, None)
     with _terminate_on_sigterm(), _started_pool(context, num_workers, options) as pool:
         in_flight: deque = deque()
@@ -708,6 +706,14 @@ def rank_in_workers(path: Path, task_name: str, ranker_name: str, ranker_options
                 yield _result(in_flight.popleft())
         while in_flight:
             yield _result(in_flight.popleft())
+
+
+def _plan(path: Path, start: int, stop: int | None) -> tuple[tuple, Signature | None]:
+    """The file's identity, and how to cut it: the whole file by its signature (the spans
+    then read from the file), a shard (or a file without a signature) by the exact
+    splitter, which counts questions."""
+    identity = file_identity(os.stat(path))
+    return identity, learn_signature(path) if start == 0 and stop is None else None
 
 
 def _tasks(path: Path, identity: tuple, signature: Signature | None, start: int,
@@ -730,8 +736,7 @@ def rank_here(path: Path, task_name: str, ranker_name: str, ranker_options: dict
     process, for one core. Much faster than the inline reader, whose parser hands every JSON
     token to Python; the same result, or ``FastPathFailed`` where the inline run must
     decide."""
-    identity = file_identity(os.stat(path))
-    signature = learn_signature(path) if start == 0 and stop is None else None
+    identity, signature = _plan(path, start, stop)
     tasks = _tasks(path, identity, signature, start, stop)
     state = _worker_state(ranker_name, task_name, ranker_options, str(path), identity, 1)
     previous = dict(_worker)
