@@ -51,8 +51,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n_train", type=int, default=48,
                         help="training questions per run (48 = 3 steps of 16: all settings, "
-                             "k 0 and 2, near 10 minutes on 2 quiet cores; the README's "
-                             "numbers used 64)")
+                             "k 0 and 2, near 10 minutes on 2 quiet cores)")
     parser.add_argument("--n_heldout", type=int, default=32,
                         help="other questions whose loss after training is compared")
     parser.add_argument("--batch_size", type=int, default=16,

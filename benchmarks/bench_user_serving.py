@@ -41,7 +41,7 @@ SAMPLE = REPO / "data" / "sample" / "user" / "LaMP_7" / "dev_questions.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=64,
-                        help="users served, one question each (the issue's 64+)")
+                        help="users served, one question each (64 or more make a realistic mix)")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="questions per mixed batch (evaluate_llm.py's default)")
     parser.add_argument("--max_loaded_adapters", type=int, default=None,

@@ -1,4 +1,4 @@
-"""The switches to the official side of each known deviation (README, "Known deviations"):
+"""The switches to the official side of each known deviation (docs/deviations.md):
 BM25 tie order, ROUGE aggregation, input truncation; and the grid that measures them."""
 from __future__ import annotations
 

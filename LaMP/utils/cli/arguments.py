@@ -41,11 +41,11 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
                         help="how profile items share the budget: 'exact' counts every piece "
                              "in the model's tokens (default: the prompt fits --max_length); "
                              "'official' sizes them by the official code's fixed constants "
-                             "(README, \"Known deviations\"), the tokenizer cutting any excess")
+                             "(docs/deviations.md), the tokenizer cutting any excess")
 
 
 def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
-    """How BM25 orders profile items with equal scores (README, "Known deviations")."""
+    """How BM25 orders profile items with equal scores (docs/deviations.md)."""
     parser.add_argument("--tie_order", default="profile", choices=TIE_ORDERS,
                         help="BM25 ties: 'profile' keeps profile order (default: the same "
                              "ranking on every machine); 'argsort' is the published code's "

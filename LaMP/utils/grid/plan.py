@@ -335,7 +335,7 @@ class Runner:
         return [self.path(token, run) for token in run.argv]
 
     def command(self, run: StageRun) -> str:
-        """The shell command of one stage run, as the README writes it (from the repo root)."""
+        """The shell command of one stage run, as the docs write it (from the repo root)."""
         prefix = shlex.split(self.launcher) if self.launcher and run.stage.launched \
             else ["python"]
         return shlex.join([*prefix, run.stage.script, *self.argv(run)])

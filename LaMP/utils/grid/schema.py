@@ -5,7 +5,7 @@ A grid is a set of axes whose product, minus ``exclude`` rules, is the set of ce
     tasks × splits × models × methods × retrievers × k
 
 plus the stage flags, an optional subset of the evaluated questions, the baseline column of
-the significance test and reference numbers from a paper. README.md ("Grids") documents every
+the significance test and reference numbers from a paper. docs/grids.md documents every
 key; ``load_grid`` refuses anything else.
 """
 from __future__ import annotations

@@ -16,8 +16,8 @@ templates themselves live in the task registry (``Task.prompt``). The builder fi
 the items still get only what its (at most 60%) share leaves, and the model's tokenizer cuts
 the finished prompt at ``max_length``, so a long input loses its end and what follows it.
 
-``prompt_budget="official"`` sizes the items as the official prompt code does (README, "Known
-deviations"): every count includes the tokenizer's special tokens; the items' room is the
+``prompt_budget="official"`` sizes the items as the official prompt code does
+(docs/deviations.md): every count includes the tokenizer's special tokens; the items' room is the
 budget less ``min(input tokens, int(0.6 * budget))``; each of ``n`` items gets
 ``(room - reserve - 2 * (n - 1) - fixed) // n`` tokens, where ``reserve``, ``fixed`` and
 what an item costs besides its long field are the task's fixed constants
