@@ -7,6 +7,7 @@ The server is the one test_download_data.py starts on 127.0.0.1.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -470,8 +471,9 @@ def test_a_second_run_into_the_same_folder_is_refused(server, tmp_path, capsys):
         "dev_questions.json"]
     assert not list(tmp_path.rglob("*.part"))
     capsys.readouterr()
-    # Once the first run is over the folder is free again.
+    # Once the first run is over the folder is free again; the lock file keeps its pid.
     assert [r.status for r in download_data.main(args)] == ["up to date", "up to date"]
+    assert (tmp_path / ".download_data.lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_the_refusal_names_the_other_process(server, tmp_path):
@@ -500,7 +502,7 @@ def test_a_folder_that_cannot_be_locked_still_downloads(server, tmp_path, capsys
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(download.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     results = download_data.main(lamp7_dev(server, tmp_path))
     assert [r.status for r in results] == ["downloaded", "downloaded"]
     assert f"{tmp_path / '.download_data.lock'}: cannot lock (No locks available)" in \
@@ -513,6 +515,26 @@ def test_a_lock_file_name_taken_by_a_folder_is_one_line(server, tmp_path, capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --out_dir {tmp_path}: cannot write its lock file .download_data.lock "
         "(Is a directory)"]
+    assert server.log == []
+
+
+@pytest.mark.parametrize("taken_by", ["a link to the user's file", "a FIFO"])
+def test_a_lock_file_name_taken_by_a_link_or_a_fifo_is_one_line(server, tmp_path, capsys,
+                                                                 taken_by):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    out_dir = tmp_path / "raw_data"
+    out_dir.mkdir()
+    lock = out_dir / ".download_data.lock"
+    if taken_by == "a FIFO":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to(mine)
+    assert run(download_data.main, lamp7_dev(server, out_dir)) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --out_dir {out_dir}: cannot write its lock file "
+                           ".download_data.lock (")
+    assert mine.read_text() == "mine"  # no pid written through the link
     assert server.log == []
 
 

@@ -7,6 +7,7 @@ import errno
 import http.client
 import logging
 import os
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -17,11 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-try:
-    import fcntl
-except ImportError:  # Windows has no flock: runs there are not kept apart (a warning says so)
-    fcntl = None
-
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from LaMP.utils.data.fileio import JsonListWriter, atomic_write_json, read_json
@@ -67,7 +64,7 @@ MANIFEST_NAME = "download_manifest.json"
 # What the manifest keeps of a FileResult, by file.
 ENTRY_KEYS = ("bytes", "records", "profile_items", "problems", "removed_ids", "remote_bytes",
               "url")
-# Held (fcntl.flock) for the whole run: two runs into one folder would resume, truncate and rename each
+# Held for the whole run: two runs into one folder would resume, truncate and rename each
 # other's .part files. The file stays; it only ever holds the last run's pid.
 LOCK_NAME = ".download_data.lock"
 
@@ -493,37 +490,56 @@ def _valid_entry(entry: object) -> bool:
 @contextmanager
 def out_dir_lock(out_dir: Path):
     """Create ``out_dir`` and hold ``{out_dir}/.download_data.lock`` for the run; LampError
-    when another run holds it."""
+    when another run holds it. A file system without locks is a warning, not an error."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on the way (raw_data/x/…), no permission, a full disk
         raise LampError(f"--out_dir {out_dir}: cannot create ({_os_reason(error)})") from None
     path = out_dir / LOCK_NAME
     try:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = _lock_holder(path)
     except OSError as error:
         raise LampError(f"--out_dir {out_dir}: cannot write its lock file {path.name} "
                         f"({_os_reason(error)})") from None
+    # With on_acquired filelock keeps to flock: its soft fallback, a marker file, would
+    # outlive a killed run and refuse every later one.
+    lock = FileLock(path, on_acquired=_record_pid)
     try:
-        try:
-            if fcntl is None:
-                raise OSError(errno.ENOSYS, "no flock on this system")
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(handle, 32).decode("ascii", "replace").strip() or "unknown"
-            raise LampError(f"another download_data.py is running into {out_dir} "
-                            f"(pid {holder}); wait for it to finish") from None
-        except OSError as error:  # a file system without locks (some network mounts)
-            logger.warning("%s: cannot lock (%s); make sure no other download_data.py runs "
-                           "into this folder", path, _os_reason(error))
-        # The pid only helps the message above; a disk too full to hold it is reported
-        # by the first file that cannot be written, not here.
-        with suppress(OSError):
-            os.ftruncate(handle, 0)
-            os.write(handle, f"{os.getpid()}\n".encode())
+        lock.acquire(blocking=False)
+    except Timeout:  # an OSError too: caught first
+        raise LampError(f"another download_data.py is running into {out_dir} "
+                        f"(pid {holder}); wait for it to finish") from None
+    except OSError as error:  # a file system without locks (some network mounts)
+        logger.warning("%s: cannot lock (%s); make sure no other download_data.py runs "
+                       "into this folder", path, _os_reason(error))
+    try:
         yield
     finally:
-        os.close(handle)  # closing releases the lock
+        if lock.is_locked:
+            lock.release()
+
+
+def _lock_holder(path: Path) -> str:
+    """The pid in the lock file (created when missing), read before the lock is tried so
+    that nothing the lock does to the file can lose it. OSError for what cannot be a lock
+    file (a folder, a link, a FIFO, no permission): an error, where a lock the file system
+    refuses is only a warning."""
+    handle = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.read(handle, 32).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(handle)
+
+
+def _record_pid(handle: int) -> None:
+    """Write this process's pid into the lock file it now holds, for the message above.
+    A disk too full to hold it is reported by the first file that cannot be written."""
+    with suppress(OSError):
+        os.ftruncate(handle, 0)
+        os.lseek(handle, 0, os.SEEK_SET)
+        os.write(handle, f"{os.getpid()}\n".encode())
 
 
 def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest, invalid_golds: GoldCheck,
