@@ -1,4 +1,5 @@
-"""download_data.py against a LaMP-like server on 127.0.0.1 that each test starts.
+"""download_data.py (and LaMP/utils/data/download.py behind it) against a LaMP-like server
+on 127.0.0.1 that each test starts: downloads, resumes, skips, the layout and the flags.
 
 The server honours Range requests and can drop a connection half way through a file, answer
 404, refuse HEAD, hold a response until a test lets it go, or serve a corrupt file, so every
@@ -15,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from LaMP.utils.cli.program import run
+from LaMP.utils.data import download
 from LaMP.utils.errors import LampError
 from conftest import load_script, outputs_doc
 
-download = load_script("download_data.py")
+download_data = load_script("download_data.py")
 
 LAMP2_INSTRUCTION = ("Which tag does this movie relate to among the following tags? Just answer "
                      "with the tag name without further explanation. tags: [sci-fi, comedy] "
@@ -145,7 +147,7 @@ def args_for(server: LampServer, out_dir: Path, *extra: str) -> list[str]:
 def test_full_download_in_the_real_layout(server, tmp_path, capsys):
     user = publish_lamp7(server)
     time_split = publish_lamp7(server, "time/")
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP-7"))
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP-7"))
     assert [r.status for r in results] == ["downloaded"] * 10
     for split, published in (("user", user), ("time", time_split)):
         for name, data in published.items():
@@ -165,10 +167,10 @@ def test_full_download_in_the_real_layout(server, tmp_path, capsys):
 def test_complete_files_are_skipped(server, tmp_path):
     publish_lamp7(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user")
-    download.main(args)
+    download_data.main(args)
     before = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*_*.json")}
     server.log.clear()
-    results = download.main(args)
+    results = download_data.main(args)
     assert [r.status for r in results] == ["up to date"] * 5
     assert server.gets() == []  # sizes were asked for, nothing was fetched
     assert {path: path.stat().st_mtime_ns for path in before} == before
@@ -180,7 +182,7 @@ def test_a_file_from_elsewhere_is_verified_not_fetched(server, tmp_path):
     target = tmp_path / "user" / "LaMP_7" / "dev_questions.json"
     target.parent.mkdir(parents=True)
     target.write_bytes(published["dev_questions.json"])
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                       "--sets", "dev"))
     assert [r.status for r in results] == ["verified", "downloaded"]
     assert [entry[1] for entry in server.gets()] == [
@@ -190,10 +192,10 @@ def test_a_file_from_elsewhere_is_verified_not_fetched(server, tmp_path):
 def test_a_damaged_manifest_costs_a_check_not_a_download(server, tmp_path, capsys):
     publish_lamp7(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user", "--sets", "dev")
-    download.main(args)
+    download_data.main(args)
     (tmp_path / "download_manifest.json").write_text("{not json")
     server.log.clear()
-    assert [r.status for r in download.main(args)] == ["verified", "verified"]
+    assert [r.status for r in download_data.main(args)] == ["verified", "verified"]
     assert server.gets() == []
     assert "starting a new manifest" in capsys.readouterr().err
     assert json.loads((tmp_path / "download_manifest.json").read_text())["files"]
@@ -202,9 +204,9 @@ def test_a_damaged_manifest_costs_a_check_not_a_download(server, tmp_path, capsy
 def test_a_changed_server_file_is_downloaded_again(server, tmp_path):
     publish_lamp7(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user", "--sets", "test")
-    download.main(args)
+    download_data.main(args)
     newer = server.put("LaMP_7/test/test_questions.json", lamp7_questions("62", 5))
-    assert download.main(args)[0].status == "downloaded"
+    assert download_data.main(args)[0].status == "downloaded"
     assert (tmp_path / "user" / "LaMP_7" / "test_questions.json").read_bytes() == newer
 
 
@@ -212,7 +214,7 @@ def test_resume_after_the_server_drops_the_connection(server, tmp_path):
     published = publish_lamp7(server)
     remote = "/downloads/LaMP/LaMP_7/train/train_questions.json"
     server.drop_once.add(remote)
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                      "--sets", "train"))
     assert results[0].status == "downloaded"
     data = published["train_questions.json"]
@@ -228,7 +230,7 @@ def test_resume_of_a_part_file_left_by_an_earlier_run(server, tmp_path):
     part = tmp_path / "user" / "LaMP_7" / "test_questions.json.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(data[:100])
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                      "--sets", "test"))
     assert results[0].status == "resumed"
     assert part.with_suffix("").read_bytes() == data
@@ -241,7 +243,7 @@ def test_a_server_without_range_support_restarts_the_file(server, tmp_path):
     part = tmp_path / "user" / "LaMP_7" / "test_questions.json.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(b"[garbage that is not the file's start")
-    download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                            "--sets", "test"))
     assert part.with_suffix("").read_bytes() == published["test_questions.json"]
 
@@ -251,7 +253,7 @@ def test_404_fails_that_file_only(server, tmp_path, capsys):
     del server.files["/downloads/LaMP/LaMP_7/dev/dev_outputs.json"]
     args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user")
     with pytest.raises(LampError, match=r"1 of 5 files failed .*user/LaMP_7/dev_outputs\.json"):
-        download.main(args)
+        download_data.main(args)
     assert "user/LaMP_7/dev_outputs.json: HTTP 404" in capsys.readouterr().err
     assert not (tmp_path / "user" / "LaMP_7" / "dev_outputs.json").exists()
     assert (tmp_path / "user" / "LaMP_7" / "dev_questions.json").read_bytes() == published[
@@ -259,7 +261,7 @@ def test_404_fails_that_file_only(server, tmp_path, capsys):
     assert (tmp_path / "user" / "LaMP_7" / "test_questions.json").exists()
     # No retries for a 404: one HEAD, no GET.
     assert [e[0] for e in server.log if e[1].endswith("dev_outputs.json")] == ["HEAD"]
-    assert run(download.main, args) == 2  # the script's exit status
+    assert run(download_data.main, args) == 2  # the script's exit status
 
 
 def test_corrupt_json_is_not_renamed_into_place(server, tmp_path, capsys):
@@ -267,7 +269,7 @@ def test_corrupt_json_is_not_renamed_into_place(server, tmp_path, capsys):
     server.put("LaMP_7/dev/dev_questions.json", published["dev_questions.json"][:-40])
     server.put("LaMP_7/dev/dev_outputs.json", {"task": "LaMP_4", "golds": []})
     with pytest.raises(LampError, match="2 of 2 files failed"):
-        download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+        download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                "--sets", "dev"))
     folder = tmp_path / "user" / "LaMP_7"
     # Neither a final name nor a .part: the bytes are kept aside, with the reason beside them.
@@ -289,7 +291,7 @@ def test_an_unknown_task_name_in_outputs_is_reported_not_refused(server, tmp_pat
     published = publish_lamp7(server)
     golds = json.loads(published["dev_outputs.json"])
     server.put("LaMP_7/dev/dev_outputs.json", {**golds, "task": "LaMP_7_time"})
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                      "--sets", "dev"))
     assert [r.status for r in results] == ["downloaded", "downloaded"]
     assert results[1].records == 4
@@ -304,7 +306,7 @@ def test_network_failure_is_reported_per_file(tmp_path, capsys):
             "--retries", "1", "--backoff", "0", "--tasks", "LaMP_3", "--splits", "time",
             "--sets", "test"]
     with pytest.raises(LampError, match="1 of 1 files failed"):
-        download.main(args)
+        download_data.main(args)
     err = capsys.readouterr().err
     assert "time/LaMP_3/test_questions.json:" in err
     assert "gave up after 2 attempts" in err
@@ -323,7 +325,7 @@ def publish_lamp2_with_known_issue(server: LampServer) -> None:
 def test_malformed_question_is_reported_then_fixed(server, tmp_path, capsys):
     publish_lamp2_with_known_issue(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user", "--sets", "dev")
-    download.main(args)
+    download_data.main(args)
     err = capsys.readouterr().err
     assert "user/LaMP_2/dev_questions.json: question 110 is malformed: input does not start " \
            "with the LaMP-2 instruction" in err
@@ -333,7 +335,7 @@ def test_malformed_question_is_reported_then_fixed(server, tmp_path, capsys):
     assert len(json.loads((folder / "dev_questions.json").read_text())) == 4  # kept as published
 
     server.log.clear()
-    results = download.main([*args, "--fix_known_issues"])
+    results = download_data.main([*args, "--fix_known_issues"])
     assert server.gets() == []  # fixed in place, not downloaded again
     questions = json.loads((folder / "dev_questions.json").read_text())
     golds = json.loads((folder / "dev_outputs.json").read_text())["golds"]
@@ -348,7 +350,7 @@ def test_malformed_question_is_reported_then_fixed(server, tmp_path, capsys):
     # A fixed file is complete: the next run neither fetches nor rewrites it.
     capsys.readouterr()
     mtime = (folder / "dev_questions.json").stat().st_mtime_ns
-    results = download.main([*args, "--fix_known_issues"])
+    results = download_data.main([*args, "--fix_known_issues"])
     assert [r.status for r in results] == ["up to date", "up to date"]
     assert (folder / "dev_questions.json").stat().st_mtime_ns == mtime
     assert "malformed" not in capsys.readouterr().err
@@ -358,7 +360,7 @@ def test_gold_outside_the_label_set_is_a_problem_too(server, tmp_path, capsys):
     publish_lamp2_with_known_issue(server)
     server.put("LaMP_2/new/dev/dev_outputs.json", outputs_doc(
         "LaMP_2", [("110", "sci-fi"), ("111", "not a tag"), ("112", "comedy"), ("113", "action")]))
-    download.main(args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user",
+    download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user",
                            "--sets", "dev", "--fix_known_issues"))
     golds = json.loads((tmp_path / "user/LaMP_2/dev_outputs.json").read_text())["golds"]
     assert [g["id"] for g in golds] == ["112", "113"]
@@ -366,11 +368,15 @@ def test_gold_outside_the_label_set_is_a_problem_too(server, tmp_path, capsys):
     assert "question 111 is malformed: output 'not a tag' is not a LaMP-2 label" in err
 
 
+def plan_of(argv: list[str]) -> list:
+    args = download_data.parse_args(argv)
+    return download.plan(Path(args.out_dir), args.base_url, args.splits, args.tasks, args.sets)
+
+
 def test_url_table_and_layout(tmp_path):
-    args = download.parse_args(["--out_dir", str(tmp_path), "--base_url", "http://m/LaMP/",
-                                "--tasks", "LaMP_2", "lamp-2_old", "LaMP-1", "--splits", "time",
-                                "user", "--sets", "test"])
-    jobs = download.plan(args)
+    jobs = plan_of(["--out_dir", str(tmp_path), "--base_url", "http://m/LaMP/", "--tasks",
+                    "LaMP_2", "lamp-2_old", "LaMP-1", "--splits", "time", "user", "--sets",
+                    "test"])
     assert [(job.url, job.rel) for job in jobs] == [
         ("http://m/LaMP/LaMP_1/test/test_questions.json", "user/LaMP_1/test_questions.json"),
         ("http://m/LaMP/LaMP_2/new/test/test_questions.json", "user/LaMP_2/test_questions.json"),
@@ -381,7 +387,7 @@ def test_url_table_and_layout(tmp_path):
         ("http://m/LaMP/time/LaMP_2/test/test_questions.json",
          "time/LaMP_2_old/test_questions.json"),
     ]
-    default = download.plan(download.parse_args([]))
+    default = plan_of([])
     assert len(default) == 6 * 2 * 5  # six tasks, two splits, five files each
     assert not any("LaMP_2_old" in job.rel for job in default)
 
@@ -391,18 +397,36 @@ def test_url_table_and_layout(tmp_path):
     (["--tasks", "LaMP_9"], "unknown task 'LaMP_9'; valid: LaMP_1"),
     (["--retries", "-1"], "--retries must be in 0 … 100"),
     (["--retries", str(10**20)], "--retries must be in 0 … 100"),
-    (["--base_url", "ftp://x"], "must be an http"),
     (["--splits", "random"], "invalid choice"),
+    (["--base_url", "ftp://x"], "must be an http"),
+    (["--base_url", "http://[::1"], "--base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)"),
+    (["--base_url", "http://"], "names no host"),
+    (["--base_url", "https://host:port/LaMP"], "not a valid URL (Port could not be cast"),
+    (["--base_url", "http://host:99999/LaMP"], "not a valid URL (Port out of range"),
+    (["--base_url", "http://my host/LaMP"], "contains a space or a control character"),
+    (["--base_url", "http://host/LaMP\n"], "contains a space or a control character"),
+    (["--base_url", "http://host/LaMP?mirror=1"], "must not have a ?query or #fragment"),
+    (["--base_url", "file:///srv/LaMP"], "must be an http:// or https:// URL"),
+    (["--base_url", "http://mirror/LäMP"], "has a non-ASCII path (percent-encode it)"),
+    (["--timeout", "nan"], "--timeout must be a number of seconds above 0"),
+    (["--timeout", "inf"], "--timeout must be a number of seconds above 0"),
+    (["--timeout", "-1"], "--timeout must be a number of seconds above 0"),
+    (["--timeout", "0"], "--timeout must be a number of seconds above 0"),
+    (["--timeout", "1e12"], "--timeout must be a number of seconds above 0"),
+    (["--backoff", "nan"], "--backoff must be a number of seconds from 0 to 86400"),
+    (["--backoff=-inf"], "--backoff must be a number of seconds from 0 to 86400"),
+    (["--backoff", "1e9"], "--backoff must be a number of seconds from 0 to 86400"),
 ])
-def test_flag_errors(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        download.parse_args(argv)
+def test_flag_errors_are_refused_up_front(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        download_data.parse_args(argv)
+    assert exited.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_dry_run_reports_sizes_and_downloads_nothing(server, tmp_path, capsys):
     published = publish_lamp7(server)
-    results = download.main(args_for(server, tmp_path / "out", "--tasks", "LaMP_7", "--splits",
+    results = download_data.main(args_for(server, tmp_path / "out", "--tasks", "LaMP_7", "--splits",
                                      "user", "--dry_run"))
     assert sum(r.bytes for r in results) == sum(len(data) for data in published.values())
     assert server.gets() == []
@@ -432,7 +456,7 @@ def publish_lamp2_old(server: LampServer, golds: list[str], inputs: list[str] | 
 @pytest.mark.parametrize("spelling", ["LaMP_2_old", "LaMP-2N", "lamp_2n"])
 def test_the_original_lamp_2_is_checked_as_lamp_2n(server, tmp_path, spelling):
     publish_lamp2_old(server, ["sports", "women", "politics", "sports"])
-    results = download.main(args_for(server, tmp_path, "--tasks", spelling, "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", spelling, "--splits", "user",
                                      "--sets", "dev"))
     assert [r.status for r in results] == ["downloaded", "downloaded"]
     assert [r.problems for r in results] == [[], []]
@@ -448,7 +472,7 @@ def test_movie_tagging_files_in_the_lamp_2_old_place_are_refused(server, tmp_pat
     # Movie tags as golds: LaMP-2's outputs, not the original LaMP-2's.
     publish_lamp2_old(server, ["comedy", "sci-fi", "comedy", "comedy"])
     with pytest.raises(LampError, match="1 of 2 files failed"):
-        download.main(args_for(server, tmp_path, "--tasks", "LaMP_2_old", "--splits", "user",
+        download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_2_old", "--splits", "user",
                                "--sets", "dev"))
     assert "holds LaMP_2 outputs, expected LaMP_2N" in capsys.readouterr().err
     assert not (tmp_path / "user" / "LaMP_2_old" / "dev_outputs.json").exists()
@@ -457,7 +481,7 @@ def test_movie_tagging_files_in_the_lamp_2_old_place_are_refused(server, tmp_pat
     publish_lamp2_old(server, ["sports"] * 4,
                       inputs=[f"{LAMP2_INSTRUCTION}a film {row}" for row in range(4)])
     with pytest.raises(LampError, match="files failed"):
-        download.main(args_for(server, tmp_path / "b", "--tasks", "LaMP_2_old", "--splits",
+        download_data.main(args_for(server, tmp_path / "b", "--tasks", "LaMP_2_old", "--splits",
                                "user", "--sets", "dev"))
     err = capsys.readouterr().err
     assert "are not LaMP-2N inputs but LaMP-2 inputs" in err
@@ -473,7 +497,7 @@ def test_outputs_without_a_known_task_name_are_read_as_the_jobs_task(server, tmp
     if declared is not None:
         document["task"] = declared
     server.put("LaMP_7/dev/dev_outputs.json", document)
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                      "--sets", "dev"))
     assert [r.status for r in results] == ["downloaded", "downloaded"] and results[1].records == 4
     assert f"its \"task\" is {declared!r}, not LaMP_7; read as LaMP_7" in capsys.readouterr().err

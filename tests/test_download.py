@@ -1,11 +1,13 @@
-"""download_data.py on bad input and bad luck: each ends in a per-file error or one line up
-front, never a traceback, a lost download or a file that holds the wrong data.
+"""LaMP/utils/data/download.py, through download_data.py, on bad input and bad luck: each
+ends in a per-file error or one line up front, never a traceback, a lost download or a file
+that holds the wrong data.
 
 The server is the one test_download_data.py starts on 127.0.0.1.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 from LaMP.utils.cli.program import run
 from LaMP.utils.errors import LampError
 from conftest import LAMP_REAL, REPO, SAMPLE, outputs_doc, requires_real_data
-from test_download_data import (args_for, download, lamp7_questions,
+from test_download_data import (args_for, download, download_data, lamp7_questions,
                                 publish_lamp2_with_known_issue, publish_lamp7, server)
 
 __all__ = ["server"]  # the fixture, imported for pytest
@@ -53,7 +55,7 @@ def test_an_empty_body_fails_that_file_only(server, tmp_path, capsys, head_statu
     server.head_status = head_status  # with 405 the size is learnt only from the GET
     args = args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user")
     with pytest.raises(LampError, match=r"^1 of 5 files failed .*dev_questions\.json"):
-        download.main(args)
+        download_data.main(args)
     err = capsys.readouterr().err
     assert f"user/LaMP_7/dev_questions.json: the server sent an empty file for " \
            f"{server.base_url}/LaMP_7/dev/dev_questions.json" in err
@@ -68,7 +70,7 @@ def test_a_body_shorter_than_its_content_length_is_resumed(server, tmp_path):
     published = publish_lamp7(server)
     server.head_status = 405  # no size from HEAD: only the GET's Content-Length tells
     server.drop_once.add(DEV7 + "dev_questions.json")
-    results = download.main(lamp7_dev(server, tmp_path))
+    results = download_data.main(lamp7_dev(server, tmp_path))
     assert [r.status for r in results] == ["downloaded", "downloaded"]
     data = published["dev_questions.json"]
     assert (tmp_path / "user/LaMP_7/dev_questions.json").read_bytes() == data
@@ -81,7 +83,7 @@ def test_a_body_always_cut_short_fails_and_keeps_its_part(server, tmp_path, caps
     server.head_status = 405
     server.drop_always.add(DEV7 + "dev_outputs.json")
     with pytest.raises(LampError, match=r"^1 of 2 files failed"):
-        download.main(lamp7_dev(server, tmp_path))
+        download_data.main(lamp7_dev(server, tmp_path))
     assert "dev_outputs.json: connection ended at" in capsys.readouterr().err
     folder = tmp_path / "user" / "LaMP_7"
     assert not (folder / "dev_outputs.json").exists()
@@ -126,7 +128,7 @@ def test_a_full_disk_fails_the_file_without_retrying_and_the_next_run_resumes(
     monkeypatch.setattr(download, "open", open_on_a_full_disk, raising=False)
     args = lamp7_dev(server, tmp_path)
     with pytest.raises(LampError, match=r"^1 of 2 files failed .*dev_questions\.json"):
-        download.main(args)
+        download_data.main(args)
     err = capsys.readouterr().err
     part = tmp_path / "user/LaMP_7/dev_questions.json.part"
     assert f"user/LaMP_7/dev_questions.json: cannot write {part} (No space left on device)" in err
@@ -138,7 +140,7 @@ def test_a_full_disk_fails_the_file_without_retrying_and_the_next_run_resumes(
 
     monkeypatch.undo()  # space was freed
     server.log.clear()
-    results = download.main(args)
+    results = download_data.main(args)
     assert [r.status for r in results] == ["resumed", "up to date"]
     assert server.gets() == [("GET", full, "bytes=100-")]
     assert part.with_suffix("").read_bytes() == published["dev_questions.json"]
@@ -157,7 +159,7 @@ def test_another_tasks_questions_are_not_kept(server, tmp_path, capsys, fix):
     published = publish_lamp7(server)
     lamp3 = server.put("LaMP_7/dev/dev_questions.json", lamp3_questions(4))
     with pytest.raises(LampError, match=r"^1 of 2 files failed .*dev_questions\.json"):
-        download.main(lamp7_dev(server, tmp_path, *fix))
+        download_data.main(lamp7_dev(server, tmp_path, *fix))
     folder = tmp_path / "user" / "LaMP_7"
     assert not (folder / "dev_questions.json").exists()
     # Kept under a name no stage reads, with the reason, never deleted.
@@ -182,7 +184,7 @@ def test_another_tasks_outputs_under_our_task_name_are_not_kept(server, tmp_path
     server.put("LaMP_7/dev/dev_outputs.json",
                outputs_doc("LaMP_7", [(f"21{row}", "4") for row in range(4)]))
     with pytest.raises(LampError, match=r"^1 of 2 files failed .*dev_outputs\.json"):
-        download.main(lamp7_dev(server, tmp_path))
+        download_data.main(lamp7_dev(server, tmp_path))
     assert "4 of 4 ids start with '2' as LaMP-3 ids do (LaMP-7 ids start with '6'): it holds " \
            "LaMP-3 data" in capsys.readouterr().err
     assert (tmp_path / "user/LaMP_7/dev_outputs.rejected.json").exists()
@@ -194,7 +196,7 @@ def test_questions_with_another_tasks_ids_are_not_kept(server, tmp_path, capsys)
     questions = lamp7_questions("3", 4)  # LaMP-7 inputs, LaMP-4 ids
     server.put("LaMP_7/dev/dev_questions.json", questions)
     with pytest.raises(LampError, match="1 of 2 files failed"):
-        download.main(lamp7_dev(server, tmp_path))
+        download_data.main(lamp7_dev(server, tmp_path))
     assert "ids start with '3' as LaMP-4 ids do" in capsys.readouterr().err
 
 
@@ -202,7 +204,7 @@ def test_outputs_of_another_set_are_not_kept(server, tmp_path, capsys):
     published = publish_lamp7(server)
     server.put("LaMP_7/dev/dev_outputs.json", published["train_outputs.json"])
     with pytest.raises(LampError, match=r"^1 of 2 files failed .*dev_outputs\.json"):
-        download.main(lamp7_dev(server, tmp_path))
+        download_data.main(lamp7_dev(server, tmp_path))
     assert "dev_outputs.json: 6 of 6 gold ids are not ids of dev_questions.json (first: 600, " \
            "601, 602): another set's or task's outputs" in capsys.readouterr().err
     folder = tmp_path / "user" / "LaMP_7"
@@ -218,7 +220,7 @@ def test_every_task_of_the_sample_passes_the_checks(server, tmp_path):
         for path in sorted((SAMPLE / source.name).glob("*_*.json")):
             set_name = path.name.split("_")[0]
             server.put(f"{source.remote}/{set_name}/{path.name}", path.read_bytes())
-    results = download.main(args_for(server, tmp_path, "--splits", "user"))
+    results = download_data.main(args_for(server, tmp_path, "--splits", "user"))
     assert [r.status for r in results] == ["downloaded"] * 30
     assert all(not r.problems for r in results)
 
@@ -227,7 +229,7 @@ def test_every_task_of_the_sample_passes_the_checks(server, tmp_path):
 def test_the_real_lamp7_dev_pair_passes_the_checks(server, tmp_path):
     for name in ("dev_questions.json", "dev_outputs.json"):
         server.put(f"LaMP_7/dev/{name}", (LAMP_REAL / "LaMP_7/dev" / name).read_bytes())
-    results = download.main(lamp7_dev(server, tmp_path))
+    results = download_data.main(lamp7_dev(server, tmp_path))
     assert [(r.status, r.records) for r in results] == [("downloaded", 1500)] * 2
 
 
@@ -236,7 +238,7 @@ def test_a_few_malformed_questions_do_not_reject_a_file(server, tmp_path):
     questions[1]["input"] = "x lost its instruction"
     questions[2]["id"] = "999"  # an id of no known scheme is not a reason either
     server.put("LaMP_7/test/test_questions.json", questions)
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                      "--sets", "test"))
     assert results[0].status == "downloaded"
     assert [qid for qid, _ in results[0].problems] == ["611"]
@@ -250,7 +252,7 @@ def test_a_wrong_file_put_in_place_by_hand_is_refused_and_left_alone(server, tmp
     before = target.read_bytes()
     server.head_status = 405  # the size cannot tell it apart: the check has to
     with pytest.raises(LampError, match="1 of 2 files failed"):
-        download.main(lamp7_dev(server, tmp_path, "--fix_known_issues"))
+        download_data.main(lamp7_dev(server, tmp_path, "--fix_known_issues"))
     assert "3 of 3 inputs are not LaMP-7 inputs" in capsys.readouterr().err
     assert target.read_bytes() == before
     assert not (target.parent / "dev_questions.rejected.json").exists()  # not our download
@@ -258,8 +260,8 @@ def test_a_wrong_file_put_in_place_by_hand_is_refused_and_left_alone(server, tmp
 
 
 def test_an_empty_file_recorded_as_complete_is_looked_at_again(server, tmp_path, capsys):
-    # What an older version left after --fix_known_issues dropped every question of a wrong
-    # file: "[]" under the final name and a manifest entry that calls it complete.
+    # A wrong file with every question dropped: "[]" under the final name and a manifest
+    # entry that calls it complete.
     published = publish_lamp7(server)
     target = tmp_path / "user/LaMP_7/test_questions.json"
     target.parent.mkdir(parents=True)
@@ -269,7 +271,7 @@ def test_an_empty_file_recorded_as_complete_is_looked_at_again(server, tmp_path,
         "user/LaMP_7/test_questions.json": {"bytes": 3, "records": 0, "profile_items": 0,
                                             "problems": [], "removed_ids": ["610", "611", "612"],
                                             "remote_bytes": remote, "url": ""}}}))
-    results = download.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
+    results = download_data.main(args_for(server, tmp_path, "--tasks", "LaMP_7", "--splits", "user",
                                      "--sets", "test"))
     assert results[0].status == "downloaded"
     err = capsys.readouterr().err
@@ -281,11 +283,11 @@ def test_a_good_download_replaces_an_earlier_rejection(server, tmp_path):
     published = publish_lamp7(server)
     server.put("LaMP_7/dev/dev_questions.json", lamp3_questions(2))
     args = lamp7_dev(server, tmp_path)
-    assert run(download.main, args) == 2
+    assert run(download_data.main, args) == 2
     folder = tmp_path / "user" / "LaMP_7"
     assert (folder / "dev_questions.rejected.json").exists()
     server.put("LaMP_7/dev/dev_questions.json", published["dev_questions.json"])  # fixed
-    assert [r.status for r in download.main(args)] == ["downloaded", "up to date"]
+    assert [r.status for r in download_data.main(args)] == ["downloaded", "up to date"]
     assert sorted(path.name for path in folder.iterdir()) == [
         "dev_outputs.json", "dev_questions.json"]
 
@@ -298,7 +300,7 @@ def test_a_failed_outputs_download_postpones_the_fix_of_its_pair(server, tmp_pat
     args = args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user", "--sets", "dev",
                     "--fix_known_issues")
     with pytest.raises(LampError, match="1 of 2 files failed"):
-        download.main(args)
+        download_data.main(args)
     assert "user/LaMP_2/dev_questions.json: not fixed while user/LaMP_2/dev_outputs.json is " \
            "missing; run again to fix the pair" in capsys.readouterr().err
     folder = tmp_path / "user" / "LaMP_2"
@@ -306,7 +308,7 @@ def test_a_failed_outputs_download_postpones_the_fix_of_its_pair(server, tmp_pat
     assert (folder / "dev_questions.json").read_bytes() == published  # not fixed by half
 
     server.files["/downloads/LaMP/LaMP_2/new/dev/dev_outputs.json"] = golds
-    results = download.main(args)
+    results = download_data.main(args)
     assert [(r.status, r.records, r.removed_ids) for r in results] == [
         ("up to date", 3, ["110"]), ("downloaded", 3, ["110"])]
     assert [q["id"] for q in json.loads((folder / "dev_questions.json").read_text())] == [
@@ -318,16 +320,16 @@ def test_a_failed_outputs_download_postpones_the_fix_of_its_pair(server, tmp_pat
 def test_a_pair_fixed_by_half_is_completed_by_the_next_fix(server, tmp_path, capsys):
     publish_lamp2_with_known_issue(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user", "--sets", "dev")
-    download.main([*args, "--fix_known_issues"])
+    download_data.main([*args, "--fix_known_issues"])
     # The outputs file is lost and fetched again without the flag: the pair now disagrees.
     folder = tmp_path / "user" / "LaMP_2"
     (folder / "dev_outputs.json").unlink()
-    download.main(args)
+    download_data.main(args)
     assert "user/LaMP_2/dev_outputs.json: the other file of its pair had 1 (first: 110) " \
            "dropped by --fix_known_issues, this one not yet" in capsys.readouterr().err
     assert len(json.loads((folder / "dev_outputs.json").read_text())["golds"]) == 4
 
-    results = download.main([*args, "--fix_known_issues"])
+    results = download_data.main([*args, "--fix_known_issues"])
     assert [(r.records, r.removed_ids) for r in results] == [(3, ["110"]), (3, ["110"])]
     assert [g["id"] for g in json.loads((folder / "dev_outputs.json").read_text())["golds"]] == [
         "111", "112", "113"]
@@ -349,7 +351,7 @@ def test_a_fix_that_cannot_be_written_changes_neither_file(server, tmp_path, cap
                                                            failing):
     publish_lamp2_with_known_issue(server)
     args = args_for(server, tmp_path, "--tasks", "LaMP_2", "--splits", "user", "--sets", "dev")
-    download.main(args)
+    download_data.main(args)
     folder = tmp_path / "user" / "LaMP_2"
     before = snapshot(tmp_path)
 
@@ -360,7 +362,7 @@ def test_a_fix_that_cannot_be_written_changes_neither_file(server, tmp_path, cap
         monkeypatch.setattr(download, "write_outputs", full_disk)
     else:
         monkeypatch.setattr(download, "JsonListWriter", FullDiskListWriter)
-    assert run(download.main, [*args, "--fix_known_issues"]) == 2
+    assert run(download_data.main, [*args, "--fix_known_issues"]) == 2
     err = capsys.readouterr().err
     assert "user/LaMP_2/dev_questions.json: --fix_known_issues did not complete (" in err
     assert "No space left on device); run again with it to fix the pair" in err
@@ -368,7 +370,7 @@ def test_a_fix_that_cannot_be_written_changes_neither_file(server, tmp_path, cap
     assert snapshot(tmp_path) == before  # the questions were rewritten only to a staging file
 
     monkeypatch.undo()
-    download.main([*args, "--fix_known_issues"])
+    download_data.main([*args, "--fix_known_issues"])
     assert len(json.loads((folder / "dev_questions.json").read_text())) == 3
     assert len(json.loads((folder / "dev_outputs.json").read_text())["golds"]) == 3
     assert sorted(path.name for path in folder.iterdir()) == [
@@ -388,10 +390,19 @@ def test_out_dir_that_is_a_file_is_one_line(server, tmp_path):
     assert server.log == []  # refused before any request
 
 
+def test_a_bad_url_from_the_shell_is_an_error_not_a_traceback(tmp_path):
+    failed = script("--base_url", "http://[::1", "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines()[-1] == (
+        "error: --base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)")
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_dir_below_a_file_is_one_line(server, tmp_path, capsys):
     (tmp_path / "a_file").write_text("mine")
     out_dir = tmp_path / "a_file" / "raw_data"
-    assert run(download.main, ["--base_url", server.base_url, "--out_dir", str(out_dir)]) == 2
+    assert run(download_data.main, ["--base_url", server.base_url, "--out_dir", str(out_dir)]) == 2
     # The shared output-folder check names the file in the way.
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: --out_dir {out_dir}: {tmp_path / 'a_file'} is a file, not a folder")
@@ -409,7 +420,7 @@ def test_out_dir_below_a_file_is_one_line(server, tmp_path, capsys):
 def test_a_malformed_manifest_costs_a_check_not_a_traceback(server, tmp_path, manifest):
     publish_lamp7(server)
     args = lamp7_dev(server, tmp_path)
-    download.main(args)
+    download_data.main(args)
     path = tmp_path / "download_manifest.json"
     sizes = json.loads(path.read_text())["files"]["user/LaMP_7/dev_questions.json"]["bytes"]
     if manifest == "MANIFEST BYTES":
@@ -422,7 +433,7 @@ def test_a_malformed_manifest_costs_a_check_not_a_traceback(server, tmp_path, ma
     else:
         path.write_text(json.dumps(manifest))
     server.log.clear()
-    results = download.main(args)
+    results = download_data.main(args)
     assert [r.status for r in results][0] == "verified"
     assert server.gets() == []
     rebuilt = json.loads(path.read_text())["files"]
@@ -432,7 +443,7 @@ def test_a_malformed_manifest_costs_a_check_not_a_traceback(server, tmp_path, ma
 def test_a_manifest_that_is_a_folder_is_one_line(server, tmp_path, capsys):
     publish_lamp7(server)
     (tmp_path / "download_manifest.json").mkdir()
-    assert run(download.main, lamp7_dev(server, tmp_path)) == 2
+    assert run(download_data.main, lamp7_dev(server, tmp_path)) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: {tmp_path / 'download_manifest.json'} is not a file; move it away "
                      "(it is the download manifest's name)"]
@@ -444,12 +455,12 @@ def test_a_second_run_into_the_same_folder_is_refused(server, tmp_path, capsys):
     gate = server.gates[DEV7 + "dev_questions.json"] = threading.Event()
     args = lamp7_dev(server, tmp_path)
     first: dict = {}
-    runner = threading.Thread(target=lambda: first.update(results=download.main(args)))
+    runner = threading.Thread(target=lambda: first.update(results=download_data.main(args)))
     runner.start()
     try:
         assert server.waiting.wait(30)  # the first run is in the middle of a download
         with pytest.raises(LampError) as refused:
-            download.main(args)
+            download_data.main(args)
         assert str(refused.value) == (f"another download_data.py is running into {tmp_path} "
                                       f"(pid {os.getpid()}); wait for it to finish")
     finally:
@@ -460,14 +471,15 @@ def test_a_second_run_into_the_same_folder_is_refused(server, tmp_path, capsys):
         "dev_questions.json"]
     assert not list(tmp_path.rglob("*.part"))
     capsys.readouterr()
-    # Once the first run is over the folder is free again.
-    assert [r.status for r in download.main(args)] == ["up to date", "up to date"]
+    # Once the first run is over the folder is free again; the lock file keeps its pid.
+    assert [r.status for r in download_data.main(args)] == ["up to date", "up to date"]
+    assert (tmp_path / ".download_data.lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_the_refusal_names_the_other_process(server, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import os, sys, time\n"
-        "from download_data import out_dir_lock\n"
+        "from LaMP.utils.data.download import out_dir_lock\n"
         "from pathlib import Path\n"
         "with out_dir_lock(Path(sys.argv[1])):\n"
         "    print('held', flush=True)\n"
@@ -490,8 +502,8 @@ def test_a_folder_that_cannot_be_locked_still_downloads(server, tmp_path, capsys
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(download.fcntl, "flock", no_locks)
-    results = download.main(lamp7_dev(server, tmp_path))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    results = download_data.main(lamp7_dev(server, tmp_path))
     assert [r.status for r in results] == ["downloaded", "downloaded"]
     assert f"{tmp_path / '.download_data.lock'}: cannot lock (No locks available)" in \
         capsys.readouterr().err
@@ -499,48 +511,31 @@ def test_a_folder_that_cannot_be_locked_still_downloads(server, tmp_path, capsys
 
 def test_a_lock_file_name_taken_by_a_folder_is_one_line(server, tmp_path, capsys):
     (tmp_path / ".download_data.lock").mkdir()
-    assert run(download.main, lamp7_dev(server, tmp_path)) == 2
+    assert run(download_data.main, lamp7_dev(server, tmp_path)) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --out_dir {tmp_path}: cannot write its lock file .download_data.lock "
         "(Is a directory)"]
     assert server.log == []
 
 
-# -- flags --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("argv, message", [
-    (["--base_url", "http://[::1"], "--base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)"),
-    (["--base_url", "http://"], "names no host"),
-    (["--base_url", "https://host:port/LaMP"], "not a valid URL (Port could not be cast"),
-    (["--base_url", "http://host:99999/LaMP"], "not a valid URL (Port out of range"),
-    (["--base_url", "http://my host/LaMP"], "contains a space or a control character"),
-    (["--base_url", "http://host/LaMP\n"], "contains a space or a control character"),
-    (["--base_url", "http://host/LaMP?mirror=1"], "must not have a ?query or #fragment"),
-    (["--base_url", "file:///srv/LaMP"], "must be an http:// or https:// URL"),
-    (["--base_url", "http://mirror/LäMP"], "has a non-ASCII path (percent-encode it)"),
-    (["--timeout", "nan"], "--timeout must be a number of seconds above 0"),
-    (["--timeout", "inf"], "--timeout must be a number of seconds above 0"),
-    (["--timeout", "-1"], "--timeout must be a number of seconds above 0"),
-    (["--timeout", "0"], "--timeout must be a number of seconds above 0"),
-    (["--timeout", "1e12"], "--timeout must be a number of seconds above 0"),
-    (["--backoff", "nan"], "--backoff must be a number of seconds from 0 to 86400"),
-    (["--backoff=-inf"], "--backoff must be a number of seconds from 0 to 86400"),
-    (["--backoff", "1e9"], "--backoff must be a number of seconds from 0 to 86400"),
-])
-def test_bad_flag_values_are_refused_up_front(argv, message, capsys):
-    with pytest.raises(SystemExit) as exited:
-        download.parse_args(argv)
-    assert exited.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_a_bad_url_from_the_shell_is_an_error_not_a_traceback(tmp_path):
-    failed = script("--base_url", "http://[::1", "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert failed.returncode == 2
-    assert failed.stderr.splitlines()[-1] == (
-        "error: --base_url 'http://[::1': not a valid URL (Invalid IPv6 URL)")
-    assert "Traceback" not in failed.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("taken_by", ["a link to the user's file", "a FIFO"])
+def test_a_lock_file_name_taken_by_a_link_or_a_fifo_is_one_line(server, tmp_path, capsys,
+                                                                 taken_by):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    out_dir = tmp_path / "raw_data"
+    out_dir.mkdir()
+    lock = out_dir / ".download_data.lock"
+    if taken_by == "a FIFO":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to(mine)
+    assert run(download_data.main, lamp7_dev(server, out_dir)) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --out_dir {out_dir}: cannot write its lock file "
+                           ".download_data.lock (")
+    assert mine.read_text() == "mine"  # no pid written through the link
+    assert server.log == []
 
 
 def test_a_manifest_that_cannot_be_written_fails_the_file_not_the_run(server, tmp_path, capsys,
@@ -552,7 +547,7 @@ def test_a_manifest_that_cannot_be_written_fails_the_file_not_the_run(server, tm
 
     monkeypatch.setattr(download.Manifest, "record", full_disk)
     args = lamp7_dev(server, tmp_path)
-    assert run(download.main, args) == 2
+    assert run(download_data.main, args) == 2
     err = capsys.readouterr().err
     assert f"user/LaMP_7/dev_questions.json: {tmp_path / 'download_manifest.json'}: No space " \
            f"left on device" in err
@@ -560,11 +555,13 @@ def test_a_manifest_that_cannot_be_written_fails_the_file_not_the_run(server, tm
     monkeypatch.undo()
     server.log.clear()
     # The files themselves were complete: the next run checks them, it does not fetch them.
-    assert [r.status for r in download.main(args)] == ["verified", "verified"]
+    assert [r.status for r in download_data.main(args)] == ["verified", "verified"]
     assert server.gets() == []
     assert (tmp_path / "user/LaMP_7/dev_questions.json").read_bytes() == published[
         "dev_questions.json"]
 
+
+# -- the HTTP client ----------------------------------------------------------------------
 
 def test_a_url_the_flags_did_not_catch_is_a_per_file_error():
     fetcher = download.Fetcher(retries=3, backoff=0, timeout=1)
