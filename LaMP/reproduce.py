@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def dry_run(cells: list[Cell], runner: Runner) -> None:
                 print(f"# {stage_run.folder_name}: shared, above")
                 continue
             printed.add(stage_run.key)
-            print(f"mkdir -p {runner.folder(stage_run)}")
+            # Quoted like the command: a folder name may hold spaces, quotes or $(...).
+            print(shlex.join(["mkdir", "-p", str(runner.folder(stage_run))]))
             print(runner.command(stage_run))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -380,3 +382,71 @@ def test_a_grid_reads_each_task_from_its_download_folder(tmp_path):
     assert [Path(path) for path in paths] == [
         SAMPLE / "LaMP_2_old" / "dev_questions.json", SAMPLE / "LaMP_7" / "dev_questions.json"]
     assert all(Path(path).exists() for path in paths)
+
+
+# Folder names a shell would read as commands, expansions, globs and several lines if a
+# printed line left them unquoted (each payload makes a folder that must never appear): one
+# a shell runs in part, one that is not even shell syntax.
+HOSTILE = ["we ird $(mkdir PWNED1) `mkdir PWNED2` 'q\" $LOG *\nline2 ü→é 🙂",
+           "x ;mkdir PWNED3; \\ & | > x < \"$(mkdir PWNED4)\" \t\nü"]
+FAKE_PROGRAM = '#!/bin/bash\nprintf "%s\\0" "${0##*/}" "$#" "$@" >> "$LOG"\n'
+
+
+def calls_logged(log: Path) -> list[list[str]]:
+    """The fake programs' calls: each its name and argv, as the shell passed them."""
+    fields, calls = log.read_bytes().decode().split("\0")[:-1], []
+    while fields:
+        name, count = fields[0], int(fields[1])
+        calls.append([name, *fields[2:2 + count]])
+        fields = fields[2 + count:]
+    return calls
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_every_dry_run_line_pasted_into_bash_runs_only_what_it_says(tmp_path, capsys, hostile):
+    """Paths with spaces, quotes, $(), backticks, a newline and unicode, in the data, the
+    model, the runs folder and the launcher: bash (with only the fake programs and mkdir on
+    PATH) runs each stage command with exactly the planned argv, and mkdir makes exactly the
+    stage folders."""
+    hostile = tmp_path / hostile
+    data_root = hostile / "data"
+    shutil.copytree(SAMPLE / "LaMP_7", data_root / "user" / "LaMP_7")
+    runs = hostile / "runs"
+    bin_dir, log, cwd = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "cwd"
+    bin_dir.mkdir()
+    cwd.mkdir()
+    for name in ("python", "launch"):
+        (bin_dir / name).write_text(FAKE_PROGRAM)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "mkdir").symlink_to(shutil.which("mkdir"))
+    launcher = shlex.join([str(bin_dir / "launch"), "--num_processes", "2", "$(mkdir PWNED5)"])
+    grid_path = write_grid(tmp_path, str(hostile / "model"), retrievers=["bm25"], k=[0, 1],
+                           subset={"count": 2}, methods={
+                               "zero_shot": {}, "lora": {"stage": "train"}})
+    capsys.readouterr()
+    reproduce.main(["--grid", str(grid_path), "--data_root", str(data_root), "--runs_dir",
+                    str(runs), "--dry_run", "--launcher", launcher])
+    script = capsys.readouterr().out
+    assert not runs.exists()
+    done = subprocess.run(["/bin/bash", "-e"], input=script, text=True, capture_output=True,
+                          cwd=cwd, env={"PATH": str(bin_dir), "LOG": str(log)})
+    everything = [path.name for path in tmp_path.rglob("*")]
+    assert not [name for name in everything if name.startswith("PWNED")]
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert os.listdir(cwd) == []
+    assert subprocess.run(["/bin/bash", "-n"], input=script, text=True).returncode == 0
+
+    grid = load_grid(grid_path)
+    cells = [Planner(grid, data_root.resolve()).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(runs.resolve() / "tiny", launcher=launcher)
+    runs_in_order = list({run.key: run for cell in reproduce.shard(cells, 1, 0)
+                          for run in cell.runs}.values())
+    assert calls_logged(log) == [
+        (["launch", *shlex.split(launcher)[1:]] if run.stage.launched else ["python"])
+        + [run.stage.script, *runner.argv(run)] for run in runs_in_order]
+    assert {"subset", "rank", "merge", "evaluate", "train", "score"} == {
+        run.stage.name for run in runs_in_order}
+    made = {path for path in runs.rglob("*") if path.is_dir()}
+    stage_folders = {runner.folder(run) for run in runs_in_order}
+    assert made == stage_folders | {runs / "tiny", runs / "tiny" / "stages"}
+    assert not [path for path in runs.rglob("*") if not path.is_dir()]
