@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,7 +76,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--limit must be >= 1")
     if args.collect and args.dry_run:
         parser.error("--collect and --dry_run exclude each other")
+    if args.launcher is not None:
+        problem = launcher_problem(args.launcher)
+        if problem:
+            parser.error(f"--launcher {args.launcher!r}: {problem}")
     return args
+
+
+def launcher_problem(launcher: str) -> str | None:
+    """Why ``launcher`` cannot start the model stages, or None: checked before anything
+    runs (a dry run prints it too), as a shell would split it."""
+    try:
+        words = shlex.split(launcher)
+    except ValueError as error:  # an unbalanced quote, a lone trailing backslash
+        return f"does not split as a shell would split it ({error})"
+    if not words:
+        return "names no command"
+    if shutil.which(words[0]) is None:
+        where = "is not an executable file" if os.sep in words[0] else \
+            "is not a command on PATH"
+        return f"{words[0]} {where}"
+    return None
 
 
 def shard(cells: list, num_shards: int, shard_id: int) -> list:

@@ -450,3 +450,38 @@ def test_every_dry_run_line_pasted_into_bash_runs_only_what_it_says(tmp_path, ca
     stage_folders = {runner.folder(run) for run in runs_in_order}
     assert made == stage_folders | {runs / "tiny", runs / "tiny" / "stages"}
     assert not [path for path in runs.rglob("*") if not path.is_dir()]
+
+
+@pytest.mark.parametrize("launcher, message", [
+    ("no-such-launcher-here --num_processes 4",
+     "no-such-launcher-here is not a command on PATH"),
+    ("accelerate launch --config_file 'my config.yaml", "does not split as a shell would "
+                                                         "split it (No closing quotation)"),
+    ("accelerate launch \\", "does not split as a shell would split it (No escaped character)"),
+    ("", "names no command"),
+    ("   ", "names no command"),
+    ("/no/such/dir/torchrun", "/no/such/dir/torchrun is not an executable file"),
+    (str(REPO), f"{REPO} is not an executable file"),  # a folder
+    (str(REPO / "README.md"), f"{REPO / 'README.md'} is not an executable file"),
+])
+def test_a_launcher_that_cannot_start_is_one_error_line_even_in_a_dry_run(tmp_path, launcher,
+                                                                          message):
+    status, stderr = error_line(GOOD, tmp_path, "--launcher", launcher)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert stderr == f"error: --launcher {launcher!r}: {message}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_launcher_that_stops_being_a_program_fails_its_stage_in_one_line(tmp_path):
+    """Executable but not a program (no #! line): its stage fails with the reason; the rest
+    of the grid is unaffected."""
+    launcher = tmp_path / "launch"
+    launcher.write_bytes(b"\x00\x01 not a program")
+    launcher.chmod(0o755)
+    grid = write_grid(tmp_path, "some/model", retrievers=["none"], k=[0], subset=None)
+    with pytest.raises(LampError, match=rf"^1 of 1 cells failed \(first: LaMP_7\.user\.tiny\."
+                                        rf"zero_shot\.none\.k0: evaluate: --launcher "
+                                        rf"{launcher}: cannot run \(Exec format error\)\)"):
+        run_grid(grid, tmp_path / "runs", "--launcher", str(launcher))
+    merges = list((tmp_path / "runs" / "tiny" / "stages").glob(f"merge-*/{COMPLETE}"))
+    assert len(merges) == 1
