@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import shlex
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import atomic_write_json, atomic_write_text
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage
+from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage, make_folder
 from LaMP.utils.grid.schema import Grid, load_grid
 
 logger = logging.getLogger("reproduce")
@@ -145,16 +144,22 @@ def dry_run(cells: list[Cell], runner: Runner) -> None:
 
 def link_cell(cell: Cell, runner: Runner) -> None:
     """``runs/<grid>/<cell>/<stage>`` -> the stage's folder (relative, so runs/ can move)."""
-    folder = runner.root / cell.name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(runner.root / cell.name)
     for stage_run in cell.runs:
         link = folder / stage_run.stage.name
         target = os.path.relpath(runner.folder(stage_run), folder)
-        if link.is_symlink() and os.readlink(link) == target:
-            continue
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(target, target_is_directory=True)
+        try:
+            if link.is_symlink():
+                if os.readlink(link) == target:
+                    continue
+                link.unlink()  # a link to an older run of the stage: ours to replace
+            elif os.path.lexists(link):
+                raise LampError(f"{link} is in the way of the cell's link to its "
+                                f"{stage_run.stage.name} stage; it is not a link the runner "
+                                "made: move it away")
+            link.symlink_to(target, target_is_directory=True)
+        except OSError as error:
+            raise LampError(f"{link}: cannot link ({error.strerror or error})") from None
     atomic_write_json(folder / "cell.json", {
         "cell": cell.name,
         "axes": {**cell.axes, "task": cell.axes["task"].name},
@@ -166,31 +171,31 @@ def collect(grid: Grid, cells: list[Cell], runner: Runner) -> dict:
     """Write tables (Markdown, CSV, LaTeX) and plots of the complete cells; return paths."""
     from LaMP.utils.grid import plots, tables
 
-    table = tables.build_table(grid, cells, runner)
-    out = runner.root / "tables"
-    out.mkdir(parents=True, exist_ok=True)
+    results, damaged = tables.cell_results(cells, runner)
+    table = tables.build_table(grid, cells, runner, results)
+    out = make_folder(runner.root / "tables")
     written = {"markdown": atomic_write_text(out / "results.md", tables.to_markdown(table)),
                "csv": atomic_write_text(out / "results.csv", tables.to_csv(table)),
                "latex": atomic_write_text(out / "results.tex", tables.to_latex(table))}
     by_axes = {}
     for cell in cells:
-        if runner.is_complete(cell.score):
-            results = json.loads((runner.folder(cell.score) / "results.json").read_text())
+        if results[cell.name] is not None:
             axes = cell.axes
             by_axes[(axes["task"].name, axes["split"],
                      (axes["model"], axes["method"], axes["retriever"], axes["k"]))] = \
-                results.get(axes["task"].selection_metric)
+                results[cell.name][axes["task"].selection_metric]
     for name, path in (("plot_k", plots.plot_metric_vs_k(grid, cells, by_axes,
                                                          out / "metric_vs_k.png")),
                        ("plot_methods", plots.plot_methods(grid, table, out / "methods.png"))):
         if path is not None:
             written[name] = path
-    complete = sum(runner.is_complete(cell.score) for cell in cells)
-    print(f"\n== {grid.name}: {complete} of {len(cells)} cells complete ==\n")
+    complete = sum(metrics is not None for metrics in results.values())
+    left_out = f"; {len(damaged)} damaged, left out (see the warnings)" if damaged else ""
+    print(f"\n== {grid.name}: {complete} of {len(cells)} cells complete{left_out} ==\n")
     print(tables.to_markdown(table))
     logger.info("tables and plots in %s", out)
     return {"table": table, "files": {name: str(path) for name, path in written.items()},
-            "complete": complete}
+            "complete": complete, "damaged": damaged}
 
 
 def main(argv=None) -> dict:

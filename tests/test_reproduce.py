@@ -485,3 +485,147 @@ def test_a_launcher_that_stops_being_a_program_fails_its_stage_in_one_line(tmp_p
         run_grid(grid, tmp_path / "runs", "--launcher", str(launcher))
     merges = list((tmp_path / "runs" / "tiny" / "stages").glob(f"merge-*/{COMPLETE}"))
     assert len(merges) == 1
+
+
+@pytest.fixture
+def scored_lamp3(tmp_path):
+    """A LaMP-3 grid (no profile, bm25 k=1) whose two cells are complete, written by hand:
+    their predictions, and results.json as eval_task.py writes it."""
+    grid_path = write_grid(tmp_path, "some/model", tasks=["LaMP-3"], retrievers=["bm25"],
+                           k=[0, 1], subset=None)
+    grid = load_grid(grid_path)
+    cells = [Planner(grid, DATA_ROOT).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(tmp_path / "runs" / "tiny")
+    fake_predictions(runner, cells, {"none": lambda gold: "1", "bm25": lambda gold: gold})
+    for cell, mae in zip(sorted(cells, key=lambda cell: cell.axes["k"]), (1.5, 0.0)):
+        folder = runner.folder(cell.score)
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"MAE": mae, "RMSE": mae + 0.25,
+                                                         "count": 20}))
+        (folder / COMPLETE).write_text("{}")
+    bm25 = next(cell for cell in cells if cell.axes["k"] == 1)
+    return grid_path, runner, bm25
+
+
+def collect_table(grid_path: Path, tmp_path: Path) -> tuple[dict, str]:
+    result = run_grid(grid_path, tmp_path / "runs", "--collect")
+    return result, (tmp_path / "runs" / "tiny" / "tables" / "results.md").read_text()
+
+
+def mae_cells(markdown: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith("| LaMP-3 | MAE"))
+    return [text.strip() for text in line.strip("|").split("|")][2:]
+
+
+def test_collect_of_whole_results_shows_both_cells(scored_lamp3, tmp_path):
+    result, markdown = collect_table(scored_lamp3[0], tmp_path)
+    assert mae_cells(markdown) == ["1.5000", "**0.0000**†"]
+    assert result["complete"] == 2 and result["damaged"] == {}
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (b'{"MAE": 0.0, "RMSE"', "malformed JSON"),
+    (b"", "malformed JSON"),
+    (b"\xff\xfe{}", "UTF-8"),
+    (b"[0.0, 0.25]", "expected an object of metrics, found list"),
+    (b'"0.0"', "expected an object of metrics, found str"),
+    (b'{"MAE": "0.0", "RMSE": 0.25}', "MAE is '0.0', not a finite number"),
+    (b'{"MAE": true, "RMSE": 0.25}', "MAE is 'True', not a finite number"),
+    (b'{"MAE": NaN, "RMSE": 0.25}', "NaN is not a JSON number"),
+    (b'{"MAE": 1e999, "RMSE": 0.25}', "the number 1e999 is too large"),
+    (b'{"MAE": {"mean": 0.0}, "RMSE": 0.25}', "MAE is \"{'mean': 0.0}\", not a finite number"),
+    (b'{"RMSE": 0.25}', "no 'MAE'"),
+    (None, "does not exist"),
+    ("folder", "is a directory, not a file"),
+    ("loop", "symlink loop"),
+])
+def test_collect_leaves_out_a_cell_whose_results_are_damaged(scored_lamp3, tmp_path, capsys,
+                                                             damage, reason):
+    grid_path, runner, bm25 = scored_lamp3
+    results = runner.folder(bm25.score) / "results.json"
+    results.unlink()
+    if isinstance(damage, bytes):
+        results.write_bytes(damage)
+    elif damage == "folder":
+        results.mkdir()
+    elif damage == "loop":
+        results.symlink_to(results.name)  # a link to itself
+    result, markdown = collect_table(grid_path, tmp_path)
+    assert mae_cells(markdown) == ["**1.5000**", "—"]
+    assert result["complete"] == 1 and list(result["damaged"]) == [bm25.name]
+    assert str(results) in result["damaged"][bm25.name]
+    assert reason in result["damaged"][bm25.name]
+    warned = [line for line in capsys.readouterr().err.splitlines() if " WARNING " in line]
+    assert any(f"cell {bm25.name} is left out of the tables: " in line and str(results) in line
+               and reason in line for line in warned), warned
+
+
+@pytest.mark.parametrize("damage", ["garbled", "missing", "folder", "other ids"])
+def test_collect_keeps_a_value_whose_predictions_cannot_be_read_but_drops_its_test(
+        scored_lamp3, tmp_path, capsys, damage):
+    """The significance test reads the evaluation's predictions again: where they are
+    damaged the value stays (it is in results.json) and the dagger goes, with a warning."""
+    grid_path, runner, bm25 = scored_lamp3
+    evaluate = next(run for run in bm25.runs if run.stage.name == "evaluate")
+    predictions = runner.folder(evaluate) / "predictions.json"
+    if damage == "garbled":
+        predictions.write_bytes(b'{"task": "LaMP_3", "golds": [')
+    elif damage == "missing":
+        predictions.unlink()
+    elif damage == "folder":
+        predictions.unlink()
+        predictions.mkdir()
+    else:
+        predictions.write_text(json.dumps({"task": "LaMP_3", "golds": [
+            {"id": "not-an-id", "output": "1"}]}))
+    result, markdown = collect_table(grid_path, tmp_path)
+    assert mae_cells(markdown) == ["1.5000", "**0.0000**"]
+    assert result["complete"] == 2 and result["damaged"] == {}
+    warned = [line for line in capsys.readouterr().err.splitlines() if " WARNING " in line]
+    assert any(f"cell {bm25.name}: no significance test against it: " in line
+               and str(predictions) in line for line in warned), warned
+
+
+def test_collect_of_a_damaged_stage_through_the_command_line_has_no_traceback(scored_lamp3,
+                                                                            tmp_path):
+    grid_path, runner, bm25 = scored_lamp3
+    (runner.folder(bm25.score) / "results.json").write_bytes(b"\x00garbled")
+    done = subprocess.run([sys.executable, str(REPO / "LaMP" / "reproduce.py"), "--grid",
+                           str(grid_path), "--data_root", str(DATA_ROOT), "--runs_dir",
+                           str(tmp_path / "runs"), "--collect"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "1 of 2 cells complete; 1 damaged, left out (see the warnings)" in done.stdout
+    assert f"cell {bm25.name} is left out of the tables" in done.stderr
+
+
+def test_a_file_where_the_tables_go_is_one_error_line(scored_lamp3, tmp_path):
+    grid_path, runner, _ = scored_lamp3
+    (runner.root / "tables").write_text("mine")
+    with pytest.raises(LampError, match=r"^cannot make the folder .*tables \(it or a folder "
+                                        r"above it is a file\)$"):
+        collect_table(grid_path, tmp_path)
+    assert (runner.root / "tables").read_text() == "mine"
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "folder"])
+def test_something_else_where_a_cell_links_its_stage_is_kept_and_named(tmp_path, in_the_way):
+    grid = load_grid(write_grid(tmp_path, "some/model", retrievers=["none"], k=[0],
+                                subset=None))
+    (cell,) = [Planner(grid, DATA_ROOT).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(tmp_path / "runs" / "tiny")
+    link = runner.root / cell.name / "merge"
+    link.parent.mkdir(parents=True)
+    if in_the_way == "file":
+        link.write_text("mine")
+    else:
+        link.mkdir()
+    with pytest.raises(LampError, match=rf"^{link} is in the way of the cell's link to its "
+                                        r"merge stage; it is not a link the runner made"):
+        reproduce.link_cell(cell, runner)
+    assert link.exists() and not link.is_symlink()
+    # a link the runner made, to an older run of the stage, is replaced
+    shutil.rmtree(link) if link.is_dir() else link.unlink()
+    link.symlink_to("elsewhere")
+    reproduce.link_cell(cell, runner)
+    assert os.readlink(link) == os.path.relpath(runner.folder(cell.runs[0]), link.parent)
