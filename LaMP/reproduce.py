@@ -18,9 +18,10 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import atomic_write_json, atomic_write_text
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage
+from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage, make_folder
 from LaMP.utils.grid.schema import Grid, load_grid
 
 logger = logging.getLogger("reproduce")
@@ -74,7 +75,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--limit must be >= 1")
     if args.collect and args.dry_run:
         parser.error("--collect and --dry_run exclude each other")
+    if args.launcher is not None:
+        problem = launcher_problem(args.launcher)
+        if problem:
+            parser.error(f"--launcher {args.launcher!r}: {problem}")
     return args
+
+
+def launcher_problem(launcher: str) -> str | None:
+    """Why ``launcher`` cannot start the model stages, or None: checked before anything
+    runs (a dry run prints it too), as a shell would split it."""
+    try:
+        words = shlex.split(launcher)
+    except ValueError as error:  # an unbalanced quote, a lone trailing backslash
+        return f"does not split as a shell would split it ({error})"
+    if not words:
+        return "names no command"
+    if shutil.which(words[0]) is None:
+        where = "is not an executable file" if os.sep in words[0] else \
+            "is not a command on PATH"
+        return f"{words[0]} {where}"
+    return None
 
 
 def shard(cells: list, num_shards: int, shard_id: int) -> list:
@@ -116,22 +137,29 @@ def dry_run(cells: list[Cell], runner: Runner) -> None:
                 print(f"# {stage_run.folder_name}: shared, above")
                 continue
             printed.add(stage_run.key)
-            print(f"mkdir -p {runner.folder(stage_run)}")
+            # Quoted like the command: a folder name may hold spaces, quotes or $(...).
+            print(shlex.join(["mkdir", "-p", str(runner.folder(stage_run))]))
             print(runner.command(stage_run))
 
 
 def link_cell(cell: Cell, runner: Runner) -> None:
     """``runs/<grid>/<cell>/<stage>`` -> the stage's folder (relative, so runs/ can move)."""
-    folder = runner.root / cell.name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(runner.root / cell.name)
     for stage_run in cell.runs:
         link = folder / stage_run.stage.name
         target = os.path.relpath(runner.folder(stage_run), folder)
-        if link.is_symlink() and os.readlink(link) == target:
-            continue
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(target, target_is_directory=True)
+        try:
+            if link.is_symlink():
+                if os.readlink(link) == target:
+                    continue
+                link.unlink()  # a link to an older run of the stage: ours to replace
+            elif os.path.lexists(link):
+                raise LampError(f"{link} is in the way of the cell's link to its "
+                                f"{stage_run.stage.name} stage; it is not a link the runner "
+                                "made: move it away")
+            link.symlink_to(target, target_is_directory=True)
+        except OSError as error:
+            raise LampError(f"{link}: cannot link ({error.strerror or error})") from None
     atomic_write_json(folder / "cell.json", {
         "cell": cell.name,
         "axes": {**cell.axes, "task": cell.axes["task"].name},
@@ -143,31 +171,31 @@ def collect(grid: Grid, cells: list[Cell], runner: Runner) -> dict:
     """Write tables (Markdown, CSV, LaTeX) and plots of the complete cells; return paths."""
     from LaMP.utils.grid import plots, tables
 
-    table = tables.build_table(grid, cells, runner)
-    out = runner.root / "tables"
-    out.mkdir(parents=True, exist_ok=True)
+    results, damaged = tables.cell_results(cells, runner)
+    table = tables.build_table(grid, cells, runner, results)
+    out = make_folder(runner.root / "tables")
     written = {"markdown": atomic_write_text(out / "results.md", tables.to_markdown(table)),
                "csv": atomic_write_text(out / "results.csv", tables.to_csv(table)),
                "latex": atomic_write_text(out / "results.tex", tables.to_latex(table))}
     by_axes = {}
     for cell in cells:
-        if runner.is_complete(cell.score):
-            results = json.loads((runner.folder(cell.score) / "results.json").read_text())
+        if results[cell.name] is not None:
             axes = cell.axes
             by_axes[(axes["task"].name, axes["split"],
                      (axes["model"], axes["method"], axes["retriever"], axes["k"]))] = \
-                results.get(axes["task"].selection_metric)
+                results[cell.name][axes["task"].selection_metric]
     for name, path in (("plot_k", plots.plot_metric_vs_k(grid, cells, by_axes,
                                                          out / "metric_vs_k.png")),
                        ("plot_methods", plots.plot_methods(grid, table, out / "methods.png"))):
         if path is not None:
             written[name] = path
-    complete = sum(runner.is_complete(cell.score) for cell in cells)
-    print(f"\n== {grid.name}: {complete} of {len(cells)} cells complete ==\n")
+    complete = sum(metrics is not None for metrics in results.values())
+    left_out = f"; {len(damaged)} damaged, left out (see the warnings)" if damaged else ""
+    print(f"\n== {grid.name}: {complete} of {len(cells)} cells complete{left_out} ==\n")
     print(tables.to_markdown(table))
     logger.info("tables and plots in %s", out)
     return {"table": table, "files": {name: str(path) for name, path in written.items()},
-            "complete": complete}
+            "complete": complete, "damaged": damaged}
 
 
 def main(argv=None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -380,3 +382,250 @@ def test_a_grid_reads_each_task_from_its_download_folder(tmp_path):
     assert [Path(path) for path in paths] == [
         SAMPLE / "LaMP_2_old" / "dev_questions.json", SAMPLE / "LaMP_7" / "dev_questions.json"]
     assert all(Path(path).exists() for path in paths)
+
+
+# Folder names a shell would read as commands, expansions, globs and several lines if a
+# printed line left them unquoted (each payload makes a folder that must never appear): one
+# a shell runs in part, one that is not even shell syntax.
+HOSTILE = ["we ird $(mkdir PWNED1) `mkdir PWNED2` 'q\" $LOG *\nline2 ü→é 🙂",
+           "x ;mkdir PWNED3; \\ & | > x < \"$(mkdir PWNED4)\" \t\nü"]
+FAKE_PROGRAM = '#!/bin/bash\nprintf "%s\\0" "${0##*/}" "$#" "$@" >> "$LOG"\n'
+
+
+def calls_logged(log: Path) -> list[list[str]]:
+    """The fake programs' calls: each its name and argv, as the shell passed them."""
+    fields, calls = log.read_bytes().decode().split("\0")[:-1], []
+    while fields:
+        name, count = fields[0], int(fields[1])
+        calls.append([name, *fields[2:2 + count]])
+        fields = fields[2 + count:]
+    return calls
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_every_dry_run_line_pasted_into_bash_runs_only_what_it_says(tmp_path, capsys, hostile):
+    """Paths with spaces, quotes, $(), backticks, a newline and unicode, in the data, the
+    model, the runs folder and the launcher: bash (with only the fake programs and mkdir on
+    PATH) runs each stage command with exactly the planned argv, and mkdir makes exactly the
+    stage folders."""
+    hostile = tmp_path / hostile
+    data_root = hostile / "data"
+    shutil.copytree(SAMPLE / "LaMP_7", data_root / "user" / "LaMP_7")
+    runs = hostile / "runs"
+    bin_dir, log, cwd = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "cwd"
+    bin_dir.mkdir()
+    cwd.mkdir()
+    for name in ("python", "launch"):
+        (bin_dir / name).write_text(FAKE_PROGRAM)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "mkdir").symlink_to(shutil.which("mkdir"))
+    launcher = shlex.join([str(bin_dir / "launch"), "--num_processes", "2", "$(mkdir PWNED5)"])
+    grid_path = write_grid(tmp_path, str(hostile / "model"), retrievers=["bm25"], k=[0, 1],
+                           subset={"count": 2}, methods={
+                               "zero_shot": {}, "lora": {"stage": "train"}})
+    capsys.readouterr()
+    reproduce.main(["--grid", str(grid_path), "--data_root", str(data_root), "--runs_dir",
+                    str(runs), "--dry_run", "--launcher", launcher])
+    script = capsys.readouterr().out
+    assert not runs.exists()
+    done = subprocess.run(["/bin/bash", "-e"], input=script, text=True, capture_output=True,
+                          cwd=cwd, env={"PATH": str(bin_dir), "LOG": str(log)})
+    everything = [path.name for path in tmp_path.rglob("*")]
+    assert not [name for name in everything if name.startswith("PWNED")]
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert os.listdir(cwd) == []
+    assert subprocess.run(["/bin/bash", "-n"], input=script, text=True).returncode == 0
+
+    grid = load_grid(grid_path)
+    cells = [Planner(grid, data_root.resolve()).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(runs.resolve() / "tiny", launcher=launcher)
+    runs_in_order = list({run.key: run for cell in reproduce.shard(cells, 1, 0)
+                          for run in cell.runs}.values())
+    assert calls_logged(log) == [
+        (["launch", *shlex.split(launcher)[1:]] if run.stage.launched else ["python"])
+        + [run.stage.script, *runner.argv(run)] for run in runs_in_order]
+    assert {"subset", "rank", "merge", "evaluate", "train", "score"} == {
+        run.stage.name for run in runs_in_order}
+    made = {path for path in runs.rglob("*") if path.is_dir()}
+    stage_folders = {runner.folder(run) for run in runs_in_order}
+    assert made == stage_folders | {runs / "tiny", runs / "tiny" / "stages"}
+    assert not [path for path in runs.rglob("*") if not path.is_dir()]
+
+
+@pytest.mark.parametrize("launcher, message", [
+    ("no-such-launcher-here --num_processes 4",
+     "no-such-launcher-here is not a command on PATH"),
+    ("accelerate launch --config_file 'my config.yaml", "does not split as a shell would "
+                                                         "split it (No closing quotation)"),
+    ("accelerate launch \\", "does not split as a shell would split it (No escaped character)"),
+    ("", "names no command"),
+    ("   ", "names no command"),
+    ("/no/such/dir/torchrun", "/no/such/dir/torchrun is not an executable file"),
+    (str(REPO), f"{REPO} is not an executable file"),  # a folder
+    (str(REPO / "README.md"), f"{REPO / 'README.md'} is not an executable file"),
+])
+def test_a_launcher_that_cannot_start_is_one_error_line_even_in_a_dry_run(tmp_path, launcher,
+                                                                          message):
+    status, stderr = error_line(GOOD, tmp_path, "--launcher", launcher)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert stderr == f"error: --launcher {launcher!r}: {message}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_launcher_that_stops_being_a_program_fails_its_stage_in_one_line(tmp_path):
+    """Executable but not a program (no #! line): its stage fails with the reason; the rest
+    of the grid is unaffected."""
+    launcher = tmp_path / "launch"
+    launcher.write_bytes(b"\x00\x01 not a program")
+    launcher.chmod(0o755)
+    grid = write_grid(tmp_path, "some/model", retrievers=["none"], k=[0], subset=None)
+    with pytest.raises(LampError, match=rf"^1 of 1 cells failed \(first: LaMP_7\.user\.tiny\."
+                                        rf"zero_shot\.none\.k0: evaluate: --launcher "
+                                        rf"{launcher}: cannot run \(Exec format error\)\)"):
+        run_grid(grid, tmp_path / "runs", "--launcher", str(launcher))
+    merges = list((tmp_path / "runs" / "tiny" / "stages").glob(f"merge-*/{COMPLETE}"))
+    assert len(merges) == 1
+
+
+@pytest.fixture
+def scored_lamp3(tmp_path):
+    """A LaMP-3 grid (no profile, bm25 k=1) whose two cells are complete, written by hand:
+    their predictions, and results.json as eval_task.py writes it."""
+    grid_path = write_grid(tmp_path, "some/model", tasks=["LaMP-3"], retrievers=["bm25"],
+                           k=[0, 1], subset=None)
+    grid = load_grid(grid_path)
+    cells = [Planner(grid, DATA_ROOT).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(tmp_path / "runs" / "tiny")
+    fake_predictions(runner, cells, {"none": lambda gold: "1", "bm25": lambda gold: gold})
+    for cell, mae in zip(sorted(cells, key=lambda cell: cell.axes["k"]), (1.5, 0.0)):
+        folder = runner.folder(cell.score)
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"MAE": mae, "RMSE": mae + 0.25,
+                                                         "count": 20}))
+        (folder / COMPLETE).write_text("{}")
+    bm25 = next(cell for cell in cells if cell.axes["k"] == 1)
+    return grid_path, runner, bm25
+
+
+def collect_table(grid_path: Path, tmp_path: Path) -> tuple[dict, str]:
+    result = run_grid(grid_path, tmp_path / "runs", "--collect")
+    return result, (tmp_path / "runs" / "tiny" / "tables" / "results.md").read_text()
+
+
+def mae_cells(markdown: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith("| LaMP-3 | MAE"))
+    return [text.strip() for text in line.strip("|").split("|")][2:]
+
+
+def test_collect_of_whole_results_shows_both_cells(scored_lamp3, tmp_path):
+    result, markdown = collect_table(scored_lamp3[0], tmp_path)
+    assert mae_cells(markdown) == ["1.5000", "**0.0000**†"]
+    assert result["complete"] == 2 and result["damaged"] == {}
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (b'{"MAE": 0.0, "RMSE"', "malformed JSON"),
+    (b"", "malformed JSON"),
+    (b"\xff\xfe{}", "UTF-8"),
+    (b"[0.0, 0.25]", "expected an object of metrics, found list"),
+    (b'"0.0"', "expected an object of metrics, found str"),
+    (b'{"MAE": "0.0", "RMSE": 0.25}', "MAE is '0.0', not a finite number"),
+    (b'{"MAE": true, "RMSE": 0.25}', "MAE is 'True', not a finite number"),
+    (b'{"MAE": NaN, "RMSE": 0.25}', "NaN is not a JSON number"),
+    (b'{"MAE": 1e999, "RMSE": 0.25}', "the number 1e999 is too large"),
+    (b'{"MAE": {"mean": 0.0}, "RMSE": 0.25}', "MAE is \"{'mean': 0.0}\", not a finite number"),
+    (b'{"RMSE": 0.25}', "no 'MAE'"),
+    (None, "does not exist"),
+    ("folder", "is a directory, not a file"),
+    ("loop", "symlink loop"),
+])
+def test_collect_leaves_out_a_cell_whose_results_are_damaged(scored_lamp3, tmp_path, capsys,
+                                                             damage, reason):
+    grid_path, runner, bm25 = scored_lamp3
+    results = runner.folder(bm25.score) / "results.json"
+    results.unlink()
+    if isinstance(damage, bytes):
+        results.write_bytes(damage)
+    elif damage == "folder":
+        results.mkdir()
+    elif damage == "loop":
+        results.symlink_to(results.name)  # a link to itself
+    result, markdown = collect_table(grid_path, tmp_path)
+    assert mae_cells(markdown) == ["**1.5000**", "—"]
+    assert result["complete"] == 1 and list(result["damaged"]) == [bm25.name]
+    assert str(results) in result["damaged"][bm25.name]
+    assert reason in result["damaged"][bm25.name]
+    warned = [line for line in capsys.readouterr().err.splitlines() if " WARNING " in line]
+    assert any(f"cell {bm25.name} is left out of the tables: " in line and str(results) in line
+               and reason in line for line in warned), warned
+
+
+@pytest.mark.parametrize("damage", ["garbled", "missing", "folder", "other ids"])
+def test_collect_keeps_a_value_whose_predictions_cannot_be_read_but_drops_its_test(
+        scored_lamp3, tmp_path, capsys, damage):
+    """The significance test reads the evaluation's predictions again: where they are
+    damaged the value stays (it is in results.json) and the dagger goes, with a warning."""
+    grid_path, runner, bm25 = scored_lamp3
+    evaluate = next(run for run in bm25.runs if run.stage.name == "evaluate")
+    predictions = runner.folder(evaluate) / "predictions.json"
+    if damage == "garbled":
+        predictions.write_bytes(b'{"task": "LaMP_3", "golds": [')
+    elif damage == "missing":
+        predictions.unlink()
+    elif damage == "folder":
+        predictions.unlink()
+        predictions.mkdir()
+    else:
+        predictions.write_text(json.dumps({"task": "LaMP_3", "golds": [
+            {"id": "not-an-id", "output": "1"}]}))
+    result, markdown = collect_table(grid_path, tmp_path)
+    assert mae_cells(markdown) == ["1.5000", "**0.0000**"]
+    assert result["complete"] == 2 and result["damaged"] == {}
+    warned = [line for line in capsys.readouterr().err.splitlines() if " WARNING " in line]
+    assert any(f"cell {bm25.name}: no significance test against it: " in line
+               and str(predictions) in line for line in warned), warned
+
+
+def test_collect_of_a_damaged_stage_through_the_command_line_has_no_traceback(scored_lamp3,
+                                                                            tmp_path):
+    grid_path, runner, bm25 = scored_lamp3
+    (runner.folder(bm25.score) / "results.json").write_bytes(b"\x00garbled")
+    done = subprocess.run([sys.executable, str(REPO / "LaMP" / "reproduce.py"), "--grid",
+                           str(grid_path), "--data_root", str(DATA_ROOT), "--runs_dir",
+                           str(tmp_path / "runs"), "--collect"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "1 of 2 cells complete; 1 damaged, left out (see the warnings)" in done.stdout
+    assert f"cell {bm25.name} is left out of the tables" in done.stderr
+
+
+def test_a_file_where_the_tables_go_is_one_error_line(scored_lamp3, tmp_path):
+    grid_path, runner, _ = scored_lamp3
+    (runner.root / "tables").write_text("mine")
+    with pytest.raises(LampError, match=r"^cannot make the folder .*tables \(it or a folder "
+                                        r"above it is a file\)$"):
+        collect_table(grid_path, tmp_path)
+    assert (runner.root / "tables").read_text() == "mine"
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "folder"])
+def test_something_else_where_a_cell_links_its_stage_is_kept_and_named(tmp_path, in_the_way):
+    grid = load_grid(write_grid(tmp_path, "some/model", retrievers=["none"], k=[0],
+                                subset=None))
+    (cell,) = [Planner(grid, DATA_ROOT).plan(cell) for cell in expand_cells(grid)]
+    runner = Runner(tmp_path / "runs" / "tiny")
+    link = runner.root / cell.name / "merge"
+    link.parent.mkdir(parents=True)
+    if in_the_way == "file":
+        link.write_text("mine")
+    else:
+        link.mkdir()
+    with pytest.raises(LampError, match=rf"^{link} is in the way of the cell's link to its "
+                                        r"merge stage; it is not a link the runner made"):
+        reproduce.link_cell(cell, runner)
+    assert link.exists() and not link.is_symlink()
+    # a link the runner made, to an older run of the stage, is replaced
+    shutil.rmtree(link) if link.is_dir() else link.unlink()
+    link.symlink_to("elsewhere")
+    reproduce.link_cell(cell, runner)
+    assert os.readlink(link) == os.path.relpath(runner.folder(cell.runs[0]), link.parent)

@@ -12,7 +12,6 @@ atomically, marks a run as done, and a done run is never run again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -28,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from filelock import FileLock
 
 from LaMP.utils.data.fileio import atomic_write_json
 from LaMP.utils.errors import LampError
@@ -206,7 +205,11 @@ class Planner:
         """What a raw input is: its content (small files), size and mtime (large ones), the
         files of a folder, or the name itself (a hub model)."""
         if path not in self._identities:
-            self._identities[path] = _identity(Path(resolve_model(path)), path)
+            try:
+                self._identities[path] = _identity(Path(resolve_model(path)), path)
+            except OSError as error:
+                raise LampError(f"{error.filename or path}: cannot read "
+                                f"({error.strerror or error})") from None
         return self._identities[path]
 
     def questions(self, task, split: str, set_name: str, subset: dict | None):
@@ -347,17 +350,19 @@ class Runner:
         if self.is_complete(run):
             return True
         folder = self.folder(run)
-        self.stages.mkdir(parents=True, exist_ok=True)
+        make_folder(self.stages)
         with _locked(self.stages / f".{run.folder_name}.lock"):
             if self.is_complete(run):  # another shard finished it while we waited
                 return True
             argv = self.argv(run)
-            resume = run.stage.name == "train" and _has_checkpoint(folder)
+            # Resumed only in a folder of its own: a link would write into its target.
+            resume = (run.stage.name == "train" and not folder.is_symlink()
+                      and _has_checkpoint(folder))
             if resume:
                 argv += ["--resume_from_checkpoint", "last"]
-            elif folder.exists():
-                shutil.rmtree(folder)  # what a killed run left; ours, under stages/
-            folder.mkdir(parents=True, exist_ok=True)
+            else:
+                _clear(folder)
+            make_folder(folder)
             atomic_write_json(folder / "stage.json", {
                 "stage": run.stage.name, "key": run.key, "argv": argv,
                 "command": self.command(run)}, indent=2)
@@ -380,9 +385,13 @@ class Runner:
         """None on success, else the stage's one-line error."""
         if self.launcher and run.stage.launched:
             command = [*shlex.split(self.launcher), str(REPO / run.stage.script), *argv]
-            done = subprocess.run(command, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                      filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+            try:
+                done = subprocess.run(command, stderr=subprocess.PIPE, text=True,
+                                      errors="replace", env={**os.environ, "PYTHONPATH": (
+                                          os.pathsep.join(filter(None, [
+                                              str(REPO), os.environ.get("PYTHONPATH")])))})
+            except OSError as error:  # checked up front, but gone or not a program now
+                return f"--launcher {command[0]}: cannot run ({error.strerror or error})"
             sys.stderr.write(done.stderr)
             if done.returncode:
                 lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -438,12 +447,35 @@ def _has_checkpoint(folder: Path) -> bool:
                                         for item in checkpoint_folders(checkpoints))
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One process at a time per stage run: shards of a cluster job share rankings."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(path: Path):
+    """The held lock of one stage run (released when its ``with`` block ends): one process
+    at a time per stage run, since shards of a cluster job share rankings."""
+    try:
+        return FileLock(path).acquire()
+    except OSError as error:  # a folder in its place, no permission
+        raise LampError(f"cannot lock {path} ({error.strerror or error})") from None
+
+
+def make_folder(path: Path) -> Path:
+    """``mkdir -p`` whose failure (a file in the way, no permission) is one error line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        in_the_way = isinstance(error, (FileExistsError, NotADirectoryError))
+        why = "it or a folder above it is a file" if in_the_way else error.strerror or error
+        raise LampError(f"cannot make the folder {path} ({why})") from None
+    return path
+
+
+def _clear(folder: Path) -> None:
+    """Remove what a killed run left in a stage's folder (ours: its name is the run's key,
+    under stages/). Something else in its place goes too, a link as a link: its target is
+    never touched."""
+    try:
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            folder.unlink()
+        elif folder.exists():
+            shutil.rmtree(folder)
+    except OSError as error:
+        raise LampError(f"cannot clear the stage folder {folder} "
+                        f"({error.strerror or error})") from None

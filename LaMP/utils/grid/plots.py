@@ -75,7 +75,8 @@ def plot_metric_vs_k(grid: Grid, cells: list, results: dict, path: Path) -> Path
         axis.set_ylabel(task.selection_metric)
         axis.set_xticks(k_values)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
+        if axis.get_legend_handles_labels()[0]:  # no line yet: only k = 0 is complete
+            axis.legend(fontsize="small")
     figure.suptitle(f"{grid.name}: {', '.join(sorted({t.selection_metric for t in grid.tasks}))}"
                     " against k")
     figure.tight_layout()

@@ -10,6 +10,7 @@ key; ``load_grid`` refuses anything else.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,13 @@ NO_RETRIEVER = "none"  # k = 0: the bare input; no ranking, one cell shared by a
 # Where a task's files sit under --data_root: download_data.py's raw_data layout.
 DEFAULT_LAYOUT = {"questions": "{split}/{task}/{set}_questions.json",
                   "outputs": "{split}/{task}/{set}_outputs.json"}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # names become folder names and labels
-FLAG = re.compile(r"^[a-z][a-z0-9_]*$")
+# Matched whole (fullmatch: "$" would let a trailing newline through, and a name with a
+# newline would break the comment lines of --dry_run): names become folder names and labels.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+FLAG = re.compile(r"[a-z][a-z0-9_]*")
+# Every cell is planned (its stages hashed) before anything runs; past this a grid is a
+# typo or a bomb (six axes of a few dozen values), not an experiment one runner plans.
+MAX_CELLS = 100_000
 DEFAULT_BOOTSTRAP = {"samples": 1000, "seed": 0, "alpha": 0.05}  # compare.py's defaults
 
 TOP_KEYS = ("name", "description", "data_root", "layout", "tasks", "splits", "eval_set",
@@ -102,7 +108,7 @@ def _names(source, key, value) -> list:
 
 
 def _name(source, key, value) -> str:
-    if not isinstance(value, str) or not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         _fail(source, key, f"{value!r} is not a name (letters, digits, '_' and '-')")
     return value
 
@@ -113,7 +119,7 @@ def _flags(source, key, value) -> dict:
         return {}
     _mapping(source, key, value)
     for name, flag_value in value.items():
-        if not isinstance(name, str) or not FLAG.match(name):
+        if not isinstance(name, str) or not FLAG.fullmatch(name):
             _fail(source, key, f"{name!r} is not a flag name (write num_retrieved, not "
                                "--num_retrieved)")
         values = flag_value if isinstance(flag_value, list) else [flag_value]
@@ -131,6 +137,20 @@ def _task(source, key, value) -> Task:
         _fail(source, key, str(error))
 
 
+def _once(source, key, values: list, same=lambda value: value) -> list:
+    """``values`` where no two are the same (``same`` says what a value stands for: both
+    spellings of a task are one task); a repeat would run or print the same cells twice, or
+    let one entry silently replace another."""
+    seen = {}
+    for value in values:
+        meaning = same(value)
+        if meaning in seen:
+            also = "" if seen[meaning] == value else f" (as {seen[meaning]!r})"
+            _fail(source, key, f"{value!r} is listed twice{also}")
+        seen[meaning] = value
+    return values
+
+
 def parse_grid(document: Any, source: str, default_name: str) -> Grid:
     """Validate a decoded grid document; every problem is a LampError naming its key."""
     top = _mapping(source, "grid", document, TOP_KEYS)
@@ -138,9 +158,11 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
         if required not in top:
             _fail(source, required, "required key is missing")
     name = _name(source, "name", top.get("name", default_name))
-    tasks = [_task(source, "tasks", value) for value in _names(source, "tasks", top["tasks"])]
-    splits = [_name(source, "splits", value)
-              for value in _names(source, "splits", top.get("splits", ["user"]))]
+    task_names = _once(source, "tasks", _names(source, "tasks", top["tasks"]),
+                       lambda value: _task(source, "tasks", value).name)
+    tasks = [_task(source, "tasks", value) for value in task_names]
+    splits = _once(source, "splits", [_name(source, "splits", value) for value in
+                                      _names(source, "splits", top.get("splits", ["user"]))])
     layout = dict(DEFAULT_LAYOUT)
     layout.update(_mapping(source, "layout", top.get("layout", {}), tuple(DEFAULT_LAYOUT)))
     for kind, pattern in layout.items():
@@ -174,7 +196,8 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
 
     raw_retrievers = top.get("retrievers", [NO_RETRIEVER])
     if isinstance(raw_retrievers, (list, str)):
-        raw_retrievers = {name: None for name in _names(source, "retrievers", raw_retrievers)}
+        raw_retrievers = {name: None for name in _once(source, "retrievers", _names(
+            source, "retrievers", raw_retrievers), str)}
     retrievers = {}
     for retriever, spec in _mapping(source, "retrievers", raw_retrievers).items():
         key = f"retrievers.{retriever}"
@@ -193,12 +216,21 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
     for value in k_values:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             _fail(source, "k", f"{value!r} is not a whole number >= 0")
+    _once(source, "k", k_values)
+    cells = math.prod(map(len, (tasks, splits, models, methods, retrievers, k_values)))
+    if cells > MAX_CELLS:
+        _fail(source, "grid", f"{cells:,} cells (tasks × splits × models × methods × "
+                              f"retrievers × k) is more than the {MAX_CELLS:,} one grid may "
+                              "plan; split it into several grids")
 
     flags = {group: {} for group in FLAG_GROUPS}
     for group, value in _mapping(source, "flags", top.get("flags", {}) or {}, FLAG_GROUPS).items():
         flags[group] = _flags(source, f"flags.{group}", value)
     task_flags = {}
-    for task_name, value in _mapping(source, "task_flags", top.get("task_flags", {}) or {}).items():
+    raw_task_flags = _mapping(source, "task_flags", top.get("task_flags", {}) or {})
+    _once(source, "task_flags", list(raw_task_flags),
+          lambda value: _task(source, "task_flags", value).name)
+    for task_name, value in raw_task_flags.items():
         task_flags[_task(source, "task_flags", task_name).name] = \
             _flags(source, f"task_flags.{task_name}", value)
 
@@ -247,8 +279,10 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
     if reference is not None:
         reference = _mapping(source, "reference", reference, ("source", "values"))
         values = {}
-        for task_name, metrics in _mapping(source, "reference.values",
-                                           reference.get("values", {})).items():
+        raw_values = _mapping(source, "reference.values", reference.get("values", {}))
+        _once(source, "reference.values", list(raw_values),
+              lambda value: _task(source, "reference.values", value).name)
+        for task_name, metrics in raw_values.items():
             task = _task(source, "reference.values", task_name)
             key = f"reference.values.{task_name}"
             values[task.name] = {}
@@ -285,19 +319,10 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Read and validate a grid file (YAML)."""
-    import yaml
-
+    """Read and validate a grid file (YAML; see ``LaMP.utils.grid.loader`` for what the
+    reading itself refuses)."""
     from LaMP.utils.data.fileio import check_readable
+    from LaMP.utils.grid.loader import read_yaml
 
     path = check_readable(path, "--grid")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise LampError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise LampError(f"{path}: not valid YAML{where} ({problem})") from None
-    return parse_grid(document, str(path), path.stem)
+    return parse_grid(read_yaml(path), str(path), path.stem)

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import logging
+import math
 from dataclasses import dataclass, field
 
+from LaMP.utils.data.fileio import read_json
+from LaMP.utils.errors import LampError
 from LaMP.utils.evaluation.metrics import metric_for, paired_bootstrap
 from LaMP.utils.grid.plan import Cell, Runner, StageRun
 from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
 
+logger = logging.getLogger(__name__)
 MISSING = "—"
 MARK = "†"
+# eval_task.py's results are a few kB (metrics, counts, intervals): a file far larger is
+# not one of them.
+MAX_RESULTS_BYTES = 16 * 2**20
 
 
 def column_label(grid: Grid, axes: dict) -> str:
@@ -69,30 +76,73 @@ def _argument(run: StageRun, flag: str):
     return run.argv[run.argv.index(flag) + 1]
 
 
-def _results(runner: Runner, cell: Cell) -> dict | None:
+def read_results(runner: Runner, cell: Cell) -> dict | None:
+    """The task's metrics from a complete cell's results.json (a number, or None where the
+    scorer wrote null for a non-finite value); None if the cell is not complete. A damaged
+    file (unreadable, not JSON, not an object of numbers) is a LampError naming it."""
     if not runner.is_complete(cell.score):
         return None
-    return json.loads((runner.folder(cell.score) / "results.json").read_text(encoding="utf-8"))
+    path = runner.folder(cell.score) / "results.json"
+    document = read_json(path, "results file", max_bytes=MAX_RESULTS_BYTES)
+    if not isinstance(document, dict):
+        raise LampError(f"{path}: expected an object of metrics, found "
+                        f"{type(document).__name__}")
+    metrics = {}
+    for metric in cell.axes["task"].metrics:
+        if metric not in document:
+            raise LampError(f"{path}: no {metric!r}")
+        value = document[metric]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise LampError(f"{path}: {metric} is {str(value)[:40]!r}, not a finite number")
+        metrics[metric] = None if value is None else float(value)
+    return metrics
+
+
+def cell_results(cells: list[Cell], runner: Runner) -> tuple[dict, dict]:
+    """``({cell name: metrics or None}, {cell name: why it is left out})``: a complete cell
+    whose results are damaged is warned about and left out, like one not complete."""
+    results, damaged = {}, {}
+    for cell in cells:
+        try:
+            results[cell.name] = read_results(runner, cell)
+        except LampError as error:
+            results[cell.name], damaged[cell.name] = None, str(error)
+            logger.warning("cell %s is left out of the tables: %s (remove %s to score it "
+                           "again)", cell.name, error, runner.folder(cell.score))
+    return results, damaged
 
 
 def _prepared(runner: Runner, cell: Cell, cache: dict):
-    """Per-example scores of a complete cell, for the paired bootstrap."""
+    """Per-example scores of a complete cell, for the paired bootstrap; None (warned once)
+    where its gold or predictions file cannot be read or paired."""
     if cell.name not in cache:
         from LaMP.utils.data.outputs import load_outputs
         from LaMP.utils.evaluation.scoring import paired_outputs, prepare
 
         score = cell.score
-        golds = load_outputs(runner.path(_argument(score, "--golds_json"), score), "gold file")
-        preds = load_outputs(runner.path(_argument(score, "--preds_json"), score),
-                             "predictions file")
         task = cell.axes["task"]
-        _, ids, gold_texts, pred_texts = paired_outputs(golds, preds, task)
         metric = metric_for(task)
-        cache[cell.name] = (metric, prepare(metric, ids, gold_texts, pred_texts, golds.source))
+        try:
+            golds = load_outputs(runner.path(_argument(score, "--golds_json"), score),
+                                 "gold file")
+            preds = load_outputs(runner.path(_argument(score, "--preds_json"), score),
+                                 "predictions file")
+            _, ids, gold_texts, pred_texts = paired_outputs(golds, preds, task)
+            cache[cell.name] = (metric, prepare(metric, ids, gold_texts, pred_texts,
+                                                golds.source))
+        except LampError as error:
+            logger.warning("cell %s: no significance test against it: %s", cell.name, error)
+            cache[cell.name] = None
     return cache[cell.name]
 
 
-def build_table(grid: Grid, cells: list[Cell], runner: Runner) -> Table:
+def build_table(grid: Grid, cells: list[Cell], runner: Runner,
+                results: dict | None = None) -> Table:
+    """The table of ``cells``; ``results`` as ``cell_results`` returns them (read here if
+    not given)."""
+    if results is None:
+        results = cell_results(cells, runner)[0]
     columns = list(dict.fromkeys(column_label(grid, cell.axes) for cell in cells))
     by_place = {(cell.axes["task"].name, cell.axes["split"], column_label(grid, cell.axes)): cell
                 for cell in cells}
@@ -103,18 +153,19 @@ def build_table(grid: Grid, cells: list[Cell], runner: Runner) -> Table:
             place = [(column, by_place.get((task.name, split, column))) for column in columns]
             if all(cell is None for _, cell in place):
                 continue  # every cell of this task and split is excluded
-            results = {column: _results(runner, cell) if cell else None
-                       for column, cell in place}
+            found = {column: results.get(cell.name) if cell else None for column, cell in place}
             p_values = {}
             for column, cell in place:
                 base = baseline_label(grid, cell.axes) if cell else None
                 base_cell = by_place.get((task.name, split, base))
-                if base_cell is None or base == column or results[column] is None \
-                        or results.get(base) is None:
+                if base_cell is None or base == column or found[column] is None \
+                        or found.get(base) is None:
                     continue
-                metric, first = _prepared(runner, base_cell, cache)
-                _, second = _prepared(runner, cell, cache)
-                comparison = paired_bootstrap(metric, first, second,
+                first = _prepared(runner, base_cell, cache)
+                second = _prepared(runner, cell, cache)
+                if first is None or second is None:
+                    continue
+                comparison = paired_bootstrap(first[0], first[1], second[1],
                                               grid.bootstrap["samples"], grid.bootstrap["seed"])
                 p_values[column] = {name: value["p_value"] for name, value in comparison.items()}
             metric_family = metric_for(task)
@@ -122,7 +173,7 @@ def build_table(grid: Grid, cells: list[Cell], runner: Runner) -> Table:
             for metric in task.metrics:
                 rows.append(Row(
                     label, metric,
-                    values={column: (results[column] or {}).get(metric) for column in columns},
+                    values={column: (found[column] or {}).get(metric) for column in columns},
                     p_values={column: p[metric] for column, p in p_values.items()},
                     reference=dict(reference.get(task.name, {}).get(metric, {})),
                     lower_is_better=metric in metric_family.lower_is_better))

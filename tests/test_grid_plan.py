@@ -1,0 +1,157 @@
+"""Executing stage runs (LaMP/utils/grid/plan.py): the lock shards share, what a stage's
+folder may hold when it runs again, and a launcher that cannot start."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SAMPLE
+from LaMP.utils import merge_with_rank
+from LaMP.utils.errors import LampError
+from LaMP.utils.grid.plan import COMPLETE, Planner, Runner, expand_cells
+from LaMP.utils.grid.schema import parse_grid
+
+GRID = {"name": "g", "tasks": ["LaMP-7"], "models": {"m": "some/model"},
+        "methods": {"zero_shot": {}}}
+# Holds the stage's lock until a line comes on stdin, then marks the stage done and lets go:
+# another shard that finishes the stage while this process waits for it.
+OTHER_SHARD = """
+import sys
+from pathlib import Path
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+sys.stdin.readline()
+Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
+(Path(sys.argv[2]) / "complete.json").write_text("{}")
+lock.release()
+"""
+TRY_LOCK = """
+import sys
+from filelock import FileLock, Timeout
+try:
+    FileLock(sys.argv[1]).acquire(timeout=0)
+except Timeout:
+    print("busy")
+else:
+    print("free")
+"""
+
+
+@pytest.fixture
+def merge_run(tmp_path):
+    grid = parse_grid(GRID, "g.yaml", "g")
+    (cell,) = [Planner(grid, SAMPLE.parent).plan(cell) for cell in expand_cells(grid)]
+    merge = cell.runs[0]
+    assert merge.stage.name == "merge"
+    return Runner(tmp_path / "runs" / "g"), merge
+
+
+def lock_of(runner: Runner, run) -> str:
+    return str(runner.stages / f".{run.folder_name}.lock")
+
+
+def try_lock(path: str) -> str:
+    return subprocess.run([sys.executable, "-c", TRY_LOCK, path], capture_output=True,
+                          text=True, check=True, cwd=REPO).stdout.strip()
+
+
+def test_a_stage_runs_holding_its_lock_and_lets_it_go(merge_run, monkeypatch):
+    runner, merge = merge_run
+    real_main, seen = merge_with_rank.main, []
+
+    def main(argv):
+        seen.append(try_lock(lock_of(runner, merge)))  # another process, while it runs
+        return real_main(argv)
+
+    monkeypatch.setattr(merge_with_rank, "main", main)
+    assert runner.execute(merge)
+    assert seen == ["busy"]
+    assert try_lock(lock_of(runner, merge)) == "free"
+    assert runner.executed == [merge.folder_name] and runner.is_complete(merge)
+
+
+def test_a_stage_another_shard_finishes_while_this_one_waits_is_not_run_again(
+        merge_run, monkeypatch):
+    runner, merge = merge_run
+    runner.stages.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", OTHER_SHARD, lock_of(runner, merge),
+                              str(runner.folder(merge))], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert other.stdout.readline().strip() == "held"
+    real_is_complete, looks = runner.is_complete, []
+
+    def is_complete(run):
+        done = real_is_complete(run)
+        if not looks:  # not done at the first look: the other shard finishes it now
+            other.stdin.write("go\n")
+            other.stdin.flush()
+        looks.append(done)
+        return done
+
+    monkeypatch.setattr(runner, "is_complete", is_complete)
+    monkeypatch.setattr(merge_with_rank, "main", lambda argv: pytest.fail("ran again"))
+    assert runner.execute(merge)
+    assert other.wait(timeout=60) == 0
+    assert looks == [False, True] and runner.executed == []
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "link to a folder", "dangling link"])
+def test_whatever_stands_in_a_stage_folder_is_cleared_and_a_link_target_kept(
+        merge_run, tmp_path, in_the_way):
+    runner, merge = merge_run
+    folder = runner.folder(merge)
+    folder.parent.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    if in_the_way == "file":
+        folder.write_text("what a killed run left")
+    else:
+        folder.symlink_to(elsewhere if in_the_way == "link to a folder" else tmp_path / "gone")
+    assert runner.execute(merge), runner.failed
+    assert folder.is_dir() and not folder.is_symlink()
+    assert isinstance(json.loads((folder / "merged.json").read_text()), list)
+    assert sorted(os.listdir(elsewhere)) == ["keep.txt"]
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["stages", "runs"])
+def test_a_file_where_the_stages_go_is_one_error_line(merge_run, where):
+    runner, merge = merge_run
+    blocker = runner.stages if where == "stages" else runner.root.parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    with pytest.raises(LampError, match=rf"^cannot make the folder {runner.stages} \(it or a "
+                                        r"folder above it is a file\)$"):
+        runner.execute(merge)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_folder_in_the_place_of_a_stage_lock_is_one_error_line(merge_run):
+    runner, merge = merge_run
+    os.makedirs(lock_of(runner, merge))
+    with pytest.raises(LampError, match=r"^cannot lock .*\.lock \(Is a directory\)$"):
+        runner.execute(merge)
+    assert not (runner.folder(merge) / COMPLETE).exists()
+
+
+def test_a_data_file_that_cannot_be_read_while_planning_is_one_error_line(monkeypatch):
+    """Planning hashes every data file (the stage keys); an unreadable one (no permission,
+    an I/O error) names the file instead of a traceback."""
+    from LaMP.utils.grid import plan
+
+    questions = SAMPLE / "LaMP_7" / "dev_questions.json"
+
+    def unreadable(path, small):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(plan, "_file_identity", unreadable)
+    grid = parse_grid(GRID, "g.yaml", "g")
+    with pytest.raises(LampError, match=rf"^{questions}: cannot read \(Permission denied\)$"):
+        [Planner(grid, SAMPLE.parent).plan(cell) for cell in expand_cells(grid)]
