@@ -233,14 +233,15 @@ def main(argv=None) -> dict:
 
     from LaMP.utils.data.fileio import remove_stale_temporaries_in
     from LaMP.utils.data.users import USERS_FOLDER
-    from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
-                                                   pending_users, scan_users, shard_users,
-                                                   write_users_index)
+    from LaMP.utils.modeling.user_training import (check_user_ids, check_users_have_items,
+                                                   collect_profiles, pending_users, scan_users,
+                                                   shard_users, write_users_index)
 
     task = args.task
     output_dir = Path(args.output_dir)
     shard, num_shards = shard_of(args)
     users = scan_users(args.train_data, task)  # every question validated, before any model
+    check_user_ids(users)
     mine = shard_users(users, shard, num_shards)
     pending = pending_users(output_dir, mine)
     logger.info("%d users in %s; shard %d of %d: %d users, %d already done", len(users),

@@ -147,7 +147,43 @@ def test_a_time_split_file_trains_one_adapter_per_user_id(tmp_path, tiny_llama,
     assert result["trained"] == ["A", "B"]
     users = read_users_index(tmp_path / "out")["users"]
     assert (users["A"]["items"], users["B"]["items"]) == (4, 3)
-    assert sorted(p.name for p in (tmp_path / "out" / "users").iterdir()) == ["A", "B"]
+    # Upper case is escaped: a file system that ignores case keeps "A" and "a" apart.
+    assert sorted(p.name for p in (tmp_path / "out" / "users").iterdir()) == ["%41", "%42"]
+
+
+def test_user_ids_alike_but_for_nul_case_or_escapes_train_apart(tmp_path, tiny_llama,
+                                                                 torch_single_thread):
+    ids = ["", "\x00", "A", "a", "%41", "~", "%7E", ".", "%2E"]
+    path = write(tmp_path / "q.json", [question(str(n), tweets(f"t{n}", 2), user)
+                                       for n, user in enumerate(ids)])
+    out = tmp_path / "out"
+    result = train_user_peft.main(train_argv(path, tiny_llama, out))
+    assert result["trained"] == sorted(ids)
+    assert len({p.name.casefold() for p in (out / "users").iterdir()}) == len(ids)
+    index = read_users_index(out)
+    assert sorted(index["users"]) == sorted(ids) and index["num_missing"] == 0
+    first = {user: adapter_bytes(out, user) for user in ids}
+    again = train_user_peft.main(train_argv(path, tiny_llama, out))
+    assert again["trained"] == [] and {user: adapter_bytes(out, user) for user in ids} == first
+
+
+def test_a_folder_in_a_users_place_holding_another_users_adapter_is_never_replaced(
+        tmp_path, tiny_llama, capsys, no_model_loads):
+    # The empty id's folder as urllib's quote named it ("%00") is NUL's name here.
+    out = tmp_path / "out"
+    folder = out / "users" / "%00"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    (folder / "user.json").write_text(json.dumps({"user": ""}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path = write(tmp_path / "q.json", [question("1", tweets("a", 2), "\x00")])
+    code, lines = run_cli(train_argv(path, tiny_llama, out), capsys)
+    assert code == 2 and lines[-1] == (
+        f"error: {folder} holds the adapter of user '' (its user.json), not of user '\\x00'; "
+        f"move it to {out / 'users' / '%empty'} or remove it (users whose folder holds "
+        "another's: 1 (first: '\\x00'))")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_user_split_questions_are_each_their_own_user(tmp_path):

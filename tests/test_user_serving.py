@@ -357,10 +357,10 @@ def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path,
     from LaMP.utils.modeling import distributed, lora_stack, user_serving
     from LaMP.utils.modeling.distributed import Launch
 
-    users = ["A", "B", "A", "B", "C", "D", "C", "D"]
+    users = ["a", "b", "a", "b", "c", "d", "c", "d"]
     questions = tweet_questions(8, users)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
-    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["A", "B", "C", "D"])
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["a", "b", "c", "d"])
     monkeypatch.setattr(distributed, "launch_from_env", lambda: Launch(1, 2, 1))
     monkeypatch.setattr(distributed, "init_process_group", lambda launch, device: False)
     answered, loaded = [], []
@@ -385,8 +385,8 @@ def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path,
     monkeypatch.setattr(lora_stack, "_read_weights", record_read)
     out = evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                        "--user_adapters", str(root)))
-    # Sliced with each user's questions together: process 1 has C's and D's, and only those.
-    assert sorted(loaded) == ["C", "D"]
+    # Sliced with each user's questions together: process 1 has c's and d's, and only those.
+    assert sorted(loaded) == ["c", "d"]
     expected = one_user_at_a_time(tiny_t5, root, [questions[i] for i in (4, 6, 5, 7)],
                                   "LaMP-7", tmp_path)
     assert answered == expected

@@ -31,7 +31,8 @@ calls them too):
   ``<folder>`` is ``LaMP.utils.data.users.user_folder_name(user)``. A user folder appears whole
   or not at all (written into a temporary beside it and renamed), so a user whose folder
   exists is done; ``users.json`` is rebuilt from the folders (under a lock), never edited,
-  so concurrent shards cannot lose each other's users.
+  so concurrent shards cannot lose each other's users. A folder's ``user.json``, not its
+  name, says whose it is: a folder in one user's place holding another's is never replaced.
 """
 from __future__ import annotations
 
@@ -49,18 +50,17 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from LaMP.utils.data.fileio import atomic_folder, atomic_write_json, read_json
 from LaMP.utils.data.questions import iter_questions
-from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
-from LaMP.utils.errors import LampError
+from LaMP.utils.data.users import (USER_RECORD, USERS_FOLDER, USERS_INDEX, find_user_folder,
+                                   read_user_record, user_adapter_dir, user_folder_candidates,
+                                   user_folder_name, user_of)
+from LaMP.utils.errors import LampError, preview
 from LaMP.utils.modeling.checkpoints import adapter_folder_problem
 from LaMP.utils.modeling.examples import Example
 from LaMP.utils.tasks import Task, UserTemplate
 
 logger = logging.getLogger(__name__)
 
-USER_RECORD = "user.json"  # inside each user's folder: who it is and how it was trained
 ADAPTER_NAME = "user"  # the peft adapter name while a user trains (never saved: folders are standard)
-# A user.json is a few hundred bytes; anything far larger is not ours.
-MAX_RECORD_BYTES = 1_000_000
 
 
 # -- users and their items -----------------------------------------------------------------
@@ -200,6 +200,13 @@ def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
 
 # -- the user folders ----------------------------------------------------------------------
 
+def check_user_ids(users: Iterable[str]) -> None:
+    """One error line for the first user id no folder can be named after (too long), so that
+    every shard refuses the same data before a model loads."""
+    for user in users:
+        user_folder_name(user)
+
+
 def user_folder_problem(folder: Path, user: str) -> str | None:
     """Why ``folder`` is not ``user``'s complete adapter folder, or ``None``."""
     if not folder.is_dir():
@@ -215,37 +222,54 @@ def user_folder_problem(folder: Path, user: str) -> str | None:
     return None
 
 
-def read_user_record(folder: Path) -> dict | None:
-    try:
-        record = read_json(folder / USER_RECORD, USER_RECORD, max_bytes=MAX_RECORD_BYTES)
-    except LampError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("user"), str) else None
+def other_users_record(folder: Path, user: str) -> str | None:
+    """The user ``folder``'s ``user.json`` names when that is not ``user``, else ``None``."""
+    record = read_user_record(folder) if folder.is_dir() else None
+    return record["user"] if record is not None and record["user"] != user else None
 
 
 def pending_users(output_dir: str | os.PathLike, users: Iterable[str]) -> list[str]:
     """The users without a complete adapter folder; an incomplete folder (not one this code
-    writes: a copy cut short, a file damaged since) is logged and will be replaced."""
-    pending = []
+    writes: a copy cut short, a file damaged since) is logged and will be replaced. A folder
+    in a user's place that holds another user's adapter is never replaced: one error line."""
+    pending, foreign = [], []
     for user in users:
-        folder = user_adapter_dir(output_dir, user)
+        folder = find_user_folder(output_dir, user)
+        if folder is None:
+            pending.append(user)
+            continue
+        other = other_users_record(folder, user)
+        if other is not None:
+            foreign.append((user, folder, other))
+            continue
         problem = user_folder_problem(folder, user)
         if problem is None:
             continue
         if problem != "missing":
             logger.warning("%s is incomplete (%s): user %s trains again", folder, problem, user)
         pending.append(user)
+    if foreign:
+        user, folder, other = foreign[0]
+        raise LampError(f"{folder} holds the adapter of user {other!r} (its {USER_RECORD}), "
+                        f"not of user {user!r}; move it to {user_adapter_dir(output_dir, other)} "
+                        f"or remove it (users whose folder holds another's: "
+                        f"{preview([repr(user) for user, _, _ in foreign])})")
     return pending
 
 
 def replace_incomplete(folder: Path, user: str) -> None:
     """Remove ``user``'s incomplete folder (``pending_users`` logged it) so that the new
-    adapter can take its place; a complete one is another run's work: an error."""
+    adapter can take its place; a complete one is another run's work, and another user's
+    folder is theirs: an error."""
     if not os.path.lexists(folder):
         return
     if user_folder_problem(folder, user) is None:
         raise LampError(f"{folder}: written by another run at the same time (two runs "
                         "share its folder?)")
+    other = other_users_record(folder, user)
+    if other is not None:
+        raise LampError(f"{folder} holds the adapter of user {other!r} (its {USER_RECORD}), "
+                        f"not of user {user!r}; it is not replaced")
     try:
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder)
@@ -261,7 +285,8 @@ def folder_bytes(folder: Path) -> int:
 
 
 def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
-    """The record of every complete user folder under ``output_dir``, by user id (sorted)."""
+    """The record of every complete user folder under ``output_dir``, by user id (sorted):
+    each the folder a lookup of its user finds (``find_user_folder``)."""
     root = Path(output_dir) / USERS_FOLDER
     records = {}
     if root.is_dir():
@@ -271,13 +296,14 @@ def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
             record = read_user_record(folder)
             if record is None or user_folder_problem(folder, record["user"]) is not None:
                 continue
+            user = record["user"]
             try:
-                expected = user_adapter_dir(output_dir, record["user"]).name
+                names = [candidate.name for candidate in user_folder_candidates(output_dir, user)]
             except LampError:  # an id no folder can be named after: not one we wrote
                 continue
-            if expected != folder.name:
-                continue  # a folder copied in under another name: not where a lookup goes
-            records[record["user"]] = {**record, "folder": f"{USERS_FOLDER}/{folder.name}"}
+            # A folder copied in under another name is not where a lookup goes.
+            if folder.name in names and find_user_folder(output_dir, user) == folder:
+                records[user] = {**record, "folder": f"{USERS_FOLDER}/{folder.name}"}
     return dict(sorted(records.items()))
 
 
