@@ -61,6 +61,7 @@ from LaMP.utils.tasks import Task, UserTemplate
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "user"  # the peft adapter name while a user trains (never saved: folders are standard)
+INDEX_LOCK = ".users.json.lock"  # beside users.json: serialises its rebuilds
 
 
 # -- users and their items -----------------------------------------------------------------
@@ -310,29 +311,24 @@ def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
 @contextlib.contextmanager
 def _index_lock(output_dir: Path) -> Iterator[None]:
     """Serialise the rebuilds of ``users.json`` of concurrent processes (shards on one
-    machine): the last rebuild then sees every finished user. The lock is taken on the
-    folder itself, so that no lock file is left behind; where the system cannot lock a
-    folder (not POSIX, some network file systems) the rebuild goes unlocked, and a rerun
-    rebuilds the index again."""
+    machine, or on several that share the folder): the last rebuild then sees every finished
+    user. The lock file stays (``INDEX_LOCK``, hidden): removing it would let a waiter lock
+    a file a newcomer no longer sees. Where the lock cannot be taken, the rebuild goes
+    unlocked, and a rerun rebuilds the index again."""
+    from filelock import FileLock
+
+    lock = FileLock(output_dir / INDEX_LOCK)
     try:
-        import fcntl
-    except ImportError:
+        lock.acquire()
+    except OSError as error:
+        logger.warning("%s: cannot lock (%s); users.json is rebuilt unlocked",
+                       output_dir / INDEX_LOCK, error.strerror or error)
         yield
         return
     try:
-        handle = os.open(output_dir, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as error:
-            logger.warning("%s: cannot lock the folder (%s); users.json is rebuilt unlocked",
-                           output_dir, error.strerror)
         yield
     finally:
-        os.close(handle)  # closing releases the lock
+        lock.release()
 
 
 def write_users_index(output_dir: str | os.PathLike, run: Mapping,
