@@ -120,7 +120,8 @@ def main(argv=None) -> dict:
         ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
         users = [user for _, user in ids_and_users]
         user_adapters = find_user_adapters(args.user_adapters, users,
-                                           missing=args.missing_user_adapter)
+                                           missing=args.missing_user_adapter,
+                                           model=args.model_addr)
         # A user's folder may be a link to elsewhere: it is an input like the root.
         check_outputs(folders={"--output_dir": args.output_dir},
                       inputs={"--user_adapters": [str(f) for f in user_adapters.adapter_folders]

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_json
 from test_user_serving import (one_user_at_a_time, predictions_file, save_user_adapters,
-                               serve_args, tweet_questions)
+                               serve_args, tweet_questions, write_user_record)
 from LaMP import evaluate_llm
 from LaMP.utils.data.users import user_adapter_dir
 from LaMP.utils.errors import LampError
@@ -224,6 +224,7 @@ def test_lora_on_embeddings_is_served_through_peft_with_the_same_answers(
                             target_modules=["q_proj", "embed_tokens"])
         get_peft_model(load_base(tiny_llama), config).save_pretrained(
             user_adapter_dir(root, question["id"]))
+        write_user_record(root, question["id"])
     capfd.readouterr()
     evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
                                  "--user_adapters", str(root)))
@@ -294,6 +295,7 @@ def test_trained_biases_are_served_through_peft_with_the_same_answers(tmp_path, 
         get_peft_model(load_base(model_path), LoraConfig(
             r=2, init_lora_weights=False, bias="lora_only" if number == 0 else "none",
             task_type="CAUSAL_LM")).save_pretrained(user_adapter_dir(root, question["id"]))
+        write_user_record(root, question["id"])
     evaluate_llm.main(serve_args(data, model_path, "LaMP-7", tmp_path / "eval",
                                  "--user_adapters", str(root)))
     assert not stacks_built

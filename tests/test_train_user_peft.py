@@ -483,6 +483,27 @@ def test_a_killed_run_resumes_with_only_the_users_not_done(tmp_path, tiny_llama,
     assert train_user_peft.main(train_argv(data, tiny_llama, out))["trained"] == []
 
 
+def test_a_rerun_on_other_weights_at_the_same_path_is_refused(tmp_path, capsys,
+                                                              torch_single_thread):
+    from conftest import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "model")
+    data = sample_users(tmp_path, 2)
+    out = tmp_path / "out"
+    first = train_user_peft.main(train_argv(data, model, out))
+    record = json.loads((user_adapter_dir(out, first["trained"][0]) / "user.json").read_text())
+    assert record["base_model"]["name"] == str(model) and record["base_adapter"] is None
+    build_tiny_llama(model, seed=1)  # the same path and layers, other weights
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, lines = run_cli(train_argv(data, model, out), capsys)
+    assert code == 2 and lines[-1] == (
+        f"error: --output_dir {out}: users trained on another base model or task adapter than "
+        f"--model_name / --base_adapter name now: 2 (first: {first['trained'][0]!r}, "
+        f"{first['trained'][1]!r}) (e.g. {user_adapter_dir(out, first['trained'][0])}/"
+        "user.json); choose another --output_dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_shards_and_launched_processes_train_disjoint_users(tmp_path, tiny_llama, monkeypatch,
                                                             torch_single_thread):
     data = sample_users(tmp_path, 5)

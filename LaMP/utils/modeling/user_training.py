@@ -24,7 +24,9 @@ calls them too):
 
       users/<folder>/adapter_config.json       the standard peft folder of one user
       users/<folder>/adapter_model.safetensors  (loads with PeftModel.from_pretrained)
-      users/<folder>/user.json                  that user's record (written with the adapter)
+      users/<folder>/user.json                  that user's record (written with the adapter):
+                                                its user, what it was trained on top of
+                                                (``LaMP.utils.modeling.user_records``), …
       users.json                                the index of every complete user folder
       args.json                                 the run's flags
 
@@ -229,11 +231,14 @@ def other_users_record(folder: Path, user: str) -> str | None:
     return record["user"] if record is not None and record["user"] != user else None
 
 
-def pending_users(output_dir: str | os.PathLike, users: Iterable[str]) -> list[str]:
+def pending_users(output_dir: str | os.PathLike, users: Iterable[str],
+                  trained_on: Mapping | None = None) -> list[str]:
     """The users without a complete adapter folder; an incomplete folder (not one this code
     writes: a copy cut short, a file damaged since) is logged and will be replaced. A folder
-    in a user's place that holds another user's adapter is never replaced: one error line."""
-    pending, foreign = [], []
+    in a user's place that holds another user's adapter is never replaced: one error line,
+    as is a done user trained on another base model or task adapter than ``trained_on``
+    (this run's ``base_model`` and ``base_adapter``)."""
+    pending, foreign, other_base = [], [], []
     for user in users:
         folder = find_user_folder(output_dir, user)
         if folder is None:
@@ -245,6 +250,8 @@ def pending_users(output_dir: str | os.PathLike, users: Iterable[str]) -> list[s
             continue
         problem = user_folder_problem(folder, user)
         if problem is None:
+            if trained_on is not None and not trained_alike(read_user_record(folder), trained_on):
+                other_base.append((user, folder))
             continue
         if problem != "missing":
             logger.warning("%s is incomplete (%s): user %s trains again", folder, problem, user)
@@ -255,7 +262,31 @@ def pending_users(output_dir: str | os.PathLike, users: Iterable[str]) -> list[s
                         f"not of user {user!r}; move it to {user_adapter_dir(output_dir, other)} "
                         f"or remove it (users whose folder holds another's: "
                         f"{preview([repr(user) for user, _, _ in foreign])})")
+    if other_base:
+        user, folder = other_base[0]
+        raise LampError(f"--output_dir {output_dir}: users trained on another base model or "
+                        f"task adapter than --model_name / --base_adapter name now: "
+                        f"{preview([repr(user) for user, _ in other_base])} (e.g. {folder}/"
+                        f"{USER_RECORD}); choose another --output_dir")
     return pending
+
+
+def trained_alike(record: Mapping, trained_on: Mapping) -> bool:
+    """Whether a user's ``record`` names the base model and task adapter of ``trained_on``
+    (a record without them cannot tell: alike)."""
+    from LaMP.utils.modeling.user_records import same_model
+
+    if isinstance(record.get("base_model"), dict) and not same_model(
+            record["base_model"], trained_on["base_model"]):
+        return False
+    if "base_adapter" in record:
+        mine, theirs = record["base_adapter"], trained_on["base_adapter"]
+        if (mine is None) != (theirs is None):
+            return False
+        if mine is not None and (not isinstance(mine, dict)
+                                 or mine.get("sha256") != theirs["sha256"]):
+            return False
+    return True
 
 
 def replace_incomplete(folder: Path, user: str) -> None:
@@ -508,6 +539,8 @@ class UserAdapterTrainer:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        from LaMP.utils.modeling.user_records import local_or_name
+
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.save_dtype]
         state = get_peft_model_state_dict(self.model, adapter_name=self._current)
         state = {key: (value.detach().to(dtype) if value.is_floating_point() else value.detach())
@@ -516,8 +549,9 @@ class UserAdapterTrainer:
         config = self.model.peft_config[self._current].to_dict()
         config["inference_mode"] = True  # as peft saves it: loaded for inference by default
         # The model the adapter belongs to, as get_peft_model records it (add_adapter does not).
-        config["base_model_name_or_path"] = getattr(self.model.get_base_model(),
-                                                    "name_or_path", None)
+        # A local folder as an absolute path: serving may run from another folder.
+        config["base_model_name_or_path"] = local_or_name(
+            getattr(self.model.get_base_model(), "name_or_path", None))
         # Sets sorted (peft writes them in hash order, which differs between processes): the
         # same adapter is the same bytes in every run.
         config = {key: sorted(value) if isinstance(value, set) else value
