@@ -12,6 +12,11 @@ through peft's ``adapter_names``; the others (DoRA, which peft refuses
 to mix; IA3, whose layers would silently ignore the names; prompt learning, whose virtual
 tokens are one per model call) are answered user by user. Users without an adapter are
 either an error or, with ``missing="base"``, answered by the base model.
+
+Before the model loads, every folder is checked to be its user's (its ``user.json`` names
+the user), trained on the model served and on one task adapter (``user_records``), and to
+hold exactly the weights its config makes on the model (``adapter_fit``): so whichever way
+a batch is served, the same folders are taken, with the same meaning.
 """
 from __future__ import annotations
 
@@ -77,15 +82,17 @@ class UserAdapters:
 
 
 def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str = "error",
-                       flag: str = "--user_adapters", model: str | None = None
-                       ) -> UserAdapters:
+                       flag: str = "--user_adapters", model: str | None = None,
+                       fit=None) -> UserAdapters:
     """Each of ``users``' adapter folder under ``root``, checked as ``--adapter`` is (config
     and weights loadable, without loading them), and checked to be that user's: its
     ``user.json`` must name the user. A user without a folder is an error naming the user
     and the folder expected, unless ``missing="base"``. All adapters must be of one peft
     method and task type (they are loaded onto one model) and trained on top of one task
     adapter (``trained_on_of``), and, with ``model`` (the ``--model_addr`` to serve them
-    on), on that base model."""
+    on), on that base model. With ``fit`` (an ``adapter_fit.AdapterFit`` of that model),
+    each folder's weights must be those its config makes on it: every way of serving then
+    accepts and refuses the same folders."""
     root = Path(root)
     if not root.is_dir():
         raise LampError(f"{flag} {root} is not a folder (train_user_peft.py's --output_dir, "
@@ -125,6 +132,11 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
         logger.warning("users without an adapter under %s, answered by the base model: %s "
                        "of %d", root, preview(absent), len(folders))
     method, virtual, task_type = _one_method(root, folders, flag)
+    if fit is not None:
+        check_task_type(task_type, fit.seq2seq, root)
+        for user, folder in folders.items():
+            if folder is not None:
+                fit.check(folder, f"user {user!r}'s adapter {folder}")
     index = _run_index(root, flag)
     base_model, base_adapter = trained_on_of(records, index, root, flag)
     if model is not None:
