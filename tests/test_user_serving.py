@@ -601,6 +601,14 @@ def test_adapters_are_served_only_on_the_base_model_they_were_trained_on(tiny_ll
                                           "--user_adapters", str(root)))
     assert served["predictions"] == one_user_at_a_time(tiny_llama, root, questions, "LaMP-7",
                                                        tmp_path)
+    # Records that leave it out: the adapter's own config names the model it was made on.
+    for user in ("q0", "q1"):
+        write_user_record(root, user)
+    status, err = serve_status(capsys, data, other, tmp_path / "eval3", "--user_adapters",
+                               str(root))
+    assert status == 2 and err[0].startswith(
+        f"error: --user_adapters: user 'q0''s adapter was trained on base model {tiny_llama}, "
+        f"not on --model_addr {other} (another name)")
     # Trained on a hub model: a local folder is another name.
     write_user_record(root, "q1", base_model={"name": "org/model", "sha256": None})
     status, err = serve_status(capsys, data, tiny_llama, tmp_path / "eval2", "--user_adapters",

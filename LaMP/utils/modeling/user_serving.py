@@ -138,7 +138,7 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
             if folder is not None:
                 fit.check(folder, f"user {user!r}'s adapter {folder}")
     index = _run_index(root, flag)
-    base_model, base_adapter = trained_on_of(records, index, root, flag)
+    base_model, base_adapter = trained_on_of(records, index, root, flag, folders)
     if model is not None:
         _check_base_model(model, base_model, flag)
     return UserAdapters(root=root, folders=folders, method=method, virtual_tokens=virtual,
@@ -156,13 +156,17 @@ def _run_index(root: Path, flag: str) -> dict | None:
 
 
 def trained_on_of(records: Mapping[str, Mapping], index: Mapping | None, root: Path,
-                  flag: str = "--user_adapters") -> tuple[dict[str, dict], str | None]:
+                  flag: str = "--user_adapters",
+                  folders: Mapping[str, Path | None] | None = None
+                  ) -> tuple[dict[str, dict], str | None]:
     """(base model by user, the task adapter folder to merge or ``None``) the users'
     adapters were trained on top of, from each one's ``user.json``; a record without these
-    fields takes the run's ``users.json``. The users must agree on one task adapter, and so
-    must ``users.json`` where it names one; the task adapter must be the one they were
-    trained on (its digest, where recorded). Each disagreement is one error line."""
-    from LaMP.utils.modeling.user_records import adapter_identity, valid_identity
+    fields takes the run's ``users.json``, and for the base model then the adapter's own
+    ``base_model_name_or_path`` (in ``folders[user]``). The users must agree on one task
+    adapter, and so must ``users.json`` where it names one; the task adapter must be the
+    one they were trained on (its digest, where recorded). Each disagreement is one error
+    line."""
+    from LaMP.utils.modeling.user_records import adapter_identity, local_or_name, valid_identity
 
     models: dict[str, dict] = {}
     adapters: dict[str, dict | None] = {}
@@ -175,6 +179,10 @@ def trained_on_of(records: Mapping[str, Mapping], index: Mapping | None, root: P
             models[user] = record["base_model"]
         elif index is not None and isinstance(index.get("model_name"), str):
             models[user] = {"name": index["model_name"], "sha256": None}
+        elif folders is not None and folders.get(user) is not None:
+            named = read_json(folders[user] / ADAPTER_CONFIG).get("base_model_name_or_path")
+            if isinstance(named, str) and named:
+                models[user] = {"name": local_or_name(named), "sha256": None}
         if "base_adapter" in record:
             if not (record["base_adapter"] is None
                     or valid_identity(record["base_adapter"], ("path", "sha256"))):
