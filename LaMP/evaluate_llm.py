@@ -115,12 +115,21 @@ def main(argv=None) -> dict:
     check_questions(args.validation_data, args.task, limit=args.limit)
     user_adapters, users = None, None
     if args.user_adapters:
+        from LaMP.utils.modeling.adapter_fit import AdapterFit
+        from LaMP.utils.modeling.model import is_seq2seq_config, load_config
         from LaMP.utils.modeling.user_serving import find_user_adapters, question_users
 
         ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
         users = [user for _, user in ids_and_users]
-        user_adapters = find_user_adapters(args.user_adapters, users,
-                                           missing=args.missing_user_adapter)
+        # The adapters are checked against the model's layers from its config alone: both
+        # ways of serving (--user_adapter_batches) then take and refuse the same folders.
+        model_config = load_config(args.model_addr, trust_remote_code=args.trust_remote_code,
+                                   cache_dir=args.cache_dir)
+        user_adapters = find_user_adapters(
+            args.user_adapters, users, missing=args.missing_user_adapter,
+            model=args.model_addr,
+            fit=AdapterFit(model_config, seq2seq=is_seq2seq_config(model_config),
+                           trust_remote_code=args.trust_remote_code))
         # A user's folder may be a link to elsewhere: it is an input like the root.
         check_outputs(folders={"--output_dir": args.output_dir},
                       inputs={"--user_adapters": [str(f) for f in user_adapters.adapter_folders]

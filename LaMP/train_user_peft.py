@@ -217,9 +217,13 @@ def load_base(args: argparse.Namespace):
                      device=device, chat_template=args.chat_template)
 
 
-def local_or_name(path: str | None) -> str | None:
-    """A local folder as an absolute path; a hub name (or nothing) as it is."""
-    return os.path.abspath(path) if path and os.path.isdir(path) else path
+def trained_on_of(args: argparse.Namespace) -> dict:
+    """What every user's adapter of this run is trained on top of, as its user.json records
+    it: the base model and the task adapter merged into it (digests of their files)."""
+    from LaMP.utils.modeling.user_records import adapter_identity, model_identity
+
+    return {"base_model": model_identity(args.model_name),
+            "base_adapter": adapter_identity(args.base_adapter) if args.base_adapter else None}
 
 
 def main(argv=None) -> dict:
@@ -233,16 +237,19 @@ def main(argv=None) -> dict:
 
     from LaMP.utils.data.fileio import remove_stale_temporaries_in
     from LaMP.utils.data.users import USERS_FOLDER
-    from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
-                                                   pending_users, scan_users, shard_users,
-                                                   write_users_index)
+    from LaMP.utils.modeling.user_records import local_or_name
+    from LaMP.utils.modeling.user_training import (check_user_ids, check_users_have_items,
+                                                   collect_profiles, pending_users, scan_users,
+                                                   shard_users, write_users_index)
 
     task = args.task
     output_dir = Path(args.output_dir)
     shard, num_shards = shard_of(args)
     users = scan_users(args.train_data, task)  # every question validated, before any model
+    check_user_ids(users)
     mine = shard_users(users, shard, num_shards)
-    pending = pending_users(output_dir, mine)
+    trained_on = trained_on_of(args)
+    pending = pending_users(output_dir, mine, trained_on)
     logger.info("%d users in %s; shard %d of %d: %d users, %d already done", len(users),
                 args.train_data, shard, num_shards, len(mine), len(mine) - len(pending))
     profiles = collect_profiles(args.train_data, task, pending)
@@ -256,7 +263,7 @@ def main(argv=None) -> dict:
                   {key: value for key, value in run_arguments(args).items()
                    if key not in ("num_shards", "shard_id")})  # the same file from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
-    trained = setup.train(pending, profiles) if setup else []
+    trained = setup.train(pending, profiles, trained_on) if setup else []
     # What serving needs to rebuild each user's model: the base, and the task adapter
     # merged into it (local paths made absolute: serving runs from anywhere).
     run_record = {"task": task.name, "model_name": local_or_name(args.model_name),
@@ -292,8 +299,9 @@ class TrainingSetup:
                                  seq2seq=lamp_model.is_seq2seq, model_config=base_config),
             training_settings(args), seed=args.seed, save_dtype=args.save_dtype)
 
-    def train(self, pending: list[str], profiles: dict) -> list[dict]:
-        """Train every pending user's adapter in turn; their records."""
+    def train(self, pending: list[str], profiles: dict, trained_on: dict) -> list[dict]:
+        """Train every pending user's adapter in turn; their records (``trained_on``: what
+        each record says the adapter was trained on top of)."""
         from tqdm.auto import tqdm
 
         from LaMP.utils.modeling.user_training import user_examples
@@ -307,7 +315,8 @@ class TrainingSetup:
                                      prompt_fn=self.prompt_fn, ranker=self.ranker,
                                      num_retrieved=self.num_retrieved)
             record = self.trainer.train_user(user, examples, args.output_dir,
-                                             extra={"profile_items": len(items)})
+                                             extra={"profile_items": len(items),
+                                                    **trained_on})
             records.append(record)
             progress.set_postfix(loss=record["final_loss"], refresh=False)
             logger.info("user %s: %d items, %d steps, final loss %.4f, %.1f s, %d bytes",

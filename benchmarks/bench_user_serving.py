@@ -85,14 +85,15 @@ def make_adapters(model_path: str, root: Path, users: list[str], args) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from LaMP.utils.data.users import user_adapter_dir
+    from LaMP.utils.data.fileio import atomic_write_json
+    from LaMP.utils.data.users import USER_RECORD, user_adapter_dir
 
     base = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
     config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=32, lora_dropout=0.1)
     generator = torch.Generator().manual_seed(args.seed)
     for user in users:
         folder = user_adapter_dir(root, user)
-        if (folder / "adapter_model.safetensors").exists():
+        if (folder / USER_RECORD).exists():  # written last: the folder is complete
             continue
         adapted = get_peft_model(base, config)  # A random (kaiming), B zeros: fill B
         with torch.no_grad():
@@ -104,6 +105,8 @@ def make_adapters(model_path: str, root: Path, users: list[str], args) -> None:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator)
                                     * args.lora_b_std)
         adapted.save_pretrained(folder)
+        # Serving takes a folder for its user only where its user.json says so.
+        atomic_write_json(folder / USER_RECORD, {"user": user, "base_adapter": None})
         base = adapted.unload()
 
 

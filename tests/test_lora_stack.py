@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_json
 from test_user_serving import (one_user_at_a_time, predictions_file, save_user_adapters,
-                               serve_args, tweet_questions)
+                               serve_args, tweet_questions, write_user_record)
 from LaMP import evaluate_llm
 from LaMP.utils.data.users import user_adapter_dir
 from LaMP.utils.errors import LampError
@@ -175,13 +175,18 @@ def test_per_module_ranks_are_served_through_peft_with_the_same_answers(
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("foreign key", r"weight base_model\.model\.extra\.weight is not a LoRA matrix"),
-    ("one matrix", r"is not a linear layer of this model with both LoRA matrices"),
-    ("wrong width", r"do not fit the layer .* an adapter of another base model\?"),
-    ("a layer it lacks", r"model\.layers\.9\.self_attn\.q_proj is not a linear layer of "
-                         r"this model"),
+    ("foreign key", r"weight base_model\.model\.extra\.weight is not one its "
+                    r"adapter_config\.json makes on this model"),
+    ("one matrix", r"no weight base_model\.model\..*\.lora_B\.weight, which its "
+                   r"adapter_config\.json makes on this model"),
+    ("wrong width", r"lora_A\.weight is \(4, 33\); its adapter_config\.json makes it "
+                    r"\(4, 32\) on this model \(another r, or another base model\?\)"),
+    ("a layer it lacks", r"weight base_model\.model\.model\.layers\.9\.self_attn\.q_proj"
+                         r"\.lora_A\.weight is not one its adapter_config\.json makes"),
 ])
-def test_damaged_weights_are_one_error_naming_the_user(tiny_llama, tmp_path, damage, message):
+@pytest.mark.parametrize("batches", ["stacked", "peft"])
+def test_damaged_weights_are_one_error_naming_the_user(tiny_llama, tmp_path, damage, message,
+                                                       batches):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -203,11 +208,22 @@ def test_damaged_weights_are_one_error_naming_the_user(tiny_llama, tmp_path, dam
     save_file(weights, str(weights_path))
     with pytest.raises(LampError) as error:
         evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
-                                     "--user_adapters", str(root)))
+                                     "--user_adapters", str(root),
+                                     "--user_adapter_batches", batches))
     text = str(error.value)
     assert re.match(r"cannot load user 'q1'\'s adapter .*/users/q1: ", text), text
     assert re.search(message, text) and len(text.splitlines()) == 1, text
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_stack_refuses_weights_of_another_rank_than_the_config_says(tiny_llama, tmp_path):
+    folders = random_adapters(tiny_llama, tmp_path, (2, 4))
+    config_path = folders["u1"] / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": 8}))
+    with pytest.raises(LampError, match=r"^cannot load adapter .*/a1: the LoRA matrices of "
+                                        r".* \(\(4, 32\), \(32, 4\)\) are not of rank r 8, as its "
+                                        r"adapter_config\.json says$"):
+        lora_stack.LoraStack(load_base(tiny_llama), folders)
 
 
 def test_lora_on_embeddings_is_served_through_peft_with_the_same_answers(
@@ -224,6 +240,7 @@ def test_lora_on_embeddings_is_served_through_peft_with_the_same_answers(
                             target_modules=["q_proj", "embed_tokens"])
         get_peft_model(load_base(tiny_llama), config).save_pretrained(
             user_adapter_dir(root, question["id"]))
+        write_user_record(root, question["id"])
     capfd.readouterr()
     evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
                                  "--user_adapters", str(root)))
@@ -294,8 +311,69 @@ def test_trained_biases_are_served_through_peft_with_the_same_answers(tmp_path, 
         get_peft_model(load_base(model_path), LoraConfig(
             r=2, init_lora_weights=False, bias="lora_only" if number == 0 else "none",
             task_type="CAUSAL_LM")).save_pretrained(user_adapter_dir(root, question["id"]))
+        write_user_record(root, question["id"])
     evaluate_llm.main(serve_args(data, model_path, "LaMP-7", tmp_path / "eval",
                                  "--user_adapters", str(root)))
     assert not stacks_built
     assert [a for _, a in predictions_file(tmp_path / "eval")] == one_user_at_a_time(
         model_path, root, questions, "LaMP-7", tmp_path)
+
+
+def tamper(folder, change: str) -> None:
+    """Edit one user's adapter after training (its weights: r 4 on q_proj and v_proj)."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if change == "no adapter_config.json":
+        path.unlink()
+        return
+    if change == "no weights":
+        (folder / "adapter_model.safetensors").unlink()
+        return
+    edits = {"r": {"r": 8}, "lora_alpha": {"lora_alpha": 32}, "use_rslora": {"use_rslora": True},
+             "lora_dropout": {"lora_dropout": 0.5},
+             "target_modules as a pattern": {"target_modules": r".*\.(q_proj|v_proj)"},
+             "fewer target_modules": {"target_modules": ["q_proj"]},
+             "more target_modules": {"target_modules": ["q_proj", "v_proj", "k_proj"]},
+             "layers_to_transform": {"layers_to_transform": [0]},
+             "rank_pattern": {"rank_pattern": {"q_proj": 2}}, "use_dora": {"use_dora": True},
+             "peft_type": {"peft_type": "IA3"}}
+    path.write_text(json.dumps({**config, **edits[change]}))
+
+
+# What changes only the scaling (or nothing, at inference) is served, as peft serves it;
+# anything that does not match the weights (rank, which layers) is refused, whichever way
+# batches are served (rsLoRA beside LoRA: two kinds, refused).
+@pytest.mark.parametrize("change, served", [
+    ("r", False), ("lora_alpha", True), ("lora_dropout", True),
+    ("target_modules as a pattern", True), ("use_rslora", False),
+    ("fewer target_modules", False),
+    ("more target_modules", False), ("layers_to_transform", False), ("rank_pattern", False),
+    ("use_dora", False), ("peft_type", False), ("no adapter_config.json", False),
+    ("no weights", False)])
+def test_both_ways_of_serving_take_and_refuse_the_same_edited_folders(tiny_llama, tmp_path,
+                                                                     capsys, change, served):
+    from LaMP.utils.cli.program import run
+
+    questions = tweet_questions(4)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", [q["id"] for q in questions])
+    tamper(user_adapter_dir(root, "q1"), change)
+    outcomes = {}
+    for batches in ("stacked", "peft"):
+        capsys.readouterr()
+        status = run(evaluate_llm.main, serve_args(
+            data, tiny_llama, "LaMP-7", tmp_path / batches, "--user_adapters", str(root),
+            "--user_adapter_batches", batches))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        answers = predictions_file(tmp_path / batches) if status == 0 else None
+        outcomes[batches] = (status, err, answers)
+    assert outcomes["stacked"] == outcomes["peft"]
+    status, err, answers = outcomes["stacked"]
+    if served:
+        assert status == 0 and [a for _, a in answers] == one_user_at_a_time(
+            tiny_llama, root, questions, "LaMP-7", tmp_path)
+    else:
+        assert status == 2 and len(err) == 1, err
+        assert re.match(r"error: (cannot load user 'q1'\'s adapter|--user_adapters \(user "
+                        r"'q1'\)|--user_adapters .*: the adapters are of different kinds)",
+                        err[0]), err[0]

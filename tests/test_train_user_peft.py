@@ -147,7 +147,43 @@ def test_a_time_split_file_trains_one_adapter_per_user_id(tmp_path, tiny_llama,
     assert result["trained"] == ["A", "B"]
     users = read_users_index(tmp_path / "out")["users"]
     assert (users["A"]["items"], users["B"]["items"]) == (4, 3)
-    assert sorted(p.name for p in (tmp_path / "out" / "users").iterdir()) == ["A", "B"]
+    # Upper case is escaped: a file system that ignores case keeps "A" and "a" apart.
+    assert sorted(p.name for p in (tmp_path / "out" / "users").iterdir()) == ["%41", "%42"]
+
+
+def test_user_ids_alike_but_for_nul_case_or_escapes_train_apart(tmp_path, tiny_llama,
+                                                                 torch_single_thread):
+    ids = ["", "\x00", "A", "a", "%41", "~", "%7E", ".", "%2E"]
+    path = write(tmp_path / "q.json", [question(str(n), tweets(f"t{n}", 2), user)
+                                       for n, user in enumerate(ids)])
+    out = tmp_path / "out"
+    result = train_user_peft.main(train_argv(path, tiny_llama, out))
+    assert result["trained"] == sorted(ids)
+    assert len({p.name.casefold() for p in (out / "users").iterdir()}) == len(ids)
+    index = read_users_index(out)
+    assert sorted(index["users"]) == sorted(ids) and index["num_missing"] == 0
+    first = {user: adapter_bytes(out, user) for user in ids}
+    again = train_user_peft.main(train_argv(path, tiny_llama, out))
+    assert again["trained"] == [] and {user: adapter_bytes(out, user) for user in ids} == first
+
+
+def test_a_folder_in_a_users_place_holding_another_users_adapter_is_never_replaced(
+        tmp_path, tiny_llama, capsys, no_model_loads):
+    # The empty id's folder as urllib's quote named it ("%00") is NUL's name here.
+    out = tmp_path / "out"
+    folder = out / "users" / "%00"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    (folder / "user.json").write_text(json.dumps({"user": ""}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path = write(tmp_path / "q.json", [question("1", tweets("a", 2), "\x00")])
+    code, lines = run_cli(train_argv(path, tiny_llama, out), capsys)
+    assert code == 2 and lines[-1] == (
+        f"error: {folder} holds the adapter of user '' (its user.json), not of user '\\x00'; "
+        f"move it to {out / 'users' / '%empty'} or remove it (users whose folder holds "
+        "another's: 1 (first: '\\x00'))")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_user_split_questions_are_each_their_own_user(tmp_path):
@@ -357,8 +393,40 @@ def test_users_json_records_each_user_and_the_run(tmp_path, tiny_llama, torch_si
         assert record["seconds"] >= 0 and record["bytes"] > 0
     args = json.loads((tmp_path / "out" / "args.json").read_text())
     assert args["lora_r"] == 8 and args["lora_alpha"] == 32 and args["lora_dropout"] == 0.1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["args.json", "users",
-                                                                      "users.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()
+                  if p.name != user_training.INDEX_LOCK) == ["args.json", "users", "users.json"]
+
+
+def test_the_index_is_rebuilt_under_a_lock_and_unlocked_where_none_can_be_taken(
+        tmp_path, monkeypatch, caplog):
+    import filelock
+
+    out = tmp_path / "out"
+    scan = user_training.scan_user_records
+    held = []
+
+    def scan_while_locked(output_dir):  # another process's lock cannot be had meanwhile
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(out / user_training.INDEX_LOCK).acquire(blocking=False)
+        held.append(True)
+        return scan(output_dir)
+
+    monkeypatch.setattr(user_training, "scan_user_records", scan_while_locked)
+    assert user_training.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
+    assert held == [True]
+    after = filelock.FileLock(out / user_training.INDEX_LOCK)
+    after.acquire(blocking=False)  # released when the rebuild ended
+    after.release()
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(user_training, "scan_user_records", scan)
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    (out / "users.json").unlink()
+    assert user_training.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
+    assert json.loads((out / "users.json").read_text())["users"] == {}
+    assert "users.json is rebuilt unlocked" in caplog.text
 
 
 def test_the_defaults_are_the_per_user_recipe(tmp_path):
@@ -413,6 +481,27 @@ def test_a_killed_run_resumes_with_only_the_users_not_done(tmp_path, tiny_llama,
     assert again["trained"] == [users[0]]
     assert adapter_bytes(out, users[0]) == first[users[0]]
     assert train_user_peft.main(train_argv(data, tiny_llama, out))["trained"] == []
+
+
+def test_a_rerun_on_other_weights_at_the_same_path_is_refused(tmp_path, capsys,
+                                                              torch_single_thread):
+    from conftest import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "model")
+    data = sample_users(tmp_path, 2)
+    out = tmp_path / "out"
+    first = train_user_peft.main(train_argv(data, model, out))
+    record = json.loads((user_adapter_dir(out, first["trained"][0]) / "user.json").read_text())
+    assert record["base_model"]["name"] == str(model) and record["base_adapter"] is None
+    build_tiny_llama(model, seed=1)  # the same path and layers, other weights
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, lines = run_cli(train_argv(data, model, out), capsys)
+    assert code == 2 and lines[-1] == (
+        f"error: --output_dir {out}: users trained on another base model or task adapter than "
+        f"--model_name / --base_adapter name now: 2 (first: {first['trained'][0]!r}, "
+        f"{first['trained'][1]!r}) (e.g. {user_adapter_dir(out, first['trained'][0])}/"
+        "user.json); choose another --output_dir")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_shards_and_launched_processes_train_disjoint_users(tmp_path, tiny_llama, monkeypatch,

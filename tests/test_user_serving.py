@@ -83,7 +83,15 @@ def save_user_adapters(model: Path, root: Path, users, *, method: str = "lora") 
                                 use_dora=method == "dora", use_rslora=method == "rslora")
         adapted = get_peft_model(model_class.from_pretrained(model), config)
         adapted.save_pretrained(user_adapter_dir(root, user))
+        write_user_record(root, user)
     return root
+
+
+def write_user_record(root: Path, user: str, **fields) -> Path:
+    """The user.json a per-user training run writes beside a user's adapter: its user, and
+    (unless ``fields`` say otherwise) no task adapter under it."""
+    return write_json(user_adapter_dir(root, user) / "user.json",
+                      {"user": user, "base_adapter": None, **fields})
 
 
 def serve_args(data: Path, model: Path, task: str, output_dir: Path, *extra: str) -> list[str]:
@@ -190,6 +198,22 @@ def test_questions_of_one_user_id_share_that_users_adapter(tiny_llama, tmp_path)
     assert returned["predictions"] == one_user_at_a_time(tiny_llama, root, questions,
                                                          "LaMP-7", tmp_path)
     assert [qid for qid, _ in predictions_file(tmp_path / "eval")] == [q["id"] for q in questions]
+
+
+def test_user_ids_alike_but_for_nul_or_case_are_served_their_own_adapters(tiny_llama,
+                                                                          tmp_path):
+    users = ["", "\x00", "A", "a", "", "A"]
+    questions = tweet_questions(6, users)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", ["", "\x00", "A", "a"])
+    assert len(list((root / "users").iterdir())) == 4
+    # "A" in the folder urllib's quote names it: found by its user.json.
+    user_adapter_dir(root, "A").rename(root / "users" / "A")
+    returned = evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
+                                            "--user_adapters", str(root)))
+    user_adapter_dir(root, "A").with_name("A").rename(user_adapter_dir(root, "A"))
+    assert returned["predictions"] == one_user_at_a_time(tiny_llama, root, questions,
+                                                         "LaMP-7", tmp_path)
 
 
 def test_without_user_ids_each_question_is_its_own_user(tiny_t5, tmp_path):
@@ -323,6 +347,7 @@ def test_an_adapter_of_another_base_model_is_one_error_naming_the_user(tiny_llam
                                          num_key_value_heads=2))
     get_peft_model(wider, LoraConfig(r=4, task_type="CAUSAL_LM")).save_pretrained(
         user_adapter_dir(root, "q1"))
+    write_user_record(root, "q1")
     with pytest.raises(LampError, match=r"^cannot load user 'q1'\'s adapter .*/users/q1: "):
         evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
                                      "--user_adapters", str(root), "--max_loaded_adapters",
@@ -357,10 +382,10 @@ def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path,
     from LaMP.utils.modeling import distributed, lora_stack, user_serving
     from LaMP.utils.modeling.distributed import Launch
 
-    users = ["A", "B", "A", "B", "C", "D", "C", "D"]
+    users = ["a", "b", "a", "b", "c", "d", "c", "d"]
     questions = tweet_questions(8, users)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
-    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["A", "B", "C", "D"])
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["a", "b", "c", "d"])
     monkeypatch.setattr(distributed, "launch_from_env", lambda: Launch(1, 2, 1))
     monkeypatch.setattr(distributed, "init_process_group", lambda launch, device: False)
     answered, loaded = [], []
@@ -385,8 +410,8 @@ def test_a_launched_process_loads_only_its_own_users_adapters(tiny_t5, tmp_path,
     monkeypatch.setattr(lora_stack, "_read_weights", record_read)
     out = evaluate_llm.main(serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                        "--user_adapters", str(root)))
-    # Sliced with each user's questions together: process 1 has C's and D's, and only those.
-    assert sorted(loaded) == ["C", "D"]
+    # Sliced with each user's questions together: process 1 has c's and d's, and only those.
+    assert sorted(loaded) == ["c", "d"]
     expected = one_user_at_a_time(tiny_t5, root, [questions[i] for i in (4, 6, 5, 7)],
                                   "LaMP-7", tmp_path)
     assert answered == expected
@@ -420,9 +445,9 @@ def test_two_processes_write_what_one_process_writes(tiny_t5, tmp_path):
             == (tmp_path / "one" / "predictions.json").read_bytes())
 
 
-def test_users_trained_on_a_task_adapter_are_served_on_it_merged(tiny_model, tmp_path):
-    # OPPU: train_user_peft.py --base_adapter merges a task adapter into the base and trains
-    # the users' adapters on that; users.json records it, and serving rebuilds the same base.
+def merged_answers(model: Path, task_folder: Path, root: Path, questions, tmp_path) -> list[str]:
+    """Each question through its user's adapter on the base with ``task_folder`` merged in,
+    loaded by hand."""
     import torch
     from peft import PeftModel
 
@@ -430,40 +455,78 @@ def test_users_trained_on_a_task_adapter_are_served_on_it_merged(tiny_model, tmp
     from LaMP.utils.modeling.model import LampModel, load_model
     from LaMP.utils.modeling.predict import predict
 
-    questions = tweet_questions(4)
-    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
-    task_adapter = save_user_adapters(tiny_model, tmp_path / "task", ["shared"])
-    task_folder = user_adapter_dir(task_adapter, "shared")
-    root = save_user_adapters(tiny_model, tmp_path / "per_user", [q["id"] for q in questions])
-    write_json(root / "users.json", {"base_adapter": str(task_folder), "users": {}})
-    returned = evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "eval",
-                                            "--user_adapters", str(root)))
     task = get_task("LaMP-7")
     expected = []
     for question in questions:
-        merged = load_model(str(tiny_model), device="cpu", adapter=str(task_folder))
-        model = PeftModel.from_pretrained(merged.model.merge_and_unload(),
-                                          str(user_adapter_dir(root, question["id"])))
-        lamp_model = LampModel(model=model.eval(), tokenizer=merged.tokenizer,
+        merged = load_model(str(model), device="cpu", adapter=str(task_folder))
+        peft_model = PeftModel.from_pretrained(merged.model.merge_and_unload(),
+                                               str(user_adapter_dir(root, question["id"])))
+        lamp_model = LampModel(model=peft_model.eval(), tokenizer=merged.tokenizer,
                                is_seq2seq=merged.is_seq2seq, device=torch.device("cpu"))
         one = write_json(tmp_path / "one_question.json", [question])
         examples = build_examples(str(one), task, lamp_model.prompt_builder(task, 128),
                                   ProfileOptions())
         expected += predict(lamp_model, task, examples, max_length=128, max_new_tokens=4,
                             num_beams=1, batch_size=1, progress=False)
+    return expected
+
+
+def test_users_trained_on_a_task_adapter_are_served_on_it_merged(tiny_model, tmp_path):
+    # OPPU: train_user_peft.py --base_adapter merges a task adapter into the base and trains
+    # the users' adapters on that; each user.json records it (users.json too), and serving
+    # rebuilds the same base from the users' own records.
+    from LaMP.utils.modeling.user_records import adapter_identity
+
+    questions = tweet_questions(4)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    task_adapter = save_user_adapters(tiny_model, tmp_path / "task", ["shared"])
+    task_folder = user_adapter_dir(task_adapter, "shared")
+    root = save_user_adapters(tiny_model, tmp_path / "per_user", [q["id"] for q in questions])
+    for question in questions:
+        write_user_record(root, question["id"], base_adapter=adapter_identity(str(task_folder)))
+    write_json(root / "users.json", {"base_adapter": str(task_folder), "users": {}})
+    returned = evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "eval",
+                                            "--user_adapters", str(root)))
+    expected = merged_answers(tiny_model, task_folder, root, questions, tmp_path)
     assert returned["predictions"] == expected
-    # Without the task adapter under them the same users answer differently.
+    assert expected != one_user_at_a_time(tiny_model, root, questions, "LaMP-7", tmp_path)
+    # The users' own records say what they were trained on: the index is not needed.
     (root / "users.json").unlink()
-    plain = evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "plain",
+    alone = evaluate_llm.main(serve_args(data, tiny_model, "LaMP-7", tmp_path / "alone",
                                          "--user_adapters", str(root)))
-    assert plain["predictions"] != expected
+    assert alone["predictions"] == expected
 
 
-def test_a_base_adapter_that_is_gone_is_one_error_line(tiny_t5, tmp_path, capsys):
+def test_users_records_without_their_task_adapter_and_no_index_are_refused(tiny_t5, tmp_path,
+                                                                          capsys):
     questions = tweet_questions(2)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = save_user_adapters(tiny_t5, tmp_path / "per_user", [q["id"] for q in questions])
-    write_json(root / "users.json", {"base_adapter": str(tmp_path / "gone"), "users": {}})
+    write_json(user_adapter_dir(root, "q0") / "user.json", {"user": "q0"})
+    capsys.readouterr()
+    assert run(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
+                                             "--user_adapters", str(root))) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --user_adapters (user 'q0') user.json does not record the task adapter it was "
+        f"trained on top of (\"base_adapter\"), and {root} has no users.json to say; train the "
+        "user again"]
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("where", ["users.json", "user.json"])
+def test_a_base_adapter_that_is_gone_is_one_error_line(tiny_t5, tmp_path, capsys, where):
+    questions = tweet_questions(2)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", [q["id"] for q in questions])
+    gone = {"path": str(tmp_path / "gone"), "sha256": "0" * 64}
+    for question in questions:
+        if where == "user.json":
+            write_user_record(root, question["id"], base_adapter=gone)
+        else:  # a record that leaves it to the run's index
+            write_json(user_adapter_dir(root, question["id"]) / "user.json",
+                       {"user": question["id"]})
+    if where == "users.json":
+        write_json(root / "users.json", {"base_adapter": str(tmp_path / "gone"), "users": {}})
     capsys.readouterr()  # the adapters' making above
     assert run(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
                                              "--user_adapters", str(root))) == 2
@@ -472,3 +535,161 @@ def test_a_base_adapter_that_is_gone_is_one_error_line(tiny_t5, tmp_path, capsys
                    f"{tmp_path / 'gone'} is not a folder (a peft adapter folder, e.g. "
                    "train_llm.py's --output_dir)"]
     assert not (tmp_path / "eval" / "predictions.json").exists()
+
+
+# -- a folder is served only for the user, base model and task adapter it was trained for ----
+
+def serve_status(capsys, data, model, output_dir, *extra) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    status = run(evaluate_llm.main, serve_args(data, model, "LaMP-7", output_dir, *extra))
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("swap", ["copied over", "linked", "without user.json"])
+@pytest.mark.parametrize("batches", ["stacked", "peft"])
+def test_a_folder_holding_another_users_adapter_is_refused(tiny_llama, tmp_path, capsys, swap,
+                                                          batches):
+    import shutil
+
+    questions = tweet_questions(2)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", ["q0", "q1"])
+    q0, q1 = user_adapter_dir(root, "q0"), user_adapter_dir(root, "q1")
+    if swap == "without user.json":
+        (q1 / "user.json").unlink()
+    else:
+        shutil.rmtree(q1)
+        if swap == "copied over":
+            shutil.copytree(q0, q1)
+        else:
+            q1.symlink_to(q0, target_is_directory=True)
+    status, err = serve_status(capsys, data, tiny_llama, tmp_path / "eval", "--user_adapters",
+                               str(root), "--user_adapter_batches", batches)
+    assert status == 2 and len(err) == 1
+    if swap == "without user.json":
+        assert err[0] == (f"error: --user_adapters (user 'q1') {q1}: no valid user.json "
+                          "(train_user_peft.py names each folder's user there; a folder "
+                          "without it is not served)")
+    else:
+        assert err[0] == (f"error: --user_adapters (user 'q1') {q1}: its user.json names user "
+                          "'q0': another user's adapter is not served for this one")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_adapters_are_served_only_on_the_base_model_they_were_trained_on(tiny_llama, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    from conftest import build_tiny_llama
+    from LaMP.utils.modeling.user_records import model_identity
+
+    questions = tweet_questions(2)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", ["q0", "q1"])
+    for user in ("q0", "q1"):
+        write_user_record(root, user, base_model=model_identity(str(tiny_llama)))
+    other = build_tiny_llama(tmp_path / "other", seed=1)  # the same layers, other weights
+    status, err = serve_status(capsys, data, other, tmp_path / "eval", "--user_adapters",
+                               str(root))
+    assert status == 2 and err == [
+        f"error: --user_adapters: user 'q0''s adapter was trained on base model {tiny_llama}, "
+        f"not on --model_addr {other} (other weights); users trained on another model: "
+        "2 (first: 'q0', 'q1') of 2"]
+    # A copy of the model elsewhere is the same model.
+    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
+    served = evaluate_llm.main(serve_args(data, copy, "LaMP-7", tmp_path / "eval",
+                                          "--user_adapters", str(root)))
+    assert served["predictions"] == one_user_at_a_time(tiny_llama, root, questions, "LaMP-7",
+                                                       tmp_path)
+    # Records that leave it out: the adapter's own config names the model it was made on.
+    for user in ("q0", "q1"):
+        write_user_record(root, user)
+    status, err = serve_status(capsys, data, other, tmp_path / "eval3", "--user_adapters",
+                               str(root))
+    assert status == 2 and err[0].startswith(
+        f"error: --user_adapters: user 'q0''s adapter was trained on base model {tiny_llama}, "
+        f"not on --model_addr {other} (another name)")
+    # Trained on a hub model: a local folder is another name.
+    write_user_record(root, "q1", base_model={"name": "org/model", "sha256": None})
+    status, err = serve_status(capsys, data, tiny_llama, tmp_path / "eval2", "--user_adapters",
+                               str(root))
+    assert status == 2 and err == [
+        f"error: --user_adapters: user 'q1''s adapter was trained on base model org/model, not "
+        f"on --model_addr {tiny_llama} (another name); users trained on another model: "
+        "1 (first: 'q1') of 2"]
+
+
+def test_a_trained_run_serves_the_same_without_its_index_and_refuses_a_changed_task_adapter(
+        tiny_llama, tmp_path, capsys):
+    """train_user_peft.py --base_adapter, then serving: each user.json carries what the user
+    was trained on top of, so losing users.json changes nothing, and a task adapter whose
+    files changed since is refused."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import load_script
+
+    train_user_peft = load_script("LaMP/train_user_peft.py")
+    torch.manual_seed(5)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                   LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "task")
+    questions = tweet_questions(3)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = tmp_path / "per_user"
+    train_user_peft.main(["--train_data", str(data), "--task", "LaMP-7", "--model_name",
+                          str(tiny_llama), "--output_dir", str(root), "--max_steps", "2",
+                          "--per_device_batch_size", "4", "--max_length", "96",
+                          "--generation_max_length", "8", "--learning_rate", "1e-2",
+                          "--device", "cpu", "--base_adapter", str(tmp_path / "task")])
+    record = json.loads((user_adapter_dir(root, "q0") / "user.json").read_text())
+    assert record["base_model"]["name"] == str(tiny_llama) and record["base_model"]["sha256"]
+    assert record["base_adapter"]["path"] == str(tmp_path / "task")
+    with_index = evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "a",
+                                              "--user_adapters", str(root)))
+    assert with_index["predictions"] == merged_answers(tiny_llama, tmp_path / "task", root,
+                                                       questions, tmp_path)
+    (root / "users.json").unlink()
+    without = evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "b",
+                                           "--user_adapters", str(root)))
+    assert without["predictions"] == with_index["predictions"]
+    weights_path = tmp_path / "task" / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    save_file({key: value * 2 for key, value in weights.items()}, str(weights_path))
+    status, err = serve_status(capsys, data, tiny_llama, tmp_path / "c", "--user_adapters",
+                               str(root))
+    assert status == 2 and err == [
+        f"error: --user_adapters (the base adapter its users were trained on) "
+        f"{tmp_path / 'task'}: its files differ from those user 'q0' was trained on top of "
+        "(another sha256 than its user.json records)"]
+
+
+@pytest.mark.parametrize("mixup", ["two task adapters", "one task adapter, two versions",
+                                   "the index names another"])
+def test_users_trained_on_top_of_different_task_adapters_are_refused(tiny_t5, tmp_path, capsys,
+                                                                    mixup):
+    from LaMP.utils.modeling.user_records import adapter_identity
+
+    questions = tweet_questions(2)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    tasks = save_user_adapters(tiny_t5, tmp_path / "task", ["t0", "t1"])
+    t0, t1 = (str(user_adapter_dir(tasks, name)) for name in ("t0", "t1"))
+    root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["q0", "q1"])
+    write_user_record(root, "q0", base_adapter=adapter_identity(t0))
+    if mixup == "two task adapters":
+        write_user_record(root, "q1", base_adapter=adapter_identity(t1))
+        expected = f"the users were trained on top of different task adapters ({t0} for user " \
+                   f"'q0'; {t1} for user 'q1'); serve one run's users at a time"
+    elif mixup == "one task adapter, two versions":
+        write_user_record(root, "q1", base_adapter={"path": t0, "sha256": "0" * 64})
+        expected = f"the users were trained on top of different task adapters ({t0} with " \
+                   "other files for 'q0' than for 'q1'); serve one run's users at a time"
+    else:
+        write_user_record(root, "q1", base_adapter=adapter_identity(t0))
+        write_json(root / "users.json", {"base_adapter": t1, "users": {}})
+        expected = f"users.json names task adapter {t1}, user 'q0''s user.json {t0}"
+    status, err = serve_status(capsys, data, tiny_t5, tmp_path / "eval", "--user_adapters",
+                               str(root))
+    assert status == 2 and err == [f"error: --user_adapters {root}: {expected}"]

@@ -114,6 +114,22 @@ def weights_problem(folder: Path, names: Sequence[str]) -> str | None:
     return f"no weights ({' or '.join(names)})"
 
 
+def weight_files(folder: Path, names: Sequence[str]) -> list[Path]:
+    """The weight files a load of ``folder`` reads: the first of ``names`` present (as in
+    transformers and peft) and, for a sharded index, its shards (sorted); ``[]`` if none."""
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            if not name.endswith(".index.json"):
+                return [path]
+            index = read_json(path, "shard index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise LampError(f"{path}: not a valid shard index (no \"weight_map\" object)")
+            return [path] + [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+    return []
+
+
 def check_model_folder(name_or_path: str, what: str = "model") -> None:
     """For a local model folder, one error line if its weights are missing or damaged;
     hub names pass through (they are checked by the download)."""

@@ -18,7 +18,10 @@ What it takes is checked, and anything else is served by peft's own path: plain 
 rsLoRA, every other config field unset (no DoRA, aLoRA, biases, rank or alpha patterns,
 other trained modules, PiSSA-style initialisations that rewrite the base weights, nor any
 variant peft adds later: ``stackable`` is a whitelist), only ``nn.Linear`` layers, not
-embeddings or convolutions (from the weights: ``NotStackable``). Memory: the stacked
+embeddings or convolutions (from the weights: ``NotStackable``). Serving has checked the
+weights against the config first (``adapter_fit``), as peft's own path needs them: the
+scale is the config's (``r``, ``lora_alpha``, ``use_rslora``), and weights of another rank
+than its ``r`` are refused here too. Memory: the stacked
 weights, and per batch each adapted layer's A and B gathered for its rows (rows × features ×
 rank, twice).
 """
@@ -33,10 +36,8 @@ import torch
 
 from LaMP.utils.data.fileio import read_json
 from LaMP.utils.errors import LampError
+from LaMP.utils.modeling.adapter_fit import LEGACY_WEIGHTS, WEIGHTS
 from LaMP.utils.modeling.checkpoints import ADAPTER_CONFIG
-
-WEIGHTS = "adapter_model.safetensors"
-LEGACY_WEIGHTS = "adapter_model.bin"
 _PREFIX = "base_model.model."  # peft's prefix of the base model's module names
 _MATRICES = (".lora_A.weight", ".lora_B.weight")
 
@@ -84,8 +85,16 @@ def stackable(config: Mapping) -> str | None:
     return None
 
 
-def _scale(config: Mapping, rank: int) -> float:
-    alpha = float(config.get("lora_alpha", 8))
+# peft's LoraConfig defaults, for a config that leaves r or lora_alpha out.
+DEFAULT_R = 8
+DEFAULT_ALPHA = 8
+
+
+def _scale(config: Mapping) -> float:
+    """peft's scaling of a LoRA term, from the config (never from the weights' shapes: a
+    config whose r the weights do not have is refused, as peft refuses it)."""
+    rank = config.get("r", DEFAULT_R)
+    alpha = float(config.get("lora_alpha", DEFAULT_ALPHA))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -139,15 +148,18 @@ class LoraStack:
                     raise LampError(f"cannot load {label}: {module_name} is not a "
                                     "linear layer of this model with both LoRA matrices")
                 a, b = pair[_MATRICES[0]], pair[_MATRICES[1]]
-                if (a.shape[1] != layer.in_features or b.shape[0] != layer.out_features
-                        or a.shape[0] != b.shape[1]):
+                if a.shape[0] != config.get("r", DEFAULT_R) or b.shape[1] != a.shape[0]:
+                    raise LampError(
+                        f"cannot load {label}: the LoRA matrices of {module_name} "
+                        f"({tuple(a.shape)}, {tuple(b.shape)}) are not of rank r "
+                        f"{config.get('r', DEFAULT_R)}, as its {ADAPTER_CONFIG} says")
+                if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
                     raise LampError(
                         f"cannot load {label}: the LoRA matrices of {module_name} "
                         f"({tuple(a.shape)}, {tuple(b.shape)}) do not fit the layer "
                         f"({layer.in_features} -> {layer.out_features}); an adapter of "
                         "another base model?")
-                found.setdefault(module_name, {})[self.slots[name]] = (
-                    a, b, _scale(config, a.shape[0]))
+                found.setdefault(module_name, {})[self.slots[name]] = (a, b, _scale(config))
         self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
         for module_name, per_slot in found.items():
             layer = modules[module_name]

@@ -12,6 +12,11 @@ through peft's ``adapter_names``; the others (DoRA, which peft refuses
 to mix; IA3, whose layers would silently ignore the names; prompt learning, whose virtual
 tokens are one per model call) are answered user by user. Users without an adapter are
 either an error or, with ``missing="base"``, answered by the base model.
+
+Before the model loads, every folder is checked to be its user's (its ``user.json`` names
+the user), trained on the model served and on one task adapter (``user_records``), and to
+hold exactly the weights its config makes on the model (``adapter_fit``): so whichever way
+a batch is served, the same folders are taken, with the same meaning.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from typing import Iterator, Mapping, Sequence
 
 from LaMP.utils.data.fileio import read_json
 from LaMP.utils.data.questions import as_id, iter_questions
-from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
+from LaMP.utils.data.users import (USER_RECORD, USERS_FOLDER, USERS_INDEX, find_user_folder,
+                                   read_user_record, user_adapter_dir, user_of)
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.modeling.checkpoints import ADAPTER_CONFIG, check_adapter_folder
 from LaMP.utils.modeling.peft_methods import PEFT_METHODS, PeftMethod, method_of_adapter
@@ -76,11 +82,17 @@ class UserAdapters:
 
 
 def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str = "error",
-                       flag: str = "--user_adapters") -> UserAdapters:
+                       flag: str = "--user_adapters", model: str | None = None,
+                       fit=None) -> UserAdapters:
     """Each of ``users``' adapter folder under ``root``, checked as ``--adapter`` is (config
-    and weights loadable, without loading them). A user without a folder is an error naming
-    the user and the folder expected, unless ``missing="base"``. All adapters must be of one
-    peft method and task type: they are loaded onto one model."""
+    and weights loadable, without loading them), and checked to be that user's: its
+    ``user.json`` must name the user. A user without a folder is an error naming the user
+    and the folder expected, unless ``missing="base"``. All adapters must be of one peft
+    method and task type (they are loaded onto one model) and trained on top of one task
+    adapter (``trained_on_of``), and, with ``model`` (the ``--model_addr`` to serve them
+    on), on that base model. With ``fit`` (an ``adapter_fit.AdapterFit`` of that model),
+    each folder's weights must be those its config makes on it: every way of serving then
+    accepts and refuses the same folders."""
     root = Path(root)
     if not root.is_dir():
         raise LampError(f"{flag} {root} is not a folder (train_user_peft.py's --output_dir, "
@@ -92,15 +104,24 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
         raise LampError(f"unknown missing-adapter policy {missing!r}; valid: "
                         f"{', '.join(MISSING_CHOICES)}")
     folders: dict[str, Path | None] = {}
+    records: dict[str, dict] = {}
     absent = []
     for user in dict.fromkeys(users):
-        folder = user_adapter_dir(root, user)
-        if folder.exists():
-            check_adapter_folder(str(folder), flag=f"{flag} (user {user!r})")
-            folders[user] = folder
-        else:
+        folder = find_user_folder(root, user)
+        if folder is None:
             folders[user] = None
             absent.append(user)
+            continue
+        label = f"{flag} (user {user!r}) {folder}"
+        check_adapter_folder(str(folder), flag=f"{flag} (user {user!r})")
+        record = read_user_record(folder)
+        if record is None:
+            raise LampError(f"{label}: no valid {USER_RECORD} (train_user_peft.py names each "
+                            "folder's user there; a folder without it is not served)")
+        if record["user"] != user:
+            raise LampError(f"{label}: its {USER_RECORD} names user {record['user']!r}: "
+                            "another user's adapter is not served for this one")
+        folders[user], records[user] = folder, record
     if absent and missing == "error":
         first = absent[0]
         raise LampError(f"{flag} {root}: no adapter for user {first!r} (expected "
@@ -111,25 +132,137 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
         logger.warning("users without an adapter under %s, answered by the base model: %s "
                        "of %d", root, preview(absent), len(folders))
     method, virtual, task_type = _one_method(root, folders, flag)
+    if fit is not None:
+        check_task_type(task_type, fit.seq2seq, root)
+        for user, folder in folders.items():
+            if folder is not None:
+                fit.check(folder, f"user {user!r}'s adapter {folder}")
+    index = _run_index(root, flag)
+    base_model, base_adapter = trained_on_of(records, index, root, flag, folders)
+    if model is not None:
+        _check_base_model(model, base_model, flag)
     return UserAdapters(root=root, folders=folders, method=method, virtual_tokens=virtual,
-                        task_type=task_type, base_adapter=_base_adapter(root, flag))
+                        task_type=task_type, base_adapter=base_adapter)
 
 
-def _base_adapter(root: Path, flag: str) -> str | None:
-    """The task-level adapter a per-user run merged into its base (``users.json``'s
-    ``base_adapter``), checked as ``--adapter`` is; None for a run from the plain base (or
-    adapter folders without a run index)."""
-    index_path = root / USERS_INDEX
-    if not index_path.exists():
+def _run_index(root: Path, flag: str) -> dict | None:
+    """``users.json`` of the run, or ``None`` where there is none."""
+    if not (root / USERS_INDEX).exists():
         return None
-    index = read_json(index_path, "per-user index")
-    base = index.get("base_adapter") if isinstance(index, dict) else None
-    if base is None:
-        return None
-    if not isinstance(base, str):
+    index = read_json(root / USERS_INDEX, "per-user index")
+    if not isinstance(index, dict):
+        raise LampError(f"{flag} {root}: {USERS_INDEX} is not a JSON object")
+    return index
+
+
+def trained_on_of(records: Mapping[str, Mapping], index: Mapping | None, root: Path,
+                  flag: str = "--user_adapters",
+                  folders: Mapping[str, Path | None] | None = None
+                  ) -> tuple[dict[str, dict], str | None]:
+    """(base model by user, the task adapter folder to merge or ``None``) the users'
+    adapters were trained on top of, from each one's ``user.json``; a record without these
+    fields takes the run's ``users.json``, and for the base model then the adapter's own
+    ``base_model_name_or_path`` (in ``folders[user]``). The users must agree on one task
+    adapter, and so must ``users.json`` where it names one; the task adapter must be the
+    one they were trained on (its digest, where recorded). Each disagreement is one error
+    line."""
+    from LaMP.utils.modeling.user_records import adapter_identity, local_or_name, valid_identity
+
+    models: dict[str, dict] = {}
+    adapters: dict[str, dict | None] = {}
+    for user, record in records.items():
+        label = f"{flag} (user {user!r}) {USER_RECORD}"
+        if "base_model" in record:
+            if not valid_identity(record["base_model"], ("name", "sha256")):
+                raise LampError(f"{label}: \"base_model\" is not a recorded model "
+                                f"({record['base_model']!r:.80})")
+            models[user] = record["base_model"]
+        elif index is not None and isinstance(index.get("model_name"), str):
+            models[user] = {"name": index["model_name"], "sha256": None}
+        elif folders is not None and folders.get(user) is not None:
+            named = read_json(folders[user] / ADAPTER_CONFIG).get("base_model_name_or_path")
+            if isinstance(named, str) and named:
+                models[user] = {"name": local_or_name(named), "sha256": None}
+        if "base_adapter" in record:
+            if not (record["base_adapter"] is None
+                    or valid_identity(record["base_adapter"], ("path", "sha256"))):
+                raise LampError(f"{label}: \"base_adapter\" is not a recorded adapter "
+                                f"({record['base_adapter']!r:.80})")
+            adapters[user] = record["base_adapter"]
+        elif index is not None:
+            adapters[user] = _index_adapter(index, root, flag)
+        else:
+            raise LampError(f"{label} does not record the task adapter it was trained on top "
+                            f"of (\"base_adapter\"), and {root} has no {USERS_INDEX} to say; "
+                            "train the user again")
+    if not adapters:  # nobody has an adapter: the run's index alone says
+        adapter = _index_adapter(index, root, flag) if index is not None else None
+        return models, adapter["path"] if adapter else None
+    by_path: dict[str, str] = {}  # each path and digest with the first user naming it
+    digests: dict[str, str] = {}
+    for user, adapter in adapters.items():
+        by_path.setdefault(_adapter_name(adapter), user)
+        if adapter and adapter.get("sha256"):
+            digests.setdefault(adapter["sha256"], user)
+    if len(by_path) > 1 or len(digests) > 1:
+        if len(by_path) > 1:
+            shown = "; ".join(f"{path} for user {user!r}"
+                              for path, user in list(by_path.items())[:2])
+        else:
+            first, second = list(digests.values())[:2]
+            shown = f"{next(iter(by_path))} with other files for {first!r} than for {second!r}"
+        raise LampError(f"{flag} {root}: the users were trained on top of different task "
+                        f"adapters ({shown}); serve one run's users at a time")
+    user = next(iter(digests.values()), next(iter(adapters)))
+    adapter = adapters[user]
+    if index is not None and "base_adapter" in index:
+        named = _index_adapter(index, root, flag)
+        if _adapter_name(named) != _adapter_name(adapter):
+            raise LampError(f"{flag} {root}: {USERS_INDEX} names task adapter "
+                            f"{_adapter_name(named)}, user {user!r}'s {USER_RECORD} "
+                            f"{_adapter_name(adapter)}")
+    if adapter is None:
+        return models, None
+    what = f"{flag} (the base adapter its users were trained on)"
+    check_adapter_folder(adapter["path"], flag=what)
+    if adapter.get("sha256") and adapter_identity(adapter["path"])["sha256"] != adapter["sha256"]:
+        raise LampError(f"{what} {adapter['path']}: its files differ from those user {user!r} "
+                        f"was trained on top of (another sha256 than its {USER_RECORD} "
+                        "records)")
+    return models, adapter["path"]
+
+
+def _adapter_name(adapter: Mapping | None) -> str:
+    return "none" if adapter is None else str(adapter["path"])
+
+
+def _index_adapter(index: Mapping, root: Path, flag: str) -> dict | None:
+    """The task adapter ``users.json`` names, as a record's (no digest), or ``None``."""
+    base = index.get("base_adapter")
+    if base is not None and not isinstance(base, str):
         raise LampError(f"{flag} {root}: {USERS_INDEX} names no usable base adapter ({base!r})")
-    check_adapter_folder(base, flag=f"{flag} (the base adapter its users were trained on)")
-    return base
+    return None if base is None else {"path": base, "sha256": None}
+
+
+def _check_base_model(model: str, trained_on: Mapping[str, Mapping], flag: str) -> None:
+    """One error line naming the users whose adapter was trained on another base model than
+    ``model`` (``user_records.same_model``); the served model's digest is read only when a
+    record has one to compare with."""
+    from LaMP.utils.modeling.user_records import local_or_name, model_identity, same_model
+
+    if not trained_on:
+        return
+    served = {"name": local_or_name(model), "sha256": None}
+    if any(recorded.get("sha256") for recorded in trained_on.values()):
+        served = model_identity(model)
+    other = [user for user, recorded in trained_on.items() if not same_model(recorded, served)]
+    if other:
+        recorded = trained_on[other[0]]
+        how = "other weights" if recorded.get("sha256") and served["sha256"] else "another name"
+        raise LampError(f"{flag}: user {other[0]!r}'s adapter was trained on base model "
+                        f"{recorded['name']}, not on --model_addr {model} ({how}); users "
+                        f"trained on another model: {preview(map(repr, other))} of "
+                        f"{len(trained_on)}")
 
 
 def _one_method(root: Path, folders: Mapping[str, Path | None], flag: str
@@ -161,6 +294,15 @@ def _one_method(root: Path, folders: Mapping[str, Path | None], flag: str
     return PEFT_METHODS[name], virtual, task_type
 
 
+def check_task_type(task_type: str | None, seq2seq: bool, root: Path) -> None:
+    """One error line unless adapters of ``task_type`` (peft's) suit a seq2seq (or causal)
+    model: peft would wrap the model in the other kind's class and fail mid-generation."""
+    wanted = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    if task_type not in (None, wanted):
+        raise LampError(f"the adapters under {root} are for {task_type} models; this model "
+                        f"is {'seq2seq' if seq2seq else 'causal'} ({wanted})")
+
+
 def users_together(users: Sequence[str]) -> list[int]:
     """Indices of ``users`` with each user's questions side by side, users in order of first
     appearance (stable): contiguous slices of it give each launched process whole users,
@@ -183,12 +325,7 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
 
     if len(users) != len(examples):
         raise ValueError("one user per example expected")
-    wanted = "SEQ_2_SEQ_LM" if lamp_model.is_seq2seq else "CAUSAL_LM"
-    if adapters.task_type not in (None, wanted):
-        # peft would wrap the model in the other kind's class and fail mid-generation.
-        raise LampError(f"the adapters under {adapters.root} are for {adapters.task_type} "
-                        f"models; this model is {'seq2seq' if lamp_model.is_seq2seq else 'causal'} "
-                        f"({wanted})")
+    check_task_type(adapters.task_type, lamp_model.is_seq2seq, adapters.root)
     outputs: list[str] = [""] * len(examples)
     rows: dict[str, list[int]] = {}
     for index, user in enumerate(users):

@@ -24,14 +24,17 @@ calls them too):
 
       users/<folder>/adapter_config.json       the standard peft folder of one user
       users/<folder>/adapter_model.safetensors  (loads with PeftModel.from_pretrained)
-      users/<folder>/user.json                  that user's record (written with the adapter)
+      users/<folder>/user.json                  that user's record (written with the adapter):
+                                                its user, what it was trained on top of
+                                                (``LaMP.utils.modeling.user_records``), …
       users.json                                the index of every complete user folder
       args.json                                 the run's flags
 
   ``<folder>`` is ``LaMP.utils.data.users.user_folder_name(user)``. A user folder appears whole
   or not at all (written into a temporary beside it and renamed), so a user whose folder
   exists is done; ``users.json`` is rebuilt from the folders (under a lock), never edited,
-  so concurrent shards cannot lose each other's users.
+  so concurrent shards cannot lose each other's users. A folder's ``user.json``, not its
+  name, says whose it is: a folder in one user's place holding another's is never replaced.
 """
 from __future__ import annotations
 
@@ -49,18 +52,18 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from LaMP.utils.data.fileio import atomic_folder, atomic_write_json, read_json
 from LaMP.utils.data.questions import iter_questions
-from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX, user_adapter_dir, user_of
-from LaMP.utils.errors import LampError
+from LaMP.utils.data.users import (USER_RECORD, USERS_FOLDER, USERS_INDEX, find_user_folder,
+                                   read_user_record, user_adapter_dir, user_folder_candidates,
+                                   user_folder_name, user_of)
+from LaMP.utils.errors import LampError, preview
 from LaMP.utils.modeling.checkpoints import adapter_folder_problem
 from LaMP.utils.modeling.examples import Example
 from LaMP.utils.tasks import Task, UserTemplate
 
 logger = logging.getLogger(__name__)
 
-USER_RECORD = "user.json"  # inside each user's folder: who it is and how it was trained
 ADAPTER_NAME = "user"  # the peft adapter name while a user trains (never saved: folders are standard)
-# A user.json is a few hundred bytes; anything far larger is not ours.
-MAX_RECORD_BYTES = 1_000_000
+INDEX_LOCK = ".users.json.lock"  # beside users.json: serialises its rebuilds
 
 
 # -- users and their items -----------------------------------------------------------------
@@ -200,6 +203,13 @@ def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
 
 # -- the user folders ----------------------------------------------------------------------
 
+def check_user_ids(users: Iterable[str]) -> None:
+    """One error line for the first user id no folder can be named after (too long), so that
+    every shard refuses the same data before a model loads."""
+    for user in users:
+        user_folder_name(user)
+
+
 def user_folder_problem(folder: Path, user: str) -> str | None:
     """Why ``folder`` is not ``user``'s complete adapter folder, or ``None``."""
     if not folder.is_dir():
@@ -215,37 +225,83 @@ def user_folder_problem(folder: Path, user: str) -> str | None:
     return None
 
 
-def read_user_record(folder: Path) -> dict | None:
-    try:
-        record = read_json(folder / USER_RECORD, USER_RECORD, max_bytes=MAX_RECORD_BYTES)
-    except LampError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("user"), str) else None
+def other_users_record(folder: Path, user: str) -> str | None:
+    """The user ``folder``'s ``user.json`` names when that is not ``user``, else ``None``."""
+    record = read_user_record(folder) if folder.is_dir() else None
+    return record["user"] if record is not None and record["user"] != user else None
 
 
-def pending_users(output_dir: str | os.PathLike, users: Iterable[str]) -> list[str]:
+def pending_users(output_dir: str | os.PathLike, users: Iterable[str],
+                  trained_on: Mapping | None = None) -> list[str]:
     """The users without a complete adapter folder; an incomplete folder (not one this code
-    writes: a copy cut short, a file damaged since) is logged and will be replaced."""
-    pending = []
+    writes: a copy cut short, a file damaged since) is logged and will be replaced. A folder
+    in a user's place that holds another user's adapter is never replaced: one error line,
+    as is a done user trained on another base model or task adapter than ``trained_on``
+    (this run's ``base_model`` and ``base_adapter``)."""
+    pending, foreign, other_base = [], [], []
     for user in users:
-        folder = user_adapter_dir(output_dir, user)
+        folder = find_user_folder(output_dir, user)
+        if folder is None:
+            pending.append(user)
+            continue
+        other = other_users_record(folder, user)
+        if other is not None:
+            foreign.append((user, folder, other))
+            continue
         problem = user_folder_problem(folder, user)
         if problem is None:
+            if trained_on is not None and not trained_alike(read_user_record(folder), trained_on):
+                other_base.append((user, folder))
             continue
         if problem != "missing":
             logger.warning("%s is incomplete (%s): user %s trains again", folder, problem, user)
         pending.append(user)
+    if foreign:
+        user, folder, other = foreign[0]
+        raise LampError(f"{folder} holds the adapter of user {other!r} (its {USER_RECORD}), "
+                        f"not of user {user!r}; move it to {user_adapter_dir(output_dir, other)} "
+                        f"or remove it (users whose folder holds another's: "
+                        f"{preview([repr(user) for user, _, _ in foreign])})")
+    if other_base:
+        user, folder = other_base[0]
+        raise LampError(f"--output_dir {output_dir}: users trained on another base model or "
+                        f"task adapter than --model_name / --base_adapter name now: "
+                        f"{preview([repr(user) for user, _ in other_base])} (e.g. {folder}/"
+                        f"{USER_RECORD}); choose another --output_dir")
     return pending
+
+
+def trained_alike(record: Mapping, trained_on: Mapping) -> bool:
+    """Whether a user's ``record`` names the base model and task adapter of ``trained_on``
+    (a record without them cannot tell: alike)."""
+    from LaMP.utils.modeling.user_records import same_model
+
+    if isinstance(record.get("base_model"), dict) and not same_model(
+            record["base_model"], trained_on["base_model"]):
+        return False
+    if "base_adapter" in record:
+        mine, theirs = record["base_adapter"], trained_on["base_adapter"]
+        if (mine is None) != (theirs is None):
+            return False
+        if mine is not None and (not isinstance(mine, dict)
+                                 or mine.get("sha256") != theirs["sha256"]):
+            return False
+    return True
 
 
 def replace_incomplete(folder: Path, user: str) -> None:
     """Remove ``user``'s incomplete folder (``pending_users`` logged it) so that the new
-    adapter can take its place; a complete one is another run's work: an error."""
+    adapter can take its place; a complete one is another run's work, and another user's
+    folder is theirs: an error."""
     if not os.path.lexists(folder):
         return
     if user_folder_problem(folder, user) is None:
         raise LampError(f"{folder}: written by another run at the same time (two runs "
                         "share its folder?)")
+    other = other_users_record(folder, user)
+    if other is not None:
+        raise LampError(f"{folder} holds the adapter of user {other!r} (its {USER_RECORD}), "
+                        f"not of user {user!r}; it is not replaced")
     try:
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder)
@@ -261,7 +317,8 @@ def folder_bytes(folder: Path) -> int:
 
 
 def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
-    """The record of every complete user folder under ``output_dir``, by user id (sorted)."""
+    """The record of every complete user folder under ``output_dir``, by user id (sorted):
+    each the folder a lookup of its user finds (``find_user_folder``)."""
     root = Path(output_dir) / USERS_FOLDER
     records = {}
     if root.is_dir():
@@ -271,42 +328,38 @@ def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
             record = read_user_record(folder)
             if record is None or user_folder_problem(folder, record["user"]) is not None:
                 continue
+            user = record["user"]
             try:
-                expected = user_adapter_dir(output_dir, record["user"]).name
+                names = [candidate.name for candidate in user_folder_candidates(output_dir, user)]
             except LampError:  # an id no folder can be named after: not one we wrote
                 continue
-            if expected != folder.name:
-                continue  # a folder copied in under another name: not where a lookup goes
-            records[record["user"]] = {**record, "folder": f"{USERS_FOLDER}/{folder.name}"}
+            # A folder copied in under another name is not where a lookup goes.
+            if folder.name in names and find_user_folder(output_dir, user) == folder:
+                records[user] = {**record, "folder": f"{USERS_FOLDER}/{folder.name}"}
     return dict(sorted(records.items()))
 
 
 @contextlib.contextmanager
 def _index_lock(output_dir: Path) -> Iterator[None]:
     """Serialise the rebuilds of ``users.json`` of concurrent processes (shards on one
-    machine): the last rebuild then sees every finished user. The lock is taken on the
-    folder itself, so that no lock file is left behind; where the system cannot lock a
-    folder (not POSIX, some network file systems) the rebuild goes unlocked, and a rerun
-    rebuilds the index again."""
+    machine, or on several that share the folder): the last rebuild then sees every finished
+    user. The lock file stays (``INDEX_LOCK``, hidden): removing it would let a waiter lock
+    a file a newcomer no longer sees. Where the lock cannot be taken, the rebuild goes
+    unlocked, and a rerun rebuilds the index again."""
+    from filelock import FileLock
+
+    lock = FileLock(output_dir / INDEX_LOCK)
     try:
-        import fcntl
-    except ImportError:
+        lock.acquire()
+    except OSError as error:
+        logger.warning("%s: cannot lock (%s); users.json is rebuilt unlocked",
+                       output_dir / INDEX_LOCK, error.strerror or error)
         yield
         return
     try:
-        handle = os.open(output_dir, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as error:
-            logger.warning("%s: cannot lock the folder (%s); users.json is rebuilt unlocked",
-                           output_dir, error.strerror)
         yield
     finally:
-        os.close(handle)  # closing releases the lock
+        lock.release()
 
 
 def write_users_index(output_dir: str | os.PathLike, run: Mapping,
@@ -486,6 +539,8 @@ class UserAdapterTrainer:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        from LaMP.utils.modeling.user_records import local_or_name
+
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.save_dtype]
         state = get_peft_model_state_dict(self.model, adapter_name=self._current)
         state = {key: (value.detach().to(dtype) if value.is_floating_point() else value.detach())
@@ -494,8 +549,9 @@ class UserAdapterTrainer:
         config = self.model.peft_config[self._current].to_dict()
         config["inference_mode"] = True  # as peft saves it: loaded for inference by default
         # The model the adapter belongs to, as get_peft_model records it (add_adapter does not).
-        config["base_model_name_or_path"] = getattr(self.model.get_base_model(),
-                                                    "name_or_path", None)
+        # A local folder as an absolute path: serving may run from another folder.
+        config["base_model_name_or_path"] = local_or_name(
+            getattr(self.model.get_base_model(), "name_or_path", None))
         # Sets sorted (peft writes them in hash order, which differs between processes): the
         # same adapter is the same bytes in every run.
         config = {key: sorted(value) if isinstance(value, set) else value
