@@ -23,7 +23,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from LaMP.utils.data.jsoninput import READ_SIZE, GuardedReader
+from LaMP.utils.data.jsoninput import READ_SIZE, GuardedReader, RepeatedKeys
 from LaMP.utils.errors import LampError
 
 logger = logging.getLogger(__name__)
@@ -62,19 +62,24 @@ def require_regular_file(path: str | os.PathLike, what: str, why: str) -> Path:
 
 def parse_json_bytes(data: bytes | str, source: str) -> Any:
     """``json.loads`` with an error that names the source and the position, after the
-    checks of ``LaMP.utils.data.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates)."""
+    checks of ``LaMP.utils.data.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates,
+    repeated keys)."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")  # a lone surrogate is then refused
     reader = GuardedReader(io.BytesIO(data), source)
     while reader.read(READ_SIZE):
         pass  # checking only: json.loads below parses the whole text at once
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    keys = RepeatedKeys()
     try:
-        return json.loads(data[start:].decode("utf-8"))
+        document = json.loads(data[start:].decode("utf-8"),
+                              object_pairs_hook=keys.object_pairs_hook)
     except json.JSONDecodeError as error:
         raise LampError(
             f"{source}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno})"
         ) from None
+    keys.check(document, source)
+    return document
 
 
 def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> Any:
@@ -298,8 +303,8 @@ def _present(folder: Path, names: Sequence[str]) -> list[str]:
 def _records_training(args_file: Path) -> bool:
     """Whether an ``args.json`` is a training run's (it names ``train_data``)."""
     try:
-        saved = json.loads(args_file.read_bytes())
-    except (OSError, ValueError):
+        saved = read_json(args_file, "arguments file")
+    except LampError:
         return True  # not one we can read as ours: treat it as someone else's run
     return not isinstance(saved, dict) or "train_data" in saved
 
