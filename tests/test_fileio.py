@@ -1,10 +1,13 @@
 """The shared path checks (LaMP/utils/data/fileio.py) as every script meets them.
 
 Two outputs of one run that are one file (or one inside the other) are refused before any
-work, as an output that is an input is.
+work, as an output that is an input is; and a path the operating system will not look at
+(a name over 255 bytes, a file where a folder must be, a symlink loop, no permission) is one
+``error:`` line naming it, in every path flag of every script.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE, load_script, write_json
-from LaMP import evaluate_llm, rank_profiles, train_llm, train_user_peft
+from LaMP import evaluate_llm, rank_profiles, reproduce, train_llm, train_user_peft
 from LaMP.utils import make_subset, merge_with_rank
 from LaMP.utils.cli.program import run
 from LaMP.utils.data import fileio
@@ -239,3 +242,140 @@ def test_every_script_refuses_two_of_its_files_that_are_one(tmp_path, inputs, ca
     assert len(lines) == 1 and " is the same file as " in lines[0], lines
     assert str(folder / link) in lines[0] and str(folder / target) in lines[0]
     assert listing(tmp_path) == before
+
+
+# -- paths the operating system will not look at ---------------------------------------------
+
+def hostile_paths(tmp_path: Path) -> dict[str, Path]:
+    """Paths whose every probe fails with an OSError other than "no such file"."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    os.symlink("loop_b", tmp_path / "loop_a")
+    os.symlink("loop_a", tmp_path / "loop_b")
+    return {"a 300-byte name": tmp_path / ("n" * 296 + ".json"),
+            "a 300-byte folder on the way": tmp_path / ("d" * 300) / "x.json",
+            "a file used as a folder": blocker / "x.json",
+            "a symlink loop": tmp_path / "loop_a",
+            "a symlink loop on the way": tmp_path / "loop_a" / "x.json"}
+
+
+LONG_ONLY = ("a 300-byte name", "a 300-byte folder on the way")
+
+
+def path_flags(inputs, out: Path) -> dict[str, tuple]:
+    """Per script: (main, {flag: a good value}, other arguments, flags that name a model or
+    an adapter, where a path that cannot exist is taken for a hub name)."""
+    data, golds, lamp6 = inputs["questions"], inputs["golds"], inputs["lamp6"]
+    return {
+        "rank_profiles": (rank_profiles.main, {"--input_data_addr": data,
+                                               "--output_ranking_addr": out / "r.json"},
+                          ["--task", "LaMP-7", "--ranker", "bm25"], ()),
+        "merge_with_rank": (merge_with_rank.main,
+                            {"--lamp_questions_addr": data, "--lamp_output_addr": golds,
+                             "--profile_ranking_addr": inputs["ranking"],
+                             "--merged_output_addr": out / "m.json"}, [], ()),
+        "make_subset": (make_subset.main,
+                        {"--questions_addr": data, "--outputs_addr": golds,
+                         "--output_questions_addr": out / "q.json",
+                         "--output_outputs_addr": out / "g.json"}, ["--count", "2"], ()),
+        "eval_task": (eval_task.main, {"--golds_json": golds, "--preds_json": golds,
+                                       "--output_file": out / "e.json"},
+                      ["--task_name", "LaMP_7"], ()),
+        "compare": (compare.main, {"--golds_json": golds, "--preds_a": golds, "--preds_b": golds,
+                                   "--output_file": out / "c.json"},
+                    ["--task_name", "LaMP_7", "--bootstrap", "10"], ()),
+        "eval_all": (eval_all.main, {"--golds_zip": inputs["golds_zip"],
+                                     "--preds_zip": inputs["golds_zip"],
+                                     "--output_file": out / "a.json"}, [], ()),
+        "evaluate_llm": (evaluate_llm.main, {"--validation_data": data,
+                                             "--model_addr": "org/model",
+                                             "--output_dir": out / "eval", "--adapter": None},
+                         ["--task", "LaMP-7"], ("--model_addr", "--adapter")),
+        "train_llm": (train_llm.main, {"--train_data": data, "--validation_data": data,
+                                       "--test_data": data, "--model_name": "org/model",
+                                       "--output_dir": out / "train"},
+                      ["--task", "LaMP-7"], ("--model_name",)),
+        "train_user_peft": (train_user_peft.main,
+                            {"--train_data": data, "--model_name": "org/model",
+                             "--output_dir": out / "users", "--base_adapter": None},
+                            ["--task", "LaMP-7"], ("--model_name", "--base_adapter")),
+        "make_sample": (make_sample.main, {"--out_dir": out / "sample"},
+                        ["--tasks", "LaMP-7"], ()),
+        "create_avocado_dataset": (
+            avocado.main, {"--avocado_files_dir": inputs["avocado"], "--output_dir": out / "l6",
+                           **{f"--input_question_file_{name}": lamp6 / f"{name}_questions.json"
+                              for name in ("train", "dev", "test")}}, [], ()),
+        "reproduce": (reproduce.main, {"--grid": inputs["grid"], "--data_root": SAMPLE.parent,
+                                       "--runs_dir": out / "runs"}, ["--dry_run"], ()),
+    }
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    import LaMP.utils.modeling.model as modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded: the path was not checked")
+
+    for name in ("load_model", "load_config", "load_config_and_tokenizer"):
+        monkeypatch.setattr(modeling, name, refuse)
+
+
+@pytest.mark.parametrize("script", ["rank_profiles", "merge_with_rank", "make_subset",
+                                    "eval_task", "compare", "eval_all", "evaluate_llm",
+                                    "train_llm", "train_user_peft", "make_sample",
+                                    "create_avocado_dataset", "reproduce"])
+def test_a_path_the_system_refuses_is_one_line_naming_it_in_every_flag(tmp_path, inputs,
+                                                                       capsys, no_model_loads,
+                                                                       script):
+    out = tmp_path / "out"
+    main, good, extra, model_flags = path_flags(inputs, out)[script]
+    bad_paths = hostile_paths(tmp_path)
+    before = listing(inputs["questions"].parent)
+    for flag in good:
+        for way, bad in bad_paths.items():
+            if flag in model_flags and way not in LONG_ONLY:
+                continue  # not a folder there: a hub name, which the hub answers for
+            argv = [*extra]
+            for other, value in {**good, flag: bad}.items():
+                if value is not None:
+                    argv += [other, value]
+            status, lines = run_cli(main, argv, capsys)
+            assert status == 2, (flag, way)
+            assert len(lines) == 1 and lines[0].startswith("error: "), (flag, way, lines)
+            assert str(bad) in lines[0], (flag, way, lines)
+    assert listing(inputs["questions"].parent) == before
+    assert not out.exists()
+
+
+def raise_for(path: Path, error_number: int, real=os.stat):
+    """An ``os.stat`` that fails for ``path`` and anything below it with ``error_number``
+    (root, which runs these tests, is never refused a permission)."""
+    def stat(target, *args, **kwargs):
+        if str(target) == str(path) or str(target).startswith(f"{path}/"):
+            raise OSError(error_number, os.strerror(error_number), str(target))
+        return real(target, *args, **kwargs)
+    return stat
+
+
+@pytest.mark.parametrize("error_number", [errno.EACCES, errno.EIO])
+def test_every_shared_probe_turns_an_oserror_into_one_line(tmp_path, monkeypatch, error_number):
+    from LaMP.utils.modeling.checkpoints import check_adapter_folder, check_model_folder
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    message = os.strerror(error_number)
+    monkeypatch.setattr(os, "stat", raise_for(locked, error_number))
+    with pytest.raises(LampError, match=f"^gold file {locked}/g.json: cannot read "
+                                        rf"\({message}\)$"):
+        fileio.check_readable(locked / "g.json", "gold file")
+    with pytest.raises(LampError, match=f"^--output_file {locked}/r.json: {message}$"):
+        fileio.check_outputs(inputs={}, files={"--output_file": locked / "r.json"})
+    with pytest.raises(LampError, match=f"^--output_dir {locked}/run: {message}$"):
+        fileio.check_outputs(inputs={}, folders={"--output_dir": locked / "run"})
+    with pytest.raises(LampError, match=f"^--out_dir {locked}/run: {message}$"):
+        fileio.check_output_dir(locked / "run", "--out_dir")
+    with pytest.raises(LampError, match=f"^--model_name {locked}/model: {message}$"):
+        check_model_folder(str(locked / "model"), "--model_name")
+    with pytest.raises(LampError, match=f"^--adapter {locked}/adapter: {message}$"):
+        check_adapter_folder(str(locked / "adapter"))

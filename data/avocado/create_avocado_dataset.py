@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fail and list them, writing nothing)")
     args = parser.parse_args(argv)
     args.avocado_files_dir = Path(args.avocado_files_dir)
-    if not args.avocado_files_dir.is_dir():
+    if not os.path.isdir(args.avocado_files_dir):  # Path.is_dir() raises on a name too long
         parser.error(f"--avocado_files_dir {args.avocado_files_dir} is not a folder")
     return args  # --output_dir is checked in main, with the inputs it must not overwrite
 

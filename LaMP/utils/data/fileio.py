@@ -29,7 +29,8 @@ from LaMP.utils.errors import LampError
 logger = logging.getLogger(__name__)
 
 
-def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
+def check_readable(path: str | os.PathLike, what: str = "file", folder: bool = False) -> Path:
+    """``path`` exists and is a file (``folder``: a folder), or a one-line LampError."""
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -43,8 +44,9 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
             raise LampError(f"{what} {path} is a symlink to {os.readlink(path)}, which does "
                             "not exist") from None
         raise LampError(f"{what} {path} does not exist") from None
-    if stat.S_ISDIR(mode):
-        raise LampError(f"{what} {path} is a directory, not a file")
+    if stat.S_ISDIR(mode) != folder:
+        raise LampError(f"{what} {path} is a directory, not a file" if not folder
+                        else f"{what} {path} is not a folder")
     return path
 
 
@@ -201,7 +203,10 @@ def _check_writable_place(path: Path, what: str, folder: bool) -> None:
 def check_output_dir(path: str | os.PathLike, what: str = "--output_dir") -> Path:
     """A folder outputs can go to (created later): refuse a file in the way or no permission."""
     path = Path(path)
-    _check_folder_place(path, what)
+    try:
+        _check_folder_place(path, what)
+    except OSError as error:  # a name too long, say: Path.exists() raises on it
+        raise LampError(f"{what} {path}: {error.strerror or error}") from None
     return path
 
 
