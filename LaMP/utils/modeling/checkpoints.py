@@ -258,7 +258,7 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path:
 
 def check_checkpoint(folder: Path) -> None:
     """One error line unless ``folder`` is a complete checkpoint (an explicit resume path)."""
-    if not folder.is_dir():
+    if not os.path.isdir(folder):  # Path.is_dir() raises on a name too long
         raise LampError(f"--resume_from_checkpoint {folder} is not a checkpoint folder")
     problem = checkpoint_problem(folder)
     if problem:
