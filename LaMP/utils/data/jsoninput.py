@@ -278,8 +278,8 @@ class RepeatedKeys:
     iterator wrapped in ``watched``: an object records a repeat only while the parser runs,
     not when a caller writes to it (an id made a string). ``check`` raises for the first
     repeat inside a parsed value. Only a dict subclass sees ijson's keys one by one; it
-    costs about 0.2 µs a key (a third more on a questions file's parse), and no cheaper
-    check found every repeat.
+    costs about 0.2 µs a key (iter_questions over LaMP-7's dev questions: 31 → 43 ms), and
+    no cheaper check found every repeat.
     """
 
     def __init__(self) -> None:
