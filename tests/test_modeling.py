@@ -291,7 +291,7 @@ def test_an_architecture_that_cannot_generate_is_named_from_its_config(model_typ
 
     config, why = configs_that_cannot_generate()[model_type]
     problem = generation_problem(config)
-    assert problem.startswith(f"a {model_type} model {why}")
+    assert problem.startswith(f"its type, {model_type}, {why}")
     assert problem.endswith("it cannot generate text (use a seq2seq or causal LM)")
 
 
@@ -345,10 +345,10 @@ def no_weight_loads(monkeypatch):
 def test_load_model_refuses_an_encoder_before_its_weights(tiny_bert, no_weight_loads):
     with pytest.raises(LampError) as raised:
         load_model(str(tiny_bert), device="cpu")
-    assert str(raised.value) == (f"model {str(tiny_bert)!r}: a bert model is an encoder "
+    assert str(raised.value) == (f"model {str(tiny_bert)!r}: its type, bert, is an encoder "
                                  "(is_decoder is not set in its config): its attention sees "
-                                 "the whole text, so it cannot generate text (use a seq2seq or "
-                                 "causal LM)")
+                                 "the whole text, so it cannot generate text (use a seq2seq "
+                                 "or causal LM)")
 
 
 def encoder_runs(tmp_path, model):
@@ -388,7 +388,7 @@ def test_every_script_that_loads_a_model_refuses_an_encoder_in_one_line(tmp_path
     assert run(main, [str(arg) for arg in argv]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines()
              if line.startswith(("error:", "Traceback"))]
-    assert lines == [f"error: model {str(tiny_bert)!r}: a bert model is an encoder (is_decoder "
-                     "is not set in its config): its attention sees the whole text, so it "
-                     "cannot generate text (use a seq2seq or causal LM)"]
+    assert lines == [f"error: model {str(tiny_bert)!r}: its type, bert, is an encoder "
+                     "(is_decoder is not set in its config): its attention sees the whole "
+                     "text, so it cannot generate text (use a seq2seq or causal LM)"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged.json"]

@@ -54,8 +54,8 @@ def _encoder_types() -> frozenset[str]:
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
-    return frozenset((set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-                      - set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)) | set(_ENCODER_ALSO))
+    both = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return frozenset(both - set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)) | set(_ENCODER_ALSO)
 
 
 def generation_problem(config, trust_remote_code: bool = False) -> str | None:
@@ -74,15 +74,14 @@ def generation_problem(config, trust_remote_code: bool = False) -> str | None:
     if trust_remote_code and wanted in (getattr(config, "auto_map", None) or {}):
         return None
     if model_type not in table:
-        kind = "an encoder-decoder" if seq2seq else "a"
-        return (f"{kind} {model_type} model has no {'seq2seq' if seq2seq else 'causal'} "
+        return (f"its type, {model_type}, has no {'seq2seq' if seq2seq else 'causal'} "
                 "language-model head in transformers: it cannot generate text (use a "
                 "seq2seq or causal LM)")
     flag = _DECODER_FLAG.get(model_type, "is_decoder")
     if not seq2seq and model_type in _encoder_types() and not getattr(config, flag, False):
-        return (f"a {model_type} model is an encoder ({flag} is not set in its config): its "
-                "attention sees the whole text, so it cannot generate text (use a seq2seq or "
-                "causal LM)")
+        return (f"its type, {model_type}, is an encoder ({flag} is not set in its config): "
+                "its attention sees the whole text, so it cannot generate text (use a seq2seq "
+                "or causal LM)")
     return None
 
 
