@@ -34,7 +34,7 @@ from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_argume
                                       add_profile_arguments, add_task_argument, check_common,
                                       check_generation_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
-from LaMP.utils.data.fileio import (atomic_write_json, check_evaluation_folder, check_output_dir,
+from LaMP.utils.data.fileio import (RUN_FILES, atomic_write_json, check_evaluation_folder,
                                     check_outputs, check_readable, remove_outputs, save_run_args)
 from LaMP.utils.modeling.checkpoints import check_adapter_folder, check_model_folder
 from LaMP.utils.modeling.user_serving import MAX_LOADED_ADAPTERS, MISSING_CHOICES
@@ -98,8 +98,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
     check_readable(args.validation_data, "--validation_data")
-    check_output_dir(args.output_dir)
-    check_outputs(folders={"--output_dir": args.output_dir},
+    check_outputs(folders={"--output_dir": args.output_dir}, contents={"--output_dir": RUN_FILES},
                   inputs={"--validation_data": args.validation_data,
                           "--model_addr": args.model_addr, "--adapter": args.adapter,
                           "--user_adapters": args.user_adapters,

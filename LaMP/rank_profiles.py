@@ -96,8 +96,6 @@ def main(argv=None) -> dict:
     setup_logging(args.verbose)
     input_path = check_readable(args.input_data_addr, "questions file")
     output_path = Path(args.output_ranking_addr)
-    if output_path.is_dir():
-        raise LampError(f"--output_ranking_addr {output_path} is a directory; give a file name")
     check_outputs(files={"--output_ranking_addr": output_path,
                          "--output_ranking_addr (its arguments file)": args_path_for(output_path)},
                   inputs={"--input_data_addr": input_path,

@@ -32,7 +32,8 @@ if importlib.util.find_spec("LaMP") is None:
 from tqdm import tqdm
 
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
-from LaMP.utils.data.fileio import atomic_write_json, atomic_write_text
+from LaMP.utils.data.fileio import (atomic_write_json, atomic_write_text, check_output_dir,
+                                    check_readable)
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.grid.plan import Cell, Planner, Runner, expand_cells, load_stage, make_folder
 from LaMP.utils.grid.schema import Grid, load_grid
@@ -201,10 +202,13 @@ def collect(grid: Grid, cells: list[Cell], runner: Runner) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    check_output_dir(args.runs_dir, "--runs_dir")
     grid = load_grid(args.grid)
     data_root = args.data_root or grid.data_root
     if data_root is None:
         raise LampError(f"{args.grid}: no data_root in the grid; pass --data_root")
+    check_readable(data_root, "--data_root" if args.data_root else f"{args.grid}: data_root",
+                   folder=True)
     planner = Planner(grid, Path(data_root).resolve(), limit=args.limit)
     cells = [planner.plan(cell) for cell in expand_cells(grid)]
     # Checked before anything runs (and before a dry run, whose stage keys hash these files).

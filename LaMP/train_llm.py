@@ -33,7 +33,7 @@ from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_argume
                                       add_task_argument, check_common, check_generation_arguments,
                                       check_optimizer_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
-from LaMP.utils.data.fileio import (atomic_write_json, check_new_run_folder, check_output_dir,
+from LaMP.utils.data.fileio import (RUN_FILES, atomic_write_json, check_new_run_folder,
                                     check_outputs, check_readable, remove_outputs, save_run_args,
                                     writing_into)
 from LaMP.utils.errors import LampError
@@ -122,7 +122,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on user mistakes before anything expensive is loaded."""
-    check_output_dir(args.output_dir)
     check_readable(args.train_data, "--train_data")
     check_readable(args.validation_data, "--validation_data")
     if args.test_data:
@@ -274,6 +273,7 @@ def main(argv=None) -> dict:
     setup_logging()
     # The resume checkpoint is not among the inputs: it lies inside --output_dir by design.
     check_outputs(folders={"--output_dir": args.output_dir},
+                  contents={"--output_dir": ("checkpoints/", "test_predictions.json", *RUN_FILES)},
                   inputs={"--train_data": args.train_data,
                           "--validation_data": args.validation_data,
                           "--test_data": args.test_data, "--model_name": args.model_name,

@@ -114,15 +114,6 @@ def check_previous_run(output_dir: Path, args: argparse.Namespace) -> None:
 
     if not output_dir.is_dir():
         return
-    from LaMP.utils.data.fileio import check_output_dir
-    from LaMP.utils.data.users import USERS_FOLDER
-    from LaMP.utils.modeling.user_training import USERS_INDEX
-
-    # What the run writes into, checked now rather than after the first user has trained.
-    check_output_dir(output_dir / USERS_FOLDER, "--output_dir")
-    if (output_dir / USERS_INDEX).is_dir():
-        raise LampError(f"--output_dir {output_dir}: {USERS_INDEX} is a folder; remove it or "
-                        "choose another folder")
     foreign = [name for name in TRAINING_RUN_FILES + RUN_FILES
                if name != "args.json" and os.path.lexists(output_dir / name)]
     if foreign:
@@ -153,12 +144,11 @@ def run_arguments(args: argparse.Namespace) -> dict:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on user mistakes before anything expensive is loaded."""
-    from LaMP.utils.data.fileio import check_output_dir, read_json
+    from LaMP.utils.data.fileio import read_json
     from LaMP.utils.modeling.checkpoints import (ADAPTER_CONFIG, check_adapter_folder,
                                                  check_model_folder)
     from LaMP.utils.modeling.peft_methods import method_of_adapter
 
-    check_output_dir(args.output_dir)
     require_regular_file(args.train_data, "--train_data",
                          "it is read twice: once for its users, once for their profiles")
     check_previous_run(Path(args.output_dir), args)
@@ -226,10 +216,19 @@ def trained_on_of(args: argparse.Namespace) -> dict:
             "base_adapter": adapter_identity(args.base_adapter) if args.base_adapter else None}
 
 
+def run_contents() -> tuple[str, ...]:
+    """What a run writes inside --output_dir: checked before any work rather than after the
+    first user has trained."""
+    from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX
+
+    return f"{USERS_FOLDER}/", USERS_INDEX, "args.json"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
     check_outputs(folders={"--output_dir": args.output_dir},
+                  contents={"--output_dir": run_contents()},
                   inputs={"--train_data": args.train_data, "--model_name": args.model_name,
                           "--base_adapter": args.base_adapter,
                           "--contriever_checkpoint": args.contriever_checkpoint})

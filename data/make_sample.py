@@ -33,7 +33,7 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.cli.arguments import add_seed_argument
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
-from LaMP.utils.data.fileio import JsonListWriter
+from LaMP.utils.data.fileio import JsonListWriter, check_outputs
 from LaMP.utils.data.outputs import write_outputs
 from LaMP.utils.tasks import (MOVIE_TAGS, NEWS_INSTRUCTION, TASK_HELP, TASK_NAMES, Task, get_task,
                               task_arg)
@@ -503,6 +503,13 @@ def make_question(task: Task, set_digit: str, row: int, seed: int) -> tuple[dict
     return {"id": qid, "input": text, "profile": profile}, gold
 
 
+def sample_files(tasks: list[Task]) -> list[str]:
+    """What ``write_sample`` writes, relative to its folder."""
+    return [f"user/{task.folder}/{set_name}_{kind}.json" for task in tasks
+            for set_name, _, _ in SETS
+            for kind in (("questions",) if set_name == "test" else ("questions", "outputs"))]
+
+
 def write_sample(out_dir: Path, seed: int, tasks: list[Task]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for task in tqdm(tasks, desc="tasks", disable=None):
@@ -537,6 +544,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
+    check_outputs(folders={"--out_dir": args.out_dir},
+                  contents={"--out_dir": sample_files(args.tasks)}, inputs={})
     counts = write_sample(Path(args.out_dir), args.seed, args.tasks)
     logger.info("wrote %d tasks to %s", len(counts), args.out_dir)
     return counts

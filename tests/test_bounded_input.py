@@ -466,3 +466,117 @@ def test_opener_is_checked_on_the_one_read(document, message):
                            "a JSON list of questions")
     with pytest.raises(LampError, match=message):
         reader.read()
+
+
+# --- repeated keys -----------------------------------------------------------------------------
+# json.loads and ijson keep the last value of a key repeated in one object; every reader
+# refuses it instead, naming the key and its object's place (a JSON path from the top).
+
+AT_HOLE = {"questions (rank_profiles)": "[1].extra", "outputs (eval_task)": "extra",
+           "outputs (compare)": "extra", "zip member (eval_all)": "extra",
+           "ranking (merge_with_rank)": '["799"]'}
+# hole -> (the key as the error shows it, the object's place below the hole)
+REPEATS = {
+    "two values": (b'{"k": 1, "k": 2}', '"k"', ""),
+    "one value twice": (b'{"k": "1", "k": "1"}', '"k"', ""),
+    "null twice": (b'{"a": 0, "k": null, "k": null}', '"k"', ""),
+    "deeper, among other objects": (b'[{"k": 1}, {"b": [{"x": 1, "y": 2, "x": {"x": 3}}]}]',
+                                    '"x"', "[1].b[0]"),
+    "a key that JSON escapes": (b'{"a \\"b": 1, "a \\"b": 2}', r'"a \"b"', ""),
+}
+
+
+@pytest.mark.parametrize("case", REPEATS)
+@pytest.mark.parametrize("reader", READERS)
+def test_a_repeated_key_is_one_error_line_naming_it_and_its_object(tmp_path, capsys, reader,
+                                                                    case):
+    hostile, shown, below = REPEATS[case]
+    main, argv, inputs, output, source, *_ = READERS[reader](tmp_path, hostile)
+    line = fails(main, argv, capsys, inputs, output)
+    assert line == (f"error: {source}: the key {shown} occurs twice in the object at "
+                    f"{AT_HOLE[reader]}{below} (only one of its values could be read)")
+
+
+def test_keys_repeated_across_objects_and_written_after_parsing_are_not_repeats(tmp_path):
+    from LaMP.utils.data.questions import iter_questions
+
+    questions = tweet_questions()
+    questions[0]["id"] = 700  # validation writes it back as "700"
+    questions[1]["extra"] = [{"k": 1}, {"k": {"k": 2}}]
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(questions))
+    parsed = list(iter_questions(path))
+    assert [question["id"] for question in parsed] == ["700", "701", "702"]
+    assert parsed[1]["extra"] == [{"k": 1}, {"k": {"k": 2}}]
+
+
+def question_file_with(path: Path, edit) -> Path:
+    """Three tweet questions, the text of the second one edited by ``edit``."""
+    text = json.dumps(tweet_questions())
+    head = text.index('{"id": "701"')
+    path.write_text(text[:head] + edit(text[head:]))
+    return path
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda text: text.replace('"id": "701"', '"id": "701", "id": "799"', 1), "[1]"),
+    (lambda text: text.replace('"text"', '"text": "again", "text"', 1), "[1].profile[0]"),
+    (lambda text: text.replace('"input"', '"profile": [], "input"', 1), "[1]"),
+])
+def test_questions_name_the_question_with_the_repeat_and_stop_there(tmp_path, edit, where):
+    from LaMP.utils.data.questions import iter_questions
+
+    path = question_file_with(tmp_path / "questions.json", edit)
+    seen = []
+    with pytest.raises(LampError) as raised:
+        for question in iter_questions(path):
+            seen.append(question["id"])
+    key = str(raised.value).split('"')[1]
+    assert str(raised.value) == (f'{path}: the key "{key}" occurs twice in the object at '
+                                 f"{where} (only one of its values could be read)")
+    assert seen == ["700"]  # the question before it, never the one after (parsed with it)
+
+
+def test_a_repeat_past_the_first_block_names_its_question(tmp_path):
+    from LaMP.utils.data.questions import iter_questions
+
+    questions = [{**question, "id": str(index)} for index, question in
+                 enumerate(tweet_questions() * 2000)]  # about 800 KB: many 64 KiB blocks
+    text = json.dumps(questions).replace('{"id": "5432", ', '{"id": "5432", "id": "x", ', 1)
+    path = tmp_path / "questions.json"
+    path.write_text(text)
+    with pytest.raises(LampError, match=r'the key "id" occurs twice in the object at \[5432\] '):
+        for _ in iter_questions(path):
+            pass
+
+
+@pytest.mark.parametrize("text, key, where", [
+    ('{"task": "LaMP_7", "golds": [], "golds": []}', "golds", "the top-level object"),
+    ('{"task": "LaMP_7", "golds": [{"id": "700", "output": "a", "output": "b"}]}', "output",
+     "the object at golds[0]"),
+])
+def test_whole_file_readers_refuse_repeats_at_every_level(tmp_path, text, key, where):
+    from LaMP.utils.data.fileio import read_json
+    from LaMP.utils.data.outputs import load_outputs
+
+    path = tmp_path / "golds.json"
+    path.write_text(text)
+    for read in (read_json, load_outputs):
+        with pytest.raises(LampError) as raised:
+            read(path)
+        assert str(raised.value) == (f'{path}: the key "{key}" occurs twice in {where} (only '
+                                     "one of its values could be read)")
+
+
+def test_a_parsed_question_copies_and_pickles_as_plain_dicts(tmp_path):
+    import copy
+    import pickle
+
+    from LaMP.utils.data.questions import iter_questions
+
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(tweet_questions()))
+    question = next(iter_questions(path))
+    for clone in (copy.deepcopy(question), pickle.loads(pickle.dumps(question))):
+        assert clone == question
+        assert type(clone) is dict and type(clone["profile"][0]) is dict

@@ -46,3 +46,19 @@ def test_a_missing_required_flag_and_a_bad_value_are_one_line_each(script):
 def test_help_still_prints_the_usage():
     result = run_script("eval/eval_task.py", "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: ")
+
+
+def test_an_oserror_about_a_path_is_one_error_line_and_any_other_stays_whole(capsys):
+    from LaMP.utils.cli.program import run
+
+    def refused(argv):
+        raise OSError(36, "File name too long", "/data/" + "n" * 300)
+
+    assert run(refused, []) == 2
+    assert capsys.readouterr().err == f"error: /data/{'n' * 300}: File name too long\n"
+
+    def fault(argv):
+        raise OSError("a fault with no path")
+
+    with pytest.raises(OSError, match="a fault with no path"):
+        run(fault, [])

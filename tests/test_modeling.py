@@ -267,3 +267,128 @@ def test_no_prompts_give_no_answers(llama, t5):
     for lamp in (llama, t5):
         assert lamp.generate([], max_length=MAX_LENGTH, max_new_tokens=2, progress=False) == []
         assert lamp.score_labels([], ["1", "2"], max_length=MAX_LENGTH, progress=False) == []
+
+
+# -- models that cannot generate ------------------------------------------------------------
+
+def configs_that_cannot_generate():
+    from transformers import (BertConfig, DistilBertConfig, ElectraConfig, RobertaConfig,
+                              T5Config, ViTConfig, XLMConfig)
+
+    return {"bert": (BertConfig(), "is an encoder (is_decoder is not set"),
+            "roberta": (RobertaConfig(), "is an encoder (is_decoder is not set"),
+            "electra": (ElectraConfig(), "is an encoder (is_decoder is not set"),
+            "xlm": (XLMConfig(), "is an encoder (causal is not set"),
+            "distilbert": (DistilBertConfig(), "has no causal language-model head"),
+            "vit": (ViTConfig(), "has no causal language-model head"),
+            "t5": (T5Config(is_encoder_decoder=False), "has no causal language-model head")}
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "xlm", "distilbert", "vit",
+                                        "t5"])
+def test_an_architecture_that_cannot_generate_is_named_from_its_config(model_type):
+    from LaMP.utils.modeling.model import generation_problem
+
+    config, why = configs_that_cannot_generate()[model_type]
+    problem = generation_problem(config)
+    assert problem.startswith(f"its type, {model_type}, {why}")
+    assert problem.endswith("it cannot generate text (use a seq2seq or causal LM)")
+
+
+def test_architectures_that_generate_pass(tiny_t5):
+    from transformers import AutoConfig, BartConfig, BertConfig, GPT2Config, LlamaConfig, XLMConfig
+
+    from LaMP.utils.modeling.model import generation_problem
+
+    for config in (AutoConfig.from_pretrained(tiny_t5), LlamaConfig(), GPT2Config(),
+                   BertConfig(is_decoder=True), XLMConfig(causal=True),
+                   BartConfig(is_encoder_decoder=False)):  # BartForCausalLM: its decoder
+        assert generation_problem(config) is None, config.model_type
+    # Remote code names its own class; only with trust_remote_code is that class used.
+    remote = BertConfig(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    assert generation_problem(remote, trust_remote_code=True) is None
+    assert generation_problem(remote) is not None
+
+
+def build_tiny_bert(folder):
+    """A 1-layer random BERT (masked-LM head) with the Unigram tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from conftest import make_unigram_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = make_unigram_tokenizer(chat_template=False)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture
+def no_weight_loads(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded for a model that cannot generate")
+
+    for auto_class in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):
+        monkeypatch.setattr(auto_class, "from_pretrained", refuse)
+
+
+def test_load_model_refuses_an_encoder_before_its_weights(tiny_bert, no_weight_loads):
+    with pytest.raises(LampError) as raised:
+        load_model(str(tiny_bert), device="cpu")
+    assert str(raised.value) == (f"model {str(tiny_bert)!r}: its type, bert, is an encoder "
+                                 "(is_decoder is not set in its config): its attention sees "
+                                 "the whole text, so it cannot generate text (use a seq2seq "
+                                 "or causal LM)")
+
+
+def encoder_runs(tmp_path, model):
+    """(script, argv) of every script that loads a model, on the sample's LaMP-7 dev set."""
+    import json
+
+    from conftest import SAMPLE
+    from LaMP import evaluate_llm, train_llm, train_user_peft
+
+    questions = json.loads((SAMPLE / "LaMP_7" / "dev_questions.json").read_text())[:4]
+    golds = {gold["id"]: gold["output"] for gold in
+             json.loads((SAMPLE / "LaMP_7" / "dev_outputs.json").read_text())["golds"]}
+    merged = tmp_path / "merged.json"
+    merged.write_text(json.dumps([{**q, "output": golds[q["id"]]} for q in questions]))
+    common = ["--task", "LaMP-7", "--device", "cpu", "--max_length", "64"]
+    return {
+        "train_llm": (train_llm.main, ["--train_data", merged, "--validation_data", merged,
+                                       "--model_name", model, "--output_dir",
+                                       tmp_path / "train", *common]),
+        "evaluate_llm": (evaluate_llm.main, ["--validation_data", merged, "--model_addr", model,
+                                             "--output_dir", tmp_path / "eval", *common]),
+        "train_user_peft": (train_user_peft.main, ["--train_data", merged, "--model_name", model,
+                                                   "--output_dir", tmp_path / "users",
+                                                   *common]),
+    }
+
+
+@pytest.mark.parametrize("script", ["train_llm", "evaluate_llm", "train_user_peft"])
+def test_every_script_that_loads_a_model_refuses_an_encoder_in_one_line(tmp_path, capsys,
+                                                                         tiny_bert,
+                                                                         no_weight_loads,
+                                                                         script):
+    from LaMP.utils.cli.program import run
+
+    main, argv = encoder_runs(tmp_path, tiny_bert)[script]
+    capsys.readouterr()
+    assert run(main, [str(arg) for arg in argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith(("error:", "Traceback"))]
+    assert lines == [f"error: model {str(tiny_bert)!r}: its type, bert, is an encoder "
+                     "(is_decoder is not set in its config): its attention sees the whole "
+                     "text, so it cannot generate text (use a seq2seq or causal LM)"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged.json"]

@@ -142,7 +142,7 @@ def test_bad_input_files(tmp_path, content, message):
 def test_missing_input_and_directory_output(tmp_path, questions_file):
     with pytest.raises(LampError, match="does not exist"):
         rank(tmp_path / "nope.json", tmp_path / "r.json", "--ranker", "bm25")
-    with pytest.raises(LampError, match="is a directory"):
+    with pytest.raises(LampError, match="is a folder; give a file name"):
         rank(questions_file, tmp_path, "--ranker", "bm25")
 
 

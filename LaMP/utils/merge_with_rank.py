@@ -56,8 +56,6 @@ def main(argv=None) -> dict:
     setup_logging(args.verbose)
     questions_path = check_readable(args.lamp_questions_addr, "questions file")
     output_path = Path(args.merged_output_addr)
-    if output_path.is_dir():
-        raise LampError(f"--merged_output_addr {output_path} is a directory; give a file name")
     check_outputs(files={"--merged_output_addr": output_path,
                          "--merged_output_addr (its arguments file)": args_path_for(output_path)},
                   inputs={"--lamp_questions_addr": questions_path,

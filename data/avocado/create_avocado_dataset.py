@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,9 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fail and list them, writing nothing)")
     args = parser.parse_args(argv)
     args.avocado_files_dir = Path(args.avocado_files_dir)
-    if not args.avocado_files_dir.is_dir():
+    if not os.path.isdir(args.avocado_files_dir):  # Path.is_dir() raises on a name too long
         parser.error(f"--avocado_files_dir {args.avocado_files_dir} is not a folder")
     return args  # --output_dir is checked in main, with the inputs it must not overwrite
+
+
+ARGS_FILE = "create_avocado_dataset.args.json"
+
+
+def output_names() -> list[str]:
+    """The files written into --output_dir."""
+    return ([f"{name}_questions.json" for name in SETS]
+            + [f"{name}_outputs.json" for name in GOLD_SETS] + [ARGS_FILE])
 
 
 def question_files(args) -> dict[str, Path]:
@@ -84,6 +94,7 @@ def main(argv=None) -> dict:
     # Before the emails are read: --output_dir = the folder of LaMP's question files would
     # replace them with the built ones.
     check_outputs(folders={"--output_dir": args.output_dir},
+                  contents={"--output_dir": output_names()},
                   inputs={"--avocado_files_dir": args.avocado_files_dir,
                           **{f"--input_question_file_{name}": path
                              for name, path in files.items()}})
@@ -129,7 +140,7 @@ def main(argv=None) -> dict:
         summary[set_name] = {"questions": len(golds), "dropped_questions": len(dropped),
                              "dropped_profile_items": items_dropped}
         logger.info("%s: %d questions", set_name, len(golds))
-    save_run_args(output_dir / "create_avocado_dataset.args.json", args)
+    save_run_args(output_dir / ARGS_FILE, args)
     return summary
 
 

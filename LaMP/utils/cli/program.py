@@ -90,6 +90,13 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except LampError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.filename is None:
+            raise  # not about a path: a fault to see whole
+        # A path the system refused (a name too long, a file where a folder must be, no
+        # permission) that no check named first: one line, as a user mistake ends.
+        print(f"error: {error.filename}: {error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,13 +23,14 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from LaMP.utils.data.jsoninput import READ_SIZE, GuardedReader
+from LaMP.utils.data.jsoninput import READ_SIZE, GuardedReader, RepeatedKeys
 from LaMP.utils.errors import LampError
 
 logger = logging.getLogger(__name__)
 
 
-def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
+def check_readable(path: str | os.PathLike, what: str = "file", folder: bool = False) -> Path:
+    """``path`` exists and is a file (``folder``: a folder), or a one-line LampError."""
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -43,8 +44,9 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
             raise LampError(f"{what} {path} is a symlink to {os.readlink(path)}, which does "
                             "not exist") from None
         raise LampError(f"{what} {path} does not exist") from None
-    if stat.S_ISDIR(mode):
-        raise LampError(f"{what} {path} is a directory, not a file")
+    if stat.S_ISDIR(mode) != folder:
+        raise LampError(f"{what} {path} is a directory, not a file" if not folder
+                        else f"{what} {path} is not a folder")
     return path
 
 
@@ -62,19 +64,24 @@ def require_regular_file(path: str | os.PathLike, what: str, why: str) -> Path:
 
 def parse_json_bytes(data: bytes | str, source: str) -> Any:
     """``json.loads`` with an error that names the source and the position, after the
-    checks of ``LaMP.utils.data.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates)."""
+    checks of ``LaMP.utils.data.jsoninput`` (UTF-8, nesting, number sizes, lone surrogates,
+    repeated keys)."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")  # a lone surrogate is then refused
     reader = GuardedReader(io.BytesIO(data), source)
     while reader.read(READ_SIZE):
         pass  # checking only: json.loads below parses the whole text at once
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    keys = RepeatedKeys()
     try:
-        return json.loads(data[start:].decode("utf-8"))
+        document = json.loads(data[start:].decode("utf-8"),
+                              object_pairs_hook=keys.object_pairs_hook)
     except json.JSONDecodeError as error:
         raise LampError(
             f"{source}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno})"
         ) from None
+    keys.check(document, source)
+    return document
 
 
 def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> Any:
@@ -103,7 +110,9 @@ def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int | None
 # -- the output policy ------------------------------------------------------------------
 # Every file a stage writes goes through _Output below, and every script checks its output
 # paths with check_outputs before any work starts:
-#  - an output that is, contains or lies inside one of the run's inputs is refused;
+#  - an output that is, contains or lies inside one of the run's inputs is refused, and so
+#    are two outputs that are one file or one inside the other (the second write would
+#    replace the first);
 #  - a regular file is replaced atomically (temporary beside it, then a rename) and keeps
 #    its mode; a new file gets 0666 & ~umask, as `open` would give it;
 #  - a symlink is followed: its target is replaced, the link stays;
@@ -194,10 +203,17 @@ def _check_writable_place(path: Path, what: str, folder: bool) -> None:
 def check_output_dir(path: str | os.PathLike, what: str = "--output_dir") -> Path:
     """A folder outputs can go to (created later): refuse a file in the way or no permission."""
     path = Path(path)
+    try:
+        _check_folder_place(path, what)
+    except OSError as error:  # a name too long, say: Path.exists() raises on it
+        raise LampError(f"{what} {path}: {error.strerror or error}") from None
+    return path
+
+
+def _check_folder_place(path: Path, what: str) -> None:
     if path.exists() and not path.is_dir():
         raise LampError(f"{what} {path} exists and is not a folder")
     _check_writable_place(path, what, folder=True)
-    return path
 
 
 def _inputs(inputs: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
@@ -223,9 +239,20 @@ def _links_under(folder: Path) -> Iterator[Path]:
                 yield Path(root, name)
 
 
+def _same_file(resolved: str, path: Path, other_resolved: str, other: str | Path) -> bool:
+    """Whether two paths name one file: the same resolved path (``./``, ``..``, symlinks,
+    dangling ones included), or one inode (hard links)."""
+    if resolved == other_resolved:
+        return True
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def _conflict(resolved: str, path: Path, given: str, in_resolved: str) -> str | None:
     """How an output resolving to ``resolved`` meets an input, or None if it does not."""
-    if resolved == in_resolved or (path.exists() and os.path.samefile(path, given)):
+    if _same_file(resolved, path, in_resolved, given):
         return "is"
     if _inside(in_resolved, resolved):
         return "contains"
@@ -234,33 +261,59 @@ def _conflict(resolved: str, path: Path, given: str, in_resolved: str) -> str | 
     return None
 
 
+class _Planned:
+    """One path a run will write: its flag and the path as given (for messages: a Path
+    drops a leading ./), whether it is a folder, and for a file or folder inside a folder
+    output (its ``contents``), that folder's flag."""
+
+    __slots__ = ("flag", "given", "path", "folder", "owner")
+
+    def __init__(self, flag: str, given: str, folder: bool, owner: str | None = None):
+        self.flag, self.given, self.folder, self.owner = flag, given, folder, owner
+        self.path = Path(given)
+
+
 def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None = None,
-                  folders: Mapping[str, Any] | None = None) -> None:
-    """Refuse, before any work, outputs that would overwrite the run's inputs or cannot be
-    written. Each mapping is ``{flag: path}`` (``None`` skipped; an input may be a list).
+                  folders: Mapping[str, Any] | None = None,
+                  contents: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Refuse, before any work, outputs that would overwrite the run's inputs or each
+    other, or cannot be written. Each mapping is ``{flag: path}`` (``None`` skipped; an
+    input may be a list); ``contents`` names, per folder flag, what the run writes inside
+    that folder (``{"--output_dir": ("predictions.json", "users/")}``, a folder with a
+    trailing ``/``), each then checked as an output of its own.
 
     An output conflicts with an input when both resolve to the same file (symlinks and hard
     links included), when an output folder contains an input, or when an output lies inside
-    an input folder (a model folder, say).
+    an input folder (a model folder, say). Two outputs conflict when they are one file, or
+    when one lies inside the other (a folder output's own contents excepted): the second
+    write would replace the first, or find a file where it needs a folder.
     """
-    outputs = [(flag, Path(path), False) for flag, path in (files or {}).items() if path]
-    outputs += [(flag, Path(path), True) for flag, path in (folders or {}).items() if path]
+    outputs = [_Planned(flag, str(path), False) for flag, path in (files or {}).items() if path]
+    outputs += [_Planned(flag, str(path), True) for flag, path in (folders or {}).items() if path]
+    for flag, names in (contents or {}).items():
+        if (folders or {}).get(flag):
+            outputs += [_Planned(flag, str(Path(folders[flag], name)), name.endswith("/"),
+                                 owner=flag) for name in names]
     known_inputs = list(_inputs(inputs))
-    for flag, path, folder in outputs:
+    for output in outputs:
         try:
-            _check_output(flag, path, folder, known_inputs)
+            _check_output(output, known_inputs)
         except OSError as error:  # a name too long, say: Path.is_dir() raises on it
-            raise LampError(f"{flag} {path}: {error.strerror or error}") from None
+            raise LampError(f"{output.flag} {output.path}: {error.strerror or error}") from None
+    _check_distinct([output for output in outputs if not _is_direct(output.path)])
 
 
-def _check_output(flag: str, path: Path, folder: bool,
-                  known_inputs: list[tuple[str, str, str]]) -> None:
+def _check_output(output: _Planned, known_inputs: list[tuple[str, str, str]]) -> None:
     """check_outputs for one output."""
+    flag, path, folder = output.flag, output.path, output.folder
     if _is_direct(path):
         return  # written in place, never replaced: nothing is lost
     if folder:
-        check_output_dir(path, flag)
+        _check_folder_place(path, flag)
     elif path.is_dir():
+        if output.owner:  # a fixed name in a folder output: the name is not the user's
+            raise LampError(f"{flag} {path.parent}: {path.name} is a folder; remove it or "
+                            "choose another folder")
         raise LampError(f"{flag} {path} is a folder; give a file name")
     else:
         _check_writable_place(path, flag, folder=False)
@@ -270,7 +323,7 @@ def _check_output(flag: str, path: Path, folder: bool,
         if how:
             raise LampError(f"{flag} {path} {how} the input {in_flag} {given}; "
                             "choose another output path")
-    if folder and path.is_dir() and known_inputs:
+    if folder and output.owner is None and path.is_dir() and known_inputs:
         # A link in the folder is written through: out/dev_questions.json -> the
         # published file would have it replaced by the built one.
         for link in _links_under(path):
@@ -281,6 +334,26 @@ def _check_output(flag: str, path: Path, folder: bool,
                     raise LampError(f"{flag} {path} holds {link}, a symlink that {how} "
                                     f"the input {in_flag} {given}; remove the link or "
                                     "choose another folder")
+
+
+def _check_distinct(outputs: list[_Planned]) -> None:
+    """No two outputs are one file, and none lies inside another (a folder output's own
+    contents excepted)."""
+    resolved = [os.path.realpath(output.path) for output in outputs]
+    for i, first in enumerate(outputs):
+        for j in range(i + 1, len(outputs)):
+            second = outputs[j]
+            if _same_file(resolved[j], second.path, resolved[i], first.path):
+                raise LampError(f"{second.flag} {second.given} is the same file as "
+                                f"{first.flag} {first.given}; give each output its own path")
+            for outer, inner, outer_at, inner_at in ((first, second, i, j),
+                                                     (second, first, j, i)):
+                own = outer.owner is None and inner.owner == outer.flag
+                if not own and _inside(resolved[inner_at], resolved[outer_at]):
+                    kind = "folder" if outer.folder else "file"
+                    raise LampError(f"{inner.flag} {inner.given} lies inside {outer.flag} "
+                                    f"{outer.given}, which is written as a {kind}; give each "
+                                    "output its own path")
 
 
 # What a training run leaves in its folder (train_llm.py, a Trainer, save_pretrained).
@@ -298,8 +371,8 @@ def _present(folder: Path, names: Sequence[str]) -> list[str]:
 def _records_training(args_file: Path) -> bool:
     """Whether an ``args.json`` is a training run's (it names ``train_data``)."""
     try:
-        saved = json.loads(args_file.read_bytes())
-    except (OSError, ValueError):
+        saved = read_json(args_file, "arguments file")
+    except LampError:
         return True  # not one we can read as ours: treat it as someone else's run
     return not isinstance(saved, dict) or "train_data" in saved
 

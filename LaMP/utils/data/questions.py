@@ -14,7 +14,7 @@ from operator import itemgetter
 from typing import Any, Iterator
 
 from LaMP.utils.data.fileio import check_readable
-from LaMP.utils.data.jsoninput import GuardedReader
+from LaMP.utils.data.jsoninput import GuardedReader, RepeatedKeys
 from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import Task
 
@@ -123,9 +123,13 @@ def iter_questions(path: str | os.PathLike, task: Task | None = None,
 
     path = check_readable(path, what)
     index, last_id = -1, None
+    keys = RepeatedKeys()
     with open_json_stream(path, b"[", "a JSON list of questions") as handle:
+        questions = ijson.items(handle, "item", use_float=True, map_type=keys.map_type)
         try:
-            for index, question in enumerate(ijson.items(handle, "item", use_float=True)):
+            for index, question in enumerate(keys.watched(questions)):
+                if keys.found:  # a repeat in this question, or in one parsed ahead of it
+                    keys.check(question, str(path), (index,))
                 last_id = validate_question(question, index, str(path), task,
                                             require_output)["id"]
                 yield question

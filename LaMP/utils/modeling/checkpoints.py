@@ -134,7 +134,11 @@ def check_model_folder(name_or_path: str, what: str = "model") -> None:
     """For a local model folder, one error line if its weights are missing or damaged;
     hub names pass through (they are checked by the download)."""
     folder = Path(name_or_path)
-    if not (folder / "config.json").is_file():
+    try:
+        is_model_folder = (folder / "config.json").is_file()
+    except OSError as error:  # a name too long, a folder not ours to read
+        raise LampError(f"{what} {name_or_path}: {error.strerror or error}") from None
+    if not is_model_folder:
         # Not a model folder (a hub name, or a folder transformers reports on itself).
         return
     problem = weights_problem(folder, MODEL_WEIGHTS)
@@ -146,7 +150,11 @@ def check_adapter_folder(path: str, flag: str = "--adapter") -> None:
     """One error line unless ``path`` is a folder with a peft config and loadable weights
     (without this, peft looks the missing weights up on the hub under the folder's name);
     ``flag``: how the message names where the folder came from."""
-    if not Path(path).is_dir():
+    try:
+        is_folder = Path(path).is_dir()
+    except OSError as error:  # a name too long, a folder not ours to read
+        raise LampError(f"{flag} {path}: {error.strerror or error}") from None
+    if not is_folder:
         raise LampError(f"{flag} {path} is not a folder (a peft adapter folder, e.g. "
                         "train_llm.py's --output_dir)")
     problem = adapter_folder_problem(path)
@@ -266,7 +274,7 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path:
 
 def check_checkpoint(folder: Path) -> None:
     """One error line unless ``folder`` is a complete checkpoint (an explicit resume path)."""
-    if not folder.is_dir():
+    if not os.path.isdir(folder):  # Path.is_dir() raises on a name too long
         raise LampError(f"--resume_from_checkpoint {folder} is not a checkpoint folder")
     problem = checkpoint_problem(folder)
     if problem:

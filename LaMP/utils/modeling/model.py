@@ -40,17 +40,67 @@ def is_seq2seq_config(config) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+# Encoders that transformers also maps to a causal-LM head (BertLMHeadModel, …) are causal
+# only when their config says so; as encoders every position sees the whole text, the
+# target included, so training would teach nothing and generation would not work. They are
+# the models with both a masked-LM and a causal-LM head and no seq2seq one, and
+# bert-generation (a BERT with no masked-LM head in transformers' tables).
+_ENCODER_ALSO = ("bert-generation",)
+_DECODER_FLAG = {"xlm": "causal"}  # XLM's causal-LM checkpoints set causal; others is_decoder
+
+
+def _encoder_types() -> frozenset[str]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    both = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return frozenset(both - set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)) | set(_ENCODER_ALSO)
+
+
+def generation_problem(config, trust_remote_code: bool = False) -> str | None:
+    """Why a model of this config cannot generate text as a seq2seq or causal LM, or None.
+
+    Decided from the config alone, before any weights load: the architecture must have a
+    seq2seq or causal-LM class in transformers (or, with ``trust_remote_code``, one named
+    in the config's ``auto_map``), and an encoder must be configured as a decoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    seq2seq = is_seq2seq_config(config)
+    wanted, table = (("AutoModelForSeq2SeqLM", MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+                     if seq2seq else ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    if trust_remote_code and wanted in (getattr(config, "auto_map", None) or {}):
+        return None
+    if model_type not in table:
+        return (f"its type, {model_type}, has no {'seq2seq' if seq2seq else 'causal'} "
+                "language-model head in transformers: it cannot generate text (use a "
+                "seq2seq or causal LM)")
+    flag = _DECODER_FLAG.get(model_type, "is_decoder")
+    if not seq2seq and model_type in _encoder_types() and not getattr(config, flag, False):
+        return (f"its type, {model_type}, is an encoder ({flag} is not set in its config): "
+                "its attention sees the whole text, so it cannot generate text (use a seq2seq "
+                "or causal LM)")
+    return None
+
+
 def load_config(name_or_path: str, *, trust_remote_code: bool = False,
                 cache_dir: str | None = None):
-    """The model's config: it says whether the model is seq2seq or causal."""
+    """The model's config: it says whether the model is seq2seq or causal. A model that is
+    neither (an encoder such as BERT) is refused here, before anything else loads."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                          cache_dir=cache_dir,
-                                          local_files_only=is_local(name_or_path))
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                            cache_dir=cache_dir,
+                                            local_files_only=is_local(name_or_path))
     except (OSError, ValueError) as error:
         raise LampError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    problem = generation_problem(config, trust_remote_code)
+    if problem:
+        raise LampError(f"model {name_or_path!r}: {problem}")
+    return config
 
 
 def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = False,

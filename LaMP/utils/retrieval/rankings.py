@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Iterator, Mapping, Sequence
 
 from LaMP.utils.data.fileio import check_readable
+from LaMP.utils.data.jsoninput import RepeatedKeys
 from LaMP.utils.data.questions import as_id, open_json_stream
 from LaMP.utils.errors import LampError, preview
 
@@ -101,9 +102,13 @@ def load_rankings(paths: Sequence[str | os.PathLike]) -> Rankings:
     rankings = Rankings()
     for path in paths:
         path = check_readable(path, "ranking file")
+        keys = RepeatedKeys()  # a question twice at the top is Rankings.add's to name
         with open_json_stream(path, b"{", "a JSON object {question id: [profile ids]}") as handle:
             try:
-                for question_id, ranking in ijson.kvitems(handle, ""):
+                for question_id, ranking in keys.watched(
+                        ijson.kvitems(handle, "", map_type=keys.map_type)):
+                    if keys.found:
+                        keys.check(ranking, str(path), (question_id,))
                     ids = ([as_id(item_id) for item_id in ranking] if isinstance(ranking, list)
                            else None)
                     if ids is None or None in ids:
