@@ -116,7 +116,10 @@ def main(argv=None) -> dict:
     if args.user_adapters:
         from LaMP.utils.modeling.adapter_fit import AdapterFit
         from LaMP.utils.modeling.model import is_seq2seq_config, load_config
-        from LaMP.utils.modeling.user_serving import find_user_adapters, question_users
+        from LaMP.utils.modeling.user_serving import (check_user_adapters_root,
+                                                      find_user_adapters, question_users)
+
+        check_user_adapters_root(args.user_adapters)
 
         ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
         users = [user for _, user in ids_and_users]

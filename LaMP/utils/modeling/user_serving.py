@@ -21,14 +21,16 @@ a batch is served, the same folders are taken, with the same meaning.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from LaMP.utils.data.fileio import read_json
+from LaMP.utils.data.fileio import check_readable, read_json
 from LaMP.utils.data.questions import as_id, iter_questions
 from LaMP.utils.data.users import (USER_RECORD, USERS_FOLDER, USERS_INDEX, find_user_folder,
                                    read_user_record, user_adapter_dir, user_of)
@@ -81,6 +83,31 @@ class UserAdapters:
         return [folder for folder in self.folders.values() if folder is not None]
 
 
+def check_user_adapters_root(root: str | Path, flag: str = "--user_adapters") -> Path:
+    """``root`` is a per-user training run's folder (it has ``users/``), or a one-line
+    LampError; cheap, so callers check it before they load anything."""
+    root = Path(root)
+    if not _is_dir(root):
+        try:
+            os.stat(root)
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+                check_readable(root, flag, folder=True)  # names why it cannot be looked at
+        raise LampError(f"{flag} {root} is not a folder (train_user_peft.py's --output_dir, "
+                        f"holding {USERS_FOLDER}/<user>/ adapter folders)")
+    if not _is_dir(root / USERS_FOLDER):
+        raise LampError(f"{flag} {root} has no {USERS_FOLDER}/ folder (a per-user training "
+                        f"run keeps one adapter per user in {USERS_FOLDER}/<user>/)")
+    return root
+
+
+def _is_dir(path: str | Path) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # a name too long: check_readable names it
+        return False
+
+
 def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str = "error",
                        flag: str = "--user_adapters", model: str | None = None,
                        fit=None) -> UserAdapters:
@@ -93,13 +120,7 @@ def find_user_adapters(root: str | Path, users: Sequence[str], *, missing: str =
     on), on that base model. With ``fit`` (an ``adapter_fit.AdapterFit`` of that model),
     each folder's weights must be those its config makes on it: every way of serving then
     accepts and refuses the same folders."""
-    root = Path(root)
-    if not root.is_dir():
-        raise LampError(f"{flag} {root} is not a folder (train_user_peft.py's --output_dir, "
-                        f"holding {USERS_FOLDER}/<user>/ adapter folders)")
-    if not (root / USERS_FOLDER).is_dir():
-        raise LampError(f"{flag} {root} has no {USERS_FOLDER}/ folder (a per-user training "
-                        f"run keeps one adapter per user in {USERS_FOLDER}/<user>/)")
+    root = check_user_adapters_root(root, flag)
     if missing not in MISSING_CHOICES:
         raise LampError(f"unknown missing-adapter policy {missing!r}; valid: "
                         f"{', '.join(MISSING_CHOICES)}")
