@@ -1,4 +1,4 @@
-"""Bounded input (issue 10 item 2): hostile JSON in every reader, and pipes as input.
+"""Bounded input: hostile JSON in every reader, and pipes as input.
 
 Every case ends in exit status 2 with exactly one ``error:`` line that names the file and the
 byte offset, leaves the input byte-identical and writes nothing, or (pipes) succeeds. Offsets

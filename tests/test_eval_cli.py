@@ -1,5 +1,5 @@
 """The evaluator CLIs (eval_task, eval_all, compare) through ``main(argv)`` on tiny files, every
-bad input of issue 2 item 4, and a few runs as a user would start them (a fresh interpreter)."""
+kind of bad input (unreadable, malformed or mismatched files, unknown tasks), and a few runs as a user would start them (a fresh interpreter)."""
 from __future__ import annotations
 
 import builtins

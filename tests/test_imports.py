@@ -99,7 +99,7 @@ def test_every_module_imports():
 
 
 # The layers of LaMP/utils, lowest first: a module imports modules of its own layer or below
-# only (README, "Repository layout"). Scripts sit on top and may import anything.
+# only (docs/layout.md). Scripts sit on top and may import anything.
 LAYERS = (
     ("base", ("LaMP", "LaMP.utils", "LaMP.utils.errors", "LaMP.utils.tasks", "LaMP.utils.seeds",
               "LaMP.utils.devices")),

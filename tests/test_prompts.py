@@ -24,7 +24,7 @@ from LaMP.utils.modeling.examples import ProfileOptions, build_examples
 from LaMP.utils.modeling.prompts import PromptBuilder, TokenCounter, make_prompt_fn
 from LaMP.utils.tasks import MOVIE_TAGS, TASK_NAMES, get_task
 
-INPUT_SHARE = 0.6  # issue 5: with profile items the input keeps at most 60% of max_length
+INPUT_SHARE = 0.6  # with profile items the input keeps at most 60% of max_length
 GENEROUS = 8192  # a budget no example here comes near
 
 # -- the published formats (LaMP paper code), by hand -----------------------------------

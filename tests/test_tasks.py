@@ -1,4 +1,4 @@
-"""The task registry: name lookup in both spellings, and each task's facts as issue 2 lists them."""
+"""The task registry: name lookup in both spellings, and each task's facts (labels, fields, metrics, templates)."""
 from __future__ import annotations
 
 import argparse

@@ -35,8 +35,8 @@ class PromptTemplate:
     joiner: str = ", and "
     suffix: str = ". "
     insert_after: str | None = None
-    # The official prompt code's fixed constants, used by --prompt_budget official (README,
-    # "Known deviations"): the tokens it keeps back from the items' room, the words it
+    # The official prompt code's fixed constants, used by --prompt_budget official
+    # (docs/deviations.md): the tokens it keeps back from the items' room, the words it
     # counts for the text that follows the items, and what it counts for an item besides
     # its long field: a number, or a pattern over the item's fields (None: ``item`` with the
     # long field a single space). Its counts include the tokenizer's special tokens.

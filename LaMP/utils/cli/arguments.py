@@ -52,9 +52,9 @@ def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
                              "np.argsort(scores)[::-1] order, which depends on numpy's sort")
 
 
-# How an input longer than its share of the budget is cut (README, "Known deviations").
+# How an input longer than its share of the budget is cut (docs/deviations.md).
 INPUT_TRUNCATIONS = ("share", "tokenizer")
-# How the profile items' share of the budget is counted (README, "Known deviations").
+# How the profile items' share of the budget is counted (docs/deviations.md).
 PROMPT_BUDGETS = ("exact", "official")
 
 

@@ -331,7 +331,8 @@ def resume_differences(checkpoint: Path, now: Mapping, saved_args: Path | None =
             before[flag] = recorded[flag]
     if (checkpoint / TRAINER_STATE).is_file():
         # The folder's own files settle what it holds, whatever the arguments say (an
-        # adapter config the table does not know counts as LoRA, as before there were more).
+        # adapter config the table does not know counts as LoRA, the one method whose
+        # folders carry no method field).
         before["peft"] = (method_of_adapter(adapter) or "lora") if adapter is not None \
             else "none"
     saved_method = PEFT_METHODS.get(before.get("peft", now.get("peft")))

@@ -34,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import PromptTemplate, Task
 
-INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (issue 5)
+INPUT_SHARE = 0.6  # the input keeps at most this share of max_length (the budget's input share)
 OFFICIAL_JOINER_TOKENS = 2  # the official code's fixed count for each ", and " between items
 MIN_PROMPT_TOKENS = 8  # a budget below this holds no useful prompt: refused as a flag mistake
 
