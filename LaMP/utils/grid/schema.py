@@ -17,9 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from LaMP.utils.cli.arguments import MAX_BOOTSTRAP
 from LaMP.utils.errors import LampError
 from LaMP.utils.grid.stages import flag_groups, method_stages
 from LaMP.utils.retrieval import RANKERS
+from LaMP.utils.seeds import MAX_SEED
 from LaMP.utils.tasks import Task, get_task
 
 NO_RETRIEVER = "none"  # k = 0: the bare input; no ranking, one cell shared by all retrievers
@@ -158,8 +160,18 @@ class _Draft(SimpleNamespace):
 
 
 def _given(value, default):
-    """``value``, or ``default`` where the key is left out or empty (``key:`` alone is null)."""
-    return default if value is MISSING or not value else value
+    """``value``, or ``default`` where the key is left out or null (``key:`` alone)."""
+    return default if value is MISSING or value is None else value
+
+
+def _whole(source: str, key: str, value, lowest: int = 0, highest: int | None = None) -> int:
+    """``value`` if it is a whole number in ``lowest`` … ``highest`` (true/false are not
+    numbers, though YAML's booleans are Python ints)."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < lowest
+            or (highest is not None and value > highest)):
+        within = f">= {lowest}" if highest is None else f"in {lowest} … {highest:,}"
+        _fail(source, key, f"{value!r} is not a whole number {within}")
+    return value
 
 
 def _required(draft: _Draft, key: str, value):
@@ -224,8 +236,8 @@ def _parse_subset(value, draft: _Draft) -> dict | None:
     if "count" not in subset:
         _fail(draft.source, "subset.count", "required key is missing")
     for key in ("seed", "skip", "count"):
-        if key in subset and (not isinstance(subset[key], int) or subset[key] < 0):
-            _fail(draft.source, f"subset.{key}", f"{subset[key]!r} is not a whole number >= 0")
+        if key in subset:
+            _whole(draft.source, f"subset.{key}", subset[key])
     return subset
 
 
@@ -261,9 +273,9 @@ def _parse_retrievers(value, draft: _Draft) -> dict[str, Retriever]:
     source = draft.source
     if value is MISSING:
         value = [NO_RETRIEVER]
-    if isinstance(value, (list, str)):
-        value = {name: None for name in _once(source, "retrievers",
-                                              _names(source, "retrievers", value), str)}
+    if isinstance(value, (list, str)):  # names only: each with its ranker of that name
+        names = [_name(source, "retrievers", name) for name in _names(source, "retrievers", value)]
+        value = dict.fromkeys(_once(source, "retrievers", names))
     retrievers = {}
     for retriever, spec in _mapping(source, "retrievers", value).items():
         key = f"retrievers.{retriever}"
@@ -283,8 +295,7 @@ def _parse_retrievers(value, draft: _Draft) -> dict[str, Retriever]:
 def _parse_k(value, draft: _Draft) -> list[int]:
     k_values = _names(draft.source, "k", [0] if value is MISSING else value)
     for k in k_values:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            _fail(draft.source, "k", f"{k!r} is not a whole number >= 0")
+        _whole(draft.source, "k", k)
     return _once(draft.source, "k", k_values)
 
 
@@ -313,7 +324,11 @@ def _axis_values(draft: _Draft) -> dict[str, list]:
 
 def _parse_exclude(value, draft: _Draft) -> list[dict]:
     source, axis_values, exclude = draft.source, _axis_values(draft), []
-    for index, rule in enumerate(_given(value, [])):
+    rules = _given(value, [])
+    if not isinstance(rules, list):
+        _fail(source, "exclude", f"expected a list of rules ({{axis: values}}), found "
+                                 f"{type(rules).__name__}")
+    for index, rule in enumerate(rules):
         key = f"exclude[{index}]"
         rule = dict(_mapping(source, key, rule, AXES))
         for axis, values in rule.items():
@@ -344,8 +359,10 @@ def _parse_bootstrap(value, draft: _Draft) -> dict:
     bootstrap = dict(DEFAULT_BOOTSTRAP)
     bootstrap.update(_mapping(draft.source, "bootstrap", _given(value, {}),
                               tuple(DEFAULT_BOOTSTRAP)))
-    if not isinstance(bootstrap["samples"], int) or bootstrap["samples"] < 1:
-        _fail(draft.source, "bootstrap.samples", "expected a whole number >= 1")
+    # Resampled for every column pair of every task: compare.py's bound (past it a typo
+    # would make --collect run for ever).
+    _whole(draft.source, "bootstrap.samples", bootstrap["samples"], 1, MAX_BOOTSTRAP)
+    _whole(draft.source, "bootstrap.seed", bootstrap["seed"], 0, MAX_SEED)
     if not isinstance(bootstrap["alpha"], (int, float)) or not 0 < bootstrap["alpha"] < 1:
         _fail(draft.source, "bootstrap.alpha", "expected a number between 0 and 1")
     return bootstrap
