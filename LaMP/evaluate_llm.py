@@ -138,8 +138,6 @@ def main(argv=None) -> dict:
                               + ([user_adapters.base_adapter] if user_adapters.base_adapter
                                  else [])})
 
-    from dataclasses import replace
-
     from transformers import set_seed
 
     from LaMP.utils.devices import resolve_device
@@ -171,7 +169,7 @@ def main(argv=None) -> dict:
             # merged in (train_user_peft.py --base_adapter); they are served on the same.
             lamp_model.model = lamp_model.model.merge_and_unload()
         # Dense retrieval runs on this process's device too, not on GPU 0 in every process.
-        options = replace(profile_options(args), device=str(device))
+        options = profile_options(args, device=str(device))
         # Per-user prompt-learning adapters are loaded after the prompts are built: their
         # virtual tokens are reserved now.
         virtual = user_adapters.virtual_tokens if user_adapters else None

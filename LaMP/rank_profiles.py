@@ -27,14 +27,14 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import add_seed_argument, add_task_argument, add_tie_order_argument
+from LaMP.utils.cli.arguments import RANKING, add_seed_argument, add_task_argument
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
                                     require_regular_file, save_run_args)
 from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.retrieval import RANKERS, build_ranker
-from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranker
+from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.retrieval.base import Ranker
 from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_here,
                                            rank_in_workers, worth_fast_path, worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
@@ -49,19 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_ranking_addr", required=True,
                         help="where to write the ranking JSON {question id: [profile ids]}")
     add_task_argument(parser)
-    parser.add_argument("--ranker", required=True, choices=RANKERS,
-                        help="bm25 (Okapi BM25), contriever (any Hugging Face encoder, see "
-                             "--contriever_checkpoint), recency (newest first) or random")
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="texts per encoder forward pass for contriever (default "
-                             f"{DEFAULT_BATCH_SIZE}; 128 or more suits a GPU)")
-    add_tie_order_argument(parser)
-    parser.add_argument("--use_date", action="store_true",
-                        help="append ' date: <date>' to each profile item's text")
-    parser.add_argument("--contriever_checkpoint", default=None,
-                        help=f"encoder for contriever: a local folder or a hub name (default "
-                             f"{DEFAULT_DENSE_MODEL}, used only if already in the local Hugging "
-                             "Face cache; a name given here may be downloaded)")
+    RANKING.add(parser)  # --ranker and its options
     parser.add_argument("--device", default=None,
                         help="device for contriever: cpu, cuda or cuda:N (default: cuda when "
                              "available, else cpu)")
@@ -78,10 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "always runs its one model in this process)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    if args.tie_order != "profile" and args.ranker != "bm25":
-        parser.error("--tie_order applies to --ranker bm25 only")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
+    RANKING.check(parser, args)
     if args.num_shards < 1:
         parser.error("--num_shards must be at least 1")
     if not 0 <= args.shard_id < args.num_shards:
@@ -127,11 +112,7 @@ def main(argv=None) -> dict:
 
 
 def _build_ranker(args: argparse.Namespace) -> Ranker:
-    return build_ranker(
-        args.ranker, args.task, use_date=args.use_date,
-        model_name=args.contriever_checkpoint or DEFAULT_DENSE_MODEL, device=args.device,
-        batch_size=args.batch_size, seed=args.seed,
-        allow_download=args.contriever_checkpoint is not None, tie_order=args.tie_order)
+    return build_ranker(args.ranker, args.task, **RANKING.options(args))
 
 
 def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
@@ -169,7 +150,7 @@ def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Pa
     ``FastPathFailed`` on anything but a clean file (the caller then ranks inline, which
     names the problem exactly)."""
     ranker = _build_ranker(args)  # cheap for these rankers; it describes the run
-    options = {"use_date": args.use_date, "seed": args.seed, "tie_order": args.tie_order}
+    options = RANKING.options(args)
     bounds = (shard.start, shard.stop) if shard is not None else ()
     if args.num_workers == 1:
         batches = rank_here(input_path, args.task.name, args.ranker, options, *bounds)

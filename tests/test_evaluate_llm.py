@@ -330,7 +330,7 @@ def test_on_the_fly_ranking_equals_the_ranked_file(tmp_path, ranker):
                           str(ranking), "--merged_output_addr", str(merged)])
     prompt_fn = make_prompt_fn(task, ByT5Tokenizer(), 2048)
     on_the_fly = build_examples(str(questions), task, prompt_fn, ProfileOptions(
-        use_profile=True, num_retrieved=3, retriever=ranker, seed=7))
+        use_profile=True, num_retrieved=3, retriever=ranker, ranker_options={"seed": 7}))
     from_file = build_examples(str(merged), task, prompt_fn, ProfileOptions(
         use_profile=True, num_retrieved=3, is_ranked=True))
     assert [e.prompt for e in on_the_fly] == [e.prompt for e in from_file]

@@ -155,3 +155,46 @@ def test_a_data_file_that_cannot_be_read_while_planning_is_one_error_line(monkey
     grid = parse_grid(GRID, "g.yaml", "g")
     with pytest.raises(LampError, match=rf"^{questions}: cannot read \(Permission denied\)$"):
         [Planner(grid, SAMPLE.parent).plan(cell) for cell in expand_cells(grid)]
+
+
+def test_a_stage_added_as_one_row_is_planned_named_by_a_method_and_launched(
+        tmp_path, monkeypatch, capsys):
+    """A new stage is one row of STAGES: a grid method may name it and the grid's flags may
+    set its group; the planner builds its argv from the row, the score reads its
+    predictions, its flags are checked by its script's parser and --dry_run prints it under
+    the launcher."""
+    import yaml
+
+    from LaMP import reproduce
+    from LaMP.utils.grid import stages
+
+    def greedy_argv(request):
+        return ["--validation_data", request.run("merge").output("merged.json"),
+                "--model_addr", stages.Raw("some/model"), "--task", request.axes["task"].name,
+                "--output_dir", stages.Out("."), *request.flags("greedy", request.method.flags),
+                "--generation_num_beams", "1"]
+
+    monkeypatch.setitem(stages.STAGES, "greedy", stages.Stage(
+        "greedy", "LaMP/evaluate_llm.py", "LaMP.evaluate_llm", ("predictions.json",),
+        greedy_argv, ("greedy",), launched=True, method=True))
+    document = {**GRID, "methods": {"beam": {}, "fast": {"stage": "greedy",
+                                                         "flags": {"limit": 2}}},
+                "flags": {"greedy": {"max_length": 64}}}
+    grid = parse_grid(document, "g.yaml", "g")
+    planner = Planner(grid, SAMPLE.parent)
+    planned = {cell.axes["method"]: planner.plan(cell) for cell in expand_cells(grid)}
+    assert [run.stage.name for run in planned["fast"].runs] == ["merge", "greedy", "score"]
+    score = planned["fast"].score
+    assert score.argv[score.argv.index("--preds_json") + 1].run is planned["fast"].runs[1]
+    assert planned["beam"].runs[0] is planned["fast"].runs[0]  # one merge for both
+    assert planned["beam"].runs[1].stage.name == "evaluate"
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    reproduce.main(["--grid", str(path), "--data_root", str(SAMPLE.parent), "--runs_dir",
+                    str(tmp_path / "runs"), "--dry_run", "--launcher", "env"])
+    commands = [line.split() for line in capsys.readouterr().out.splitlines()
+                if "evaluate_llm.py" in line]
+    assert [command[:2] for command in commands] == [["env", "LaMP/evaluate_llm.py"]] * 2
+    fast = next(command for command in commands if "/greedy-" in " ".join(command))
+    assert fast[-6:] == ["--max_length", "64", "--limit", "2", "--generation_num_beams", "1"]

@@ -68,3 +68,46 @@ def test_a_grid_of_more_cells_than_one_runner_plans_is_refused():
         parse_grid(grid, "g.yaml", "g")
     grid["k"] = grid["k"][:-1]  # 100,000: planned
     assert len(parse_grid(grid, "g.yaml", "g").k) == MAX_CELLS // side ** 3
+
+
+@pytest.mark.parametrize("changes, message", [
+    # not a list: a traceback, or each key (each letter) read as a rule
+    ({"exclude": True}, "g.yaml: exclude: expected a list of rules ({axis: values}), found bool"),
+    ({"exclude": 3}, "g.yaml: exclude: expected a list of rules ({axis: values}), found int"),
+    ({"exclude": {"k": 1}},
+     "g.yaml: exclude: expected a list of rules ({axis: values}), found dict"),
+    ({"exclude": "k"}, "g.yaml: exclude: expected a list of rules ({axis: values}), found str"),
+    # a list of retriever names holding a mapping: a traceback
+    ({"retrievers": ["bm25", {"ranker": "bm25"}]},
+     "g.yaml: retrievers: {'ranker': 'bm25'} is not a name (letters, digits, '_' and '-')"),
+    # YAML's true is a Python int: a subset of one question, one resample
+    ({"subset": {"count": True}}, "g.yaml: subset.count: True is not a whole number >= 0"),
+    ({"subset": {"count": 5, "seed": False}},
+     "g.yaml: subset.seed: False is not a whole number >= 0"),
+    ({"bootstrap": {"samples": True}},
+     "g.yaml: bootstrap.samples: True is not a whole number in 1 … 100,000"),
+    # accepted on load, these failed (or ran for ever) only when --collect resampled, after
+    # the whole grid had run
+    ({"bootstrap": {"seed": "x"}},
+     "g.yaml: bootstrap.seed: 'x' is not a whole number in 0 … 4,294,967,295"),
+    ({"bootstrap": {"seed": -1}},
+     "g.yaml: bootstrap.seed: -1 is not a whole number in 0 … 4,294,967,295"),
+    ({"bootstrap": {"samples": 10**9}},
+     "g.yaml: bootstrap.samples: 1000000000 is not a whole number in 1 … 100,000"),
+    # a mapping given as a list or a number was silently an empty one
+    ({"flags": []}, "g.yaml: flags: expected a mapping, found list"),
+    ({"task_flags": 0}, "g.yaml: task_flags: expected a mapping, found int"),
+    ({"baseline": []}, "g.yaml: baseline: expected a mapping, found list"),
+    ({"bootstrap": False}, "g.yaml: bootstrap: expected a mapping, found bool"),
+])
+def test_a_key_of_the_wrong_kind_is_one_error_naming_it(changes, message):
+    assert refusal(**changes) == message
+
+
+def test_a_key_written_alone_is_its_default():
+    keys = ("subset", "flags", "task_flags", "exclude", "baseline", "bootstrap", "reference")
+    grid = parse_grid({**GOOD, **dict.fromkeys(keys)}, "g.yaml", "g")  # `key:` is null
+    assert grid.subset is None and grid.reference is None
+    assert grid.task_flags == {} and grid.exclude == [] and grid.baseline == {}
+    assert set(grid.flags) >= {"rank", "model", "score"} and not any(grid.flags.values())
+    assert grid.bootstrap == {"samples": 1000, "seed": 0, "alpha": 0.05}

@@ -219,3 +219,65 @@ def test_a_byte_order_mark_is_accepted_when_sharding_and_merging(questions_file,
                           str(tmp_path / "merged.json")])
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert [[item["id"] for item in q["profile"]] for q in merged] == list(full.values())
+
+
+# -- one definition of the ranker flags ------------------------------------------------------
+MODEL_SCRIPTS = {  # each model script's required flags (parsing reads no file)
+    "evaluate_llm": ["--validation_data", "v.json", "--model_addr", "m", "--output_dir", "o"],
+    "train_llm": ["--train_data", "t.json", "--validation_data", "v.json", "--model_name", "m",
+                  "--output_dir", "o"],
+    "train_user_peft": ["--train_data", "t.json", "--model_name", "m", "--output_dir", "o"],
+}
+RANKER_FLAGS = ["--tie_order", "argsort", "--use_date", "--contriever_checkpoint", "enc",
+                "--device", "cpu", "--seed", "7"]
+
+
+def model_script_args(script: str, *extra: str):
+    import importlib
+
+    module = importlib.import_module(f"LaMP.{script}")
+    return module.parse_args([*MODEL_SCRIPTS[script], "--task", "LaMP-3", *extra])
+
+
+@pytest.mark.parametrize("script", sorted(MODEL_SCRIPTS))
+def test_on_the_fly_ranking_gets_the_options_rank_profiles_gets(script):
+    """The same flags build the same ranker in a model script (ranking on the fly) as in
+    rank_profiles.py: BM25's tie order and the encoder's batch size included."""
+    from LaMP.utils.cli.arguments import RANKING, profile_options
+
+    ranked = rank_profiles.parse_args(["--input_data_addr", "q.json", "--output_ranking_addr",
+                                       "r.json", "--task", "LaMP-3", "--ranker", "bm25",
+                                       "--batch_size", "4", *RANKER_FLAGS])
+    options = profile_options(model_script_args(script, "--use_profile", "--retriever", "bm25",
+                                                "--retriever_batch_size", "4", *RANKER_FLAGS))
+    assert options.retriever == "bm25"
+    assert options.ranker_options == RANKING.options(ranked) == {
+        "use_date": True, "tie_order": "argsort", "model_name": "enc", "allow_download": True,
+        "batch_size": 4, "device": "cpu", "seed": 7}
+
+
+def test_on_the_fly_bm25_ranks_ties_in_the_published_order_when_asked():
+    from LaMP.utils.cli.arguments import profile_options
+    from LaMP.utils.tasks import get_task
+
+    # Only "d" matches the review; a, b, c score 0 (np.argsort(...)[::-1]: d, c, b, a).
+    profile = [{"id": item, "text": text, "score": "1"}
+               for item, text in zip("abcd", ["x", "y", "z", "battery"])]
+    question = {"id": "q", "input": REVIEW_INPUT.format("battery"), "profile": profile}
+    for flags, expected in ((), ["d", "a", "b", "c"]), (("--tie_order", "argsort"),
+                                                       ["d", "c", "b", "a"]):
+        options = profile_options(model_script_args("evaluate_llm", "--use_profile", *flags))
+        assert options.ranker(get_task("LaMP-3")).rank_one(question) == expected
+
+
+@pytest.mark.parametrize("script", sorted(MODEL_SCRIPTS))
+@pytest.mark.parametrize("extra, message", [
+    (["--retriever", "recency", "--tie_order", "argsort"],
+     "error: --tie_order applies to --retriever bm25 only"),
+    (["--retriever_batch_size", "0"], "error: --retriever_batch_size must be at least 1"),
+])
+def test_a_bad_ranker_flag_of_a_model_script_is_one_error_line(script, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        model_script_args(script, *extra)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]

@@ -3,33 +3,27 @@ retrieval, model, optimizer, generation, bootstrap."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from LaMP.utils.cli.program import seed_arg
 from LaMP.utils.evaluation.metrics import DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES
 from LaMP.utils.evaluation.scoring import ROUGE_AGGREGATIONS
 from LaMP.utils.retrieval import RANKERS
-from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL, TIE_ORDERS
+from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, TIE_ORDERS
 from LaMP.utils.seeds import DEFAULT_SEED
 from LaMP.utils.tasks import TASK_HELP, task_arg
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
-    """Flags that choose how profile items reach the prompt."""
+    """Flags that choose how profile items reach the prompt (with ``ON_THE_FLY``'s flags)."""
     parser.add_argument("--use_profile", action="store_true",
                         help="personalize: put retrieved profile items into the prompt")
-    parser.add_argument("--retriever", default="bm25", choices=RANKERS,
-                        help="ranker used on the fly when the data is not pre-ranked")
     parser.add_argument("--is_ranked", action="store_true",
                         help="the profiles are already ranked (merge_with_rank.py output): "
                              "take the first --num_retrieved items as they are")
     parser.add_argument("--num_retrieved", type=int, default=1,
                         help="number of profile items in each prompt (0: the bare input)")
-    parser.add_argument("--use_date", action="store_true",
-                        help="on-the-fly ranking: add each item's date to its text")
-    parser.add_argument("--contriever_checkpoint", default=None,
-                        help="encoder for --retriever contriever: a local folder or a hub name "
-                             f"(default {DEFAULT_DENSE_MODEL}, used only if already in the "
-                             "local Hugging Face cache; a name given here may be downloaded)")
+    ON_THE_FLY.add(parser)
     parser.add_argument("--max_length", type=int, default=max_length,
                         help="token budget of the model input: instruction, profile and all")
     parser.add_argument("--input_truncation", default="share", choices=INPUT_TRUNCATIONS,
@@ -44,12 +38,72 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
                              "(docs/deviations.md), the tokenizer cutting any excess")
 
 
-def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
-    """How BM25 orders profile items with equal scores (docs/deviations.md)."""
-    parser.add_argument("--tie_order", default="profile", choices=TIE_ORDERS,
-                        help="BM25 ties: 'profile' keeps profile order (default: the same "
-                             "ranking on every machine); 'argsort' is the published code's "
-                             "np.argsort(scores)[::-1] order, which depends on numpy's sort")
+@dataclass(frozen=True)
+class RetrieverFlags:
+    """The flags that choose a ranker and set its options, one definition for every script
+    that ranks, and the one translation of them into ``build_ranker``'s options.
+
+    Two scripts name two of them differently: ``rank_profiles.py`` (``RANKING``) has
+    ``--ranker`` and ``--batch_size``; the model scripts (``ON_THE_FLY``), which rank when
+    their data is not ranked beforehand, have ``--retriever`` and, beside their own batch
+    size, ``--retriever_batch_size``. ``--device`` and ``--seed`` are every such script's own
+    (in a model script they are the model's too).
+    """
+
+    ranker: str  # the flag that names the ranker
+    batch_size: str  # the flag of the dense encoder's batch size
+    default: str | None  # the ranker when the flag is left out; None: the flag is required
+    purpose: str  # what the ranker is for, the start of the ranker flag's help
+
+    def add(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(self.ranker, required=self.default is None, default=self.default,
+                            choices=RANKERS, help=f"{self.purpose}: {', '.join(RANKERS)} "
+                                                  "(docs/retrieval.md, Rankers)")
+        parser.add_argument(self.batch_size, type=int, default=DEFAULT_BATCH_SIZE,
+                            help="texts per encoder forward pass for contriever (default "
+                                 f"{DEFAULT_BATCH_SIZE}; 128 or more suits a GPU)")
+        parser.add_argument("--tie_order", default="profile", choices=TIE_ORDERS,
+                            help="BM25 ties: 'profile' keeps profile order (default: the same "
+                                 "ranking on every machine); 'argsort' is the published code's "
+                                 "np.argsort(scores)[::-1] order, which depends on numpy's sort")
+        parser.add_argument("--use_date", action="store_true",
+                            help="append ' date: <date>' to each profile item's text when "
+                                 "ranking")
+        parser.add_argument("--contriever_checkpoint", default=None,
+                            help="encoder for contriever: a local folder or a hub name "
+                                 f"(default {DEFAULT_DENSE_MODEL}, used only if already in the "
+                                 "local Hugging Face cache; a name given here may be "
+                                 "downloaded)")
+
+    def check(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        if args.tie_order != "profile" and self.name(args) != "bm25":
+            parser.error(f"--tie_order applies to {self.ranker} bm25 only")
+        if self._batch_size(args) < 1:
+            parser.error(f"{self.batch_size} must be at least 1")
+
+    def name(self, args: argparse.Namespace) -> str:
+        """The ranker the parsed flags name."""
+        return getattr(args, self.ranker.removeprefix("--"))
+
+    def options(self, args: argparse.Namespace) -> dict:
+        """``build_ranker``'s keyword options from the parsed flags (each ranker takes its
+        own and leaves the rest)."""
+        checkpoint = args.contriever_checkpoint
+        return {"use_date": args.use_date, "tie_order": args.tie_order,
+                "model_name": checkpoint or DEFAULT_DENSE_MODEL,
+                # A model the user named may be downloaded; the default only comes from the
+                # local cache (the project runs offline unless asked).
+                "allow_download": checkpoint is not None,
+                "batch_size": self._batch_size(args), "device": args.device,
+                "seed": args.seed}
+
+    def _batch_size(self, args: argparse.Namespace) -> int:
+        return getattr(args, self.batch_size.removeprefix("--"))
+
+
+RANKING = RetrieverFlags("--ranker", "--batch_size", None, "the ranker")
+ON_THE_FLY = RetrieverFlags("--retriever", "--retriever_batch_size", "bm25",
+                            "ranker used on the fly when the data is not pre-ranked")
 
 
 # How an input longer than its share of the budget is cut (docs/deviations.md).
@@ -171,18 +225,20 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         value = getattr(args, flag, None)  # not every script has every flag
         if value is not None and value > highest:
             parser.error(f"--{flag} must be at most {highest:,}, not {value}")
+    ON_THE_FLY.check(parser, args)
 
 
-def profile_options(args: argparse.Namespace):
-    """The ``ProfileOptions`` that the parsed flags describe."""
+def profile_options(args: argparse.Namespace, device: str | None = None):
+    """The ``ProfileOptions`` that the parsed flags describe; ``device``, when given, is where
+    a dense ranker runs instead of ``--device`` (a process's own device in a multi-GPU run)."""
     from LaMP.utils.modeling.examples import ProfileOptions
 
+    ranker_options = ON_THE_FLY.options(args)
+    if device is not None:
+        ranker_options["device"] = device
     return ProfileOptions(use_profile=args.use_profile, num_retrieved=args.num_retrieved,
-                          is_ranked=args.is_ranked, retriever=args.retriever,
-                          use_date=args.use_date,
-                          retriever_model=args.contriever_checkpoint or DEFAULT_DENSE_MODEL,
-                          allow_download=args.contriever_checkpoint is not None,
-                          device=args.device, seed=args.seed)
+                          is_ranked=args.is_ranked, retriever=ON_THE_FLY.name(args),
+                          ranker_options=ranker_options)
 
 
 def add_task_argument(parser: argparse.ArgumentParser, flag: str = "--task") -> None:

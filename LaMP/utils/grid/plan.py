@@ -1,9 +1,8 @@
 """Cells and stages of a grid: what runs, where its outputs go, and whether it is done.
 
-A stage is one row of ``STAGES``: a script whose ``main(argv)`` the runner calls. A stage run
-is that stage with an argv made of plain strings and three kinds of path token: ``Raw`` (a
-file the user gave: data or a model), ``Ref`` (a file another stage run writes) and ``Out``
-(a file this run writes). Its key is a hash of the stage name and that argv, with each ``Ref``
+A stage is one row of ``stages.STAGES``: a script whose ``main(argv)`` the runner calls. A
+stage run is that stage with an argv made of plain strings and path tokens (``Raw``, ``Ref``,
+``Out``; see ``stages``). Its key is a hash of the stage name and that argv, with each ``Ref``
 replaced by the key of the run it names and each ``Raw`` by the identity of the file, so two
 cells that need the same ranking share one run, and a changed input or flag is a new run.
 Outputs live in ``<runs>/<grid>/stages/<stage>-<key>/``; ``complete.json``, written last and
@@ -32,65 +31,15 @@ from filelock import FileLock
 from LaMP.utils.data.fileio import atomic_write_json
 from LaMP.utils.errors import LampError
 from LaMP.utils.grid.schema import NO_RETRIEVER, Grid
+from LaMP.utils.grid.stages import CELL_STAGE, STAGES, Out, Raw, Ref, Request, Stage, StageRun
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
 COMPLETE = "complete.json"
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    script: str  # relative to the repository: what --dry_run prints and a launcher runs
-    module: str | None  # imported to call main(); None: the script is loaded from its path
-    outputs: tuple[str, ...]  # files a complete run has written
-    launched: bool = False  # run under --launcher (the stages that use accelerators)
-
-
-STAGES = {stage.name: stage for stage in (
-    Stage("subset", "LaMP/utils/make_subset.py", "LaMP.utils.make_subset",
-          ("questions.json", "outputs.json")),
-    Stage("rank", "LaMP/rank_profiles.py", "LaMP.rank_profiles", ("ranking.json",)),
-    Stage("merge", "LaMP/utils/merge_with_rank.py", "LaMP.utils.merge_with_rank",
-          ("merged.json",)),
-    Stage("evaluate", "LaMP/evaluate_llm.py", "LaMP.evaluate_llm", ("predictions.json",),
-          launched=True),
-    Stage("train", "LaMP/train_llm.py", "LaMP.train_llm", ("predictions.json",), launched=True),
-    Stage("score", "eval/eval_task.py", None, ("results.json",)),
-)}
-
 # Models packaged on PyPI that a grid names as "local:<name>" (converted once into .cache/).
 LOCAL_MODELS = {"smollm2": "smollm2_path", "minilm": "minilm_path"}
-
-
-@dataclass(frozen=True)
-class Raw:
-    path: str
-
-
-@dataclass(frozen=True)
-class Out:
-    name: str  # a file in the run's folder; "." is the folder itself
-
-
-@dataclass(frozen=True, eq=False)
-class Ref:
-    run: "StageRun"
-    name: str
-
-
-@dataclass(eq=False)
-class StageRun:
-    stage: Stage
-    argv: tuple
-    key: str = ""
-
-    @property
-    def folder_name(self) -> str:
-        return f"{self.stage.name}-{self.key}"
-
-    def output(self, name: str) -> Ref:
-        return Ref(self, name)
 
 
 @dataclass
@@ -121,32 +70,6 @@ def resolve_model(spec: str) -> str:
 
         return str(getattr(local_models, LOCAL_MODELS[name])())
     return spec
-
-
-def flag_argv(flags: dict) -> list:
-    """``{name: value}`` as command-line tokens: true is a bare flag, false/null leave it out,
-    a list gives several values; a ``local:`` model is a raw input (it counts in the key)."""
-    argv: list = []
-    for name, value in flags.items():
-        if value is False or value is None:
-            continue
-        argv.append(f"--{name}")
-        if value is True:
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and item.startswith("local:"):
-                argv.append(Raw(item))
-            else:
-                argv.append(str(item))
-    return argv
-
-
-def _merged(*groups: dict) -> dict:
-    """Later groups override earlier ones, flag by flag."""
-    result: dict = {}
-    for group in groups:
-        result.update(group)
-    return result
 
 
 def expand_cells(grid: Grid) -> list[Cell]:
@@ -212,62 +135,14 @@ class Planner:
                                 f"({error.strerror or error})") from None
         return self._identities[path]
 
-    def questions(self, task, split: str, set_name: str, subset: dict | None):
-        questions = self.data_file("questions", split, task, set_name)
-        outputs = self.data_file("outputs", split, task, set_name)
-        if subset is None and self.limit is None:
-            return questions, outputs
-        subset = dict(subset or {})
-        if self.limit is not None:
-            subset["count"] = min(subset.get("count", self.limit), self.limit)
-        run = self.add("subset", [
-            "--questions_addr", questions, "--outputs_addr", outputs,
-            *flag_argv({"seed": subset.get("seed"), "skip": subset.get("skip", 0),
-                        "count": subset["count"]}),
-            *flag_argv(self.grid.flags["subset"]),
-            "--output_questions_addr", Out("questions.json"),
-            "--output_outputs_addr", Out("outputs.json")])
-        return run.output("questions.json"), run.output("outputs.json")
-
-    def merged(self, task, split: str, set_name: str, retriever: str, subset: dict | None):
-        questions, outputs = self.questions(task, split, set_name, subset)
-        ranking = []
-        spec = self.grid.retrievers.get(retriever)
-        if retriever != NO_RETRIEVER:
-            rank = self.add("rank", [
-                "--input_data_addr", questions, "--output_ranking_addr", Out("ranking.json"),
-                "--task", task.name, "--ranker", spec.ranker,
-                *flag_argv(_merged(self.grid.flags["rank"], spec.flags))])
-            ranking = ["--profile_ranking_addr", rank.output("ranking.json")]
-        merge = self.add("merge", [
-            "--lamp_questions_addr", questions, "--lamp_output_addr", outputs, *ranking,
-            "--merged_output_addr", Out("merged.json"), *flag_argv(self.grid.flags["merge"])])
-        return merge.output("merged.json"), outputs
+    def planned(self, stage: str, request: Request) -> StageRun | None:
+        """The run of ``stage`` that ``request`` reads, or None where its cell has none."""
+        argv = STAGES[stage].argv(request)
+        return None if argv is None else self.add(stage, argv)
 
     def plan(self, cell: Cell) -> Cell:
-        grid, axes = self.grid, cell.axes
-        task, split, retriever, k = axes["task"], axes["split"], axes["retriever"], axes["k"]
-        method = grid.methods[axes["method"]]
-        merged, golds = self.merged(task, split, grid.eval_set, retriever, grid.subset)
-        profile = (["--use_profile", "--is_ranked", "--num_retrieved", str(k)] if k else [])
-        flags = flag_argv(_merged(grid.flags["model"], grid.flags[method.stage],
-                                  grid.task_flags.get(task.name, {}), method.flags))
-        model = Raw(grid.models[axes["model"]])
-        if method.stage == "train":
-            train_merged, _ = self.merged(task, split, grid.train_set, retriever, None)
-            run = self.add("train", [
-                "--train_data", train_merged, "--validation_data", merged,
-                "--model_name", model, "--task", task.name, "--output_dir", Out("."),
-                *profile, *flags])
-        else:
-            run = self.add("evaluate", [
-                "--validation_data", merged, "--model_addr", model, "--task", task.name,
-                "--output_dir", Out("."), *profile, *flags])
-        score = self.add("score", [
-            "--golds_json", golds, "--preds_json", run.output("predictions.json"),
-            "--task_name", task.file_name, "--output_file", Out("results.json"),
-            *flag_argv(_merged(grid.flags["score"], method.score_flags))])
-        cell.runs = _dependencies(score)
+        request = Request(self, cell.axes, self.grid.eval_set, self.grid.subset)
+        cell.runs = _dependencies(request.run(CELL_STAGE))
         return cell
 
 
@@ -356,7 +231,7 @@ class Runner:
                 return True
             argv = self.argv(run)
             # Resumed only in a folder of its own: a link would write into its target.
-            resume = (run.stage.name == "train" and not folder.is_symlink()
+            resume = (run.stage.resumes and not folder.is_symlink()
                       and _has_checkpoint(folder))
             if resume:
                 argv += ["--resume_from_checkpoint", "last"]

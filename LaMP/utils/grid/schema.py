@@ -14,16 +14,16 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from LaMP.utils.cli.arguments import MAX_BOOTSTRAP
 from LaMP.utils.errors import LampError
+from LaMP.utils.grid.stages import flag_groups, method_stages
 from LaMP.utils.retrieval import RANKERS
+from LaMP.utils.seeds import MAX_SEED
 from LaMP.utils.tasks import Task, get_task
 
-# The method stages: zero-shot runs evaluate_llm.py, a fine-tuning method train_llm.py.
-METHOD_STAGES = ("evaluate", "train")
-# Stage flag groups: "model" goes to both evaluate and train (prompt budget, generation).
-FLAG_GROUPS = ("subset", "rank", "merge", "model", "evaluate", "train", "score")
 NO_RETRIEVER = "none"  # k = 0: the bare input; no ranking, one cell shared by all retrievers
 # Where a task's files sit under --data_root: download_data.py's raw_data layout.
 DEFAULT_LAYOUT = {"questions": "{split}/{task}/{set}_questions.json",
@@ -37,16 +37,13 @@ FLAG = re.compile(r"[a-z][a-z0-9_]*")
 MAX_CELLS = 100_000
 DEFAULT_BOOTSTRAP = {"samples": 1000, "seed": 0, "alpha": 0.05}  # compare.py's defaults
 
-TOP_KEYS = ("name", "description", "data_root", "layout", "tasks", "splits", "eval_set",
-            "train_set", "subset", "models", "methods", "retrievers", "k", "flags",
-            "task_flags", "exclude", "baseline", "bootstrap", "reference")
 AXES = ("task", "split", "model", "method", "retriever", "k")
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    stage: str  # "evaluate" or "train"
+    stage: str  # a stage a method may name (stages.method_stages: evaluate, train)
     flags: dict
     # Flags of this method's score stage (eval_task.py), over flags.score: a scoring variant
     # (the official ROUGE aggregation) is a column of its own that shares the predictions.
@@ -151,29 +148,102 @@ def _once(source, key, values: list, same=lambda value: value) -> list:
     return values
 
 
-def parse_grid(document: Any, source: str, default_name: str) -> Grid:
-    """Validate a decoded grid document; every problem is a LampError naming its key."""
-    top = _mapping(source, "grid", document, TOP_KEYS)
-    for required in ("tasks", "models", "methods"):
-        if required not in top:
-            _fail(source, required, "required key is missing")
-    name = _name(source, "name", top.get("name", default_name))
-    task_names = _once(source, "tasks", _names(source, "tasks", top["tasks"]),
-                       lambda value: _task(source, "tasks", value).name)
-    tasks = [_task(source, "tasks", value) for value in task_names]
-    splits = _once(source, "splits", [_name(source, "splits", value) for value in
-                                      _names(source, "splits", top.get("splits", ["user"]))])
+# -- one parser per top-level key ---------------------------------------------------------
+# Each takes the key's value (MISSING where the grid leaves the key out) and the grid as
+# parsed so far (``_Draft``: the keys before it in ``PARSERS``), and returns what ``Grid``
+# holds for the key; a problem is a LampError naming the key.
+MISSING = object()
+
+
+class _Draft(SimpleNamespace):
+    """The grid being parsed: ``source``, ``default_name`` and every key parsed so far."""
+
+
+def _given(value, default):
+    """``value``, or ``default`` where the key is left out or null (``key:`` alone)."""
+    return default if value is MISSING or value is None else value
+
+
+def _whole(source: str, key: str, value, lowest: int = 0, highest: int | None = None) -> int:
+    """``value`` if it is a whole number in ``lowest`` … ``highest`` (true/false are not
+    numbers, though YAML's booleans are Python ints)."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < lowest
+            or (highest is not None and value > highest)):
+        within = f">= {lowest}" if highest is None else f"in {lowest} … {highest:,}"
+        _fail(source, key, f"{value!r} is not a whole number {within}")
+    return value
+
+
+def _required(draft: _Draft, key: str, value):
+    if value is MISSING:
+        _fail(draft.source, key, "required key is missing")
+    return value
+
+
+def _parse_name(value, draft: _Draft) -> str:
+    return _name(draft.source, "name", draft.default_name if value is MISSING else value)
+
+
+def _parse_description(value, draft: _Draft) -> str:
+    return "" if value is MISSING else str(value)
+
+
+def _parse_data_root(value, draft: _Draft) -> str | None:
+    if value is MISSING or value is None:
+        return None
+    if not isinstance(value, str):
+        _fail(draft.source, "data_root", "expected a folder name")
+    return value
+
+
+def _parse_layout(value, draft: _Draft) -> dict:
     layout = dict(DEFAULT_LAYOUT)
-    layout.update(_mapping(source, "layout", top.get("layout", {}), tuple(DEFAULT_LAYOUT)))
+    layout.update(_mapping(draft.source, "layout", {} if value is MISSING else value,
+                           tuple(DEFAULT_LAYOUT)))
     for kind, pattern in layout.items():
         try:
             pattern.format(split="s", task="t", set="x")
         except (KeyError, IndexError, ValueError, AttributeError):
-            _fail(source, f"layout.{kind}", f"{pattern!r} may use only {{split}}, {{task}} "
-                                            "and {set}")
+            _fail(draft.source, f"layout.{kind}", f"{pattern!r} may use only {{split}}, "
+                                                  "{task} and {set}")
+    return layout
 
-    models = {}
-    for model, spec in _mapping(source, "models", top["models"]).items():
+
+def _parse_tasks(value, draft: _Draft) -> list[Task]:
+    source = draft.source
+    names = _once(source, "tasks", _names(source, "tasks", _required(draft, "tasks", value)),
+                  lambda name: _task(source, "tasks", name).name)
+    return [_task(source, "tasks", name) for name in names]
+
+
+def _parse_splits(value, draft: _Draft) -> list[str]:
+    source = draft.source
+    return _once(source, "splits", [_name(source, "splits", split) for split in
+                                    _names(source, "splits", ["user"] if value is MISSING
+                                           else value)])
+
+
+def _set_name(key: str, default: str):
+    def parse(value, draft: _Draft) -> str:
+        return default if value is MISSING else _name(draft.source, key, value)
+    return parse
+
+
+def _parse_subset(value, draft: _Draft) -> dict | None:
+    if value is MISSING or value is None:
+        return None
+    subset = _mapping(draft.source, "subset", value, ("seed", "skip", "count"))
+    if "count" not in subset:
+        _fail(draft.source, "subset.count", "required key is missing")
+    for key in ("seed", "skip", "count"):
+        if key in subset:
+            _whole(draft.source, f"subset.{key}", subset[key])
+    return subset
+
+
+def _parse_models(value, draft: _Draft) -> dict[str, str]:
+    source, models = draft.source, {}
+    for model, spec in _mapping(source, "models", _required(draft, "models", value)).items():
         key = f"models.{model}"
         _name(source, "models", model)
         if isinstance(spec, dict):
@@ -181,25 +251,33 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
         if not isinstance(spec, str) or not spec:
             _fail(source, key, "expected a model name or folder (or {path: ...})")
         models[model] = spec
+    return models
 
-    methods = {}
-    for method, spec in _mapping(source, "methods", top["methods"]).items():
+
+def _parse_methods(value, draft: _Draft) -> dict[str, Method]:
+    source, methods = draft.source, {}
+    for method, spec in _mapping(source, "methods", _required(draft, "methods", value)).items():
         key = f"methods.{method}"
         _name(source, "methods", method)
         spec = {} if spec is None else _mapping(source, key, spec,
                                                 ("stage", "flags", "score_flags"))
-        stage = spec.get("stage", "evaluate")
-        if stage not in METHOD_STAGES:
-            _fail(source, f"{key}.stage", f"{stage!r} is not one of {', '.join(METHOD_STAGES)}")
+        stage = spec.get("stage", method_stages()[0])
+        if stage not in method_stages():
+            _fail(source, f"{key}.stage", f"{stage!r} is not one of {', '.join(method_stages())}")
         methods[method] = Method(method, stage, _flags(source, f"{key}.flags", spec.get("flags")),
                                  _flags(source, f"{key}.score_flags", spec.get("score_flags")))
+    return methods
 
-    raw_retrievers = top.get("retrievers", [NO_RETRIEVER])
-    if isinstance(raw_retrievers, (list, str)):
-        raw_retrievers = {name: None for name in _once(source, "retrievers", _names(
-            source, "retrievers", raw_retrievers), str)}
+
+def _parse_retrievers(value, draft: _Draft) -> dict[str, Retriever]:
+    source = draft.source
+    if value is MISSING:
+        value = [NO_RETRIEVER]
+    if isinstance(value, (list, str)):  # names only: each with its ranker of that name
+        names = [_name(source, "retrievers", name) for name in _names(source, "retrievers", value)]
+        value = dict.fromkeys(_once(source, "retrievers", names))
     retrievers = {}
-    for retriever, spec in _mapping(source, "retrievers", raw_retrievers).items():
+    for retriever, spec in _mapping(source, "retrievers", value).items():
         key = f"retrievers.{retriever}"
         _name(source, "retrievers", retriever)
         spec = {} if spec is None else _mapping(source, key, spec, ("ranker", "flags"))
@@ -211,111 +289,153 @@ def parse_grid(document: Any, source: str, default_name: str) -> Grid:
                                            f"(or the retriever {NO_RETRIEVER!r})")
         retrievers[retriever] = Retriever(retriever, ranker,
                                           _flags(source, f"{key}.flags", spec.get("flags")))
+    return retrievers
 
-    k_values = _names(source, "k", top.get("k", [0]))
-    for value in k_values:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            _fail(source, "k", f"{value!r} is not a whole number >= 0")
-    _once(source, "k", k_values)
-    cells = math.prod(map(len, (tasks, splits, models, methods, retrievers, k_values)))
-    if cells > MAX_CELLS:
-        _fail(source, "grid", f"{cells:,} cells (tasks × splits × models × methods × "
-                              f"retrievers × k) is more than the {MAX_CELLS:,} one grid may "
-                              "plan; split it into several grids")
 
-    flags = {group: {} for group in FLAG_GROUPS}
-    for group, value in _mapping(source, "flags", top.get("flags", {}) or {}, FLAG_GROUPS).items():
-        flags[group] = _flags(source, f"flags.{group}", value)
-    task_flags = {}
-    raw_task_flags = _mapping(source, "task_flags", top.get("task_flags", {}) or {})
-    _once(source, "task_flags", list(raw_task_flags),
-          lambda value: _task(source, "task_flags", value).name)
-    for task_name, value in raw_task_flags.items():
-        task_flags[_task(source, "task_flags", task_name).name] = \
-            _flags(source, f"task_flags.{task_name}", value)
+def _parse_k(value, draft: _Draft) -> list[int]:
+    k_values = _names(draft.source, "k", [0] if value is MISSING else value)
+    for k in k_values:
+        _whole(draft.source, "k", k)
+    return _once(draft.source, "k", k_values)
 
-    subset = top.get("subset")
-    if subset is not None:
-        subset = _mapping(source, "subset", subset, ("seed", "skip", "count"))
-        if "count" not in subset:
-            _fail(source, "subset.count", "required key is missing")
-        for key in ("seed", "skip", "count"):
-            if key in subset and (not isinstance(subset[key], int) or subset[key] < 0):
-                _fail(source, f"subset.{key}", f"{subset[key]!r} is not a whole number >= 0")
 
-    axis_values = {"task": [task.name for task in tasks], "split": splits,
-                   "model": list(models), "method": list(methods),
-                   "retriever": list(retrievers) + [NO_RETRIEVER], "k": k_values}
-    exclude = []
-    for index, rule in enumerate(top.get("exclude", []) or []):
+def _parse_flags(value, draft: _Draft) -> dict[str, dict]:
+    source, groups = draft.source, flag_groups()
+    flags = {group: {} for group in groups}
+    for group, group_flags in _mapping(source, "flags", _given(value, {}), groups).items():
+        flags[group] = _flags(source, f"flags.{group}", group_flags)
+    return flags
+
+
+def _parse_task_flags(value, draft: _Draft) -> dict[str, dict]:
+    source = draft.source
+    given = _mapping(source, "task_flags", _given(value, {}))
+    _once(source, "task_flags", list(given), lambda name: _task(source, "task_flags", name).name)
+    return {_task(source, "task_flags", name).name: _flags(source, f"task_flags.{name}", flags)
+            for name, flags in given.items()}
+
+
+def _axis_values(draft: _Draft) -> dict[str, list]:
+    """Every value of each axis the grid has, for ``exclude`` and ``baseline``."""
+    return {"task": [task.name for task in draft.tasks], "split": draft.splits,
+            "model": list(draft.models), "method": list(draft.methods),
+            "retriever": list(draft.retrievers) + [NO_RETRIEVER], "k": draft.k}
+
+
+def _parse_exclude(value, draft: _Draft) -> list[dict]:
+    source, axis_values, exclude = draft.source, _axis_values(draft), []
+    rules = _given(value, [])
+    if not isinstance(rules, list):
+        _fail(source, "exclude", f"expected a list of rules ({{axis: values}}), found "
+                                 f"{type(rules).__name__}")
+    for index, rule in enumerate(rules):
         key = f"exclude[{index}]"
         rule = dict(_mapping(source, key, rule, AXES))
         for axis, values in rule.items():
             values = values if isinstance(values, list) else [values]
             if axis == "task":
-                values = [_task(source, f"{key}.task", value).name for value in values]
-            unknown = [value for value in values if value not in axis_values[axis]]
+                values = [_task(source, f"{key}.task", task).name for task in values]
+            unknown = [item for item in values if item not in axis_values[axis]]
             if unknown:
                 _fail(source, f"{key}.{axis}", f"{unknown[0]!r} is not in the grid's {axis} "
                                                "values")
             rule[axis] = values
         exclude.append(rule)
+    return exclude
 
-    baseline = dict(_mapping(source, "baseline", top.get("baseline", {}) or {},
+
+def _parse_baseline(value, draft: _Draft) -> dict:
+    axis_values = _axis_values(draft)
+    baseline = dict(_mapping(draft.source, "baseline", _given(value, {}),
                              ("model", "method", "retriever", "k")))
-    for axis, value in baseline.items():
-        if value not in axis_values[axis]:
-            _fail(source, f"baseline.{axis}", f"{value!r} is not in the grid's {axis} values")
+    for axis, axis_value in baseline.items():
+        if axis_value not in axis_values[axis]:
+            _fail(draft.source, f"baseline.{axis}", f"{axis_value!r} is not in the grid's "
+                                                    f"{axis} values")
+    return baseline
 
+
+def _parse_bootstrap(value, draft: _Draft) -> dict:
     bootstrap = dict(DEFAULT_BOOTSTRAP)
-    bootstrap.update(_mapping(source, "bootstrap", top.get("bootstrap", {}) or {},
+    bootstrap.update(_mapping(draft.source, "bootstrap", _given(value, {}),
                               tuple(DEFAULT_BOOTSTRAP)))
-    if not isinstance(bootstrap["samples"], int) or bootstrap["samples"] < 1:
-        _fail(source, "bootstrap.samples", "expected a whole number >= 1")
+    # Resampled for every column pair of every task: compare.py's bound (past it a typo
+    # would make --collect run for ever).
+    _whole(draft.source, "bootstrap.samples", bootstrap["samples"], 1, MAX_BOOTSTRAP)
+    _whole(draft.source, "bootstrap.seed", bootstrap["seed"], 0, MAX_SEED)
     if not isinstance(bootstrap["alpha"], (int, float)) or not 0 < bootstrap["alpha"] < 1:
-        _fail(source, "bootstrap.alpha", "expected a number between 0 and 1")
+        _fail(draft.source, "bootstrap.alpha", "expected a number between 0 and 1")
+    return bootstrap
 
-    reference = top.get("reference")
-    if reference is not None:
-        reference = _mapping(source, "reference", reference, ("source", "values"))
-        values = {}
-        raw_values = _mapping(source, "reference.values", reference.get("values", {}))
-        _once(source, "reference.values", list(raw_values),
-              lambda value: _task(source, "reference.values", value).name)
-        for task_name, metrics in raw_values.items():
-            task = _task(source, "reference.values", task_name)
-            key = f"reference.values.{task_name}"
-            values[task.name] = {}
-            for metric, columns in _mapping(source, key, metrics, task.metrics).items():
-                columns = _mapping(source, f"{key}.{metric}", columns)
-                for column, number in columns.items():
-                    if not isinstance(number, (int, float)) or isinstance(number, bool):
-                        _fail(source, f"{key}.{metric}.{column}", f"{number!r} is not a number")
-                values[task.name][metric] = {str(column): float(number)
-                                             for column, number in columns.items()}
-        reference = {"source": str(reference.get("source", "reference")), "values": values}
 
-    for key in ("eval_set", "train_set"):
-        if key in top:
-            _name(source, key, top[key])
-    data_root = top.get("data_root")
-    if data_root is not None and not isinstance(data_root, str):
-        _fail(source, "data_root", "expected a folder name")
-    grid = Grid(name=name, source=source, data_root=data_root, layout=layout, tasks=tasks,
-                splits=splits, eval_set=top.get("eval_set", "dev"),
-                train_set=top.get("train_set", "train"), subset=subset, models=models,
-                methods=methods, retrievers=retrievers, k=k_values, flags=flags,
-                task_flags=task_flags, exclude=exclude, baseline=baseline, bootstrap=bootstrap,
-                reference=reference, description=str(top.get("description", "")))
-    # The table's columns are named by the axes the grid varies (a retriever with k = 0 is
-    # "none", so the retriever axis varies as soon as k does).
-    declared = {"model": len(models), "method": len(methods),
-                "retriever": len(retrievers) + (0 in k_values and NO_RETRIEVER not in retrievers
-                                               and len(k_values) > 1),
-                "k": len(k_values)}
-    grid.varying = tuple(axis for axis in ("model", "method", "retriever", "k")
-                         if declared[axis] > 1) or ("method",)
+def _parse_reference(value, draft: _Draft) -> dict | None:
+    if value is MISSING or value is None:
+        return None
+    source = draft.source
+    reference = _mapping(source, "reference", value, ("source", "values"))
+    given = _mapping(source, "reference.values", reference.get("values", {}))
+    _once(source, "reference.values", list(given),
+          lambda name: _task(source, "reference.values", name).name)
+    values = {}
+    for task_name, metrics in given.items():
+        task = _task(source, "reference.values", task_name)
+        values[task.name] = _reference_numbers(source, f"reference.values.{task_name}", task,
+                                               metrics)
+    return {"source": str(reference.get("source", "reference")), "values": values}
+
+
+def _reference_numbers(source: str, key: str, task: Task, metrics) -> dict:
+    """``{metric: {column: number}}`` of one task's reference numbers."""
+    numbers = {}
+    for metric, columns in _mapping(source, key, metrics, task.metrics).items():
+        columns = _mapping(source, f"{key}.{metric}", columns)
+        for column, number in columns.items():
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                _fail(source, f"{key}.{metric}.{column}", f"{number!r} is not a number")
+        numbers[metric] = {str(column): float(number) for column, number in columns.items()}
+    return numbers
+
+
+# The parsers in the order they run: a parser may read the keys above it (exclude and
+# baseline, the axes). The order is also the one a grid's keys are listed in.
+PARSERS = {
+    "name": _parse_name, "description": _parse_description, "data_root": _parse_data_root,
+    "layout": _parse_layout, "tasks": _parse_tasks, "splits": _parse_splits,
+    "eval_set": _set_name("eval_set", "dev"), "train_set": _set_name("train_set", "train"),
+    "subset": _parse_subset, "models": _parse_models, "methods": _parse_methods,
+    "retrievers": _parse_retrievers, "k": _parse_k, "flags": _parse_flags,
+    "task_flags": _parse_task_flags, "exclude": _parse_exclude, "baseline": _parse_baseline,
+    "bootstrap": _parse_bootstrap, "reference": _parse_reference,
+}
+TOP_KEYS = tuple(PARSERS)
+
+
+def parse_grid(document: Any, source: str, default_name: str) -> Grid:
+    """Validate a decoded grid document; every problem is a LampError naming its key."""
+    top = _mapping(source, "grid", document, TOP_KEYS)
+    draft = _Draft(source=source, default_name=default_name)
+    for key, parse in PARSERS.items():
+        setattr(draft, key, parse(top.get(key, MISSING), draft))
+    cells = math.prod(len(getattr(draft, key)) for key in
+                      ("tasks", "splits", "models", "methods", "retrievers", "k"))
+    if cells > MAX_CELLS:
+        _fail(source, "grid", f"{cells:,} cells (tasks × splits × models × methods × "
+                              f"retrievers × k) is more than the {MAX_CELLS:,} one grid may "
+                              "plan; split it into several grids")
+    grid = Grid(source=source, **{key: getattr(draft, key) for key in TOP_KEYS})
+    grid.varying = _varying(grid)
     return grid
+
+
+def _varying(grid: Grid) -> tuple[str, ...]:
+    """The axes the table's columns are named by: those the grid varies (a retriever with
+    k = 0 is "none", so the retriever axis varies as soon as k does)."""
+    declared = {"model": len(grid.models), "method": len(grid.methods),
+                "retriever": len(grid.retrievers) + (0 in grid.k and len(grid.k) > 1
+                                                     and NO_RETRIEVER not in grid.retrievers),
+                "k": len(grid.k)}
+    return tuple(axis for axis in ("model", "method", "retriever", "k")
+                 if declared[axis] > 1) or ("method",)
 
 
 def load_grid(path: str | Path) -> Grid:

@@ -9,16 +9,14 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from LaMP.utils.data.fileio import require_regular_file
 from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError, preview
 from LaMP.utils.retrieval import build_ranker
-from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL
 from LaMP.utils.retrieval.rankings import order_profile
-from LaMP.utils.seeds import DEFAULT_SEED
 from LaMP.utils.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -39,11 +37,9 @@ class ProfileOptions:
     num_retrieved: int = 1
     is_ranked: bool = False
     retriever: str = "bm25"
-    use_date: bool = False
-    retriever_model: str = DEFAULT_DENSE_MODEL  # only for the dense retriever
-    allow_download: bool = False  # may the dense model come from the hub (a name the user gave)
-    device: str | None = None
-    seed: int = DEFAULT_SEED
+    # build_ranker's keyword options (cli.arguments.RetrieverFlags.options makes them from
+    # the flags); each ranker takes its own.
+    ranker_options: Mapping = field(default_factory=dict)
 
     @property
     def uses_items(self) -> bool:
@@ -51,9 +47,7 @@ class ProfileOptions:
 
     def ranker(self, task: Task):
         """The on-the-fly ranker these options choose for ``task`` (a dense one loads here)."""
-        return build_ranker(self.retriever, task, use_date=self.use_date,
-                            model_name=self.retriever_model, device=self.device,
-                            seed=self.seed, allow_download=self.allow_download)
+        return build_ranker(self.retriever, task, **self.ranker_options)
 
 
 def with_profile_items(questions: Iterable[dict], task: Task, options: ProfileOptions
