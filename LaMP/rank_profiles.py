@@ -34,8 +34,8 @@ from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.retrieval import RANKERS, build_ranker
 from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranker
-from LaMP.utils.retrieval.parallel import (WorkersFailed, available_cores, ranking_workers,
-                                           worth_workers)
+from LaMP.utils.retrieval.parallel import (PARALLEL_RANKERS, WorkersFailed, available_cores,
+                                           bounded_workers, ranking_workers, worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="which slice to rank, 0 … num_shards-1 (default 0)")
     parser.add_argument("--num_workers", type=int, default=available_cores(),
                         help="processes that parse and rank the questions for bm25, recency and "
-                             "random (default: the cores this process may use, "
-                             f"{available_cores()} here; 1 ranks in this process; contriever "
-                             "always runs its one model in this process)")
+                             "random, at most the cores this process may use (default: all "
+                             f"of them, {available_cores()} here; 1 ranks in this process; "
+                             "contriever always runs its one model in this process)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.tie_order != "profile" and args.ranker != "bm25":
@@ -111,6 +111,8 @@ def main(argv=None) -> dict:
         logger.info("shard %d of %d: questions %d … %d", args.shard_id, args.num_shards,
                     shard.start, shard.stop - 1)
     ranker = count = None
+    if args.ranker in PARALLEL_RANKERS:
+        args.num_workers = bounded_workers(args.num_workers)
     if worth_workers(input_path, args.num_workers, args.ranker) and (shard is None or shard):
         try:
             ranker, count = _rank_in_workers(args, input_path, output_path, shard)

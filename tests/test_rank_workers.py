@@ -290,6 +290,27 @@ def test_num_workers_below_one_is_an_error_line(tmp_path, value):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_num_workers_beyond_the_cores_starts_one_worker_a_core(tmp_path, tiny_blocks,
+                                                               monkeypatch, capfd):
+    path = write_questions(tmp_path / "q.json", tricky_questions(12))
+    inline = run_rank(path, tmp_path / "one.json", "LaMP-7", "--ranker", "bm25",
+                      "--num_workers", "1")
+    monkeypatch.setattr(parallel_rank, "available_cores", lambda: 3)
+    started = []
+    context = multiprocessing.get_context("fork")
+    start = context.Process.start
+    monkeypatch.setattr(parallel_rank, "_context", lambda: context)
+    monkeypatch.setattr(context.Process, "start",
+                        lambda process: started.append(process) or start(process))
+    monkeypatch.setattr(rank_profiles, "_rank_inline", None)  # the workers must do it
+    output = tmp_path / "many.json"
+    assert run_rank(path, output, "LaMP-7", "--ranker", "bm25", "--num_workers", "1000") == inline
+    assert len(started) == 3
+    assert ("--num_workers 1000 is more than the 3 cores this process may use; ranking with 3"
+            in capfd.readouterr().err)
+    assert json.loads((tmp_path / "many.args.json").read_text())["num_workers"] == 3
+
+
 # --- memory: streamed in every process -------------------------------------------------------
 
 # Runs rank_profiles in a fresh interpreter (workers even for a small file) and prints the

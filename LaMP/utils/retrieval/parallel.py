@@ -63,6 +63,17 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def bounded_workers(requested: int) -> int:
+    """``requested``, or the cores this process may use if fewer: the ranking is the same
+    for any number of workers, and a worker beyond the cores only adds a copy of the
+    reader's work."""
+    cores = available_cores()
+    if requested > cores:
+        logger.warning("--num_workers %d is more than the %d cores this process may use; "
+                       "ranking with %d", requested, cores, cores)
+    return min(requested, cores)
+
+
 def worth_workers(path: Path, num_workers: int, ranker: str) -> bool:
     """Whether to rank ``path`` in workers: a CPU ranker, more than one worker, and a
     regular file (each worker opens it) of ``MIN_BYTES`` or more."""
