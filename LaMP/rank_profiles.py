@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import logging
 import sys
-from contextlib import ExitStack
 from itertools import chain, islice
 from pathlib import Path
 
@@ -35,8 +34,8 @@ from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
 from LaMP.utils.retrieval import build_ranker
 from LaMP.utils.retrieval.base import Ranker
-from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_here,
-                                           rank_in_workers, worth_fast_path, worth_workers)
+from LaMP.utils.retrieval.parallel import (PARALLEL_RANKERS, WorkersFailed, available_cores,
+                                           bounded_workers, ranking_workers, worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
 
 logger = logging.getLogger(__name__)
@@ -61,9 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="which slice to rank, 0 … num_shards-1 (default 0)")
     parser.add_argument("--num_workers", type=int, default=available_cores(),
                         help="processes that parse and rank the questions for bm25, recency and "
-                             "random (default: the cores this process may use, "
-                             f"{available_cores()} here; 1 ranks in this process; contriever "
-                             "always runs its one model in this process)")
+                             "random, at most the cores this process may use (default: all "
+                             f"of them, {available_cores()} here; 1 ranks in this process; "
+                             "contriever always runs its one model in this process)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     RANKING.check(parser, args)
@@ -95,12 +94,12 @@ def main(argv=None) -> dict:
         logger.info("shard %d of %d: questions %d … %d", args.shard_id, args.num_shards,
                     shard.start, shard.stop - 1)
     ranker = count = None
-    if ((worth_workers(input_path, args.num_workers, args.ranker)
-         or worth_fast_path(input_path, args.num_workers, args.ranker))
-            and (shard is None or shard)):
+    if args.ranker in PARALLEL_RANKERS:
+        args.num_workers = bounded_workers(args.num_workers)
+    if worth_workers(input_path, args.num_workers, args.ranker) and (shard is None or shard):
         try:
             ranker, count = _rank_in_workers(args, input_path, output_path, shard)
-        except FastPathFailed as reason:
+        except WorkersFailed as reason:
             # The inline run gives the same output, or the exact error a run with one worker
             # gives (which question, which problem).
             logger.debug("ranking inline instead (%s)", reason)
@@ -146,37 +145,29 @@ def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
 
 def _rank_in_workers(args: argparse.Namespace, input_path: Path, output_path: Path,
                      shard: range | None) -> tuple[Ranker, int]:
-    """Rank in ``--num_workers`` processes (with one, on the same fast path in this one);
-    ``FastPathFailed`` on anything but a clean file (the caller then ranks inline, which
-    names the problem exactly)."""
+    """Rank in ``--num_workers`` processes; ``WorkersFailed`` where they cannot (the caller
+    then ranks inline, which names any problem exactly)."""
     ranker = _build_ranker(args)  # cheap for these rankers; it describes the run
     options = RANKING.options(args)
     bounds = (shard.start, shard.stop) if shard is not None else ()
-    if args.num_workers == 1:
-        batches = rank_here(input_path, args.task.name, args.ranker, options, *bounds)
-    else:
-        batches = rank_in_workers(input_path, args.task.name, args.ranker, options,
-                                  args.num_workers, *bounds)
     seen: set[str] = set()
-    total = len(shard) if shard is not None else None
-    with JsonObjectWriter(output_path) as writer, ExitStack() as stack:
-        progress = None
-        for batch in batches:
-            if progress is None:
-                # The bar only once the pool is up: its monitor thread would make the pool
-                # start from a fork server (a fresh interpreter, ~0.2 s), since forking a
-                # process with a second thread is not safe. Imported only now too, while
-                # the workers rank (it takes ~50 ms).
-                from tqdm import tqdm
+    with JsonObjectWriter(output_path) as writer, \
+            ranking_workers(input_path, args.task.name, args.ranker, options,
+                            args.num_workers, *bounds) as blocks:
+        # Only once the workers are up: the import is then paid while they rank, and the
+        # bar's monitor thread would have made them start by spawning (a fresh interpreter
+        # each), since forking a process that has a second thread is not safe.
+        from tqdm import tqdm
 
-                progress = stack.enter_context(tqdm(total=total, unit="question",
-                                                    desc="ranking"))
-            for question_id, encoded_ranking in batch:
-                if question_id in seen:
-                    raise FastPathFailed("a question id occurs twice")
-                seen.add(question_id)
-                writer.write_encoded(question_id, encoded_ranking)
-            progress.update(len(batch))
+        with tqdm(total=len(shard) if shard is not None else None, unit="question",
+                  desc="ranking") as progress:
+            for block in blocks:
+                for question_id, ranking in block:
+                    if question_id in seen:
+                        raise WorkersFailed("a question id occurs twice")
+                    seen.add(question_id)
+                    writer.write(question_id, ranking)
+                progress.update(len(block))
         if not seen and shard is None:
             raise LampError(f"{input_path}: no questions to rank")
     return ranker, writer.count

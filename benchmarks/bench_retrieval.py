@@ -364,8 +364,8 @@ def main(argv=None) -> None:
                         help="size of the generated file for the memory part (default 1.0)")
     args = parser.parse_args(argv)
     # No progress-bar monitor thread in this process: rank_profiles forks its workers only
-    # from a single-threaded process (else it starts them from a fork server, slower to
-    # start), and a command-line run has no such thread either.
+    # from a single-threaded process (else it spawns them, slower to start), and a
+    # command-line run has no such thread either.
     tqdm.monitor_interval = 0
     if not LAMP_7_DEV.exists():
         # A skip, not a failure: `make bench` runs every benchmark on any clone.

@@ -454,6 +454,25 @@ def test_block_boundaries_change_nothing(monkeypatch, read_size, step, document,
     assert message.startswith(f"doc.json: {what}") and message.endswith(f" at byte {offset}")
 
 
+def test_escapes_are_set_aside_so_that_only_the_quotes_around_strings_remain():
+    # Every string of up to four backslashes, quotes, "u" and "a": escape runs of either
+    # parity, escaped quotes, and an escaped backslash before "u" (no \\u escape).
+    from itertools import product
+
+    from LaMP.utils.data.jsoninput import _neutralize_escapes
+
+    strings = ["".join(chars) for length in range(5) for chars in product('\\"ua', repeat=length)]
+    document = json.dumps(strings).encode()
+    neutral = _neutralize_escapes(document)
+    assert len(neutral) == len(document)
+    delimiters, position = [], 1  # past the list's "["
+    for string in strings:
+        encoded = json.dumps(string)
+        delimiters += [position, position + len(encoded) - 1]
+        position += len(encoded) + 2  # and ", "
+    assert [index for index, byte in enumerate(neutral) if byte == ord('"')] == delimiters
+
+
 @pytest.mark.parametrize("document, message", [
     (b"  \n", "questions.json: the file is empty"),
     (b"\xef\xbb\xbf", "questions.json: the file is empty"),

@@ -65,7 +65,8 @@ def published_get_top_n(question: dict) -> list[str]:
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_argsort_order_is_the_published_get_top_n_order_with_workers(tmp_path, monkeypatch,
                                                                      workers):
-    monkeypatch.setattr(parallel_rank, "CHUNK_BYTES", 1)  # workers even for a tiny file
+    monkeypatch.setattr(parallel_rank, "MIN_BYTES", 0)  # workers even for a tiny file
+    monkeypatch.setattr(parallel_rank, "available_cores", lambda: 2)  # on any machine
     if workers != "1":  # the workers must rank, not the inline fallback
         monkeypatch.setattr(rank_profiles, "_rank_inline", pytest.fail)
     questions = tied_questions(12)

@@ -187,17 +187,6 @@ def test_json_object_writer_streams_and_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "r.json"]
 
 
-@pytest.mark.parametrize("special", ["", '"', "\\", "\n", "\x00", "\x1f", "\x7f", "\u2028",
-                                     "\ud800", "é", "\t"])
-def test_id_lists_encode_exactly_as_json_dumps(special):
-    from LaMP.utils.data.fileio import json_string_lists
-
-    lists = [["a", "b-1", "c c"], [], ["x" + special, "y"], [special], ["", "z"]]
-    assert json_string_lists(lists) == [json.dumps(strings, ensure_ascii=False)
-                                        for strings in lists]
-    assert json_string_lists([]) == []
-
-
 def test_batched_by_cost_closes_on_cost_or_count():
     from LaMP.utils.retrieval.base import batched_by_cost
 

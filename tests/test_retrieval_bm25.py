@@ -121,10 +121,11 @@ def test_real_lamp_7_dev_rankings_equal_rank_bm25():
     assert checked_ties > 0  # the file has ties (e.g. items sharing no query token)
 
 
-# With workers: chunks of one question, and a failure if the run falls back to inline.
+# With workers even for a tiny file, and a failure if the run falls back to inline.
 # Forked workers hold exactly the main process's modules and import nothing more.
 WORKERS = ("from LaMP.utils.retrieval import parallel as parallel_rank\n"
-           "parallel_rank.CHUNK_BYTES = 1\n"
+           "parallel_rank.MIN_BYTES = 0\n"
+           "parallel_rank.available_cores = lambda: 2\n"
            "rank_profiles._rank_inline = None\n")
 
 

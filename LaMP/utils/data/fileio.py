@@ -19,7 +19,6 @@ import shutil
 import stat
 import sys
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -456,20 +455,6 @@ def _remove_stale_temporaries(target: Path) -> None:
             pass  # removed by a concurrent run, or not ours to remove: harmless either way
 
 
-# What json.dumps escapes in a string when ensure_ascii is off: quotes, backslashes and
-# control characters.
-_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
-
-
-def json_string_lists(lists: Sequence[Sequence[str]]) -> list[str]:
-    """``json.dumps(strings, ensure_ascii=False)`` of each list of strings: the same text,
-    built by joining when no string needs an escape (a ranking worker encodes hundreds of
-    thousands of profile ids)."""
-    if _JSON_ESCAPED.search("".join(chain.from_iterable(lists))) is None:
-        return ['["' + '", "'.join(strings) + '"]' if strings else "[]" for strings in lists]
-    return [json.dumps(list(strings), ensure_ascii=False) for strings in lists]
-
-
 def _strict_json(obj: Any, indent: int | None = None) -> tuple[str, int]:
     """JSON text of ``obj`` with non-finite numbers as null, and how many there were.
 
@@ -760,16 +745,12 @@ class JsonListWriter:
     def write(self, element: Any) -> None:
         self._write_entry(element)
 
-    def _write_entry(self, element: Any, key: str | None = None,
-                     encoded: str | None = None) -> None:
+    def _write_entry(self, element: Any, key: str | None = None) -> None:
         self._output.write(",\n" if self.count else "\n")
         if key is not None:
             self._output.write_json(key)
             self._output.write(": ")
-        if encoded is None:
-            self._output.write_json(element)
-        else:
-            self._output.write(encoded)
+        self._output.write_json(element)
         self.count += 1
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -795,8 +776,3 @@ class JsonObjectWriter(JsonListWriter):
 
     def write(self, key: str, value: Any) -> None:  # type: ignore[override]
         self._write_entry(value, key=key)
-
-    def write_encoded(self, key: str, encoded_value: str) -> None:
-        """``write`` with the value already JSON text, encoded elsewhere (a ranking worker
-        encodes lists of id strings, which are strict JSON by construction)."""
-        self._write_entry(None, key=key, encoded=encoded_value)

@@ -67,16 +67,17 @@ _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|-?[0-9][-+.0-9eE]*|NaN|
                     re.S)
 _ESCAPE = re.compile(rb"\\u([dD][89a-fA-F][0-9a-fA-F]{2})|\\.", re.S)
 _DIGIT_RUN = re.compile(rb"[0-9]+")
+_ESCAPED_PAIR = re.compile(rb'\\[\\"]')  # an escaped backslash or quote
 
 
 def _neutralize_escapes(text: bytes) -> bytes:
     """``text`` with each escaped backslash and escaped quote replaced by two dots (same
     length, same offsets): every '"' left delimits a string and every backslash left starts
     an escape. ``text`` must start outside a string; outside strings JSON has no backslash."""
-    if b"\\" not in text:
-        return text
-    # Left to right, so a run of backslashes pairs up as the JSON reader pairs it.
-    return text.replace(b"\\\\", b"..").replace(b'\\"', b"..")
+    # Left to right, so a run of backslashes pairs up as the JSON reader pairs it. One
+    # regular expression: it finds backslashes at memchr speed, where bytes.replace
+    # searches for two-byte patterns several times slower.
+    return _ESCAPED_PAIR.sub(b"..", text) if b"\\" in text else text
 
 
 class GuardedReader:
