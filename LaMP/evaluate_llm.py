@@ -31,6 +31,7 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_model_name_argument,
                                       add_profile_arguments, add_task_argument, check_common,
                                       check_generation_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
@@ -47,8 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_data", required=True,
                         help="questions to evaluate: a merged file (with outputs) or a "
                              "questions file (test split: predictions only)")
-    parser.add_argument("--model_addr", required=True,
-                        help="model to run: a hub name or a local folder")
+    add_model_name_argument(parser, "--model_addr", "model to run: a hub name or a local folder")
     add_task_argument(parser)
     parser.add_argument("--output_dir", required=True,
                         help="folder for predictions.json, results_output.json and args.json")
