@@ -31,6 +31,7 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_model_name_argument,
                                       add_profile_arguments, add_task_argument, check_common,
                                       check_generation_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
@@ -47,8 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_data", required=True,
                         help="questions to evaluate: a merged file (with outputs) or a "
                              "questions file (test split: predictions only)")
-    parser.add_argument("--model_addr", required=True,
-                        help="model to run: a hub name or a local folder")
+    add_model_name_argument(parser, "--model_addr", "model to run: a hub name or a local folder")
     add_task_argument(parser)
     parser.add_argument("--output_dir", required=True,
                         help="folder for predictions.json, results_output.json and args.json")
@@ -94,9 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    setup_logging()
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every path and the whole questions file, before anything loads: a data mistake in
+    the last question should not cost a model load first."""
     check_readable(args.validation_data, "--validation_data")
     check_outputs(folders={"--output_dir": args.output_dir}, contents={"--output_dir": RUN_FILES},
                   inputs={"--validation_data": args.validation_data,
@@ -107,44 +107,113 @@ def main(argv=None) -> dict:
     check_model_folder(args.model_addr, "--model_addr")
     if args.adapter:
         check_adapter_folder(args.adapter)
-    from LaMP.utils.modeling.examples import build_examples, check_questions
+    from LaMP.utils.modeling.examples import check_questions
 
-    # The whole file is checked before the model loads: a data mistake in the last question
-    # should not cost a model load first.
     check_questions(args.validation_data, args.task, limit=args.limit)
-    user_adapters, users = None, None
-    if args.user_adapters:
-        from LaMP.utils.modeling.adapter_fit import AdapterFit
-        from LaMP.utils.modeling.model import is_seq2seq_config, load_config
-        from LaMP.utils.modeling.user_serving import (check_user_adapters_root,
-                                                      find_user_adapters, question_users)
 
-        check_user_adapters_root(args.user_adapters)
 
-        ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
-        users = [user for _, user in ids_and_users]
-        # The adapters are checked against the model's layers from its config alone: both
-        # ways of serving (--user_adapter_batches) then take and refuse the same folders.
-        model_config = load_config(args.model_addr, trust_remote_code=args.trust_remote_code,
-                                   cache_dir=args.cache_dir)
-        user_adapters = find_user_adapters(
-            args.user_adapters, users, missing=args.missing_user_adapter,
-            model=args.model_addr,
-            fit=AdapterFit(model_config, seq2seq=is_seq2seq_config(model_config),
-                           trust_remote_code=args.trust_remote_code))
-        # A user's folder may be a link to elsewhere: it is an input like the root.
-        check_outputs(folders={"--output_dir": args.output_dir},
-                      inputs={"--user_adapters": [str(f) for f in user_adapters.adapter_folders]
-                              + ([user_adapters.base_adapter] if user_adapters.base_adapter
-                                 else [])})
+def find_adapters(args: argparse.Namespace):
+    """``--user_adapters``' folders for the questions' users, checked before the model
+    loads, and the questions' (id, user) pairs; ``(None, None)`` without the flag."""
+    if not args.user_adapters:
+        return None, None
+    from LaMP.utils.modeling.adapter_fit import AdapterFit
+    from LaMP.utils.modeling.model import is_seq2seq_config, load_config
+    from LaMP.utils.modeling.user_serving import (check_user_adapters_root,
+                                                  find_user_adapters, question_users)
 
+    check_user_adapters_root(args.user_adapters)
+    ids_and_users = question_users(args.validation_data, args.task, limit=args.limit)
+    # The adapters are checked against the model's layers from its config alone: both
+    # ways of serving (--user_adapter_batches) then take and refuse the same folders.
+    model_config = load_config(args.model_addr, trust_remote_code=args.trust_remote_code,
+                               cache_dir=args.cache_dir)
+    user_adapters = find_user_adapters(
+        args.user_adapters, [user for _, user in ids_and_users],
+        missing=args.missing_user_adapter, model=args.model_addr,
+        fit=AdapterFit(model_config, seq2seq=is_seq2seq_config(model_config),
+                       trust_remote_code=args.trust_remote_code))
+    # A user's folder may be a link to elsewhere: it is an input like the root.
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  inputs={"--user_adapters": [str(f) for f in user_adapters.adapter_folders]
+                          + ([user_adapters.base_adapter] if user_adapters.base_adapter
+                             else [])})
+    return user_adapters, ids_and_users
+
+
+def predict(args: argparse.Namespace, user_adapters, ids_and_users, launch, device):
+    """Load the model once and answer this process's slice of the questions: the
+    examples, their predictions and the seconds the predictions took."""
     from transformers import set_seed
+
+    from LaMP.utils.modeling.examples import build_examples
+    from LaMP.utils.modeling.model import load_model
+    from LaMP.utils.modeling.predict import predict_in_slices
+
+    set_seed(args.seed)
+    task = args.task
+    base_adapter = user_adapters.base_adapter if user_adapters else None
+    lamp_model = load_model(args.model_addr, device=str(device),
+                            adapter=base_adapter or args.adapter,
+                            chat_template=args.chat_template,
+                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    if base_adapter:
+        # OPPU: the users' adapters were trained on the base with the task adapter merged
+        # in (train_user_peft.py --base_adapter); they are served on the same.
+        lamp_model.model = lamp_model.model.merge_and_unload()
+    # Dense retrieval runs on this process's device too, not on GPU 0 in every process.
+    options = profile_options(args, device=str(device))
+    # Per-user prompt-learning adapters are loaded after the prompts are built: their
+    # virtual tokens are reserved now.
+    virtual = user_adapters.virtual_tokens if user_adapters else None
+    builder = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
+                                        args.prompt_budget, virtual_tokens=virtual)
+    examples = build_examples(args.validation_data, task, builder, options, limit=args.limit)
+    per_user = {}
+    if user_adapters:
+        assert [e.id for e in examples] == [qid for qid, _ in ids_and_users]
+        per_user = dict(users=[user for _, user in ids_and_users], user_adapters=user_adapters,
+                        max_loaded_adapters=args.max_loaded_adapters,
+                        stacked_adapters=args.user_adapter_batches == "stacked")
+    started = time.perf_counter()
+    predictions = predict_in_slices(lamp_model, task, examples, launch,
+                                    max_length=args.max_length,
+                                    max_new_tokens=args.generation_max_length,
+                                    num_beams=args.generation_num_beams,
+                                    batch_size=args.per_device_batch_size,
+                                    label_scoring=args.label_scoring, **per_user)
+    return examples, predictions, time.perf_counter() - started
+
+
+def write_outputs(args: argparse.Namespace, examples, predictions, elapsed: float,
+                  world_size: int) -> dict | None:
+    """predictions.json, results_output.json (when the questions carry golds), args.json."""
+    from LaMP.utils.modeling.predict import write_predictions
+
+    output_dir = Path(args.output_dir)
+    # Removed first: written again below only if these questions carry golds, and never
+    # left from an earlier run beside predictions it does not describe.
+    remove_outputs(output_dir, ["results_output.json"])
+    results = write_predictions(output_dir, args.task, examples, predictions)
+    if results is not None:
+        results["seconds"] = elapsed
+        atomic_write_json(output_dir / "results_output.json", results, indent=2)
+    save_run_args(output_dir / "args.json", args)
+    logger.info("%d predictions in %.1f s (%.2f questions/s) over %d process(es) → %s",
+                len(examples), elapsed, len(examples) / max(elapsed, 1e-9), world_size,
+                output_dir)
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    check_inputs(args)
+    user_adapters, ids_and_users = find_adapters(args)
 
     from LaMP.utils.devices import resolve_device
     from LaMP.utils.modeling.distributed import (end_process_group, init_process_group,
                                                  launch_from_env)
-    from LaMP.utils.modeling.model import load_model
-    from LaMP.utils.modeling.predict import predict_in_slices, write_predictions
 
     # Under torchrun / accelerate launch every process gets here having checked the same
     # inputs; each answers a contiguous slice and the main process writes everything.
@@ -156,59 +225,13 @@ def main(argv=None) -> dict:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
     created_group = init_process_group(launch, device)
     try:
-        set_seed(args.seed)
-        task = args.task
-        base_adapter = user_adapters.base_adapter if user_adapters else None
-        lamp_model = load_model(args.model_addr, device=str(device),
-                                adapter=base_adapter or args.adapter,
-                                chat_template=args.chat_template,
-                                trust_remote_code=args.trust_remote_code,
-                                cache_dir=args.cache_dir)
-        if base_adapter:
-            # OPPU: the users' adapters were trained on the base with the task adapter
-            # merged in (train_user_peft.py --base_adapter); they are served on the same.
-            lamp_model.model = lamp_model.model.merge_and_unload()
-        # Dense retrieval runs on this process's device too, not on GPU 0 in every process.
-        options = profile_options(args, device=str(device))
-        # Per-user prompt-learning adapters are loaded after the prompts are built: their
-        # virtual tokens are reserved now.
-        virtual = user_adapters.virtual_tokens if user_adapters else None
-        examples = build_examples(args.validation_data, task,
-                                  lamp_model.prompt_builder(task, args.max_length,
-                                                            args.input_truncation,
-                                                            args.prompt_budget,
-                                                            virtual_tokens=virtual), options,
-                                  limit=args.limit)
-        per_user = {}
-        if user_adapters:
-            assert [e.id for e in examples] == [qid for qid, _ in ids_and_users]
-            per_user = dict(users=users, user_adapters=user_adapters,
-                            max_loaded_adapters=args.max_loaded_adapters,
-                            stacked_adapters=args.user_adapter_batches == "stacked")
-        started = time.perf_counter()
-        predictions = predict_in_slices(lamp_model, task, examples, launch,
-                                        max_length=args.max_length,
-                                        max_new_tokens=args.generation_max_length,
-                                        num_beams=args.generation_num_beams,
-                                        batch_size=args.per_device_batch_size,
-                                        label_scoring=args.label_scoring, **per_user)
-        elapsed = time.perf_counter() - started
+        examples, predictions, elapsed = predict(args, user_adapters, ids_and_users, launch,
+                                                 device)
     finally:
         end_process_group(created_group)
-    output_dir = Path(args.output_dir)
     results = None
     if launch.is_main:
-        # Removed first: written again below only if these questions carry golds, and never
-        # left from an earlier run beside predictions it does not describe.
-        remove_outputs(output_dir, ["results_output.json"])
-        results = write_predictions(output_dir, task, examples, predictions)
-        if results is not None:
-            results["seconds"] = elapsed
-            atomic_write_json(output_dir / "results_output.json", results, indent=2)
-        save_run_args(output_dir / "args.json", args)
-        logger.info("%d predictions in %.1f s (%.2f questions/s) over %d process(es) → %s",
-                    len(examples), elapsed, len(examples) / max(elapsed, 1e-9),
-                    launch.world_size, output_dir)
+        results = write_outputs(args, examples, predictions, elapsed, launch.world_size)
     return {"predictions": predictions, "results": results}
 
 

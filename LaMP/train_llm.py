@@ -29,6 +29,7 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_model_name_argument,
                                       add_optimizer_arguments, add_profile_arguments,
                                       add_task_argument, check_common, check_generation_arguments,
                                       check_optimizer_arguments, profile_options)
@@ -53,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="validation questions with outputs; picks the best checkpoint")
     parser.add_argument("--test_data", default=None,
                         help="optional questions to predict after training (no outputs needed)")
-    parser.add_argument("--model_name", required=True,
-                        help="model to start from: a hub name or a local folder")
+    add_model_name_argument(parser, "--model_name",
+                            "model to start from: a hub name or a local folder")
     add_task_argument(parser)
     parser.add_argument("--output_dir", required=True,
                         help="folder for the adapter, predictions, results and checkpoints")

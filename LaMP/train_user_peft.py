@@ -30,6 +30,7 @@ if importlib.util.find_spec("LaMP") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_model_name_argument,
                                       add_optimizer_arguments, add_profile_arguments,
                                       add_task_argument, check_common, check_generation_arguments,
                                       check_optimizer_arguments, profile_options)
@@ -53,8 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="questions file (raw or merged with outputs); each user's "
                              "adapter trains on the profile items of the user's questions")
     add_task_argument(parser)
-    parser.add_argument("--model_name", required=True,
-                        help="base model: a hub name or a local folder")
+    add_model_name_argument(parser, "--model_name", "base model: a hub name or a local folder")
     parser.add_argument("--output_dir", required=True,
                         help="folder for users/<user>/ (one peft adapter each), users.json "
                              "and args.json; a rerun into it skips the users already done")

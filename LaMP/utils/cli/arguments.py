@@ -51,12 +51,14 @@ class RetrieverFlags:
     """
 
     ranker: str  # the flag that names the ranker
+    alias: str  # the same flag under the other script's name (the seed README uses both)
     batch_size: str  # the flag of the dense encoder's batch size
     default: str | None  # the ranker when the flag is left out; None: the flag is required
     purpose: str  # what the ranker is for, the start of the ranker flag's help
 
     def add(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(self.ranker, required=self.default is None, default=self.default,
+        parser.add_argument(self.ranker, self.alias, dest=self.ranker.removeprefix("--"),
+                            required=self.default is None, default=self.default,
                             choices=RANKERS, help=f"{self.purpose}: {', '.join(RANKERS)} "
                                                   "(docs/retrieval.md, Rankers)")
         parser.add_argument(self.batch_size, type=int, default=DEFAULT_BATCH_SIZE,
@@ -101,8 +103,8 @@ class RetrieverFlags:
         return getattr(args, self.batch_size.removeprefix("--"))
 
 
-RANKING = RetrieverFlags("--ranker", "--batch_size", None, "the ranker")
-ON_THE_FLY = RetrieverFlags("--retriever", "--retriever_batch_size", "bm25",
+RANKING = RetrieverFlags("--ranker", "--retriever", "--batch_size", None, "the ranker")
+ON_THE_FLY = RetrieverFlags("--retriever", "--ranker", "--retriever_batch_size", "bm25",
                             "ranker used on the fly when the data is not pre-ranked")
 
 
@@ -110,6 +112,19 @@ ON_THE_FLY = RetrieverFlags("--retriever", "--retriever_batch_size", "bm25",
 INPUT_TRUNCATIONS = ("share", "tokenizer")
 # How the profile items' share of the budget is counted (docs/deviations.md).
 PROMPT_BUDGETS = ("exact", "official")
+
+
+# The seed README names the model --model_addr for evaluate_llm.py and --model_name for
+# train_llm.py; each script keeps its own name and takes the other as an alias.
+MODEL_FLAGS = ("--model_addr", "--model_name")
+
+
+def add_model_name_argument(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """The required model flag under ``flag`` (one of ``MODEL_FLAGS``), the other spelling
+    accepted as an alias."""
+    alias = next(other for other in MODEL_FLAGS if other != flag)
+    parser.add_argument(flag, alias, dest=flag.removeprefix("--"), required=True,
+                        help=f"{help} (also {alias})")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

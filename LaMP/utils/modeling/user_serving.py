@@ -370,36 +370,22 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
     if not with_adapter:
         return outputs
     groups = [with_adapter[i:i + max_loaded] for i in range(0, len(with_adapter), max_loaded)]
-    use_stack = mixed and stacked
-    if use_stack:
-        from LaMP.utils.modeling.lora_stack import LoraStack, NotStackable
-
-        why_not = LoraStack.unsupported(adapters.adapter_folders)
-        if why_not is not None:
-            use_stack = False
-            logger.info("mixed batches through peft (the adapters cannot be stacked: %s)",
-                        why_not)
+    use_stack = mixed and stacked and _stackable(adapters)
     pool = None
     for number, group in enumerate(groups, 1):
         logger.info("adapter group %d of %d: %d user(s)", number, len(groups), len(group))
         indices = [i for user in group for i in rows[user]]
         if use_stack:
-            names = {user: f"u{n}" for n, user in enumerate(group)}
-            try:
-                stack = LoraStack(lamp_model.model,
-                                  {names[user]: adapters.folders[user] for user in group},
-                                  {names[user]: f"user {user!r}'s adapter "
-                                                f"{adapters.folders[user]}" for user in group})
-            except NotStackable as why:  # this group and the rest through peft
-                use_stack = False
-                logger.info("mixed batches through peft from group %d on (%s)", number, why)
-            else:
+            stack = _stack_of(lamp_model, adapters, group, number)
+            if stack is not None:
+                names, stack = stack
                 with _stacked(lamp_model.model, stack):
                     # The base model's rows ride along in the first group's batches.
                     answer(lamp_model, indices + base_rows,
                            [names[users[i]] for i in indices] + [BASE] * len(base_rows))
                 base_rows = []
                 continue
+            use_stack = False  # this group and the rest through peft
         pool = pool or _AdapterPool(lamp_model, adapters)
         names = pool.load(group)
         served = pool.lamp_model
@@ -414,6 +400,33 @@ def predict_per_user(lamp_model, task, examples: Sequence, users: Sequence[str],
     if pool is not None:
         pool.unload()
     return outputs
+
+
+def _stackable(adapters: UserAdapters) -> bool:
+    """Whether the users' adapters can go through ``LoraStack`` at all (logged if not)."""
+    from LaMP.utils.modeling.lora_stack import LoraStack
+
+    why_not = LoraStack.unsupported(adapters.adapter_folders)
+    if why_not is not None:
+        logger.info("mixed batches through peft (the adapters cannot be stacked: %s)", why_not)
+    return why_not is None
+
+
+def _stack_of(lamp_model, adapters: UserAdapters, group: Sequence[str], number: int):
+    """``(names, stack)``: the group's adapters stacked on the model under names ``u<N>``,
+    or None (logged) where this group cannot be stacked."""
+    from LaMP.utils.modeling.lora_stack import LoraStack, NotStackable
+
+    names = {user: f"u{n}" for n, user in enumerate(group)}
+    try:
+        stack = LoraStack(lamp_model.model,
+                          {names[user]: adapters.folders[user] for user in group},
+                          {names[user]: f"user {user!r}'s adapter {adapters.folders[user]}"
+                           for user in group})
+    except NotStackable as why:
+        logger.info("mixed batches through peft from group %d on (%s)", number, why)
+        return None
+    return names, stack
 
 
 class _AdapterPool:
