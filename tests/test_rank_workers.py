@@ -269,6 +269,29 @@ def test_a_lost_worker_falls_back_inline_with_the_same_ranking(tmp_path, tiny_bl
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("change", ["replaced", "rewritten in place"])
+def test_a_file_changed_while_workers_read_it_is_not_ranked_from_two_versions(
+        tmp_path, tiny_blocks, change):
+    path = write_questions(tmp_path / "q.json", tricky_questions(3000))
+    task_options = ("LaMP-7", "bm25", {"tie_order": "profile"}, 2)
+    with parallel_rank.ranking_workers(path, *task_options) as blocks:
+        whole = [block for block in blocks]
+    assert sum(len(block) for block in whole) == 3000  # unchanged: the workers' rankings
+    with pytest.raises(parallel_rank.WorkersFailed, match="changed"):
+        with parallel_rank.ranking_workers(path, *task_options) as blocks:
+            next(blocks)  # the workers are reading: a block per question fills their pipes
+            if change == "replaced":
+                copy = tmp_path / "copy.json"
+                copy.write_bytes(path.read_bytes())
+                os.replace(copy, path)
+            else:
+                with open(path, "ab") as handle:
+                    handle.write(b" ")
+            for _ in blocks:
+                pass
+    assert multiprocessing.active_children() == []
+
+
 # --- how many workers ------------------------------------------------------------------------
 
 def test_num_workers_defaults_to_the_cores_and_contriever_stays_inline():

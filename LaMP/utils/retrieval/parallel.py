@@ -9,9 +9,10 @@ between processes. Memory: what the reader holds, a block, and a full pipe (a wo
 runs ahead waits on it) per worker; BM25 workers share one inline run's memo budget.
 
 A worker that finds the file wrong (invalid or malformed, past a reader's limit, a query
-that cannot be made) only says so, and one that dies (the out-of-memory killer, ``kill
--9``) ends its pipe: either way ``WorkersFailed`` sends the caller to rank inline, which
-gives the same output or exactly the error of a run with one worker.
+that cannot be made) or changed (each worker opens it by name: replaced or rewritten since
+the main process looked, before or after the worker read it) only says so, and one that
+dies (the OOM killer, ``kill -9``) ends its pipe: either way ``WorkersFailed`` sends the
+caller to rank inline, which gives the same output or exactly one worker's error.
 
 Workers fork on Linux from a process with one thread (nothing to import again), else spawn
 (a child forked from a threaded process may wait forever on a lock another thread held).
@@ -74,6 +75,12 @@ def bounded_workers(requested: int) -> int:
     return min(requested, cores)
 
 
+def file_identity(path: str | Path) -> tuple:
+    """What tells this file from another put under its name, or the same one rewritten."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
 def worth_workers(path: Path, num_workers: int, ranker: str) -> bool:
     """Whether to rank ``path`` in workers: a CPU ranker, more than one worker, and a
     regular file (each worker opens it) of ``MIN_BYTES`` or more."""
@@ -90,6 +97,7 @@ def ranking_workers(path: Path, task_name: str, ranker_name: str, ranker_options
     input order, which raises ``WorkersFailed`` where the caller must rank inline. On
     leaving, however that happens, no worker outlives the block."""
     context = _context()
+    identity = file_identity(path)
     processes, pipes = [], []
     try:
         previous = _mask(signal.SIG_BLOCK)
@@ -102,8 +110,8 @@ def ranking_workers(path: Path, task_name: str, ranker_name: str, ranker_options
                 pipes.append(receiver)
                 process = context.Process(
                     target=_work, daemon=True,
-                    args=(sender, str(path), task_name, ranker_name, ranker_options, number,
-                          num_workers, start, stop, os.getpid()))
+                    args=(sender, str(path), identity, task_name, ranker_name,
+                          ranker_options, number, num_workers, start, stop, os.getpid()))
                 process.start()
                 processes.append(process)
                 sender.close()  # a worker's death then ends its pipe
@@ -133,7 +141,8 @@ def _blocks(pipes: list) -> Iterator[list[tuple[str, list[str]]]]:
                 raise WorkersFailed("the workers disagree on where the questions end")
             return
         if message == _FAILED:
-            raise WorkersFailed("a worker could not rank its questions")
+            raise WorkersFailed("a worker could not rank its questions, or found the file "
+                                "changed")
         yield message
 
 
@@ -157,10 +166,12 @@ def _mask(how, signals=_BLOCKED):
     return signal.pthread_sigmask(how, signals) if hasattr(signal, "pthread_sigmask") else set()
 
 
-def _work(pipe, source: str, task_name: str, ranker_name: str, ranker_options: dict,
-          number: int, num_workers: int, start: int, stop: int | None, parent: int) -> None:
+def _work(pipe, source: str, identity: tuple, task_name: str, ranker_name: str,
+          ranker_options: dict, number: int, num_workers: int, start: int, stop: int | None,
+          parent: int) -> None:
     """A worker: rank blocks ``number``, ``number + num_workers`` … of the questions from
-    ``start`` on, sending each block's rankings, then ``None``; ``_FAILED`` on a problem."""
+    ``start`` on, sending each block's rankings, then ``None``; ``_FAILED`` on a problem,
+    or where ``source`` is no longer the file of ``identity``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, if forked
     if sys.platform.startswith("linux"):
@@ -181,6 +192,8 @@ def _work(pipe, source: str, task_name: str, ranker_name: str, ranker_options: d
             if index >= start and (index - start) // BLOCK_QUESTIONS % num_workers == number)
     block = []
     try:
+        if _changed(source, identity):
+            raise LampError("the file changed")
         for question, ranking in ranker.rank(mine):
             block.append((question["id"], ranking))
             if len(block) == BLOCK_QUESTIONS:
@@ -189,6 +202,16 @@ def _work(pipe, source: str, task_name: str, ranker_name: str, ranker_options: d
     except LampError:
         pipe.send(_FAILED)
         return
+    if _changed(source, identity):  # the blocks sent may mix two versions: none is used
+        pipe.send(_FAILED)
+        return
     if block:
         pipe.send(block)
     pipe.send(None)
+
+
+def _changed(source: str, identity: tuple) -> bool:
+    try:
+        return file_identity(source) != identity
+    except OSError:
+        return True
