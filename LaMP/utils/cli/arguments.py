@@ -7,7 +7,7 @@ import argparse
 from LaMP.utils.cli.program import seed_arg
 from LaMP.utils.evaluation.metrics import DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES
 from LaMP.utils.evaluation.scoring import ROUGE_AGGREGATIONS
-from LaMP.utils.retrieval import RANKERS
+from LaMP.utils.retrieval import ON_THE_FLY_RANKERS
 from LaMP.utils.retrieval.base import DEFAULT_DENSE_MODEL, TIE_ORDERS
 from LaMP.utils.seeds import DEFAULT_SEED
 from LaMP.utils.tasks import TASK_HELP, task_arg
@@ -17,19 +17,30 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
     """Flags that choose how profile items reach the prompt."""
     parser.add_argument("--use_profile", action="store_true",
                         help="personalize: put retrieved profile items into the prompt")
-    parser.add_argument("--retriever", default="bm25", choices=RANKERS,
+    parser.add_argument("--retriever", default="bm25", choices=ON_THE_FLY_RANKERS,
                         help="ranker used on the fly when the data is not pre-ranked")
     parser.add_argument("--is_ranked", action="store_true",
                         help="the profiles are already ranked (merge_with_rank.py output): "
                              "take the first --num_retrieved items as they are")
     parser.add_argument("--num_retrieved", type=int, default=1,
                         help="number of profile items in each prompt (0: the bare input)")
+    add_ranking_arguments(parser, "--retriever contriever")
+    add_budget_arguments(parser, max_length)
+
+
+def add_ranking_arguments(parser: argparse.ArgumentParser, dense_flag: str) -> None:
+    """How a stage that ranks on the fly sees the items (``dense_flag``: the flag and value
+    that choose the dense ranker, for the help)."""
     parser.add_argument("--use_date", action="store_true",
                         help="on-the-fly ranking: add each item's date to its text")
     parser.add_argument("--contriever_checkpoint", default=None,
-                        help="encoder for --retriever contriever: a local folder or a hub name "
+                        help=f"encoder for {dense_flag}: a local folder or a hub name "
                              f"(default {DEFAULT_DENSE_MODEL}, used only if already in the "
                              "local Hugging Face cache; a name given here may be downloaded)")
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
+    """How a prompt is fitted into the model's input."""
     parser.add_argument("--max_length", type=int, default=max_length,
                         help="token budget of the model input: instruction, profile and all")
     parser.add_argument("--input_truncation", default="share", choices=INPUT_TRUNCATIONS,
@@ -42,6 +53,22 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
                              "in the model's tokens (default: the prompt fits --max_length); "
                              "'official' sizes them by the official code's fixed constants "
                              "(docs/deviations.md), the tokenizer cutting any excess")
+
+
+def add_shard_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--num_shards N --shard_id i``: this run does (``verb``) contiguous slice i of N of
+    the questions; ``check_shard_arguments`` checks them."""
+    parser.add_argument("--num_shards", type=int, default=1,
+                        help="split the questions into this many contiguous slices (default 1)")
+    parser.add_argument("--shard_id", type=int, default=0,
+                        help=f"which slice to {verb}, 0 … num_shards-1 (default 0)")
+
+
+def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.num_shards < 1:
+        parser.error("--num_shards must be at least 1")
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
 
 
 def add_tie_order_argument(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +149,56 @@ def check_generation_arguments(parser: argparse.ArgumentParser, args: argparse.N
         parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
 
 
+# The paper's recipe for ROPG and RSPG (Salemi et al., SIGIR 2024), and the released code's
+# clipping and temperature.
+FEEDBACK_STEPS = 1000
+FEEDBACK_LEARNING_RATE = 1e-5
+FEEDBACK_WARMUP_STEPS = 1000
+
+
+def add_feedback_training_arguments(parser: argparse.ArgumentParser, groups: str) -> None:
+    """How a model learns from the LLM's feedback (train_retriever.py, train_selector.py):
+    Adam, a linear warm-up and then a constant rate, one group (``groups``) per step."""
+    parser.add_argument("--max_steps", type=int, default=FEEDBACK_STEPS,
+                        help=f"optimizer steps (default {FEEDBACK_STEPS:,}, the paper's)")
+    parser.add_argument("--learning_rate", type=float, default=FEEDBACK_LEARNING_RATE,
+                        help=f"Adam's learning rate after warm-up (default "
+                             f"{FEEDBACK_LEARNING_RATE:g}, the paper's)")
+    parser.add_argument("--warmup_steps", type=int, default=FEEDBACK_WARMUP_STEPS,
+                        help="steps over which the rate rises linearly from 0; constant after "
+                             f"(default {FEEDBACK_WARMUP_STEPS:,}, the paper's: with the "
+                             "default --max_steps the rate rises for the whole run; 0: "
+                             "constant from the start, as the released scripts run)")
+    parser.add_argument("--per_device_batch_size", type=int, default=1,
+                        help=f"{groups} per optimizer step (default 1, the paper's per GPU)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="τ of the distillation: softmax(scores/τ) is fitted to "
+                             "softmax(utilities/τ) (default 1, the released code's)")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0,
+                        help="clip the gradient to this norm (default 1, the released code's)")
+    parser.add_argument("--logging_steps", type=int, default=50,
+                        help="log the mean loss every this many steps (0: never)")
+
+
+def check_feedback_training_arguments(parser: argparse.ArgumentParser,
+                                      args: argparse.Namespace) -> None:
+    import math
+
+    for flag in ("learning_rate", "temperature", "max_grad_norm"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value <= 0:
+            parser.error(f"--{flag} must be a finite number > 0, not {value}")
+    if not 1 <= args.max_steps <= UPPER_BOUNDS["max_steps"]:
+        parser.error(f"--max_steps must be in 1 … {UPPER_BOUNDS['max_steps']:,}")
+    if not 0 <= args.warmup_steps <= UPPER_BOUNDS["max_steps"]:
+        parser.error(f"--warmup_steps must be in 0 … {UPPER_BOUNDS['max_steps']:,}")
+    if not 1 <= args.per_device_batch_size <= UPPER_BOUNDS["per_device_batch_size"]:
+        parser.error(f"--per_device_batch_size must be in 1 … "
+                     f"{UPPER_BOUNDS['per_device_batch_size']:,}")
+    if args.logging_steps < 0:
+        parser.error("--logging_steps must be >= 0")
+
+
 def check_optimizer_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every number of ``add_optimizer_arguments`` checked while parsing: a bad one would
     otherwise surface only after the model has loaded (the optimizer rejects a negative
@@ -163,7 +240,7 @@ UPPER_BOUNDS = {
 
 def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate the shared flags before any model is loaded."""
-    if args.num_retrieved < 0:
+    if getattr(args, "num_retrieved", 0) < 0:
         parser.error("--num_retrieved must be >= 0")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16 tokens")
