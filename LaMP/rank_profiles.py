@@ -27,19 +27,29 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import add_seed_argument, add_task_argument, add_tie_order_argument
+from LaMP.utils.cli.arguments import (add_seed_argument, add_shard_arguments, add_task_argument,
+                                      add_tie_order_argument, check_shard_arguments)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
                                     require_regular_file, save_run_args)
 from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.retrieval import RANKERS, build_ranker
+from LaMP.utils.retrieval import RANKERS, build_ranker, parse_retriever_spec
 from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, Ranker
 from LaMP.utils.retrieval.parallel import (FastPathFailed, available_cores, rank_here,
                                            rank_in_workers, worth_fast_path, worth_workers)
 from LaMP.utils.retrieval.rankings import count_questions, shard_range
 
 logger = logging.getLogger(__name__)
+
+
+def retriever_arg(text: str) -> str:
+    """argparse ``type=`` of ``--retrievers``: a candidate spec, checked while parsing."""
+    try:
+        parse_retriever_spec(text)
+    except LampError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_task_argument(parser)
     parser.add_argument("--ranker", required=True, choices=RANKERS,
                         help="bm25 (Okapi BM25), contriever (any Hugging Face encoder, see "
-                             "--contriever_checkpoint), recency (newest first) or random")
+                             "--contriever_checkpoint), recency (newest first), random, or "
+                             "rspg (per question, the ranking of the --retrievers candidate a "
+                             "trained --selector picks)")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="texts per encoder forward pass for contriever (default "
                              f"{DEFAULT_BATCH_SIZE}; 128 or more suits a GPU)")
@@ -65,12 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="device for contriever: cpu, cuda or cuda:N (default: cuda when "
                              "available, else cpu)")
+    parser.add_argument("--selector", default=None,
+                        help="rspg: the trained selector (train_selector.py --output_dir)")
+    parser.add_argument("--retrievers", nargs="+", default=None, metavar="RETRIEVER",
+                        type=retriever_arg,
+                        help="rspg: the candidate retrievers, each bm25, recency, random, "
+                             "contriever (the --contriever_checkpoint encoder) or "
+                             "contriever=DIR (another encoder, e.g. a train_retriever.py run)")
+    parser.add_argument("--retriever_outputs", nargs="+", default=None, metavar="PREDICTIONS",
+                        help="rspg with an RSPG-Post selector: each candidate's evaluate_llm.py "
+                             "predictions on these questions, in --retrievers order")
     add_seed_argument(parser, "seed of the random ranker (each question's order depends only on "
                               "the seed and the question id)")
-    parser.add_argument("--num_shards", type=int, default=1,
-                        help="split the questions into this many contiguous slices (default 1)")
-    parser.add_argument("--shard_id", type=int, default=0,
-                        help="which slice to rank, 0 … num_shards-1 (default 0)")
+    add_shard_arguments(parser, "rank")
     parser.add_argument("--num_workers", type=int, default=available_cores(),
                         help="processes that parse and rank the questions for bm25, recency and "
                              "random (default: the cores this process may use, "
@@ -78,14 +97,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "always runs its one model in this process)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    if args.tie_order != "profile" and args.ranker != "bm25":
-        parser.error("--tie_order applies to --ranker bm25 only")
+    if args.tie_order != "profile" and args.ranker not in ("bm25", "rspg"):
+        parser.error("--tie_order applies to --ranker bm25 (and rspg's bm25 candidate) only")
+    if args.ranker == "rspg":
+        if not args.selector or not args.retrievers:
+            parser.error("--ranker rspg needs --selector and --retrievers")
+    else:
+        for flag in ("selector", "retrievers", "retriever_outputs"):
+            if getattr(args, flag):
+                parser.error(f"--{flag} applies to --ranker rspg only")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
-    if args.num_shards < 1:
-        parser.error("--num_shards must be at least 1")
-    if not 0 <= args.shard_id < args.num_shards:
-        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    check_shard_arguments(parser, args)
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
     return args
@@ -101,7 +124,11 @@ def main(argv=None) -> dict:
     check_outputs(files={"--output_ranking_addr": output_path,
                          "--output_ranking_addr (its arguments file)": args_path_for(output_path)},
                   inputs={"--input_data_addr": input_path,
-                          "--contriever_checkpoint": args.contriever_checkpoint})
+                          "--contriever_checkpoint": args.contriever_checkpoint,
+                          "--selector": args.selector,
+                          "--retrievers": [parse_retriever_spec(spec).checkpoint
+                                           for spec in args.retrievers or ()],
+                          "--retriever_outputs": args.retriever_outputs})
 
     shard = None
     if args.num_shards > 1:
@@ -133,12 +160,15 @@ def _build_ranker(args: argparse.Namespace) -> Ranker:
         args.ranker, args.task, use_date=args.use_date,
         model_name=args.contriever_checkpoint or DEFAULT_DENSE_MODEL, device=args.device,
         batch_size=args.batch_size, seed=args.seed,
-        allow_download=args.contriever_checkpoint is not None, tie_order=args.tie_order)
+        allow_download=args.contriever_checkpoint is not None, tie_order=args.tie_order,
+        selector=args.selector, retrievers=args.retrievers or (),
+        retriever_outputs=args.retriever_outputs or ())
 
 
 def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
                  shard: range | None) -> tuple[Ranker, int]:
-    """Rank in this process: the reference behaviour, and the only one for contriever."""
+    """Rank in this process: the reference behaviour, and the only one for the rankers with
+    a model (contriever, rspg)."""
     questions = iter_questions(input_path, args.task)
     if shard is not None:
         questions = islice(questions, shard.start, shard.stop)
