@@ -26,13 +26,14 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import RANKING, add_seed_argument, add_task_argument
+from LaMP.utils.cli.arguments import (RANKING, add_seed_argument, add_shard_arguments,
+                                      add_task_argument, check_shard_arguments)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import (JsonObjectWriter, args_path_for, check_outputs, check_readable,
                                     require_regular_file, save_run_args)
 from LaMP.utils.data.questions import iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.retrieval import build_ranker
+from LaMP.utils.retrieval import build_ranker, parse_retriever_spec
 from LaMP.utils.retrieval.base import Ranker
 from LaMP.utils.retrieval.parallel import (PARALLEL_RANKERS, WorkersFailed, available_cores,
                                            bounded_workers, ranking_workers, worth_workers)
@@ -54,10 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "available, else cpu)")
     add_seed_argument(parser, "seed of the random ranker (each question's order depends only on "
                               "the seed and the question id)")
-    parser.add_argument("--num_shards", type=int, default=1,
-                        help="split the questions into this many contiguous slices (default 1)")
-    parser.add_argument("--shard_id", type=int, default=0,
-                        help="which slice to rank, 0 … num_shards-1 (default 0)")
+    add_shard_arguments(parser, "rank")
     parser.add_argument("--num_workers", type=int, default=available_cores(),
                         help="processes that parse and rank the questions for bm25, recency and "
                              "random, at most the cores this process may use (default: all "
@@ -66,10 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     RANKING.check(parser, args)
-    if args.num_shards < 1:
-        parser.error("--num_shards must be at least 1")
-    if not 0 <= args.shard_id < args.num_shards:
-        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    check_shard_arguments(parser, args)
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
     return args
@@ -83,7 +78,11 @@ def main(argv=None) -> dict:
     check_outputs(files={"--output_ranking_addr": output_path,
                          "--output_ranking_addr (its arguments file)": args_path_for(output_path)},
                   inputs={"--input_data_addr": input_path,
-                          "--contriever_checkpoint": args.contriever_checkpoint})
+                          "--contriever_checkpoint": args.contriever_checkpoint,
+                          "--selector": args.selector,
+                          "--retrievers": [parse_retriever_spec(spec).checkpoint
+                                           for spec in args.retrievers or ()],
+                          "--retriever_outputs": args.retriever_outputs})
 
     shard = None
     if args.num_shards > 1:
@@ -116,7 +115,8 @@ def _build_ranker(args: argparse.Namespace) -> Ranker:
 
 def _rank_inline(args: argparse.Namespace, input_path: Path, output_path: Path,
                  shard: range | None) -> tuple[Ranker, int]:
-    """Rank in this process: the reference behaviour, and the only one for contriever."""
+    """Rank in this process: the reference behaviour, and the only one for the rankers with
+    a model (contriever, rspg)."""
     questions = iter_questions(input_path, args.task)
     if shard is not None:
         questions = islice(questions, shard.start, shard.stop)

@@ -117,6 +117,25 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_bert(folder: Path, texts, seed: int = 0) -> str:
+    """A 2-layer BERT encoder with random weights and a WordPiece tokenizer over the words
+    of ``texts`` (a dense ranker, a ROPG retriever or an RSPG selector to start from)."""
+    import torch
+    import transformers
+
+    words = sorted({word for text in texts for word in text.split()})
+    vocab = {token: index for index, token in
+             enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tokenizer = transformers.BertTokenizer(vocab=vocab)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))

@@ -12,7 +12,8 @@ from conftest import REPO
 SCRIPTS = ["LaMP/train_llm.py", "LaMP/rank_profiles.py", "LaMP/evaluate_llm.py",
            "LaMP/utils/merge_with_rank.py", "download_data.py", "demo.py",
            "data/avocado/create_avocado_dataset.py", "data/make_sample.py", "eval/compare.py",
-           "eval/eval_all.py", "eval/eval_task.py"]
+           "eval/eval_all.py", "eval/eval_task.py", "LaMP/collect_feedback.py",
+           "LaMP/train_retriever.py", "LaMP/train_selector.py"]
 
 
 def run_script(script: str, *argv: str) -> subprocess.CompletedProcess:
@@ -31,7 +32,8 @@ def test_an_unknown_flag_is_one_error_line(script):
 
 
 @pytest.mark.parametrize("script", ["LaMP/rank_profiles.py", "eval/eval_task.py",
-                                    "LaMP/train_llm.py"])
+                                    "LaMP/train_llm.py", "LaMP/collect_feedback.py",
+                                    "LaMP/train_retriever.py", "LaMP/train_selector.py"])
 def test_a_missing_required_flag_and_a_bad_value_are_one_line_each(script):
     missing = run_script(script)
     assert missing.returncode == 2

@@ -104,7 +104,7 @@ def test_the_docs_pages_exist():
     names = {path.name for path in (REPO / "docs").glob("*.md")}
     assert {"data.md", "retrieval.md", "prompts.md", "training.md", "per-user.md",
             "evaluation.md", "grids.md", "bad-input.md", "deviations.md", "multi-gpu.md",
-            "layout.md"} <= names
+            "layout.md", "feedback-retrieval.md"} <= names
 
 
 @pytest.mark.parametrize("path", PAGES, ids=lambda path: str(path.relative_to(REPO)))
@@ -154,6 +154,9 @@ SCRIPT_PAGES = {
     "LaMP/reproduce.py": ["grids.md"],
     "LaMP/utils/make_subset.py": ["grids.md"],
     "demo.py": ["grids.md"],
+    "LaMP/collect_feedback.py": ["feedback-retrieval.md", "prompts.md", "evaluation.md"],
+    "LaMP/train_retriever.py": ["feedback-retrieval.md"],
+    "LaMP/train_selector.py": ["feedback-retrieval.md"],
 }
 
 

@@ -111,7 +111,8 @@ LAYERS = (
     ("grid", ("LaMP.utils.grid",)),
 )
 SCRIPTS = ("LaMP.rank_profiles", "LaMP.evaluate_llm", "LaMP.train_llm", "LaMP.train_user_peft",
-           "LaMP.reproduce", "LaMP.utils.merge_with_rank", "LaMP.utils.make_subset")
+           "LaMP.reproduce", "LaMP.utils.merge_with_rank", "LaMP.utils.make_subset",
+           "LaMP.collect_feedback", "LaMP.train_retriever", "LaMP.train_selector")
 
 
 def layer_of(name: str) -> int | None:

@@ -11,7 +11,7 @@ import pytest
 from LaMP.utils.evaluation.metrics import (ClassificationMetric, InvalidGold, RatingMetric,
                                            RougeMetric, bootstrap_intervals, metric_for,
                                            paired_bootstrap, parse_rating)
-from LaMP.utils.tasks import MOVIE_TAGS, TASKS
+from LaMP.utils.tasks import MOVIE_TAGS, TASKS, get_task
 
 
 def compute(metric, golds, preds) -> dict:
@@ -273,3 +273,36 @@ def test_paired_bootstrap_difference_is_second_minus_first_for_errors_too():
     assert result["MAE"]["difference"] == pytest.approx(-2.0)
     assert result["MAE"]["ci95"] == [pytest.approx(-2.0), pytest.approx(-2.0)]
     assert result["MAE"]["p_value"] == pytest.approx(1 / 201)
+
+
+# -- per-example utilities (ROPG and RSPG feedback) --------------------------------------
+
+def test_rating_utilities_are_normalised_negative_absolute_errors():
+    metric = metric_for(get_task("LaMP-3"))
+    # gold 2: the farther end is 5 (3 away); gold 5: 1 is 4 away; "five" scores as 1 (farther)
+    prepared = metric.prepare(["2", "2", "5", "5", "3"], ["2", "4", "4", "five", "3.5"])
+    values = metric.utilities(prepared, "MAE")
+    assert values.tolist() == pytest.approx([1.0, 1 - 2 / 3, 0.75, 0.0, 0.75])
+
+
+def test_classification_and_rouge_utilities_are_per_example_scores():
+    accuracy = metric_for(get_task("LaMP-2"))
+    prepared = accuracy.prepare(["comedy", "action"], ["comedy", "drama"])
+    assert accuracy.utilities(prepared, "accuracy").tolist() == [1.0, 0.0]
+    rouge = metric_for(get_task("LaMP-7"))
+    prepared = rouge.prepare(["a b c d", "x y"], ["a b", "z"])
+    # rouge-1 F: precision 1, recall 1/2 -> 2/3; no overlap -> 0
+    assert rouge.utilities(prepared, "rouge-1") == pytest.approx(np.array([2 / 3, 0.0]))
+    assert math.isclose(float(np.mean(rouge.utilities(prepared, "rouge-1"))),
+                        rouge.aggregate(prepared)["rouge-1"])
+
+
+def test_utilities_name_the_ids_of_golds_the_metric_cannot_use():
+    from LaMP.utils.errors import LampError
+    from LaMP.utils.evaluation.scoring import utilities
+
+    assert utilities(get_task("LaMP-3"), ["a", "b"], ["4", "1"], ["4", "3"], "golds") == \
+        pytest.approx([1.0, 0.5])
+    with pytest.raises(LampError, match=r"golds: gold outputs that are not numbers for 1 "
+                                        r"\(first: b\)"):
+        utilities(get_task("LaMP-3"), ["a", "b"], ["4", "four"], ["4", "3"], "golds")

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLE, load_script, outputs_doc, write_json
-from LaMP import evaluate_llm, rank_profiles, train_llm
+from LaMP import (collect_feedback, evaluate_llm, rank_profiles, train_llm, train_retriever,
+                  train_selector)
 from LaMP.utils import merge_with_rank
 from LaMP.utils.cli.program import run
 from LaMP.utils.data import fileio
@@ -146,6 +147,22 @@ def refused_cases(tmp_path: Path):
           "--output_dir", model], [model]),
         ("demo work_dir = data_dir", demo.main,
          ["--data_dir", lamp6, "--work_dir", lamp6], [lamp6]),
+        ("collect_feedback output = its training data", collect_feedback.main,
+         ["--train_data", questions, "--task", "LaMP-7", "--model_addr", model,
+          "--output_file", questions], [questions]),
+        ("collect_feedback arguments file = its training data", collect_feedback.main,
+         ["--train_data", named_like_args, "--task", "LaMP-7", "--model_addr", model,
+          "--output_file", named_like_args.with_name("dev.jsonl")], [named_like_args]),
+        ("train_retriever output_dir holding the feedback", train_retriever.main,
+         ["--feedback", ranking, "--train_data", questions, "--task", "LaMP-7",
+          "--objective", "kd", "--output_dir", tmp_path], [ranking, questions]),
+        ("train_retriever into the encoder it starts from", train_retriever.main,
+         ["--feedback", ranking, "--train_data", questions, "--task", "LaMP-7",
+          "--objective", "kd", "--contriever_checkpoint", model, "--output_dir",
+          model / "ropg"], [model]),
+        ("train_selector output_dir holding the rankings", train_selector.main,
+         ["--train_data", questions, "--task", "LaMP-7", "--rankings", ranking, ranking,
+          "--predictions", preds, preds, "--output_dir", tmp_path], [ranking]),
     ]
 
 

@@ -15,7 +15,7 @@ from LaMP.utils.retrieval.dense import DenseRanker, cache_key, mean_pool  # noqa
 from LaMP.utils.errors import LampError  # noqa: E402
 from LaMP.utils.retrieval import build_ranker  # noqa: E402
 from LaMP.utils.tasks import get_task  # noqa: E402
-from conftest import LAMP_REAL  # noqa: E402
+from conftest import LAMP_REAL, build_tiny_bert  # noqa: E402
 
 LAMP_7 = get_task("LaMP-7")
 PREFIX = "Paraphrase the following tweet without any explanation before or after it: "
@@ -26,24 +26,9 @@ TWEETS = [
 ]
 
 
-def build_tiny_encoder(folder) -> str:
-    """A 2-layer BERT with random weights and a WordPiece tokenizer over the fixture words."""
-    words = sorted({word for text in TWEETS for word in text.split()})
-    vocab = {token: index for index, token in
-             enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    tokenizer = transformers.BertTokenizer(vocab=vocab)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), TWEETS)
 
 
 def make_question(qid: str, query: str, texts: list[str], ids: list[str] | None = None) -> dict:

@@ -178,7 +178,9 @@ def test_every_spelling_of_every_registered_task_resolves_and_nothing_else_does(
 
 @pytest.mark.parametrize("script", ["LaMP/rank_profiles.py", "LaMP/evaluate_llm.py",
                                     "LaMP/train_llm.py", "LaMP/train_user_peft.py",
-                                    "eval/eval_task.py", "eval/compare.py"])
+                                    "eval/eval_task.py", "eval/compare.py",
+                                    "LaMP/collect_feedback.py", "LaMP/train_retriever.py",
+                                    "LaMP/train_selector.py"])
 def test_every_scripts_task_help_names_every_registered_task(script):
     import subprocess
     import sys

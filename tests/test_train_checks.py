@@ -86,6 +86,9 @@ SEED_SCRIPTS = {
     "compare": lambda: load_script("eval/compare.py").main,
     "demo": lambda: load_script("demo.py").main,
     "make_sample": lambda: load_script("data/make_sample.py").main,
+    "collect_feedback": lambda: load_script("LaMP/collect_feedback.py").main,
+    "train_retriever": lambda: load_script("LaMP/train_retriever.py").main,
+    "train_selector": lambda: load_script("LaMP/train_selector.py").main,
 }
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from LaMP.utils.cli.program import seed_arg
 from LaMP.utils.evaluation.metrics import DEFAULT_BOOTSTRAP_SEED, OFFICIAL_ROUGE_SAMPLES
 from LaMP.utils.evaluation.scoring import ROUGE_AGGREGATIONS
-from LaMP.utils.retrieval import RANKERS
+from LaMP.utils.errors import LampError
+from LaMP.utils.retrieval import ON_THE_FLY_RANKERS, RANKERS, parse_retriever_spec
 from LaMP.utils.retrieval.base import DEFAULT_BATCH_SIZE, DEFAULT_DENSE_MODEL, TIE_ORDERS
 from LaMP.utils.seeds import DEFAULT_SEED
 from LaMP.utils.tasks import TASK_HELP, task_arg
@@ -24,6 +25,11 @@ def add_profile_arguments(parser: argparse.ArgumentParser, max_length: int = 256
     parser.add_argument("--num_retrieved", type=int, default=1,
                         help="number of profile items in each prompt (0: the bare input)")
     ON_THE_FLY.add(parser)
+    add_budget_arguments(parser, max_length)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, max_length: int = 256) -> None:
+    """How a prompt is fitted into the model's input."""
     parser.add_argument("--max_length", type=int, default=max_length,
                         help="token budget of the model input: instruction, profile and all")
     parser.add_argument("--input_truncation", default="share", choices=INPUT_TRUNCATIONS,
@@ -51,16 +57,21 @@ class RetrieverFlags:
     """
 
     ranker: str  # the flag that names the ranker
-    alias: str  # the same flag under the other script's name (the seed README uses both)
+    alias: str | None  # the same flag under the other script's name (the seed README uses both)
     batch_size: str  # the flag of the dense encoder's batch size
     default: str | None  # the ranker when the flag is left out; None: the flag is required
     purpose: str  # what the ranker is for, the start of the ranker flag's help
+    # The rankers the flag takes: the composite ones (rspg) need the flags of `composite`.
+    choices: tuple[str, ...] = ON_THE_FLY_RANKERS
+    composite: bool = False  # --selector, --retrievers, --retriever_outputs for rspg
 
     def add(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(self.ranker, self.alias, dest=self.ranker.removeprefix("--"),
+        names = (self.ranker,) if self.alias is None else (self.ranker, self.alias)
+        parser.add_argument(*names, dest=self.ranker.removeprefix("--"),
                             required=self.default is None, default=self.default,
-                            choices=RANKERS, help=f"{self.purpose}: {', '.join(RANKERS)} "
-                                                  "(docs/retrieval.md, Rankers)")
+                            choices=self.choices,
+                            help=f"{self.purpose}: {', '.join(self.choices)} "
+                                 "(docs/retrieval.md, Rankers)")
         parser.add_argument(self.batch_size, type=int, default=DEFAULT_BATCH_SIZE,
                             help="texts per encoder forward pass for contriever (default "
                                  f"{DEFAULT_BATCH_SIZE}; 128 or more suits a GPU)")
@@ -76,12 +87,36 @@ class RetrieverFlags:
                                  f"(default {DEFAULT_DENSE_MODEL}, used only if already in the "
                                  "local Hugging Face cache; a name given here may be "
                                  "downloaded)")
+        if self.composite:
+            parser.add_argument("--selector", default=None,
+                                help="rspg: the trained selector (train_selector.py "
+                                     "--output_dir)")
+            parser.add_argument("--retrievers", nargs="+", default=None, metavar="RETRIEVER",
+                                type=_retriever_spec,
+                                help="rspg: the candidate retrievers, each bm25, recency, "
+                                     "random, contriever (the --contriever_checkpoint encoder) "
+                                     "or contriever=DIR (another encoder, e.g. a "
+                                     "train_retriever.py run)")
+            parser.add_argument("--retriever_outputs", nargs="+", default=None,
+                                metavar="PREDICTIONS",
+                                help="rspg with an RSPG-Post selector: each candidate's "
+                                     "evaluate_llm.py predictions on these questions, in "
+                                     "--retrievers order")
 
     def check(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-        if args.tie_order != "profile" and self.name(args) != "bm25":
-            parser.error(f"--tie_order applies to {self.ranker} bm25 only")
+        name = self.name(args)
+        if args.tie_order != "profile" and name not in ("bm25", "rspg"):
+            parser.error(f"--tie_order applies to {self.ranker} bm25 (and rspg's bm25 "
+                         "candidate) only")
         if self._batch_size(args) < 1:
             parser.error(f"{self.batch_size} must be at least 1")
+        if not self.composite:
+            return
+        if name == "rspg" and not (args.selector and args.retrievers):
+            parser.error(f"{self.ranker} rspg needs --selector and --retrievers")
+        for flag in ("selector", "retrievers", "retriever_outputs"):
+            if name != "rspg" and getattr(args, flag):
+                parser.error(f"--{flag} applies to {self.ranker} rspg only")
 
     def name(self, args: argparse.Namespace) -> str:
         """The ranker the parsed flags name."""
@@ -97,15 +132,47 @@ class RetrieverFlags:
                 # local cache (the project runs offline unless asked).
                 "allow_download": checkpoint is not None,
                 "batch_size": self._batch_size(args), "device": args.device,
-                "seed": args.seed}
+                "seed": args.seed,
+                **({"selector": args.selector, "retrievers": args.retrievers or (),
+                    "retriever_outputs": args.retriever_outputs or ()}
+                   if self.composite else {})}
 
     def _batch_size(self, args: argparse.Namespace) -> int:
         return getattr(args, self.batch_size.removeprefix("--"))
 
 
-RANKING = RetrieverFlags("--ranker", "--retriever", "--batch_size", None, "the ranker")
+def add_shard_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--num_shards N --shard_id i``: this run does (``verb``) contiguous slice i of N of
+    the questions; ``check_shard_arguments`` checks them."""
+    parser.add_argument("--num_shards", type=int, default=1,
+                        help="split the questions into this many contiguous slices (default 1)")
+    parser.add_argument("--shard_id", type=int, default=0,
+                        help=f"which slice to {verb}, 0 … num_shards-1 (default 0)")
+
+
+def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.num_shards < 1:
+        parser.error("--num_shards must be at least 1")
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+
+
+def _retriever_spec(text: str) -> str:
+    """argparse ``type=`` of ``--retrievers``: a candidate spec, checked while parsing."""
+    try:
+        parse_retriever_spec(text)
+    except LampError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+RANKING = RetrieverFlags("--ranker", "--retriever", "--batch_size", None, "the ranker",
+                         choices=RANKERS, composite=True)
 ON_THE_FLY = RetrieverFlags("--retriever", "--ranker", "--retriever_batch_size", "bm25",
                             "ranker used on the fly when the data is not pre-ranked")
+# collect_feedback.py: the ranker whose top items the LLM's feedback scores.
+FIRST_STAGE = RetrieverFlags("--first_stage", None, "--retriever_batch_size", "bm25",
+                             "ranker that picks each question's candidate items")
 
 
 # How an input longer than its share of the budget is cut (docs/deviations.md).
@@ -191,6 +258,56 @@ def check_generation_arguments(parser: argparse.ArgumentParser, args: argparse.N
         parser.error(f"--label_scoring needs a task with labels; {args.task.name} has none")
 
 
+# The paper's recipe for ROPG and RSPG (Salemi et al., SIGIR 2024), and the released code's
+# clipping and temperature.
+FEEDBACK_STEPS = 1000
+FEEDBACK_LEARNING_RATE = 1e-5
+FEEDBACK_WARMUP_STEPS = 1000
+
+
+def add_feedback_training_arguments(parser: argparse.ArgumentParser, groups: str) -> None:
+    """How a model learns from the LLM's feedback (train_retriever.py, train_selector.py):
+    Adam, a linear warm-up and then a constant rate, one group (``groups``) per step."""
+    parser.add_argument("--max_steps", type=int, default=FEEDBACK_STEPS,
+                        help=f"optimizer steps (default {FEEDBACK_STEPS:,}, the paper's)")
+    parser.add_argument("--learning_rate", type=float, default=FEEDBACK_LEARNING_RATE,
+                        help=f"Adam's learning rate after warm-up (default "
+                             f"{FEEDBACK_LEARNING_RATE:g}, the paper's)")
+    parser.add_argument("--warmup_steps", type=int, default=FEEDBACK_WARMUP_STEPS,
+                        help="steps over which the rate rises linearly from 0; constant after "
+                             f"(default {FEEDBACK_WARMUP_STEPS:,}, the paper's: with the "
+                             "default --max_steps the rate rises for the whole run; 0: "
+                             "constant from the start, as the released scripts run)")
+    parser.add_argument("--per_device_batch_size", type=int, default=1,
+                        help=f"{groups} per optimizer step (default 1, the paper's per GPU)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="τ of the distillation: softmax(scores/τ) is fitted to "
+                             "softmax(utilities/τ) (default 1, the released code's)")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0,
+                        help="clip the gradient to this norm (default 1, the released code's)")
+    parser.add_argument("--logging_steps", type=int, default=50,
+                        help="log the mean loss every this many steps (0: never)")
+
+
+def check_feedback_training_arguments(parser: argparse.ArgumentParser,
+                                      args: argparse.Namespace) -> None:
+    import math
+
+    for flag in ("learning_rate", "temperature", "max_grad_norm"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value <= 0:
+            parser.error(f"--{flag} must be a finite number > 0, not {value}")
+    if not 1 <= args.max_steps <= UPPER_BOUNDS["max_steps"]:
+        parser.error(f"--max_steps must be in 1 … {UPPER_BOUNDS['max_steps']:,}")
+    if not 0 <= args.warmup_steps <= UPPER_BOUNDS["max_steps"]:
+        parser.error(f"--warmup_steps must be in 0 … {UPPER_BOUNDS['max_steps']:,}")
+    if not 1 <= args.per_device_batch_size <= UPPER_BOUNDS["per_device_batch_size"]:
+        parser.error(f"--per_device_batch_size must be in 1 … "
+                     f"{UPPER_BOUNDS['per_device_batch_size']:,}")
+    if args.logging_steps < 0:
+        parser.error("--logging_steps must be >= 0")
+
+
 def check_optimizer_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every number of ``add_optimizer_arguments`` checked while parsing: a bad one would
     otherwise surface only after the model has loaded (the optimizer rejects a negative
@@ -232,7 +349,7 @@ UPPER_BOUNDS = {
 
 def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate the shared flags before any model is loaded."""
-    if args.num_retrieved < 0:
+    if getattr(args, "num_retrieved", 0) < 0:
         parser.error("--num_retrieved must be >= 0")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16 tokens")

@@ -386,6 +386,15 @@ def check_new_run_folder(path: str | os.PathLike, flag: str, allowed_by: str) ->
                         f"pass {allowed_by}, or choose another folder")
 
 
+def check_fresh_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a folder that holds anything as the target of ``atomic_folder`` (a trained
+    retriever or selector, which appears whole at the end): only a new or empty one."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise LampError(f"{flag} {path} already exists and is not an empty folder; choose a "
+                        "new one")
+
+
 def check_evaluation_folder(path: str | os.PathLike, flag: str) -> None:
     """Refuse a training run's folder as an evaluation's output: its predictions.json,
     results_output.json and args.json would replace the run's own. An earlier evaluation's
@@ -711,7 +720,7 @@ def plain_run_args(args: Mapping[str, Any] | Any) -> dict[str, Any]:
     """A run's arguments as ``save_run_args`` writes them: JSON values (anything else as its
     ``str``), sorted by name; what a saved args.json is compared with."""
     values = dict(args) if isinstance(args, Mapping) else dict(vars(args))
-    return {key: value if isinstance(value, (str, int, float, bool, type(None), list))
+    return {key: value if isinstance(value, (str, int, float, bool, type(None), list, dict))
             else str(value) for key, value in sorted(values.items())}
 
 

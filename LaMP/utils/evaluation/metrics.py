@@ -60,6 +60,11 @@ class Metric:
     def aggregate(self, prepared: Prepared, rows: np.ndarray | None = None) -> dict[str, float]:
         raise NotImplementedError
 
+    def utilities(self, prepared: Prepared, name: str) -> np.ndarray:
+        """Per example, how good its prediction is by the metric ``name``, higher better:
+        the feedback that trains retrievers (ROPG) and selectors (RSPG)."""
+        raise NotImplementedError
+
 
 class ClassificationMetric(Metric):
     names = ("accuracy", "f1")
@@ -93,6 +98,11 @@ class ClassificationMetric(Metric):
         f1 = np.divide(2.0 * true_positives, denominator,
                        out=np.zeros(n_labels), where=denominator > 0)
         return {"accuracy": float(correct.mean()), "f1": float(f1.mean())}
+
+    def utilities(self, prepared, name):
+        # Per example only accuracy exists (F1 is a property of a set of predictions).
+        _check_per_example(self, name, ("accuracy",))
+        return (prepared.arrays["gold"] == prepared.arrays["pred"]).astype(np.float64)
 
 
 def parse_rating(text: str) -> float | None:
@@ -141,6 +151,15 @@ class RatingMetric(Metric):
             return {"MAE": float(np.abs(error).mean()),
                     "RMSE": float(np.sqrt((error ** 2).mean()))}
 
+    def utilities(self, prepared, name):
+        """The normalised negative absolute error of ROPG and RSPG: 1 at the gold, 0 at
+        the end of the scale farther from it (the score an invalid prediction gets);
+        ``MAE`` and ``RMSE`` agree on one example."""
+        _check_per_example(self, name, self.names)
+        gold = prepared.arrays["gold"]
+        worst = np.maximum(np.abs(gold - self.lowest), np.abs(self.highest - gold))
+        return 1.0 - np.abs(prepared.arrays["pred"] - gold) / worst
+
 
 class RougeMetric(Metric):
     names = ("rouge-1", "rouge-L")
@@ -166,6 +185,16 @@ class RougeMetric(Metric):
             scores = scores[rows]
         means = scores.mean(axis=0)
         return {name: float(value) for name, value in zip(self.names, means)}
+
+    def utilities(self, prepared, name):
+        _check_per_example(self, name, self.names)
+        return prepared.arrays["scores"][:, self.names.index(name)].copy()
+
+
+def _check_per_example(metric: Metric, name: str, allowed: Sequence[str]) -> None:
+    if name not in allowed:
+        raise AssertionError(f"{type(metric).__name__} has no per-example {name!r} "
+                             f"(it has {', '.join(allowed)})")
 
 
 def metric_for(task: Task) -> Metric:

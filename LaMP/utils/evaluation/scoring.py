@@ -82,6 +82,15 @@ def score_outputs(task: Task, ids: list[str], golds: list[str], preds: list[str]
     return result
 
 
+def utilities(task: Task, ids: list[str], golds: list[str], preds: list[str], source: str
+              ) -> list[float]:
+    """Per example, the task's selection metric of its prediction, higher better (LaMP-3:
+    the normalised negative absolute error): the utility ROPG and RSPG learn from."""
+    metric = metric_for(task)
+    prepared = prepare(metric, ids, golds, preds, source)
+    return metric.utilities(prepared, task.selection_metric).tolist()
+
+
 def score_files(golds: OutputsFile, preds: OutputsFile, task: Task | None = None,
                 bootstrap: int = 0, seed: int = DEFAULT_BOOTSTRAP_SEED,
                 rouge_aggregation: str = "mean") -> dict:

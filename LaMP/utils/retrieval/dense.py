@@ -113,13 +113,10 @@ class DenseRanker(Ranker):
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             self.dtype = torch.float32  # half precision on a CPU is slow and less exact
-        self.tokenizer, self.model = _load_encoder(self.model_name, self.dtype, cache_dir,
-                                                   allow_download)
+        self.tokenizer, self.model = load_encoder(self.model_name, self.dtype, cache_dir,
+                                                  allow_download)
         self.model.to(self.device).eval()
-        limits = [limit for limit in (getattr(self.tokenizer, "model_max_length", None),
-                                      getattr(self.model.config, "max_position_embeddings", None))
-                  if isinstance(limit, int) and 0 < limit < 1_000_000]
-        self.max_length = min(limits) if limits else 512
+        self.max_length = encoder_max_length(self.tokenizer, self.model)
         logger.info("dense ranker: %s on %s (%s), batch size %d, max length %d",
                     self.model_name, self.device, str(self.dtype).removeprefix("torch."),
                     batch_size, self.max_length)
@@ -177,16 +174,30 @@ class DenseRanker(Ranker):
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch_index = order[start:start + self.batch_size]
-                tokens = self.tokenizer([texts[index] for index in batch_index], padding=True,
-                                        truncation=True, max_length=self.max_length,
-                                        return_tensors="pt").to(self.device)
-                hidden = self.model(**tokens).last_hidden_state
-                pooled = mean_pool(hidden, tokens["attention_mask"])
+                pooled = embed(self.model, self.tokenizer, [texts[index] for index in batch_index],
+                               self.max_length, self.device)
                 output[batch_index] = pooled.cpu().numpy()
         return output
 
 
-def _load_encoder(model_name: str, dtype: torch.dtype, cache_dir, allow_download: bool):
+def embed(model, tokenizer, texts: list[str], max_length: int, device) -> torch.Tensor:
+    """Mean-pooled float32 embeddings of ``texts`` in one forward pass: the dense ranker's
+    computation, and (with gradients, outside inference mode) what ROPG trains."""
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt").to(device)
+    return mean_pool(model(**tokens).last_hidden_state, tokens["attention_mask"])
+
+
+def encoder_max_length(tokenizer, model) -> int:
+    """The most tokens a text keeps: the tokenizer's and the position table's limit, 512
+    where neither is set (a tokenizer without a limit says ~1e30)."""
+    limits = [limit for limit in (getattr(tokenizer, "model_max_length", None),
+                                  getattr(model.config, "max_position_embeddings", None))
+              if isinstance(limit, int) and 0 < limit < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def load_encoder(model_name: str, dtype: torch.dtype, cache_dir=None, allow_download: bool = False):
     """Tokenizer and model, from a local folder or the Hugging Face cache (or hub, if allowed)."""
     local_only = not allow_download
     try:
