@@ -357,7 +357,8 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         value = getattr(args, flag, None)  # not every script has every flag
         if value is not None and value > highest:
             parser.error(f"--{flag} must be at most {highest:,}, not {value}")
-    ON_THE_FLY.check(parser, args)
+    if hasattr(args, "retriever"):  # the scripts that rank on the fly
+        ON_THE_FLY.check(parser, args)
 
 
 def profile_options(args: argparse.Namespace, device: str | None = None):
