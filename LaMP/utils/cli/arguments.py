@@ -105,9 +105,10 @@ class RetrieverFlags:
 
     def check(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         name = self.name(args)
-        if args.tie_order != "profile" and name not in ("bm25", "rspg"):
-            parser.error(f"--tie_order applies to {self.ranker} bm25 (and rspg's bm25 "
-                         "candidate) only")
+        if args.tie_order != "profile" and name != "bm25" and not (
+                self.composite and name == "rspg"):
+            parser.error(f"--tie_order applies to {self.ranker} bm25 "
+                         + ("(and rspg's bm25 candidate) " if self.composite else "") + "only")
         if self._batch_size(args) < 1:
             parser.error(f"{self.batch_size} must be at least 1")
         if not self.composite:
