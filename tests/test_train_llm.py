@@ -289,7 +289,7 @@ def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path, tiny_t5):
 def test_training_data_is_read_once_so_pipes_work(tmp_path, tiny_t5):
     """train_llm.py builds its examples in one read of each file (before the weights load),
     so its data may come from pipes, e.g. --train_data <(zcat train.json.gz)."""
-    from test_bounded_input import fifo
+    from test_jsoninput import fifo
 
     train = Path(merged_sample(tmp_path, 3, "train", 4)).read_bytes()
     valid = Path(merged_sample(tmp_path, 3, "dev", 2)).read_bytes()
