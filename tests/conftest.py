@@ -1,9 +1,13 @@
-"""Shared test helpers: repository paths, the real-data location, and script loading."""
+"""Shared test helpers: repository paths, the real-data location, script loading, running a
+script as its ``__main__`` does, tiny models and adapters, and fixtures that refuse model
+loads or the network."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -42,6 +46,92 @@ def write_json(path: Path, obj) -> Path:
 
 def outputs_doc(task_file_name: str, pairs) -> dict:
     return {"task": task_file_name, "golds": [{"id": i, "output": o} for i, o in pairs]}
+
+
+def lamp3_files(tmp_path: Path, prediction: str = "4") -> tuple[Path, Path]:
+    """LaMP-3 golds (3, 5) and predictions (``prediction``, 5) for questions 1 and 2."""
+    golds = write_json(tmp_path / "golds.json", outputs_doc("LaMP_3", [("1", "3"), ("2", "5")]))
+    preds = write_json(tmp_path / "preds.json", outputs_doc("LaMP_3", [("1", prediction),
+                                                                         ("2", "5")]))
+    return golds, preds
+
+
+def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
+    """Exit status and non-blank stderr lines of ``main`` run as its script's ``__main__``
+    runs it (``cli.program.run``); a usage error, which argparse exits on from inside
+    ``main``, gives its exit status."""
+    from LaMP.utils.cli.program import run
+
+    capsys.readouterr()
+    try:
+        status = run(main, [str(arg) for arg in argv])
+    except SystemExit as exited:
+        status = exited.code
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def problems(lines: list[str]) -> list[str]:
+    """The ``error:`` lines and traceback heads among ``lines``, leaving out what logging
+    wrote: a user mistake must come to exactly one ``error:`` line and no traceback."""
+    return [line for line in lines if line.startswith(("error:", "Traceback"))]
+
+
+def listing(folder: Path) -> dict[str, object]:
+    """Every entry under ``folder``: a file's bytes, a link's target, any other's kind (a
+    folder, a device), to compare before and after a run."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            entries[name] = "-> " + os.readlink(path)
+        elif stat.S_ISREG(mode):
+            entries[name] = path.read_bytes()
+        else:
+            entries[name] = stat.S_IFMT(mode)
+    return entries
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model, tokenizer or config load fails the test: user errors must come first."""
+    import LaMP.utils.modeling.model as modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the user error was reported")
+
+    for name in ("load_model", "load_model_and_tokenizer", "load_pretrained", "load_config",
+                 "load_config_and_tokenizer", "load_tokenizer"):
+        monkeypatch.setattr(modeling, name, refuse)
+
+
+@pytest.fixture
+def no_weight_loads(monkeypatch):
+    """Loading weights fails the test; the config and tokenizer may load (train_llm.py builds
+    its examples, and so checks its data, with the tokenizer alone; evaluate_llm.py checks
+    per-user adapters against the model's config)."""
+    import LaMP.utils.modeling.model as modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the user error was reported")
+
+    for name in ("load_model", "load_model_and_tokenizer", "load_pretrained"):
+        monkeypatch.setattr(modeling, name, refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection attempt (and name look-up) is recorded and refused."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
 
 
 # -- tiny models built offline ------------------------------------------------------------
@@ -144,6 +234,32 @@ def tiny_t5(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_llama, tmp_path_factory) -> Path:
+    """A LoRA adapter (r 4, alpha 8) of ``tiny_llama``, saved as peft saves one."""
+    from LaMP.utils.modeling.model import load_pretrained
+    from LaMP.utils.modeling.training import add_lora
+
+    model, _ = load_pretrained(str(tiny_llama))
+    folder = tmp_path_factory.mktemp("adapter")
+    add_lora(model, seq2seq=False, r=4, alpha=8, dropout=0.0,
+             target_modules=None).save_pretrained(folder)
+    return folder
+
+
+def edited_adapter(adapter: Path, tmp_path: Path, config) -> Path:
+    """A copy of ``adapter`` whose adapter_config.json is ``config`` (a mapping: merged into
+    the saved one)."""
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    text = json.dumps(config if not isinstance(config, dict) else {**saved, **config})
+    (folder / "adapter_config.json").write_text(text)
+    return folder
 
 
 @pytest.fixture(params=["t5", "llama"])

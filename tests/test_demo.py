@@ -1,9 +1,12 @@
-"""demo.py end to end on the bundled sample, with a tiny random model instead of SmolLM2."""
+"""demo.py end to end on the bundled sample, with a tiny random model instead of SmolLM2, and
+its flags checked before any stage runs."""
 from __future__ import annotations
 
 import json
 
-from conftest import load_script
+import pytest
+
+from conftest import load_script, run_cli
 
 
 def test_demo_runs_every_stage_and_scores_the_zip(tmp_path, tiny_llama, capsys):
@@ -43,3 +46,21 @@ def test_lamp_2n_runs_through_every_stage_like_any_task(tmp_path, tiny_llama):
     assert results["LaMP_2N"]["count"] == 24 and set(results["LaMP_2N"]) >= {"accuracy", "f1"}
     rows = {name: (zero, lora) for name, _, zero, lora in summary["rows"]}
     assert rows["LaMP-2N"][0] is not None and rows["LaMP-2N"][1] is not None
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning_rate", "-1", "error: --learning_rate must be > 0"),
+    ("--epochs", "nan", "error: --num_train_epochs must be a finite number, not nan"),
+    ("--epochs", "1e300", "error: --num_train_epochs must be at most 10,000, not 1e+300"),
+    ("--num_retrieved", "-3", "error: --num_retrieved must be >= 0"),
+])
+def test_demo_checks_every_stage_flag_before_any_work(tmp_path, capsys, monkeypatch, flag,
+                                                      value, message):
+    demo = load_script("demo.py")
+    monkeypatch.setattr(demo, "rank_and_merge", lambda *a: pytest.fail("work started"))
+    work = tmp_path / "work"
+    status, lines = run_cli(demo.main, ["--work_dir", work, "--model", tmp_path / "model",
+                                        flag, value], capsys)
+    assert status == 2
+    assert lines == [message]
+    assert not work.exists()

@@ -19,7 +19,7 @@ import pytest
 
 from LaMP.utils.cli.program import run
 from LaMP.utils.errors import LampError
-from conftest import LAMP_REAL, REPO, SAMPLE, outputs_doc, requires_real_data
+from conftest import LAMP_REAL, REPO, SAMPLE, outputs_doc, requires_real_data, run_cli
 from test_download_data import (args_for, download, download_data, lamp7_questions,
                                 publish_lamp2_with_known_issue, publish_lamp7, server)
 
@@ -402,9 +402,11 @@ def test_a_bad_url_from_the_shell_is_an_error_not_a_traceback(tmp_path):
 def test_out_dir_below_a_file_is_one_line(server, tmp_path, capsys):
     (tmp_path / "a_file").write_text("mine")
     out_dir = tmp_path / "a_file" / "raw_data"
-    assert run(download_data.main, ["--base_url", server.base_url, "--out_dir", str(out_dir)]) == 2
+    status, lines = run_cli(download_data.main, ["--base_url", server.base_url, "--out_dir",
+                                                 out_dir], capsys)
+    assert status == 2
     # The shared output-folder check names the file in the way.
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    assert lines[-1] == (
         f"error: --out_dir {out_dir}: {tmp_path / 'a_file'} is a file, not a folder")
 
 
@@ -443,8 +445,8 @@ def test_a_malformed_manifest_costs_a_check_not_a_traceback(server, tmp_path, ma
 def test_a_manifest_that_is_a_folder_is_one_line(server, tmp_path, capsys):
     publish_lamp7(server)
     (tmp_path / "download_manifest.json").mkdir()
-    assert run(download_data.main, lamp7_dev(server, tmp_path)) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    status, lines = run_cli(download_data.main, lamp7_dev(server, tmp_path), capsys)
+    assert status == 2
     assert lines == [f"error: {tmp_path / 'download_manifest.json'} is not a file; move it away "
                      "(it is the download manifest's name)"]
     assert server.gets() == []
@@ -511,8 +513,9 @@ def test_a_folder_that_cannot_be_locked_still_downloads(server, tmp_path, capsys
 
 def test_a_lock_file_name_taken_by_a_folder_is_one_line(server, tmp_path, capsys):
     (tmp_path / ".download_data.lock").mkdir()
-    assert run(download_data.main, lamp7_dev(server, tmp_path)) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    status, lines = run_cli(download_data.main, lamp7_dev(server, tmp_path), capsys)
+    assert status == 2
+    assert lines == [
         f"error: --out_dir {tmp_path}: cannot write its lock file .download_data.lock "
         "(Is a directory)"]
     assert server.log == []
@@ -530,8 +533,9 @@ def test_a_lock_file_name_taken_by_a_link_or_a_fifo_is_one_line(server, tmp_path
         os.mkfifo(lock)
     else:
         lock.symlink_to(mine)
-    assert run(download_data.main, lamp7_dev(server, out_dir)) == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
+    status, lines = run_cli(download_data.main, lamp7_dev(server, out_dir), capsys)
+    assert status == 2
+    [line] = lines
     assert line.startswith(f"error: --out_dir {out_dir}: cannot write its lock file "
                            ".download_data.lock (")
     assert mine.read_text() == "mine"  # no pid written through the link

@@ -424,6 +424,14 @@ def test_flag_errors_are_refused_up_front(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "101", str(10**20)])
+def test_download_retries_are_bounded(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        download_data.parse_args(["--retries", value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: --retries must be in 0 … 100\n"
+
+
 def test_dry_run_reports_sizes_and_downloads_nothing(server, tmp_path, capsys):
     published = publish_lamp7(server)
     results = download_data.main(args_for(server, tmp_path / "out", "--tasks", "LaMP_7", "--splits",

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LAMP_REAL, REPO, load_script, outputs_doc, requires_real_data, write_json
+from test_train_llm import merged_sample
 from LaMP import evaluate_llm
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.local_models import smollm2_available
@@ -165,17 +166,6 @@ def test_an_adapter_is_used(tiny_llama, tmp_path):
 
 # -- user errors: one line, before any model is loaded ------------------------------------
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    import LaMP.utils.modeling.model as modeling
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the user error was reported")
-
-    monkeypatch.setattr(modeling, "load_model", refuse)
-    monkeypatch.setattr(modeling, "load_pretrained", refuse)
-
-
 def partial_outputs_file(tmp_path: Path) -> Path:
     questions = lamp7_questions()
     del questions[-1]["output"]  # the last one: found only by reading the whole file
@@ -190,7 +180,7 @@ def partial_outputs_file(tmp_path: Path) -> Path:
     ("adapter without config", LampError, "adapter_config.json"),
     ("negative k", SystemExit, None),
 ])
-def test_user_errors_stop_before_any_model_loads(tmp_path, no_model_loads, case, error,
+def test_user_errors_stop_before_any_model_loads(tmp_path, no_weight_loads, case, error,
                                                  message):
     data = write_json(tmp_path / "merged.json", lamp7_questions())
     (tmp_path / "empty_adapter").mkdir()
@@ -340,7 +330,7 @@ def test_on_the_fly_ranking_equals_the_ranked_file(tmp_path, ranker):
     assert [e.prompt for e in on_the_fly] != [e.prompt for e in in_file_order]
 
 
-def test_more_user_errors_stop_before_any_model_loads(tmp_path, no_model_loads):
+def test_more_user_errors_stop_before_any_model_loads(tmp_path, no_weight_loads):
     data = write_json(tmp_path / "merged.json", lamp7_questions())
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
@@ -359,3 +349,18 @@ def test_more_user_errors_stop_before_any_model_loads(tmp_path, no_model_loads):
     with pytest.raises(LampError, match=f"not numbers for 1 .*{questions[1]['id']}"):
         evaluate_llm.main(run_args(bad_golds, "some/model", "LaMP-3", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_duplicate_ids_stop_evaluate_llm_before_loading(tmp_path, no_model_loads):
+    good = merged_sample(tmp_path, 3, "dev", 4)
+    questions = json.loads(Path(good).read_text())
+    questions[2]["id"], questions[3]["id"] = "77", 77
+    questions[1]["id"] = questions[0]["id"]
+    bad = write_json(tmp_path / "dup.json", questions)
+    with pytest.raises(LampError) as raised:
+        evaluate_llm.main(["--validation_data", str(bad), "--model_addr", "no/model", "--task",
+                           "LaMP-3", "--output_dir", str(tmp_path / "out")])
+    assert str(raised.value) == (f"{bad}: duplicate question ids: 2 (first: "
+                                 f"{min(questions[0]['id'], '77')}, "
+                                 f"{max(questions[0]['id'], '77')})")
+    assert not (tmp_path / "out").exists()

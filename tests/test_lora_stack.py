@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import write_json
+from conftest import run_cli, write_json
 from test_user_serving import (one_user_at_a_time, predictions_file, save_user_adapters,
                                serve_args, tweet_questions, write_user_record)
 from LaMP import evaluate_llm
@@ -352,19 +352,16 @@ def tamper(folder, change: str) -> None:
     ("no weights", False)])
 def test_both_ways_of_serving_take_and_refuse_the_same_edited_folders(tiny_llama, tmp_path,
                                                                      capsys, change, served):
-    from LaMP.utils.cli.program import run
-
     questions = tweet_questions(4)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = save_user_adapters(tiny_llama, tmp_path / "per_user", [q["id"] for q in questions])
     tamper(user_adapter_dir(root, "q1"), change)
     outcomes = {}
     for batches in ("stacked", "peft"):
-        capsys.readouterr()
-        status = run(evaluate_llm.main, serve_args(
+        status, lines = run_cli(evaluate_llm.main, serve_args(
             data, tiny_llama, "LaMP-7", tmp_path / batches, "--user_adapters", str(root),
-            "--user_adapter_batches", batches))
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+            "--user_adapter_batches", batches), capsys)
+        err = [line for line in lines if line.startswith("error")]
         answers = predictions_file(tmp_path / batches) if status == 0 else None
         outcomes[batches] = (status, err, answers)
     assert outcomes["stacked"] == outcomes["peft"]

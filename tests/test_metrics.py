@@ -1,17 +1,24 @@
 """Metric values computed by hand (the arithmetic is in the comments), plus the odd inputs
 models produce: whitespace, labels outside the set, unicode, empty strings, ratings that are
-not numbers."""
+not numbers or that overflow; and which golds the evaluator refuses (evaluation/scoring.py)."""
 from __future__ import annotations
 
+import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 
+from conftest import lamp3_files, load_script, outputs_doc, run_cli
+from LaMP.utils.data.outputs import parse_outputs
 from LaMP.utils.evaluation.metrics import (ClassificationMetric, InvalidGold, RatingMetric,
                                            RougeMetric, bootstrap_intervals, metric_for,
                                            paired_bootstrap, parse_rating)
+from LaMP.utils.evaluation.scoring import invalid_gold_ids
 from LaMP.utils.tasks import MOVIE_TAGS, TASKS, get_task
+
+eval_task = load_script("eval/eval_task.py")
 
 
 def compute(metric, golds, preds) -> dict:
@@ -143,6 +150,21 @@ def test_non_numeric_rating_gold_is_reported_by_position():
     assert caught.value.positions == [1, 2]
 
 
+def test_an_overflowing_rating_gives_null_rmse_without_a_runtime_warning(tmp_path, capsys):
+    golds, preds = lamp3_files(tmp_path, prediction="1e200")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning would raise here
+        status, lines = run_cli(eval_task.main, [
+            "--golds_json", golds, "--preds_json", preds, "--task_name", "LaMP_3",
+            "--output_file", tmp_path / "r.json"], capsys)
+    assert status == 0
+    assert not [line for line in lines if "RuntimeWarning" in line or "np.sqrt" in line]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["RMSE"] is None and results["MAE"] > 1e199
+    metric = RatingMetric()
+    assert metric.aggregate(metric.prepare(["1"], ["1e300"]))["RMSE"] == float("inf")
+
+
 # --- ROUGE ----------------------------------------------------------------------------------
 
 # (gold, prediction, ROUGE-1 F, ROUGE-L F). rouge_score lowercases and replaces everything
@@ -203,6 +225,16 @@ def test_metric_for_each_kind():
         metric = metric_for(TASKS[f"LaMP-{n}"])
         assert isinstance(metric, RougeMetric)
         assert metric.names == TASKS[f"LaMP-{n}"].metrics
+
+
+def test_invalid_gold_ids_uses_the_evaluator_rules():
+    lamp2 = parse_outputs(outputs_doc("LaMP_2", [("110", "x"), ("111", " comedy "),
+                                                 ("112", "romcom")]), "golds")
+    assert invalid_gold_ids(lamp2) == ["110", "112"]
+    lamp3 = parse_outputs(outputs_doc("LaMP_3", [("1", "4"), ("2", "five")]), "golds")
+    assert invalid_gold_ids(lamp3) == ["2"]
+    lamp7 = parse_outputs(outputs_doc("LaMP_7", [("1", "")]), "golds")
+    assert invalid_gold_ids(lamp7) == []
 
 
 # --- bootstrap ------------------------------------------------------------------------------

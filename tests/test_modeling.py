@@ -1,17 +1,19 @@
 """The model wrapper on tiny random models: kinds, padding, batching, label scoring, chat
-templates and peft adapters.
+templates and peft adapters, and model or adapter folders that do not load.
 
 Each check is made against the plain Hugging Face API run one prompt at a time, so a fault in
 padding, sorting or slicing shows up as a different answer.
 """
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CHAT_TEMPLATE
+from conftest import CHAT_TEMPLATE, edited_adapter, problems, run_cli
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.model import LampModel, load_model
 from LaMP.utils.tasks import get_task
@@ -101,6 +103,53 @@ def test_a_missing_model_is_a_user_error(tmp_path):
 def test_chat_template_needs_a_tokenizer_that_has_one(tiny_t5):
     with pytest.raises(LampError, match="no chat template"):
         load_model(str(tiny_t5), device="cpu", chat_template=True)
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut config", "cannot load model"),
+    ("cut tokenizer", "cannot load the tokenizer"),
+    ("other shapes", "cannot load the weights"),
+])
+def test_a_model_folder_that_does_not_load_is_one_error(tmp_path, tiny_llama, no_network,
+                                                        damage, message):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    if damage == "cut config":
+        (folder / "config.json").write_text((folder / "config.json").read_text()[:30])
+    elif damage == "cut tokenizer":
+        (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text()[:50])
+    else:  # the weights of another model size under this config
+        edit_json(folder / "config.json", hidden_size=64, intermediate_size=128)
+    with pytest.raises(LampError, match=message) as raised:
+        load_model(str(folder), device="cpu")
+    assert str(folder) in str(raised.value) and "\n" not in str(raised.value)
+    assert no_network == []
+
+
+def test_a_whole_adapter_loads_without_any_network(tiny_llama, tiny_adapter, no_network):
+    from peft import PeftModel
+
+    lamp_model = load_model(str(tiny_llama), device="cpu", adapter=str(tiny_adapter))
+    assert isinstance(lamp_model.model, PeftModel)
+    assert no_network == []
+
+
+def test_an_adapter_of_another_model_is_one_error(tiny_t5, tiny_adapter, no_network):
+    with pytest.raises(LampError, match=f"cannot load adapter {tiny_adapter} onto {tiny_t5}"):
+        load_model(str(tiny_t5), device="cpu", adapter=str(tiny_adapter))
+    assert no_network == []
+
+
+def test_an_unknown_peft_type_is_one_line(tiny_llama, tiny_adapter, tmp_path):
+    folder = edited_adapter(tiny_adapter, tmp_path, {"peft_type": "NOPE"})
+    with pytest.raises(LampError) as raised:
+        load_model(str(tiny_llama), device="cpu", adapter=str(folder))
+    assert str(raised.value) == (f"cannot load adapter {folder} onto {tiny_llama}: its "
+                                 "adapter_config.json does not suit peft (KeyError: 'NOPE')")
 
 
 # -- generation ---------------------------------------------------------------------------
@@ -332,7 +381,7 @@ def tiny_bert(tmp_path_factory):
 
 
 @pytest.fixture
-def no_weight_loads(monkeypatch):
+def no_auto_model_weights(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     def refuse(*args, **kwargs):
@@ -342,7 +391,7 @@ def no_weight_loads(monkeypatch):
         monkeypatch.setattr(auto_class, "from_pretrained", refuse)
 
 
-def test_load_model_refuses_an_encoder_before_its_weights(tiny_bert, no_weight_loads):
+def test_load_model_refuses_an_encoder_before_its_weights(tiny_bert, no_auto_model_weights):
     with pytest.raises(LampError) as raised:
         load_model(str(tiny_bert), device="cpu")
     assert str(raised.value) == (f"model {str(tiny_bert)!r}: its type, bert, is an encoder "
@@ -353,8 +402,6 @@ def test_load_model_refuses_an_encoder_before_its_weights(tiny_bert, no_weight_l
 
 def encoder_runs(tmp_path, model):
     """(script, argv) of every script that loads a model, on the sample's LaMP-7 dev set."""
-    import json
-
     from conftest import SAMPLE
     from LaMP import evaluate_llm, train_llm, train_user_peft
 
@@ -379,16 +426,12 @@ def encoder_runs(tmp_path, model):
 @pytest.mark.parametrize("script", ["train_llm", "evaluate_llm", "train_user_peft"])
 def test_every_script_that_loads_a_model_refuses_an_encoder_in_one_line(tmp_path, capsys,
                                                                          tiny_bert,
-                                                                         no_weight_loads,
+                                                                         no_auto_model_weights,
                                                                          script):
-    from LaMP.utils.cli.program import run
-
     main, argv = encoder_runs(tmp_path, tiny_bert)[script]
-    capsys.readouterr()
-    assert run(main, [str(arg) for arg in argv]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines()
-             if line.startswith(("error:", "Traceback"))]
-    assert lines == [f"error: model {str(tiny_bert)!r}: its type, bert, is an encoder "
+    status, lines = run_cli(main, argv, capsys)
+    assert status == 2
+    assert problems(lines) == [f"error: model {str(tiny_bert)!r}: its type, bert, is an encoder "
                      "(is_decoder is not set in its config): its attention sees the whole "
                      "text, so it cannot generate text (use a seq2seq or causal LM)"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged.json"]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, load_script
+from conftest import REPO, SAMPLE, load_script, write_json
 from LaMP import train_llm
 from LaMP.utils.data.outputs import load_outputs
+from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.examples import Example
 from LaMP.utils.modeling.model import LampModel, load_pretrained, load_tokenizer
 from LaMP.utils.modeling.training import (IGNORE_INDEX, PaddingCollator, add_lora, contiguous_slice,
@@ -217,8 +218,6 @@ def test_resume_from_last_checkpoint_continues(tmp_path, tiny_t5):
 
 def test_user_errors_stop_before_loading(tmp_path, tiny_t5, monkeypatch):
     valid = merged_sample(tmp_path, 3, "dev", 2)
-    from LaMP.utils.errors import LampError
-
     with pytest.raises(LampError, match="--train_data"):
         train_llm.main(["--train_data", str(tmp_path / "missing.json"), "--validation_data",
                         valid, "--model_name", "none", "--task", "LaMP-3",
@@ -267,6 +266,32 @@ def test_user_errors_stop_before_loading(tmp_path, tiny_t5, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def with_duplicate_ids(source: str, path: Path) -> str:
+    questions = json.loads(Path(source).read_text())
+    questions[1]["id"] = questions[0]["id"]
+    if questions[2]["id"].isdigit():  # an integer id equals its decimal text
+        questions[3]["id"] = int(questions[2]["id"])
+        questions[2]["id"] = str(questions[2]["id"])
+    write_json(path, questions)
+    return str(path)
+
+
+@pytest.mark.parametrize("which", ["--train_data", "--validation_data", "--test_data"])
+def test_duplicate_ids_in_training_data_stop_before_loading(tmp_path, no_weight_loads, tiny_t5,
+                                                            which):
+    # Found while the examples are built with the tokenizer alone: the weights never load.
+    good = merged_sample(tmp_path, 3, "dev", 4)
+    bad = with_duplicate_ids(good, tmp_path / "dup.json")
+    first = json.loads(Path(good).read_text())[0]["id"]
+    argv = common_args(tmp_path, str(tiny_t5), good, good, "LaMP-3", "--test_data", good)
+    argv[argv.index(which) + 1] = bad
+    with pytest.raises(LampError) as raised:
+        train_llm.main(argv)
+    assert str(raised.value).startswith(f"{bad}: duplicate question ids: ")
+    assert first in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path, tiny_t5):
     train = merged_sample(tmp_path, 7, "train", 8)
@@ -289,7 +314,7 @@ def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path, tiny_t5):
 def test_training_data_is_read_once_so_pipes_work(tmp_path, tiny_t5):
     """train_llm.py builds its examples in one read of each file (before the weights load),
     so its data may come from pipes, e.g. --train_data <(zcat train.json.gz)."""
-    from test_bounded_input import fifo
+    from test_jsoninput import fifo
 
     train = Path(merged_sample(tmp_path, 3, "train", 4)).read_bytes()
     valid = Path(merged_sample(tmp_path, 3, "dev", 2)).read_bytes()

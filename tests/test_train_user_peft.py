@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, load_script
+from conftest import REPO, SAMPLE, load_script, run_cli
 from LaMP.utils.data.users import user_adapter_dir
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling import user_training
@@ -178,7 +178,7 @@ def test_a_folder_in_a_users_place_holding_another_users_adapter_is_never_replac
     (folder / "user.json").write_text(json.dumps({"user": ""}))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     path = write(tmp_path / "q.json", [question("1", tweets("a", 2), "\x00")])
-    code, lines = run_cli(train_argv(path, tiny_llama, out), capsys)
+    code, lines = run_cli(train_user_peft.main, train_argv(path, tiny_llama, out), capsys)
     assert code == 2 and lines[-1] == (
         f"error: {folder} holds the adapter of user '' (its user.json), not of user '\\x00'; "
         f"move it to {out / 'users' / '%empty'} or remove it (users whose folder holds "
@@ -495,7 +495,7 @@ def test_a_rerun_on_other_weights_at_the_same_path_is_refused(tmp_path, capsys,
     assert record["base_model"]["name"] == str(model) and record["base_adapter"] is None
     build_tiny_llama(model, seed=1)  # the same path and layers, other weights
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    code, lines = run_cli(train_argv(data, model, out), capsys)
+    code, lines = run_cli(train_user_peft.main, train_argv(data, model, out), capsys)
     assert code == 2 and lines[-1] == (
         f"error: --output_dir {out}: users trained on another base model or task adapter than "
         f"--model_name / --base_adapter name now: 2 (first: {first['trained'][0]!r}, "
@@ -575,16 +575,6 @@ def no_model_loads(monkeypatch):
 
     for name in ("load_model", "load_model_and_tokenizer", "load_pretrained"):
         monkeypatch.setattr(modeling, name, refuse)
-
-
-def run_cli(argv, capsys) -> tuple[int, list[str]]:
-    from LaMP.utils.cli.program import run
-
-    try:
-        code = run(train_user_peft.main, argv)
-    except SystemExit as exited:
-        code = exited.code
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def bad_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
@@ -717,7 +707,7 @@ def test_bad_input_is_one_error_line_before_any_model_loads(tmp_path, capsys, no
     if case in DATA_CASES:
         argv[1] = str(tmp_path / "q.json")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    code, lines = run_cli(argv, capsys)
+    code, lines = run_cli(train_user_peft.main, argv, capsys)
     assert code == 2
     assert lines[-1].startswith(expected), lines
     # One error line, the last; what comes before is the log's progress lines.
@@ -732,13 +722,14 @@ def test_a_task_without_a_per_user_template_is_one_error(tmp_path, capsys, monke
     import LaMP.utils.tasks as tasks
 
     monkeypatch.setitem(tasks.TASKS, "LaMP-7", replace(TASKS["LaMP-7"], user_template=None))
-    code, lines = run_cli(train_argv(sample_users(tmp_path, 1), Path("m"), tmp_path / "o"),
-                          capsys)
+    code, lines = run_cli(train_user_peft.main,
+                          train_argv(sample_users(tmp_path, 1), Path("m"), tmp_path / "o"), capsys)
     assert (code, lines) == (2, ["error: LaMP-7 has no per-user training template"])
 
 
 def test_a_model_that_cannot_serve_is_one_error_and_writes_nothing(tmp_path, tiny_t5, capsys):
-    code, lines = run_cli(train_argv(sample_users(tmp_path, 1), tiny_t5, tmp_path / "out",
+    code, lines = run_cli(train_user_peft.main,
+                          train_argv(sample_users(tmp_path, 1), tiny_t5, tmp_path / "out",
                                      "--chat_template"), capsys)
     assert code == 2
     assert lines[-1] == f"error: --chat_template: the tokenizer of {tiny_t5} has no chat template"

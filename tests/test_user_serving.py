@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_json
-from test_evaluate_llm import no_model_loads  # noqa: F401  (a fixture: errors come first)
+from conftest import run_cli, write_json
 from LaMP import evaluate_llm
-from LaMP.utils.cli.program import run
 from LaMP.utils.data.users import user_adapter_dir, user_of
 from LaMP.utils.errors import LampError
 from LaMP.utils.tasks import get_task
@@ -230,10 +228,8 @@ def test_a_missing_users_adapter_is_one_error_line(tiny_t5, tmp_path, capsys):
     questions = tweet_questions(4)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = save_user_adapters(tiny_t5, tmp_path / "per_user", ["q0", "q1", "q3"])
-    capsys.readouterr()  # what making the adapters wrote
-    status = run(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
-                                               "--user_adapters", str(root)))
-    err = capsys.readouterr().err.strip().splitlines()
+    status, err = run_cli(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
+                                                        "--user_adapters", str(root)), capsys)
     assert status == 2 and len(err) == 1
     assert err[0] == (f"error: --user_adapters {root}: no adapter for user 'q2' (expected "
                       f"{root}/users/q2/); users without one: 1 (first: q2) of 4; train them first or "
@@ -291,7 +287,7 @@ def test_flag_values_are_checked(tmp_path, capsys, flags, message):
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith(message)
 
 
-def test_bad_adapter_folders_are_one_line_naming_the_user(tiny_t5, tmp_path, no_model_loads):  # noqa: F811
+def test_bad_adapter_folders_are_one_line_naming_the_user(tiny_t5, tmp_path, no_weight_loads):
     questions = tweet_questions(2)
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = tmp_path / "per_user"
@@ -503,10 +499,11 @@ def test_users_records_without_their_task_adapter_and_no_index_are_refused(tiny_
     data = write_json(tmp_path / "LaMP_7_dev.json", questions)
     root = save_user_adapters(tiny_t5, tmp_path / "per_user", [q["id"] for q in questions])
     write_json(user_adapter_dir(root, "q0") / "user.json", {"user": "q0"})
-    capsys.readouterr()
-    assert run(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
-                                             "--user_adapters", str(root))) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    status, lines = run_cli(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7",
+                                                          tmp_path / "eval", "--user_adapters",
+                                                          str(root)), capsys)
+    assert status == 2
+    assert lines == [
         f"error: --user_adapters (user 'q0') user.json does not record the task adapter it was "
         f"trained on top of (\"base_adapter\"), and {root} has no users.json to say; train the "
         "user again"]
@@ -527,10 +524,9 @@ def test_a_base_adapter_that_is_gone_is_one_error_line(tiny_t5, tmp_path, capsys
                        {"user": question["id"]})
     if where == "users.json":
         write_json(root / "users.json", {"base_adapter": str(tmp_path / "gone"), "users": {}})
-    capsys.readouterr()  # the adapters' making above
-    assert run(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
-                                             "--user_adapters", str(root))) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    status, err = run_cli(evaluate_llm.main, serve_args(data, tiny_t5, "LaMP-7", tmp_path / "eval",
+                                                        "--user_adapters", str(root)), capsys)
+    assert status == 2
     assert err == [f"error: --user_adapters (the base adapter its users were trained on) "
                    f"{tmp_path / 'gone'} is not a folder (a peft adapter folder, e.g. "
                    "train_llm.py's --output_dir)"]
@@ -540,9 +536,8 @@ def test_a_base_adapter_that_is_gone_is_one_error_line(tiny_t5, tmp_path, capsys
 # -- a folder is served only for the user, base model and task adapter it was trained for ----
 
 def serve_status(capsys, data, model, output_dir, *extra) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    status = run(evaluate_llm.main, serve_args(data, model, "LaMP-7", output_dir, *extra))
-    return status, capsys.readouterr().err.strip().splitlines()
+    return run_cli(evaluate_llm.main, serve_args(data, model, "LaMP-7", output_dir, *extra),
+                   capsys)
 
 
 @pytest.mark.parametrize("swap", ["copied over", "linked", "without user.json"])

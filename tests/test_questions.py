@@ -1,14 +1,13 @@
-"""The questions loader: streaming, validation messages, and the malformed-question checks."""
+"""The questions loader (LaMP/utils/data/questions.py): streaming, validation messages, and
+the malformed-question checks."""
 from __future__ import annotations
 
 import pytest
 
-from LaMP.utils.data.outputs import parse_outputs
 from LaMP.utils.data.questions import input_problem, iter_questions
 from LaMP.utils.errors import LampError
-from LaMP.utils.evaluation.scoring import invalid_gold_ids
 from LaMP.utils.tasks import get_task
-from conftest import LAMP_REAL, outputs_doc, requires_real_data, write_json
+from conftest import LAMP_REAL, requires_real_data, write_json
 
 LAMP3 = get_task("LaMP-3")
 REVIEW = ("What is the score of the following review on a scale of 1 to 5? just answer with "
@@ -139,16 +138,6 @@ def test_input_problem_finds_questions_without_their_instruction():
                 'related? Just answer with [1] or [2] without explanation. [1]: "B" [2]: "C"')
     assert input_problem(citation, lamp1) is None
     assert "quoted candidate titles" in input_problem(citation.split(" [1]")[0], lamp1)
-
-
-def test_invalid_gold_ids_uses_the_evaluator_rules():
-    lamp2 = parse_outputs(outputs_doc("LaMP_2", [("110", "x"), ("111", " comedy "),
-                                                 ("112", "romcom")]), "golds")
-    assert invalid_gold_ids(lamp2) == ["110", "112"]
-    lamp3 = parse_outputs(outputs_doc("LaMP_3", [("1", "4"), ("2", "five")]), "golds")
-    assert invalid_gold_ids(lamp3) == ["2"]
-    lamp7 = parse_outputs(outputs_doc("LaMP_7", [("1", "")]), "golds")
-    assert invalid_gold_ids(lamp7) == []
 
 
 @requires_real_data

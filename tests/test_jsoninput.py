@@ -1,4 +1,5 @@
-"""Bounded input: hostile JSON in every reader, and pipes as input.
+"""The guarded JSON reader (LaMP/utils/data/jsoninput.py) in every stage that reads JSON:
+hostile values, nesting, repeated keys and block boundaries, and pipes as input.
 
 Every case ends in exit status 2 with exactly one ``error:`` line that names the file and the
 byte offset, leaves the input byte-identical and writes nothing, or (pipes) succeeds. Offsets
@@ -19,10 +20,9 @@ import pytest
 
 from LaMP import evaluate_llm, rank_profiles
 from LaMP.utils import merge_with_rank
-from LaMP.utils.cli.program import run
 from LaMP.utils.data.jsoninput import MAX_DEPTH
 from LaMP.utils.errors import LampError
-from conftest import REPO, load_script
+from conftest import REPO, load_script, run_cli
 
 eval_task = load_script("eval/eval_task.py")
 eval_all = load_script("eval/eval_all.py")
@@ -58,9 +58,9 @@ def fails(main, argv, capsys, inputs: list[Path], output: Path, *fragments: str)
     ``fragments``, inputs byte-identical, nothing written next to ``output``."""
     before = {path: path.read_bytes() for path in inputs}
     listing = sorted(os.listdir(output.parent))
-    assert run(main, argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("error:")]
+    status, lines = run_cli(main, argv, capsys)
+    assert status == 2
+    errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, errors
     for fragment in fragments:
         assert fragment in errors[0]
@@ -192,10 +192,10 @@ SHAPE_ERROR = {"ranking (merge_with_rank)": "the ranking of question 799 must be
 
 
 def passes_the_checks(main, argv, capsys, output: Path, reader: str) -> None:
-    code = run(main, argv)
-    err = capsys.readouterr().err
+    code, lines = run_cli(main, argv, capsys)
     if code != 0:
-        assert code == 2 and reader in SHAPE_ERROR and SHAPE_ERROR[reader] in err, err
+        assert code == 2 and reader in SHAPE_ERROR and any(SHAPE_ERROR[reader] in line
+                                                           for line in lines), lines
     else:
         assert output.exists()
 
@@ -267,7 +267,7 @@ def test_not_utf8_in_a_later_block_names_its_byte(tmp_path, capsys):
 
 # --- 100,000 levels in a fresh interpreter, with memory limits ------------------------------
 
-LIMIT_BYTES = 2 << 30  # address space: the old parser needed ~22 GB here, so this fails fast
+LIMIT_BYTES = 2 << 30  # address space: a parser without the depth limit needs ~22 GB here
 PEAK_LIMIT_MB = 200
 # Runs a script under the address-space limit and writes its peak resident memory (VmHWM,
 # KB) at exit. Measured inside the child: its rusage would include the pytest process it

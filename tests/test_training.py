@@ -1,4 +1,5 @@
-"""Training throughput: length-grouped batches, bf16 autocast where native, batched evaluation."""
+"""The throughput side of the training helpers (LaMP/utils/modeling/training.py): length-grouped
+batches, bf16 autocast where native, batched evaluation, and the train_llm.py flags for them."""
 from __future__ import annotations
 
 import json
