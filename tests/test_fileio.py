@@ -1053,11 +1053,13 @@ def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored():
 def test_a_forked_worker_dies_quietly_on_sigterm():
     # A pool worker inherits run()'s handler but not its except clause: no traceback there.
     completed = run_under_cli("""
+        ready, told = os.pipe()
         child = os.fork()
         if child == 0:
+            os.write(told, b"x")  # in its sleep from here on
             time.sleep(30)
             os._exit(0)
-        time.sleep(0.2)
+        os.read(ready, 1)
         os.kill(child, signal.SIGTERM)
         _, status = os.waitpid(child, 0)
         print("child", os.waitstatus_to_exitcode(status), file=sys.stderr)
