@@ -51,8 +51,8 @@ def test_oppu_examples_are_its_prompt_json_pairs(task, expected):
 
 
 def test_oppu_lamp7_learns_the_whole_tweet_mention_and_all():
-    """LaMP's template shows a tweet's start (an @mention, for 58% of real LaMP-7 profile
-    tweets) and learns the rest; OPPU's shows nothing and learns the whole tweet."""
+    """LaMP's template shows a tweet's start (an @mention, for 62% of real LaMP-7 dev
+    profile tweets) and learns the rest; OPPU's shows nothing and learns the whole tweet."""
     tweet = {"id": "1", "text": "@alice  see you at the beach tomorrow"}
     items = [tweet, {"id": "2", "text": "hi"}, {"id": "3", "text": "  "}]
     made = item_examples(TASKS["LaMP-7"], "u", items, seed=0,
