@@ -188,9 +188,9 @@ def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
                   num_retrieved: int = 0, template: UserTemplate | None = None
                   ) -> list[Example]:
     """The training examples of one user: each usable profile item through ``template``
-    (default: the task's per-user template). With ``ranker`` (built for ``retrieval_task(task)``) and
-    ``num_retrieved`` k > 0, each prompt also carries the best k of the user's *other* items
-    for that item's query (never the item itself)."""
+    (default: the task's per-user template). With ``ranker`` (built for
+    ``retrieval_task(task)``) and ``num_retrieved`` k > 0, each prompt also carries the best
+    k of the user's *other* items for that item's query (never the item itself)."""
     made = item_examples(task, user, items, seed, template)
     retrieved: list[list[Mapping]] = [[] for _ in made]
     if ranker is not None and num_retrieved > 0:
