@@ -42,6 +42,7 @@ from LaMP.utils.modeling.checkpoints import (check_checkpoint, check_model_folde
                                              check_resume_compatible, last_complete_checkpoint)
 from LaMP.utils.modeling.peft_methods import (add_peft_arguments, check_peft_arguments, get_method,
                                               planned_virtual_tokens)
+from LaMP.utils.modeling.recipes import TASK_STAGE, add_recipe_argument, apply_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True,
                         help="folder for the adapter, predictions, results and checkpoints")
     add_profile_arguments(parser, max_length=256)
-    # The published LaMP hyper-parameters are the defaults.
+    # The defaults are the --recipe's row: lamp, the published LaMP hyper-parameters.
     add_optimizer_arguments(parser, num_train_epochs=10,
-                            learning_rate_help="peak learning rate (5e-5 as published for full "
-                                               "fine-tuning; LoRA usually wants 10-40x more, "
-                                               "5e-4 to 2e-3)")
+                            learning_rate_help="peak learning rate (default: the --recipe's; "
+                                               "lamp 5e-5 as published for full fine-tuning, "
+                                               "LoRA usually wants 10-40x more, 5e-4 to 2e-3; "
+                                               "oppu 1e-4)")
     add_generation_arguments(parser, training=True)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
                         help="steps whose gradients add up before each optimizer update")
@@ -105,7 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where the Trainer reports logs: none, tensorboard, wandb, …")
     parser.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
     add_model_arguments(parser)
+    add_recipe_argument(parser, TASK_STAGE)
     args = parser.parse_args(argv)
+    apply_recipe(args, TASK_STAGE)  # the flags not given take the recipe's values
     check_common(parser, args)
     check_optimizer_arguments(parser, args)
     check_generation_arguments(parser, args)
@@ -212,6 +216,7 @@ def training_arguments(args: argparse.Namespace, checkpoint_dir: Path):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
         num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
         lr_scheduler_type=args.lr_scheduler_type,

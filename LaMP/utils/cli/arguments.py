@@ -225,6 +225,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, num_train_epochs
     parser.add_argument("--warmup_ratio", type=float, default=0.05,
                         help="share of the training steps spent warming the learning rate up")
     parser.add_argument("--max_steps", type=int, default=-1, help=max_steps_help)
+    # 1.0: the Hugging Face Trainer's default, under which the LaMP authors' code trains.
+    parser.add_argument("--max_grad_norm", type=float, default=1.0,
+                        help="clip each step's gradient to this total norm (0: no clipping)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, training: bool,
@@ -315,13 +318,16 @@ def check_optimizer_arguments(parser: argparse.ArgumentParser, args: argparse.Na
     learning rate) or train on nonsense (nan)."""
     import math
 
-    for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio"):
+    for flag in ("learning_rate", "weight_decay", "num_train_epochs", "warmup_ratio",
+                 "max_grad_norm"):
         if not math.isfinite(getattr(args, flag)):
             parser.error(f"--{flag} must be a finite number, not {getattr(args, flag)}")
     if args.learning_rate <= 0:
         parser.error("--learning_rate must be > 0")
     if args.weight_decay < 0:
         parser.error("--weight_decay must be >= 0")
+    if args.max_grad_norm < 0:
+        parser.error("--max_grad_norm must be >= 0 (0: no clipping)")
     if args.max_steps != -1 and args.max_steps < 1:
         parser.error("--max_steps must be >= 1 (or -1: train for --num_train_epochs)")
     if args.num_train_epochs <= 0 and args.max_steps <= 0:

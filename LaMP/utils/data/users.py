@@ -113,3 +113,99 @@ def find_user_folder(root: str | Path, user: str) -> Path | None:
         if record is not None and record["user"] == user:
             return folder
     return next((folder for folder in candidates if os.path.lexists(folder)), None)
+
+
+# -- choosing users ------------------------------------------------------------------------
+
+MOST_ACTIVE = "most_active:"  # --users most_active:N: the N users with the longest profiles
+MAX_IDS_FILE_BYTES = 100_000_000  # far more ids than any LaMP split has users
+
+
+def users_arg(text: str) -> str:
+    """argparse ``type=`` of ``--users``: ``most_active:N`` (N >= 1) or a file name, kept
+    as written (args.json records it so)."""
+    import argparse
+
+    if text.startswith(MOST_ACTIVE):
+        count = text[len(MOST_ACTIVE):]
+        if not (count.isascii() and count.isdigit() and int(count) >= 1):
+            raise argparse.ArgumentTypeError(f"{text!r}: most_active:N needs a whole number "
+                                             "N >= 1")
+    elif not text:
+        raise argparse.ArgumentTypeError("give most_active:N or a file of user ids")
+    return text
+
+
+def users_file(spec: str | None) -> str | None:
+    """The ids file ``--users`` names, or ``None`` (``most_active:N``, or no flag)."""
+    return None if spec is None or spec.startswith(MOST_ACTIVE) else spec
+
+
+def read_user_ids(path: str | os.PathLike, flag: str = "--users") -> list[str]:
+    """The user ids of a file, in its order without repeats: a JSON list of strings and
+    integers (as the LaMP authors' ``--user_ids``), or one id a line (blank lines skipped,
+    each line stripped)."""
+    from LaMP.utils.data.fileio import check_readable, parse_json_bytes
+    from LaMP.utils.data.questions import as_id
+
+    path = check_readable(path, flag)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_IDS_FILE_BYTES + 1)
+    except OSError as error:
+        raise LampError(f"{flag} {path}: cannot read ({error.strerror})") from None
+    if len(data) > MAX_IDS_FILE_BYTES:
+        raise LampError(f"{flag} {path}: more than {MAX_IDS_FILE_BYTES:,} bytes is too large "
+                        "to be a file of user ids")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise LampError(f"{flag} {path}: not UTF-8 text") from None
+    if text.lstrip().startswith("["):
+        listed = parse_json_bytes(data, f"{flag} {path}")
+        ids = [as_id(value) for value in listed]
+        if None in ids:
+            bad = listed[ids.index(None)]
+            raise LampError(f"{flag} {path}: a user id must be a string or an integer, not "
+                            f"{bad!r:.60}")
+    else:
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise LampError(f"{flag} {path}: no user ids")
+    return list(dict.fromkeys(ids))
+
+
+def profile_sizes(questions) -> dict[str, int]:
+    """How many distinct profile items (by id) each user of ``questions`` has: a time-split
+    user's questions share items, which count once."""
+    items: dict[str, set[str]] = {}
+    for question in questions:
+        items.setdefault(user_of(question), set()).update(
+            str(item["id"]) for item in question["profile"])
+    return {user: len(ids) for user, ids in items.items()}
+
+
+def most_active_users(sizes: Mapping[str, int], count: int) -> list[str]:
+    """The ``count`` users with the most profile items, most first; equal sizes in the
+    sorted order of their ids (as strings)."""
+    return sorted(sizes, key=lambda user: (-sizes[user], user))[:count]
+
+
+def choose_users(spec: str, users: list[str], sizes=None, source: str = "the data"
+                 ) -> list[str]:
+    """The users ``--users spec`` picks among ``users`` (every user of ``source``), sorted:
+    ``most_active:N`` reads ``sizes()`` (``profile_sizes`` of the data), a file its ids,
+    each of which must be a user of the data."""
+    from LaMP.utils.errors import preview
+
+    if spec.startswith(MOST_ACTIVE):
+        count = int(spec[len(MOST_ACTIVE):])
+        if count > len(users):
+            raise LampError(f"--users {spec}: {source} has {len(users)} users")
+        return sorted(most_active_users(sizes(), count))
+    ids = read_user_ids(spec)
+    known = set(users)
+    unknown = [user for user in ids if user not in known]
+    if unknown:
+        raise LampError(f"--users {spec}: ids that are no user of {source}: {preview(unknown)}")
+    return sorted(ids)

@@ -9,13 +9,15 @@ calls them too):
   order, so shards are balanced and partition the users whatever the file order);
   ``collect_profiles`` reads the file again and keeps the profile items of the users asked
   for (a time-split user's questions each carry a profile: the items are joined by id).
-- **Examples.** ``user_examples`` turns a user's items into training examples through the
-  task's per-user template (``Task.user_template``); with retrieval, each example's prompt
+- **Examples.** ``user_examples`` turns a user's items into training examples through a
+  per-user template (a recipe's, ``LaMP.utils.modeling.recipes``; by default the task's
+  own, ``Task.user_template``); with retrieval, each example's prompt
   carries the k items of the *same user's* other items that the ranker finds for it, built
   by the one prompt builder.
 - **Training.** ``UserAdapterTrainer`` holds the base model (loaded once) inside a peft
   wrapper; for each user it adds a freshly initialised adapter in place of the previous
-  user's (which is deleted), trains it with a plain AdamW loop and saves it as a standard
+  user's (which is deleted), trains it with a plain AdamW loop (each step's gradient
+  clipped, as the Hugging Face Trainer clips it) and saves it as a standard
   peft folder, so that nothing of one user reaches the next (no deep copy of the model
   either). Initialisation, dropout and shuffling
   are seeded from ``--seed`` and the user id alone: a user's adapter is the same whichever
@@ -139,11 +141,13 @@ def template_of(task: Task) -> UserTemplate:
     return task.user_template
 
 
-def item_examples(task: Task, user: str, items: Sequence[Mapping], seed: int
+def item_examples(task: Task, user: str, items: Sequence[Mapping], seed: int,
+                  template: UserTemplate | None = None
                   ) -> list[tuple[Mapping, tuple[str, str, str]]]:
-    """Each usable item with its ``(input, target, query)``; a template's random choice (the
-    shown share of a LaMP-7 tweet) is seeded by ``seed``, the user and the item id."""
-    template = template_of(task)
+    """Each usable item with its ``(input, target, query)`` through ``template`` (default:
+    the task's own); a template's random choice (the shown share of a LaMP-7 tweet) is
+    seeded by ``seed``, the user and the item id."""
+    template = template or template_of(task)
     made = []
     for item in items:
         rng = (random.Random(derived_seed(seed, user, str(item["id"])))
@@ -155,12 +159,13 @@ def item_examples(task: Task, user: str, items: Sequence[Mapping], seed: int
 
 
 def check_users_have_items(task: Task, profiles: Mapping[str, Sequence[Mapping]], seed: int,
-                           path: str | os.PathLike) -> None:
+                           path: str | os.PathLike, template: UserTemplate | None = None
+                           ) -> None:
     """One error naming the users whose profile gives no training example."""
     from LaMP.utils.errors import preview
 
     empty = sorted(user for user, items in profiles.items()
-                   if not item_examples(task, user, items, seed))
+                   if not item_examples(task, user, items, seed, template))
     if empty:
         raise LampError(f"{path}: users with no profile item a {task.name} per-user "
                         f"example can be made from: {preview(empty)}")
@@ -180,12 +185,13 @@ def _as_query(text: str) -> str:
 
 def user_examples(task: Task, user: str, items: Sequence[Mapping], *, seed: int,
                   prompt_fn: Callable[[str, Sequence[Mapping]], str], ranker=None,
-                  num_retrieved: int = 0) -> list[Example]:
-    """The training examples of one user: each usable profile item through the task's
-    per-user template. With ``ranker`` (built for ``retrieval_task(task)``) and
-    ``num_retrieved`` k > 0, each prompt also carries the best k of the user's *other* items
-    for that item's query (never the item itself)."""
-    made = item_examples(task, user, items, seed)
+                  num_retrieved: int = 0, template: UserTemplate | None = None
+                  ) -> list[Example]:
+    """The training examples of one user: each usable profile item through ``template``
+    (default: the task's per-user template). With ``ranker`` (built for
+    ``retrieval_task(task)``) and ``num_retrieved`` k > 0, each prompt also carries the best
+    k of the user's *other* items for that item's query (never the item itself)."""
+    made = item_examples(task, user, items, seed, template)
     retrieved: list[list[Mapping]] = [[] for _ in made]
     if ranker is not None and num_retrieved > 0:
         from LaMP.utils.retrieval.rankings import order_profile
@@ -403,6 +409,7 @@ class TrainSettings:
     lr_scheduler_type: str
     max_length: int
     target_max_length: int
+    max_grad_norm: float = 0.0  # the total gradient norm each step is clipped to; 0: none
 
     def scheduler(self, optimizer, total_steps: int):
         from transformers import get_scheduler
@@ -496,8 +503,9 @@ class UserAdapterTrainer:
         return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
     def fit(self, features: Sequence[dict], seed: int) -> tuple[int, float | None]:
-        """A plain AdamW loop over ``features`` with a seeded shuffle per epoch; returns the
-        steps taken and the mean loss of the last epoch's steps."""
+        """A plain AdamW loop over ``features`` with a seeded shuffle per epoch, each step's
+        gradient clipped to ``max_grad_norm`` as the Hugging Face Trainer clips it; returns
+        the steps taken and the mean loss of the last epoch's steps."""
         import torch
 
         from LaMP.utils.modeling.training import PaddingCollator
@@ -525,6 +533,8 @@ class UserAdapterTrainer:
                      for key, value in collate([features[row] for row in rows]).items()}
             loss = self.model(**batch).loss
             loss.backward()
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
