@@ -83,7 +83,7 @@ def test_tie_order_with_another_ranker_is_one_error_line(tmp_path, capsys):
                                   "--tie_order", "argsort"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "error: --tie_order applies to --ranker bm25 only")
+        "error: --tie_order applies to --ranker bm25 (and rspg's bm25 candidate) only")
 
 
 # -- ROUGE aggregation ------------------------------------------------------------------
