@@ -249,9 +249,9 @@ def main(argv=None) -> dict:
     from LaMP.utils.data.questions import iter_questions
     from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes
     from LaMP.utils.modeling.user_records import local_or_name
-    from LaMP.utils.modeling.user_training import (check_user_ids, check_users_have_items,
-                                                   collect_profiles, pending_users, scan_users,
-                                                   shard_users, write_users_index)
+    from LaMP.utils.modeling.user_store import check_user_ids, pending_users, write_users_index
+    from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
+                                                   scan_users, shard_users)
 
     task = args.task
     template = get_recipe(args.recipe).user_template(task)

@@ -13,7 +13,8 @@ from LaMP.utils.data.users import choose_users, most_active_users, profile_sizes
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling import user_training
 from LaMP.utils.modeling.recipes import RECIPE_FLAGS, RECIPES, TASK_STAGE, USER_STAGE, get_recipe
-from LaMP.utils.modeling.user_training import item_examples, read_users_index
+from LaMP.utils.modeling.user_store import read_users_index
+from LaMP.utils.modeling.user_training import item_examples
 from LaMP.utils.tasks import MOVIE_TAGS, TASKS
 
 train_user_peft = load_script("LaMP/train_user_peft.py")

@@ -13,10 +13,11 @@ import pytest
 from conftest import REPO, SAMPLE, load_script, run_cli
 from LaMP.utils.data.users import user_adapter_dir
 from LaMP.utils.errors import LampError
-from LaMP.utils.modeling import user_training
+from LaMP.utils.modeling import user_store, user_training
+from LaMP.utils.modeling.user_store import read_users_index
 from LaMP.utils.modeling.user_training import (collect_profiles, derived_seed, item_examples,
-                                               read_users_index, retrieval_task, scan_users,
-                                               shard_users, user_examples)
+                                               retrieval_task, scan_users, shard_users,
+                                               user_examples)
 from LaMP.utils.tasks import MOVIE_TAGS, TASKS
 
 train_user_peft = load_script("LaMP/train_user_peft.py")
@@ -394,7 +395,7 @@ def test_users_json_records_each_user_and_the_run(tmp_path, tiny_llama, torch_si
     args = json.loads((tmp_path / "out" / "args.json").read_text())
     assert args["lora_r"] == 8 and args["lora_alpha"] == 32 and args["lora_dropout"] == 0.1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()
-                  if p.name != user_training.INDEX_LOCK) == ["args.json", "users", "users.json"]
+                  if p.name != user_store.INDEX_LOCK) == ["args.json", "users", "users.json"]
 
 
 def test_the_index_is_rebuilt_under_a_lock_and_unlocked_where_none_can_be_taken(
@@ -402,29 +403,29 @@ def test_the_index_is_rebuilt_under_a_lock_and_unlocked_where_none_can_be_taken(
     import filelock
 
     out = tmp_path / "out"
-    scan = user_training.scan_user_records
+    scan = user_store.scan_user_records
     held = []
 
     def scan_while_locked(output_dir):  # another process's lock cannot be had meanwhile
         with pytest.raises(filelock.Timeout):
-            filelock.FileLock(out / user_training.INDEX_LOCK).acquire(blocking=False)
+            filelock.FileLock(out / user_store.INDEX_LOCK).acquire(blocking=False)
         held.append(True)
         return scan(output_dir)
 
-    monkeypatch.setattr(user_training, "scan_user_records", scan_while_locked)
-    assert user_training.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
+    monkeypatch.setattr(user_store, "scan_user_records", scan_while_locked)
+    assert user_store.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
     assert held == [True]
-    after = filelock.FileLock(out / user_training.INDEX_LOCK)
+    after = filelock.FileLock(out / user_store.INDEX_LOCK)
     after.acquire(blocking=False)  # released when the rebuild ended
     after.release()
 
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(user_training, "scan_user_records", scan)
+    monkeypatch.setattr(user_store, "scan_user_records", scan)
     monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
     (out / "users.json").unlink()
-    assert user_training.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
+    assert user_store.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
     assert json.loads((out / "users.json").read_text())["users"] == {}
     assert "users.json is rebuilt unlocked" in caplog.text
 
