@@ -274,9 +274,8 @@ def check_processes_joined(trainer_arguments) -> None:
                         "torchrun (or accelerate launch without a config file) and --device cpu")
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    setup_logging()
+def check_paths(args: argparse.Namespace) -> None:
+    """Outputs against inputs, a previous run in --output_dir, then every input file."""
     # The resume checkpoint is not among the inputs: it lies inside --output_dir by design.
     check_outputs(folders={"--output_dir": args.output_dir},
                   contents={"--output_dir": ("checkpoints/", "test_predictions.json", *RUN_FILES)},
@@ -290,14 +289,96 @@ def main(argv=None) -> dict:
                              "to continue it")
     check_inputs(args)
 
-    from transformers import set_seed
 
-    from LaMP.utils.data.outputs import write_outputs
+def read_examples(args: argparse.Namespace):
+    """The config, the tokenizer side and the validation, test and training examples, read
+    once and before the weights load: a mistake in the last question costs no model load (and
+    removes no old checkpoint), a bad validation label no epoch."""
     from LaMP.utils.modeling.examples import build_examples
-    from LaMP.utils.modeling.predict import score_predictions
+
+    config, text_side = load_tokenizer_side(args)
+    prompt_fn = text_side.prompt_builder(args.task, args.max_length, args.input_truncation,
+                                         args.prompt_budget,
+                                         virtual_tokens=planned_virtual_tokens(args.peft,
+                                                                               vars(args)))
+    options = profile_options(args)
+    # The small files first: a mistake there costs no ranking of the training file.
+    eval_examples = build_examples(args.validation_data, args.task, prompt_fn, options,
+                                   require_output=True)
+    test_examples = (build_examples(args.test_data, args.task, prompt_fn, options)
+                     if args.test_data else [])
+    train_examples = build_examples(args.train_data, args.task, prompt_fn, options,
+                                    require_output=True)
+    return config, text_side, eval_examples, test_examples, train_examples
+
+
+def build_trainer(args: argparse.Namespace, lamp_model, trainer_arguments, train_examples,
+                  eval_examples):
+    """The Trainer over the tokenised training examples, evaluating by generation."""
     from LaMP.utils.modeling.training import (GenerationEvalTrainer, GenerationSettings,
                                               PaddingCollator, RunArgsInCheckpoints,
-                                              gathered_state_dict, resolve_bf16, training_features)
+                                              training_features)
+
+    features = training_features(lamp_model, train_examples, max_length=args.max_length,
+                                 target_max_length=args.generation_max_length)
+    generation = GenerationSettings(max_length=args.max_length,
+                                    max_new_tokens=args.generation_max_length,
+                                    num_beams=args.generation_num_beams,
+                                    batch_size=args.per_device_batch_size,
+                                    label_scoring=args.label_scoring)
+    trainer = GenerationEvalTrainer(
+        model=lamp_model.model, args=trainer_arguments,
+        train_dataset=features, eval_dataset=eval_examples,
+        data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
+        task=args.task, eval_examples=eval_examples, lamp_model=lamp_model,
+        generation=generation,
+        callbacks=[RunArgsInCheckpoints(vars(args))])  # what a later resume is checked against
+    if trainer.is_world_process_zero():
+        trainable, total = trainable_and_total(lamp_model)
+        logger.info("%d training examples; %s of %s parameters train (%.2f%%)",
+                    len(features), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return trainer
+
+
+def trainable_and_total(lamp_model) -> tuple[int, int]:
+    parameters = list(lamp_model.model.parameters())
+    return (sum(p.numel() for p in parameters if p.requires_grad),
+            sum(p.numel() for p in parameters))
+
+
+def save_run(args: argparse.Namespace, trainer, lamp_model, results: dict,
+             predictions: dict) -> None:
+    """The adapter (or model), tokenizer, prediction files, results and args.json; under
+    FSDP / ZeRO-3 every process joins the gather of the weights and one writes."""
+    from LaMP.utils.data.outputs import write_outputs
+    from LaMP.utils.modeling.training import gathered_state_dict
+
+    output_dir = Path(args.output_dir)
+    state_dict = gathered_state_dict(trainer)
+    if not trainer.is_world_process_zero():
+        return
+    with writing_into(output_dir):
+        # The adapter alone under a PEFT method (peft keeps only its weights of a full
+        # state dict).
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            output_dir, state_dict=state_dict)
+        lamp_model.tokenizer.save_pretrained(output_dir)
+    for name, (examples, texts) in predictions.items():
+        write_outputs(output_dir / name, args.task, zip((e.id for e in examples), texts))
+    atomic_write_json(output_dir / "results_output.json", results, indent=2)
+    save_run_args(output_dir / "args.json", args)
+    logger.info("validation %s; outputs in %s", results["validation"], output_dir)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    check_paths(args)
+
+    from transformers import set_seed
+
+    from LaMP.utils.modeling.predict import score_predictions
+    from LaMP.utils.modeling.training import resolve_bf16
 
     set_seed(args.seed)
     task = args.task
@@ -312,40 +393,10 @@ def main(argv=None) -> dict:
         raise LampError(f"training arguments: {str(error).splitlines()[0]}") from None
     check_processes_joined(trainer_arguments)
 
-    # The data is read once, here, before the weights load: a mistake in the last question
-    # costs no model load (and removes no old checkpoint), a bad validation label no epoch.
-    config, text_side = load_tokenizer_side(args)
-    prompt_fn = text_side.prompt_builder(task, args.max_length, args.input_truncation,
-                                         args.prompt_budget,
-                                         virtual_tokens=planned_virtual_tokens(args.peft,
-                                                                               vars(args)))
-    options = profile_options(args)
-    # The small files first: a mistake there costs no ranking of the training file.
-    eval_examples = build_examples(args.validation_data, task, prompt_fn, options,
-                                   require_output=True)
-    test_examples = (build_examples(args.test_data, task, prompt_fn, options)
-                     if args.test_data else [])
-    train_examples = build_examples(args.train_data, task, prompt_fn, options, require_output=True)
+    config, text_side, eval_examples, test_examples, train_examples = read_examples(args)
     lamp_model = load_for_training(args, config, text_side)
-    features = training_features(lamp_model, train_examples, max_length=args.max_length,
-                                 target_max_length=args.generation_max_length)
-
-    generation = GenerationSettings(max_length=args.max_length,
-                                    max_new_tokens=args.generation_max_length,
-                                    num_beams=args.generation_num_beams,
-                                    batch_size=args.per_device_batch_size,
-                                    label_scoring=args.label_scoring)
-    trainer = GenerationEvalTrainer(
-        model=lamp_model.model, args=trainer_arguments,
-        train_dataset=features, eval_dataset=eval_examples,
-        data_collator=PaddingCollator(lamp_model.tokenizer.pad_token_id),
-        task=task, eval_examples=eval_examples, lamp_model=lamp_model, generation=generation,
-        callbacks=[RunArgsInCheckpoints(vars(args))])  # what a later resume is checked against
-    trainable = sum(p.numel() for p in lamp_model.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in lamp_model.model.parameters())
-    if trainer.is_world_process_zero():
-        logger.info("%d training examples; %s of %s parameters train (%.2f%%)",
-                    len(features), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    trainer = build_trainer(args, lamp_model, trainer_arguments, train_examples, eval_examples)
+    trainable = trainable_and_total(lamp_model)[0]  # before training shards anything
 
     if args.overwrite_output_dir and not resume and int(os.environ.get("RANK", "0")) == 0:
         # The old run's checkpoints would outrank the new ones in the Trainer's rotation
@@ -373,23 +424,10 @@ def main(argv=None) -> dict:
         "eval_history": [entry for entry in trainer.state.log_history
                          if any(key.startswith("eval_") for key in entry)],
     }
-    # Under FSDP / ZeRO-3 each process holds a shard: all join the gather, one writes.
-    state_dict = gathered_state_dict(trainer)
-    if trainer.is_world_process_zero():
-        with writing_into(output_dir):
-            # The adapter alone under a PEFT method (peft keeps only its weights of a full
-            # state dict).
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
-                output_dir, state_dict=state_dict)
-            lamp_model.tokenizer.save_pretrained(output_dir)
-        write_outputs(output_dir / "predictions.json", task,
-                      zip((e.id for e in eval_examples), eval_texts))
-        if test_examples:
-            write_outputs(output_dir / "test_predictions.json", task,
-                          zip((e.id for e in test_examples), test_texts))
-        atomic_write_json(output_dir / "results_output.json", results, indent=2)
-        save_run_args(output_dir / "args.json", args)
-        logger.info("validation %s; outputs in %s", results["validation"], output_dir)
+    predictions = {"predictions.json": (eval_examples, eval_texts)}
+    if test_examples:
+        predictions["test_predictions.json"] = (test_examples, test_texts)
+    save_run(args, trainer, lamp_model, results, predictions)
     return results
 
 
