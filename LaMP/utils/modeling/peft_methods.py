@@ -61,6 +61,12 @@ PEFT_METHODS: dict[str, PeftMethod] = {m.name: m for m in (
                f"{_BUILDERS}:rslora_config", _LORA_FLAGS,
                signature={"peft_type": "LORA", "use_rslora": True}, saved_as=_LORA_SAVED,
                mixed_batches=True),
+    PeftMethod("lora_xs", "LoRA-XS: each weight's truncated SVD gives frozen r-dimensional "
+               "bases, only an r x r matrix between them trains (peft's TinyLoRA with u = r^2 "
+               "and no tying; --lora_alpha plays no part)",
+               f"{_BUILDERS}:lora_xs_config", ("lora_r", "lora_dropout", "lora_target_modules"),
+               signature={"peft_type": "TINYLORA"},
+               saved_as={"lora_r": "r", "lora_target_modules": "target_modules"}),
     PeftMethod("ia3", "learned rescaling of keys, values and feed-forward activations",
                f"{_BUILDERS}:ia3_config", ("ia3_target_modules", "ia3_feedforward_modules"),
                signature={"peft_type": "IA3"},
@@ -105,7 +111,7 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peft", choices=tuple(PEFT_METHODS), default="lora",
                         help=f"what trains ({described})")
     parser.add_argument("--lora_r", type=int, default=16,
-                        help="LoRA rank (lora, dora, rslora)")
+                        help="LoRA rank (lora, dora, rslora; lora_xs: the rank of the SVD bases)")
     parser.add_argument("--lora_alpha", type=int, default=32,
                         help="LoRA scaling numerator (the update is scaled by alpha / r; "
                              "rslora: alpha / sqrt(r))")
@@ -250,6 +256,22 @@ def dora_config(options: Mapping, *, seq2seq: bool, model_config):
 
 def rslora_config(options: Mapping, *, seq2seq: bool, model_config):
     return lora_config(options, seq2seq=seq2seq, model_config=model_config, use_rslora=True)
+
+
+def lora_xs_config(options: Mapping, *, seq2seq: bool, model_config):
+    """LoRA-XS as peft's TinyLoRA: ΔW = B·R·A with A, B from the truncated SVD of the base
+    weight (frozen) and R = Σ_i v_i·P_i for fixed random P_i (r x r). With u = r² and no
+    weight tying, v ↦ R is a linear map from r² numbers onto the r x r matrices, invertible
+    for Gaussian P (almost surely; ``LaMP.utils.modeling.zoo`` checks it), so the adapters
+    are exactly LoRA-XS's, reparameterised. The projections are saved with the adapter:
+    regenerated from a seed they would depend on the torch build."""
+    from peft import TinyLoraConfig
+
+    rank = options["lora_r"]
+    return TinyLoraConfig(task_type=_task_type(seq2seq), r=rank, u=rank * rank,
+                          weight_tying=0.0, tinylora_dropout=options["lora_dropout"],
+                          target_modules=_modules(options.get("lora_target_modules")),
+                          save_projection=True)
 
 
 def ia3_config(options: Mapping, *, seq2seq: bool, model_config):
