@@ -157,6 +157,9 @@ SCRIPT_PAGES = {
     "LaMP/collect_feedback.py": ["feedback-retrieval.md", "prompts.md", "evaluation.md"],
     "LaMP/train_retriever.py": ["feedback-retrieval.md"],
     "LaMP/train_selector.py": ["feedback-retrieval.md"],
+    "LaMP/build_zoo.py": ["zoo.md"],
+    "LaMP/personalize_from_zoo.py": ["zoo.md", "prompts.md", "evaluation.md"],
+    "eval/zoo_bound.py": ["zoo.md"],
 }
 
 

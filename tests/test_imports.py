@@ -112,7 +112,8 @@ LAYERS = (
 )
 SCRIPTS = ("LaMP.rank_profiles", "LaMP.evaluate_llm", "LaMP.train_llm", "LaMP.train_user_peft",
            "LaMP.reproduce", "LaMP.utils.merge_with_rank", "LaMP.utils.make_subset",
-           "LaMP.collect_feedback", "LaMP.train_retriever", "LaMP.train_selector")
+           "LaMP.collect_feedback", "LaMP.train_retriever", "LaMP.train_selector",
+           "LaMP.build_zoo", "LaMP.personalize_from_zoo")
 
 
 def layer_of(name: str) -> int | None:

@@ -1,0 +1,294 @@
+"""Give each user of a questions file an adapter from a zoo of other users' adapters, with no
+gradient step.
+
+Example (from the LaMP/ folder):
+    python personalize_from_zoo.py --validation_data ../runs/LaMP_7_dev_merged.json \
+        --task LaMP-7 --model_addr HuggingFaceTB/SmolLM2-135M-Instruct \
+        --zoo ../runs/zoo --output_dir ../runs/zoo_dev --method select
+
+The support set of a user is their profile, as per-user training sees it (the task's per-user
+template). ``--method select``: every candidate's loss on the support set, the
+``--shortlist`` lowest re-ranked by the task metric on the support set (greedy answers), the
+best one wins; ``--use_clusters`` scores each cluster's medoid first and then only the
+best cluster's members. ``--method random``: a seeded uniform choice. A user who is a member
+of the zoo is never given their own adapter. Leaves ``users/<user>/`` (a plain LoRA folder and
+``user.json``), ``users.json`` (served unchanged by ``evaluate_llm.py --user_adapters``),
+``selection.json`` (each user's choice, losses and weights: ``eval/zoo_bound.py`` reads it)
+and ``args.json``; a rerun skips the users already done.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+                                      add_model_name_argument, add_profile_arguments,
+                                      add_task_argument, check_common, check_generation_arguments)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.errors import LampError
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("select", "random")
+SHORTLIST = 15  # the losses' shortlist the metric re-ranks (the fork's setting)
+SELECTION = "selection.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--validation_data", required=True,
+                        help="questions whose users get an adapter (raw or merged); each "
+                             "user's profile is their support set")
+    add_model_name_argument(parser, "--model_addr",
+                            "the base model the zoo was trained on: a hub name or a local folder")
+    add_task_argument(parser)
+    parser.add_argument("--zoo", required=True, help="a build_zoo.py --output_dir")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for users/<user>/, users.json, selection.json and "
+                             "args.json; a rerun into it skips the users already done")
+    parser.add_argument("--method", choices=METHODS, default="select",
+                        help="select: support loss shortlist, then the task metric; random: "
+                             "a seeded uniform choice among the other users' adapters")
+    parser.add_argument("--shortlist", type=int, default=SHORTLIST,
+                        help=f"select: the lowest-loss candidates re-ranked by the metric "
+                             f"(default {SHORTLIST})")
+    parser.add_argument("--rerank_metric", choices=("task", "none"), default="task",
+                        help="select: re-rank the shortlist by the task's selection metric on "
+                             "the support set (task), or take the lowest loss (none)")
+    parser.add_argument("--include_null", action="store_true",
+                        help="also consider no adapter at all (the base model) as a candidate")
+    parser.add_argument("--use_clusters", action="store_true",
+                        help="select: score the zoo's cluster medoids first, then the members "
+                             "of the best cluster only (build_zoo.py --cluster)")
+    add_profile_arguments(parser)
+    add_generation_arguments(parser, training=False)
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    check_common(parser, args)
+    check_generation_arguments(parser, args)
+    if args.shortlist < 1:
+        parser.error("--shortlist must be >= 1")
+    if args.use_clusters and args.method != "select":
+        parser.error("--use_clusters goes with --method select")
+    if args.is_ranked:
+        parser.error("--is_ranked: the support examples are the profile items themselves; "
+                     "leave it out")
+    return args
+
+
+def check_zoo_fits(zoo, args: argparse.Namespace) -> None:
+    """The zoo's base model is --model_addr, its task adapter is unchanged, and it was
+    clustered when --use_clusters asks for it."""
+    from LaMP.utils.modeling.user_records import (adapter_identity, local_or_name,
+                                                  model_identity, same_model)
+
+    recorded = zoo.index["base_model"]
+    served = {"name": local_or_name(args.model_addr), "sha256": None}
+    if recorded.get("sha256"):
+        served = model_identity(args.model_addr)
+    if not same_model(recorded, served):
+        raise LampError(f"--zoo {args.zoo}: its adapters were trained on {recorded['name']}, "
+                        f"not on --model_addr {args.model_addr}")
+    adapter = zoo.index.get("base_adapter")
+    if adapter and adapter.get("sha256") and \
+            adapter_identity(adapter["path"])["sha256"] != adapter["sha256"]:
+        raise LampError(f"--zoo {args.zoo}: task adapter {adapter['path']} has other files "
+                        "than the zoo was trained on top of")
+    if args.use_clusters and "clusters" not in zoo.index:
+        raise LampError(f"--use_clusters: --zoo {args.zoo} has no clusters (build it with "
+                        "--cluster)")
+
+
+class Personalizer:
+    """The model (loaded once, with the zoo's adapter slot), the support examples' maker and
+    the choice of each user's member."""
+
+    def __init__(self, args: argparse.Namespace, zoo):
+        import torch
+
+        from LaMP.utils.evaluation.metrics import metric_for  # noqa: F401 (fails early)
+        from LaMP.utils.modeling.model import load_model
+        from LaMP.utils.modeling.zoo import ZooAdapter
+
+        self.args, self.zoo = args, zoo
+        adapter = zoo.index.get("base_adapter")
+        loaded = load_model(args.model_addr, device=args.device,
+                            adapter=adapter["path"] if adapter else None,
+                            chat_template=args.chat_template,
+                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+                            dtype=torch.float32)
+        if adapter:
+            loaded.model = loaded.model.merge_and_unload()
+        self.lamp_model = loaded
+        self.slot = ZooAdapter(loaded, zoo)
+        self.prompt_fn = loaded.prompt_builder(args.task, args.max_length,
+                                               args.input_truncation, args.prompt_budget)
+
+    def support(self, user: str, items):
+        from LaMP.utils.modeling.user_training import user_examples
+
+        return user_examples(self.args.task, user, items, seed=self.args.seed,
+                             prompt_fn=self.prompt_fn)
+
+    def choose(self, user: str, examples) -> dict:
+        import random
+
+        from LaMP.utils.modeling.user_training import derived_seed
+        from LaMP.utils.modeling.zoo import NULL_MEMBER, cluster_candidates, select_member
+
+        args, zoo = self.args, self.zoo
+        own = user if user in zoo.users else None
+        candidates = [member for member in zoo.users if member != own]
+        features = self.features(examples)
+        loss_of = lambda member: self.support_loss(member, features)  # noqa: E731
+        record = {"method": args.method}
+        if args.use_clusters:
+            candidates, record["medoid_losses"] = cluster_candidates(
+                zoo.index["clusters"]["clusters"], loss_of, own)
+        if args.include_null:
+            candidates = candidates + [NULL_MEMBER]
+        if not candidates:
+            raise LampError(f"--zoo {args.zoo}: no member but user {user!r}'s own adapter")
+        if args.method == "random":
+            winner = random.Random(derived_seed(args.seed, user)).choice(candidates)
+            utilities = {}
+        else:
+            utility_of = (lambda member: self.support_utility(member, examples)) \
+                if args.rerank_metric == "task" else None
+            winner, losses, utilities = select_member(candidates, loss_of, utility_of,
+                                                      args.shortlist)
+            record["support_losses"] = losses
+            record["support_utilities"] = utilities
+        utility = utilities.get(winner)
+        if utility is None:
+            utility = self.support_utility(winner, examples)
+        record.update({"members": [winner], "weights": [1.0],
+                       "candidates": len(candidates) + len(record.get("medoid_losses", {})),
+                       "support_size": len(examples), "support_error": 1.0 - utility,
+                       "excluded_own": own is not None})
+        return record
+
+    def features(self, examples):
+        from LaMP.utils.modeling.training import training_features
+
+        return training_features(self.lamp_model, examples, max_length=self.args.max_length,
+                                 target_max_length=self.args.generation_max_length)
+
+    def use(self, member: str) -> None:
+        self.slot.use(self.zoo.vector_of([member], [1.0]))
+
+    def support_loss(self, member: str, features) -> float:
+        from LaMP.utils.modeling.zoo import example_losses
+
+        self.use(member)
+        return float(example_losses(self.lamp_model, features,
+                                    self.args.per_device_batch_size).mean())
+
+    def support_utility(self, member: str, examples) -> float:
+        """The mean per-example task metric (higher better, in [0, 1]) of the member's greedy
+        answers to the support prompts."""
+        from LaMP.utils.evaluation.scoring import utilities
+        from LaMP.utils.modeling.answering import predict
+
+        self.use(member)
+        args = self.args
+        answers = predict(self.lamp_model, args.task, examples, max_length=args.max_length,
+                          max_new_tokens=args.generation_max_length, num_beams=1,
+                          batch_size=args.per_device_batch_size,
+                          label_scoring=args.label_scoring, progress=False)
+        scores = utilities(args.task, [e.id for e in examples], [e.target for e in examples],
+                           answers, "the support set")
+        return sum(scores) / len(scores)
+
+
+def write_user(output_dir: Path, zoo, user: str, record: dict, trained_on: dict) -> dict:
+    """``user``'s folder: the chosen combination as a plain LoRA, and its user.json."""
+    from LaMP.utils.data.fileio import atomic_folder, atomic_write_json
+    from LaMP.utils.data.users import USER_RECORD, user_adapter_dir
+    from LaMP.utils.modeling.user_store import replace_incomplete
+    from LaMP.utils.modeling.zoo import write_lora
+
+    folder = user_adapter_dir(output_dir, user)
+    replace_incomplete(folder, user)
+    full = {"user": user, "items": record["support_size"], **trained_on, "zoo": record}
+    with atomic_folder(folder) as temporary:
+        write_lora(temporary, zoo, zoo.vector_of(record["members"], record["weights"]))
+        atomic_write_json(temporary / USER_RECORD, full, indent=1)
+    return full
+
+
+def run_contents() -> tuple[str, ...]:
+    from LaMP.utils.data.users import USERS_FOLDER, USERS_INDEX
+
+    return f"{USERS_FOLDER}/", USERS_INDEX, SELECTION, "args.json"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    from LaMP.utils.data.fileio import (atomic_write_json, check_outputs, check_readable,
+                                        plain_run_args, remove_stale_temporaries_in,
+                                        save_run_args)
+    from LaMP.utils.data.users import USERS_FOLDER
+    from LaMP.utils.modeling.checkpoints import check_model_folder
+    from LaMP.utils.modeling.user_store import (check_user_ids, pending_users,
+                                                scan_user_records, write_users_index)
+    from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
+                                                   scan_users)
+    from LaMP.utils.modeling.zoo import read_zoo
+
+    check_readable(args.validation_data, "--validation_data")
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  contents={"--output_dir": run_contents()},
+                  inputs={"--validation_data": args.validation_data, "--zoo": args.zoo,
+                          "--model_addr": args.model_addr})
+    check_model_folder(args.model_addr, "--model_addr")
+    zoo = read_zoo(args.zoo)
+    check_zoo_fits(zoo, args)
+    task = args.task
+    users = scan_users(args.validation_data, task)
+    check_user_ids(users)
+    output_dir = Path(args.output_dir)
+    trained_on = {"base_model": zoo.index["base_model"],
+                  "base_adapter": zoo.index.get("base_adapter")}
+    pending = pending_users(output_dir, users, trained_on)
+    profiles = collect_profiles(args.validation_data, task, pending)
+    check_users_have_items(task, profiles, args.seed, args.validation_data)
+    personalizer = Personalizer(args, zoo) if pending else None
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_run_args(output_dir / "args.json", {**plain_run_args(args),
+                                             "stage": "personalize_from_zoo"})
+    remove_stale_temporaries_in(output_dir / USERS_FOLDER)
+    from tqdm.auto import tqdm
+
+    done = []
+    for user in tqdm(pending, desc="users", unit="user"):
+        examples = personalizer.support(user, profiles.pop(user))
+        record = personalizer.choose(user, examples)
+        write_user(output_dir, zoo, user, record, trained_on)
+        done.append(user)
+        logger.info("user %s: %s (support error %.4f over %d items, %d candidates)", user,
+                    record["members"][0], record["support_error"], record["support_size"],
+                    record["candidates"])
+    run_record = {"task": task.name, "model_name": zoo.index["base_model"]["name"],
+                  "base_adapter": (zoo.index.get("base_adapter") or {}).get("path"),
+                  "peft": "lora", "zoo": str(Path(args.zoo).resolve()), "method": args.method}
+    index = write_users_index(output_dir, run_record, users)
+    selection = {"task": task.name, "zoo": run_record["zoo"], "method": args.method,
+                 "users": {user: record["zoo"] for user, record
+                           in scan_user_records(output_dir).items() if "zoo" in record}}
+    atomic_write_json(output_dir / SELECTION, selection, indent=1)
+    return {"users": users, "chosen": done, "index": index, "selection": selection}
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
