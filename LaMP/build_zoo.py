@@ -69,7 +69,8 @@ def gather_users(roots: list[str]) -> dict[str, dict]:
     """Every complete user folder's record under ``roots`` (``folder``: absolute), by user;
     a user in two runs is one error line."""
     from LaMP.utils.data.fileio import check_readable
-    from LaMP.utils.modeling.user_store import scan_user_records
+    from LaMP.utils.data.users import USERS_INDEX
+    from LaMP.utils.modeling.user_store import read_users_index, scan_user_records
 
     found: dict[str, dict] = {}
     twice = []
@@ -79,11 +80,14 @@ def gather_users(roots: list[str]) -> dict[str, dict]:
         if not records:
             raise LampError(f"--user_adapters {root}: no complete user folder (users/<user>/ "
                             "with user.json)")
+        # The run's task, where its index says (user.json does not): a zoo serves one task.
+        task = (read_users_index(root).get("task") if (Path(root) / USERS_INDEX).is_file()
+                else None)
         for user, record in records.items():
             if user in found:
                 twice.append(user)
             found[user] = {**record, "folder": str((Path(root) / record["folder"]).resolve()),
-                           "run": str(Path(root).resolve())}
+                           "run": str(Path(root).resolve()), "task": task}
     if twice:
         raise LampError(f"--user_adapters: users in more than one run: "
                         f"{preview(sorted(map(repr, twice)))}; a zoo holds one adapter per user")
@@ -181,6 +185,9 @@ def main(argv=None) -> dict:
                                 "final_loss": records[user].get("final_loss"),
                                 "run": records[user]["run"]} for user in users}}
     tasks = sorted({str(records[u].get("task")) for u in users if records[u].get("task")})
+    if len(tasks) > 1:
+        raise LampError(f"--user_adapters: runs of different tasks ({', '.join(tasks)}); a zoo "
+                        "serves one task")
     if tasks:
         index["tasks"] = tasks
     if args.cluster:

@@ -102,6 +102,10 @@ def check_zoo_fits(zoo, args: argparse.Namespace) -> None:
             adapter_identity(adapter["path"])["sha256"] != adapter["sha256"]:
         raise LampError(f"--zoo {args.zoo}: task adapter {adapter['path']} has other files "
                         "than the zoo was trained on top of")
+    tasks = zoo.index.get("tasks") or []
+    if tasks and args.task.name not in tasks:
+        raise LampError(f"--zoo {args.zoo}: its adapters were trained for {', '.join(tasks)}, "
+                        f"not {args.task.name}")
     if args.use_clusters and "clusters" not in zoo.index:
         raise LampError(f"--use_clusters: --zoo {args.zoo} has no clusters (build it with "
                         "--cluster)")

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def user_bounds(selection: dict, delta: float, source: str) -> dict[str, dict]:
-    from LaMP.utils.modeling.zoo import selection_bound
+    from LaMP.utils.evaluation.bounds import selection_bound
 
     users = selection.get("users")
     if not isinstance(users, dict) or not users:

@@ -295,7 +295,7 @@ def test_served_answers_equal_the_chosen_adapter_loaded_by_hand(runs, tmp_path):
 # -- the certificate -----------------------------------------------------------------------------
 
 def test_the_bound_is_hoeffding_plus_a_union_bound_by_hand(tmp_path):
-    from LaMP.utils.modeling.zoo import selection_bound
+    from LaMP.utils.evaluation.bounds import selection_bound
 
     # ln(10 / 0.05) = ln 200 = 5.298317; / (2 * 50) = 0.052983; sqrt = 0.230181
     assert selection_bound(0.2, 10, 50, 0.05) == pytest.approx(0.430181, abs=1e-6)
@@ -332,6 +332,10 @@ def test_bad_zoo_input_is_one_error_line(runs, tmp_path, capsys):
                             "--task", "LaMP-7", "--model_addr", runs["model"], "--zoo",
                             runs["zoo"], "--output_dir", tmp_path / "out", "--use_clusters"],
          "has no clusters"),
+        (personalize.main, ["--validation_data", questions(tmp_path / "d.json", [("610", "x")]),
+                            "--task", "LaMP-5", "--model_addr", runs["model"], "--zoo",
+                            runs["zoo"], "--output_dir", tmp_path / "out"],
+         "were trained for LaMP-7, not LaMP-5"),
     ]
     for main, argv, message in cases:
         status, lines = run_cli(main, argv, capsys)

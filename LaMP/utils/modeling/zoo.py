@@ -23,7 +23,6 @@ A member (or a combination of members) becomes a plain LoRA folder for serving
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -446,16 +445,3 @@ def cluster_zoo(users: Sequence[str], vectors: np.ndarray, *, k: int | None, see
         clusters.append({"medoid": members[0], "members": members})
     return {"k": chosen, "silhouette": score, "seed": seed, "chosen_by":
             "given" if k is not None else "silhouette", "clusters": clusters}
-
-
-# -- the selection certificate ------------------------------------------------------------------
-
-def selection_bound(support_error: float, candidates: int, support_size: int,
-                    delta: float) -> float:
-    """err_query <= err_support + sqrt(ln(N / delta) / (2 m)) with probability 1 - delta,
-    for a loss in [0, 1] and any rule that picks one of N fixed adapters from m support
-    examples drawn like the query (Hoeffding's inequality and a union bound over the N)."""
-    if candidates < 1 or support_size < 1 or not 0 < delta < 1:
-        raise LampError(f"the bound needs N >= 1, m >= 1 and 0 < delta < 1 (N {candidates}, "
-                        f"m {support_size}, delta {delta})")
-    return support_error + math.sqrt(math.log(candidates / delta) / (2 * support_size))
