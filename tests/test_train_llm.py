@@ -347,3 +347,15 @@ def test_overwrite_removes_old_checkpoints_only_once_everything_before_training_
     train_llm.main(common_args(tmp_path, tiny_t5, train, valid, "LaMP-3", "--overwrite_output_dir",
                                "--max_steps", "1"))
     assert not old.exists()
+
+
+def test_the_defaults_are_the_published_ones():
+    """The published training settings besides the recipe's (tests/test_recipes.py)."""
+    args = train_llm.parse_args(["--train_data", "t.json", "--validation_data", "v.json",
+                                 "--model_name", "m", "--task", "LaMP-7", "--output_dir", "out"])
+    assert (args.max_length, args.generation_max_length, args.generation_num_beams,
+            args.gradient_accumulation_steps, args.num_retrieved, args.seed) == (
+        256, 128, 4, 1, 1, 42)
+    assert (args.peft, args.input_truncation, args.prompt_budget) == ("lora", "share", "exact")
+    assert (args.max_steps, args.eval_steps, args.save_total_limit, args.logging_steps) == (
+        -1, None, 2, 10)
