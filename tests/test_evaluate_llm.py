@@ -364,3 +364,14 @@ def test_duplicate_ids_stop_evaluate_llm_before_loading(tmp_path, no_model_loads
                                  f"{min(questions[0]['id'], '77')}, "
                                  f"{max(questions[0]['id'], '77')})")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_defaults_are_the_published_ones():
+    """The published evaluation settings, so the seed command reproduces the paper's runs."""
+    args = evaluate_llm.parse_args(["--validation_data", "v.json", "--model_addr", "m",
+                                    "--task", "LaMP-7", "--output_dir", "out"])
+    assert (args.max_length, args.generation_max_length, args.per_device_batch_size,
+            args.generation_num_beams, args.num_retrieved, args.seed) == (256, 128, 16, 4, 1, 42)
+    assert (args.use_profile, args.is_ranked, args.label_scoring, args.chat_template) == (
+        False, False, False, False)
+    assert (args.input_truncation, args.prompt_budget) == ("share", "exact")

@@ -620,6 +620,46 @@ def test_an_output_under_a_file_is_one_line(tmp_path, capsys):
     assert blocker.read_text() == "a file"
 
 
+def permissions_as_for_a_user(monkeypatch) -> None:
+    """``os.access`` answering by the mode bits, as it does for a user other than root (who
+    runs these tests and may write anywhere): the check must read what a user would meet."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and not os.stat(path).st_mode & stat.S_IWUSR:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_no_write_permission_and_a_read_only_file_are_one_line_before_any_work(
+        tmp_path, capsys, monkeypatch):
+    golds, preds = lamp3_files(tmp_path)
+    evaluation = ["--golds_json", golds, "--preds_json", preds, "--task_name", "LaMP_3"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only = tmp_path / "results.json"
+    read_only.write_text("earlier results")
+    read_only.chmod(0o444)
+    locked.chmod(0o555)
+    permissions_as_for_a_user(monkeypatch)
+    try:
+        status, err = run_cli(eval_task.main, [*evaluation, "--output_file",
+                                               locked / "sub" / "r.json"], capsys)
+        assert status == 2 and err == [
+            f"error: --output_file {locked / 'sub' / 'r.json'}: cannot write in {locked} "
+            "(permission denied)"]
+        status, err = run_cli(eval_task.main, [*evaluation, "--output_file", read_only],
+                              capsys)
+        assert status == 2 and err == [
+            f"error: --output_file {read_only}: the file is read-only (permission denied)"]
+        assert read_only.read_text() == "earlier results"
+        assert listing(locked) == {}
+    finally:
+        locked.chmod(0o755)
+
+
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")

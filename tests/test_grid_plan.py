@@ -198,3 +198,72 @@ def test_a_stage_added_as_one_row_is_planned_named_by_a_method_and_launched(
     assert [command[:2] for command in commands] == [["env", "LaMP/evaluate_llm.py"]] * 2
     fast = next(command for command in commands if "/greedy-" in " ".join(command))
     assert fast[-6:] == ["--max_length", "64", "--limit", "2", "--generation_num_beams", "1"]
+
+
+def keys_of(grid: dict, data_root) -> dict[str, str]:
+    """Each stage of the grid's one cell, by name, with its key."""
+    parsed = parse_grid(grid, "g.yaml", "g")
+    (cell,) = expand_cells(parsed)
+    return {run.stage.name: run.key for run in Planner(parsed, data_root).plan(cell).runs}
+
+
+def test_a_stage_key_follows_its_flags_and_the_content_of_its_inputs(tmp_path, monkeypatch):
+    """A changed flag or data file makes new stage folders, an unchanged one reuses them: a
+    small file counts by its content, a large one by size and mtime, a model folder's small
+    files by content and its weights by size and mtime, wherever the folder lies."""
+    import shutil
+
+    from LaMP.utils.grid import plan
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE / "LaMP_7", data / "user" / "LaMP_7")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "t5"}')
+    (model / "model.safetensors").write_bytes(b"\0" * (2**20 + 1))  # past the 1 MiB limit
+    grid = {**GRID, "models": {"m": str(model)}, "retrievers": ["bm25"], "k": [1]}
+    first = keys_of(grid, data)
+    assert list(first) == ["rank", "merge", "evaluate", "score"]
+    assert keys_of(grid, data) == first  # planned again: the same folders
+
+    # A flag: its stage and everything downstream of it.
+    verbose = keys_of({**grid, "flags": {"merge": {"verbose": True}}}, data)
+    assert verbose["rank"] == first["rank"]
+    assert all(verbose[stage] != first[stage] for stage in ("merge", "evaluate", "score"))
+
+    # A data file's content, at the same size and path.
+    questions = data / "user" / "LaMP_7" / "dev_questions.json"
+    original = questions.read_bytes()
+    questions.write_bytes(original.replace(b"a", b"b", 1))
+    changed = keys_of(grid, data)
+    assert all(changed[stage] != first[stage] for stage in first)
+    questions.write_bytes(original)
+    assert keys_of(grid, data) == first
+
+    # The model folder: where it lies does not matter; a config counts by its content,
+    # weights by size and mtime, not content.
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(model, copy, copy_function=shutil.copy2)
+    elsewhere = {**grid, "models": {"m": str(copy)}}
+    assert keys_of(elsewhere, data) == first
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(b"\1" * (2**20 + 1))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert keys_of(elsewhere, data) == first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    moved = keys_of(elsewhere, data)
+    assert moved["rank"] == first["rank"] and moved["evaluate"] != first["evaluate"]
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (copy / "config.json").write_text('{"model_type": "t5" }')
+    assert keys_of(elsewhere, data)["evaluate"] != first["evaluate"]
+
+    # A data file past the size limit counts by size and mtime.
+    monkeypatch.setattr(plan, "SMALL_FILE", 1000)
+    big = keys_of(grid, data)
+    stat = questions.stat()
+    questions.write_bytes(original.replace(b"a", b"b", 1))
+    os.utime(questions, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert keys_of(grid, data) == big
+    os.utime(questions, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert keys_of(grid, data)["rank"] != big["rank"]

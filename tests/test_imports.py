@@ -165,3 +165,55 @@ def test_the_default_model_cache_is_the_repository_roots(monkeypatch):
     assert cache_root() == REPO / ".cache"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(REPO / ".cache" / "x")], cwd=REPO)
     assert ignored.returncode == 0
+
+
+# Every script a user runs by its path; each must import LaMP from its own checkout.
+SCRIPT_PATHS = sorted(
+    str(path.relative_to(REPO)) for path in [*REPO.glob("*.py"), *(REPO / "LaMP").glob("*.py"),
+                                             *(REPO / "LaMP" / "utils").glob("*.py"),
+                                             *(REPO / "eval").glob("*.py"),
+                                             *(REPO / "data").rglob("*.py")]
+    if path.name != "__init__.py" and 'if __name__ == "__main__"' in path.read_text())
+
+
+def plain_checkout_env() -> dict[str, str]:
+    """What a fresh clone sees: the third-party packages, but no installed LaMP. ``-S`` skips
+    the .pth files (this environment's editable install of LaMP is one); the packages come
+    back through PYTHONPATH, which -S keeps."""
+    import os
+    import sysconfig
+
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def test_the_plain_checkout_environment_has_no_installed_lamp(tmp_path):
+    # The premise of the test below: under these conditions LaMP is not importable as such.
+    found = subprocess.run([sys.executable, "-S", "-c", "import LaMP"], cwd=tmp_path,
+                           env=plain_checkout_env(), capture_output=True, text=True)
+    assert found.returncode == 1 and "No module named 'LaMP'" in found.stderr
+
+
+def test_every_script_runs_from_a_plain_checkout(tmp_path):
+    """Without ``pip install -e .`` each script puts its repository root on sys.path."""
+    assert len(SCRIPT_PATHS) >= 15 and "LaMP/rank_profiles.py" in SCRIPT_PATHS
+    env = plain_checkout_env()
+    for script in SCRIPT_PATHS:
+        shown = subprocess.run([sys.executable, "-S", str(REPO / script), "--help"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert shown.returncode == 0, (script, shown.stderr[-2000:])
+        assert shown.stdout.startswith("usage:"), script
+    # One real stage, to show that the LaMP it imported is this checkout's and works.
+    from conftest import SAMPLE
+
+    ranking = tmp_path / "ranking.json"
+    ranked = subprocess.run(
+        [sys.executable, "-S", str(REPO / "LaMP" / "rank_profiles.py"), "--input_data_addr",
+         str(SAMPLE / "LaMP_7" / "dev_questions.json"), "--output_ranking_addr", str(ranking),
+         "--task", "LaMP-7", "--ranker", "bm25", "--num_workers", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    import json
+
+    assert len(json.loads(ranking.read_text())) == 24

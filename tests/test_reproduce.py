@@ -629,3 +629,23 @@ def test_something_else_where_a_cell_links_its_stage_is_kept_and_named(tmp_path,
     link.symlink_to("elsewhere")
     reproduce.link_cell(cell, runner)
     assert os.readlink(link) == os.path.relpath(runner.folder(cell.runs[0]), link.parent)
+
+
+def test_fail_fast_stops_at_the_first_failed_cell(tmp_path):
+    """Without --fail_fast a failed cell ends only itself: the others run and the run counts
+    the failures; with it the run stops at the first, before the next cell's stages."""
+    grid = write_grid(tmp_path, str(tmp_path / "no_model"), retrievers=["bm25"], k=[0, 1],
+                      subset=None)
+    with pytest.raises(LampError, match=r"^2 of 2 cells failed \(first: LaMP_7\.user\.tiny\."
+                                        r"zero_shot\.bm25\.k1: evaluate: "):
+        run_grid(grid, tmp_path / "all")
+    done = {name.split("-")[0] for name in complete_folders(tmp_path / "all")}
+    assert done == {"rank", "merge"}
+    assert len([name for name in complete_folders(tmp_path / "all")
+                if name.startswith("merge-")]) == 2  # the ranked and the unranked one
+
+    with pytest.raises(LampError, match=r"^cell LaMP_7\.user\.tiny\.zero_shot\.bm25\.k1: "
+                                        r"evaluate: "):
+        run_grid(grid, tmp_path / "fast", "--fail_fast")
+    assert sorted(name.split("-")[0] for name in complete_folders(tmp_path / "fast")) == [
+        "merge", "rank"]  # the second cell's merge never ran

@@ -347,3 +347,34 @@ def test_overwrite_removes_old_checkpoints_only_once_everything_before_training_
     train_llm.main(common_args(tmp_path, tiny_t5, train, valid, "LaMP-3", "--overwrite_output_dir",
                                "--max_steps", "1"))
     assert not old.exists()
+
+
+def test_the_defaults_are_the_published_ones():
+    """The published training settings besides the recipe's (tests/test_recipes.py)."""
+    args = train_llm.parse_args(["--train_data", "t.json", "--validation_data", "v.json",
+                                 "--model_name", "m", "--task", "LaMP-7", "--output_dir", "out"])
+    assert (args.max_length, args.generation_max_length, args.generation_num_beams,
+            args.gradient_accumulation_steps, args.num_retrieved, args.seed) == (
+        256, 128, 4, 1, 1, 42)
+    assert (args.peft, args.input_truncation, args.prompt_budget) == ("lora", "share", "exact")
+    assert (args.max_steps, args.eval_steps, args.save_total_limit, args.logging_steps) == (
+        -1, None, 2, 10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where 4-bit cannot run")
+def test_load_in_4bit_without_cuda_is_one_line_before_any_load(tmp_path, capsys, tiny_t5,
+                                                               no_model_loads):
+    from conftest import run_cli
+
+    valid = merged_sample(tmp_path, 7, "dev", 2)
+    status, lines = run_cli(train_llm.main, [
+        "--train_data", valid, "--validation_data", valid, "--model_name", tiny_t5, "--task",
+        "LaMP-7", "--output_dir", tmp_path / "o", "--load_in_4bit"], capsys)
+    assert (status, lines) == (2, ["error: --load_in_4bit needs a CUDA GPU and the "
+                                   "bitsandbytes package"])
+    assert not (tmp_path / "o").exists()
+    status, lines = run_cli(train_llm.main, [
+        "--train_data", valid, "--validation_data", valid, "--model_name", tiny_t5, "--task",
+        "LaMP-7", "--output_dir", tmp_path / "o", "--load_in_4bit", "--peft", "none"], capsys)
+    assert status == 2 and lines[-1] == ("error: --load_in_4bit trains adapters on a frozen "
+                                         "4-bit model: not with --peft none")

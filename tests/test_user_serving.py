@@ -688,3 +688,47 @@ def test_users_trained_on_top_of_different_task_adapters_are_refused(tiny_t5, tm
     status, err = serve_status(capsys, data, tiny_t5, tmp_path / "eval", "--user_adapters",
                                str(root))
     assert status == 2 and err == [f"error: --user_adapters {root}: {expected}"]
+
+
+@pytest.mark.parametrize("batches", ["stacked", "peft"])
+def test_at_most_max_loaded_adapters_are_on_the_model_at_once(tiny_llama, tmp_path,
+                                                              monkeypatch, batches):
+    """Five users, --max_loaded_adapters 2: groups of 2, 2 and 1, each group's adapters
+    released before the next loads, and every user served."""
+    from LaMP.utils.modeling import lora_stack, user_serving
+
+    questions = tweet_questions(5)
+    data = write_json(tmp_path / "LaMP_7_dev.json", questions)
+    root = save_user_adapters(tiny_llama, tmp_path / "per_user", [q["id"] for q in questions])
+    on_model, most, groups = set(), [0], []
+    real_load, real_delete = user_serving._AdapterPool._load_one, user_serving._AdapterPool._delete
+
+    def load_one(self, user):
+        name = real_load(self, user)
+        on_model.add(name)
+        most[0] = max(most[0], len(self.peft_model.peft_config))
+        return name
+
+    def delete(self, name):
+        real_delete(self, name)
+        on_model.discard(name)
+
+    real_stack = lora_stack.LoraStack.__init__
+
+    def stack(self, model, folders, *args, **kwargs):
+        groups.append(len(folders))
+        real_stack(self, model, folders, *args, **kwargs)
+
+    monkeypatch.setattr(user_serving._AdapterPool, "_load_one", load_one)
+    monkeypatch.setattr(user_serving._AdapterPool, "_delete", delete)
+    monkeypatch.setattr(lora_stack.LoraStack, "__init__", stack)
+    returned = evaluate_llm.main(serve_args(data, tiny_llama, "LaMP-7", tmp_path / "eval",
+                                            "--user_adapters", str(root),
+                                            "--max_loaded_adapters", "2",
+                                            "--user_adapter_batches", batches))
+    if batches == "stacked":
+        assert groups == [2, 2, 1] and most == [0]
+    else:
+        assert groups == [] and most == [2] and on_model == set()
+    assert returned["predictions"] == one_user_at_a_time(tiny_llama, root, questions,
+                                                         "LaMP-7", tmp_path)
