@@ -4,6 +4,7 @@ line too; every --seed takes the range every generator accepts."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import REPO, load_script
 from test_train_llm import common_args, merged_sample
 from LaMP import evaluate_llm, rank_profiles, train_llm
-from LaMP.utils.cli.program import seed_arg
+from LaMP.utils.cli.program import Terminated, run, seed_arg
 from LaMP.utils.seeds import MAX_SEED
 
 SCRIPTS = ["LaMP/train_llm.py", "LaMP/rank_profiles.py", "LaMP/evaluate_llm.py",
@@ -120,3 +121,33 @@ def test_a_negative_seed_from_the_command_line_has_no_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert "argument --seed: -1 is outside" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _wrapped_by_a_c_extension(interruption: BaseException):
+    """What a C extension makes of a signal handler's exception raised in its callback."""
+    def main(argv):
+        try:
+            raise interruption
+        except BaseException as error:
+            raise SystemError("<class 'ParsedObject'> returned a result with an exception "
+                              "set") from error
+    return main
+
+
+@pytest.mark.parametrize("interruption, status, line", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (Terminated(signal.SIGTERM), 143, "terminated (SIGTERM)"),
+    (Terminated(signal.SIGHUP), 129, "terminated (SIGHUP)"),
+])
+def test_an_interruption_wrapped_by_a_c_extension_ends_as_the_interruption(
+        interruption, status, line, capsys):
+    assert run(_wrapped_by_a_c_extension(interruption), []) == status
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_system_error_of_its_own_stays_whole():
+    def main(argv):
+        raise SystemError("a fault to see whole")
+
+    with pytest.raises(SystemError, match="a fault to see whole"):
+        run(main, [])

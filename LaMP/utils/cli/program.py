@@ -67,6 +67,17 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def _interruption(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated at the root of ``error``'s chain, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 # What `kill`, a batch scheduler, a container stop or a closed terminal sends.
 _CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -86,7 +97,12 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
             if signal.getsignal(signum) is signal.SIG_DFL:
                 previous[signum] = signal.signal(signum, _raise_terminated)
     try:
-        main(argv)
+        try:
+            main(argv)
+        except SystemError as error:
+            # A signal whose handler raised while a C extension was calling back into Python
+            # (ijson building an object) comes out wrapped: the interruption is what happened.
+            raise _interruption(error) or error
     except LampError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
