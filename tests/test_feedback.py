@@ -198,11 +198,18 @@ def test_a_run_that_fails_before_its_first_record_leaves_no_file(tmp_path):
     ('{"id": "1", "candidates": ["a"], "utilities": [0.5]}', '"outputs"'),
     ('{"id": "1", "candidates": ["a", "b"], "utilities": [0.5], "outputs": ["x"]}',
      "differ in length"),
-    ('{"id": "1", "candidates": ["a"], "utilities": [NaN], "outputs": ["x"]}', "finite"),
+    ('{"id": "1", "candidates": ["a"], "utilities": [NaN], "outputs": ["x"]}',
+     "NaN is not a JSON number"),
     ('{"id": "1", "candidates": ["a", "a"], "utilities": [1, 0], "outputs": ["x", "y"]}',
      "listed twice"),
     ("[1, 2]", "expected a JSON object"),
-    ("{not json", "not a JSON object"),
+    ("{not json", "malformed JSON"),
+    # Each line is held to the checks of every JSON reader.
+    ('{"id": "1", "candidates": ["a"], "utilities": [1], "outputs": ["x"], "id": "2"}',
+     'the key "id" occurs twice in the top-level object'),
+    ('{"id": "1", "candidates": ["a"], "utilities": [1], "outputs": ["x"], '
+     '"extra": {"k": 1, "k": 2}}', r'the key "k" occurs twice in the object at extra'),
+    ('{"id": "1", "candidates": ["a"], "utilities": [1e999], "outputs": ["x"]}', "infinity"),
 ])
 def test_malformed_records_are_named_by_file_and_line(tmp_path, line, message):
     path = tmp_path / "f.jsonl"
@@ -252,5 +259,5 @@ def test_a_last_record_missing_only_its_newline_is_kept(tmp_path):
 def test_a_line_nested_too_deeply_is_one_error(tmp_path):
     path = tmp_path / "f.jsonl"
     path.write_text("[" * 100_000 + "\n", encoding="utf-8")
-    with pytest.raises(LampError, match="line 1: not a feedback record"):
+    with pytest.raises(LampError, match="line 1: nesting deeper than 64 levels"):
         read_feedback([path])

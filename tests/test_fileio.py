@@ -349,6 +349,31 @@ def test_distinct_outputs_that_look_alike_are_accepted(tmp_path, inputs, capsys)
     assert (status, problems(lines)) == (0, [])
 
 
+@pytest.mark.parametrize("script", ["make_subset", "rank_profiles", "merge_with_rank"])
+@pytest.mark.parametrize("given", ["", ".", "/"])
+def test_an_output_file_without_a_name_is_one_line(tmp_path, inputs, capsys, monkeypatch,
+                                                  script, given):
+    # A file output with no name has no arguments file beside it to derive: the output
+    # itself is refused, naming its flag ("" read as a path is ".", the working folder).
+    monkeypatch.chdir(tmp_path)
+    main, flag, argv = {
+        "make_subset": (make_subset.main, "--output_questions_addr",
+                        subset_argv(inputs, given, "golds.json")),
+        "rank_profiles": (rank_profiles.main, "--output_ranking_addr",
+                          ["--input_data_addr", inputs["questions"], "--task", "LaMP-7",
+                           "--ranker", "bm25", "--output_ranking_addr", given]),
+        "merge_with_rank": (merge_with_rank.main, "--merged_output_addr",
+                            ["--lamp_questions_addr", inputs["questions"],
+                             "--merged_output_addr", given]),
+    }[script]
+    before = listing(tmp_path)
+    status, lines = run_cli(main, argv, capsys)
+    assert status == 2 and problems(lines) == lines[-1:], lines
+    assert lines[-1] in (f"error: {flag} {given or '.'} is a folder; give a file name",
+                         f"error: {flag} is an empty path; give a file name")
+    assert listing(tmp_path) == before
+
+
 def test_check_outputs_on_folders_and_their_contents(tmp_path):
     out = tmp_path / "out"
     # A folder output holding another output, and one folder output inside another.

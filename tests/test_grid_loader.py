@@ -142,6 +142,21 @@ def test_a_value_its_tag_cannot_hold_is_one_error_line(tmp_path, text, message):
     assert message in refused(tmp_path, text)
 
 
+@pytest.mark.parametrize("text, where", [
+    (GOOD.replace("some/model", '"some\\0model"'), "models.m"),
+    (GOOD.replace("some/model", '"some\\x00model"'), "models.m"),
+    (GOOD.replace("some/model", '"some\\u0000model"'), "models.m"),
+    (GOOD + 'flags:\n  model: {prompt_tuning_init_text: "a\\0"}\n', "flags.model.prompt_tuning_init_text"),
+    (GOOD + 'data_root: ["d\\0"]\n', "data_root[0]"),
+    (GOOD + 'task_flags: {"LaMP-7\\0": {}}\n', "task_flags"),
+])
+def test_a_nul_character_written_as_an_escape_is_refused(tmp_path, text, where):
+    # A NUL cannot stand in a path or a command line: the stage's argv and the --dry_run
+    # line would both be cut at it.
+    message = refused(tmp_path, text)
+    assert message.startswith(f"{where}: a NUL character (\\0) in a value at line "), message
+
+
 def test_a_grid_file_too_large_or_not_utf8_is_refused(tmp_path):
     assert refused(tmp_path, GOOD + "# " + "x" * MAX_BYTES + "\n").startswith(
         f"more than {MAX_BYTES:,} bytes is too large for a grid file")

@@ -435,3 +435,31 @@ def test_every_script_that_loads_a_model_refuses_an_encoder_in_one_line(tmp_path
                      "(is_decoder is not set in its config): its attention sees the whole "
                      "text, so it cannot generate text (use a seq2seq or causal LM)"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged.json"]
+
+
+@pytest.fixture(scope="module")
+def decoder_bert(tmp_path_factory):
+    """conftest's tiny BERT configured as a decoder (BertLMHeadModel): a generation head,
+    but a WordPiece tokenizer with no end-of-sequence token."""
+    from conftest import TOKENIZER_CORPUS
+    from conftest import build_tiny_bert as build_wordpiece_bert
+
+    folder = Path(build_wordpiece_bert(tmp_path_factory.mktemp("decoder_bert"),
+                                       TOKENIZER_CORPUS))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "is_decoder": True}))
+    return folder
+
+
+@pytest.mark.parametrize("script", ["train_llm", "evaluate_llm", "train_user_peft"])
+def test_a_tokenizer_without_an_end_token_is_one_line_before_the_weights(
+        tmp_path, capsys, decoder_bert, no_auto_model_weights, script):
+    # Every training target and scored label ends in the eos token: without one, training
+    # failed inside the collator and label scoring inside the model.
+    main, argv = encoder_runs(tmp_path, decoder_bert)[script]
+    status, lines = run_cli(main, argv, capsys)
+    assert status == 2
+    assert problems(lines) == [f"error: model {str(decoder_bert)!r}: its tokenizer "
+                               "(BertTokenizer) has no end-of-sequence token (eos_token), so "
+                               "no answer could end (use a seq2seq or causal LM's tokenizer)"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged.json"]

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from LaMP.utils.data.fileio import check_readable
+from LaMP.utils.data.fileio import check_readable, parse_json_bytes
 from LaMP.utils.data.questions import as_id
 from LaMP.utils.errors import LampError
 
@@ -74,13 +74,9 @@ def _lines(handle, source: str) -> Iterator[tuple[int, bytes, bool]]:
 
 
 def _parse(line: bytes, where: str) -> dict:
-    try:
-        record = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise LampError(f"{where}: not a JSON object ({str(error)[:120]})") from None
-    except RecursionError:  # "[[[[…" nested deeper than the parser's stack
-        raise LampError(f"{where}: not a feedback record (nested too deeply)") from None
-    return validate_record(record, where)
+    # The checks of every JSON reader (a repeated key, nesting, NaN, number sizes, UTF-8):
+    # a line is a JSON document of its own.
+    return validate_record(parse_json_bytes(line, where), where)
 
 
 def read_feedback(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:

@@ -287,6 +287,11 @@ def check_outputs(*, inputs: Mapping[str, Any], files: Mapping[str, Any] | None 
     when one lies inside the other (a folder output's own contents excepted): the second
     write would replace the first, or find a file where it needs a folder.
     """
+    for flag, path in (*(files or {}).items(), *(folders or {}).items()):
+        if isinstance(path, str) and not path:
+            # Path("") is ".", the working folder: an empty flag would be read as "here".
+            raise LampError(f"{flag} is an empty path; give a "
+                            f"{'folder' if flag in (folders or {}) else 'file'} name")
     outputs = [_Planned(flag, str(path), False) for flag, path in (files or {}).items() if path]
     outputs += [_Planned(flag, str(path), True) for flag, path in (folders or {}).items() if path]
     for flag, names in (contents or {}).items():
@@ -697,12 +702,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
 def args_path_for(output: str | os.PathLike) -> Path | None:
     """Where a run's arguments go beside an output file: ``ranking.json`` → ``ranking.args.json``.
 
-    None for an output written in place (a device, FIFO or descriptor): ``/dev/null`` has no
-    folder of results to hold ``/dev/null.args.json``, and making one there would leave a
-    stray file in /dev.
+    None for an output without a file name (``.``, ``/``: a folder, which ``check_outputs``
+    refuses as a file output) and for one written in place (a device, FIFO or descriptor):
+    ``/dev/null`` has no folder of results to hold ``/dev/null.args.json``, and making one
+    there would leave a stray file in /dev.
     """
     output = Path(output)
-    if _is_direct(output):
+    if _is_direct(output) or not output.name:
         return None
     return output.with_name(f"{output.stem}.args.json")
 

@@ -11,8 +11,8 @@ The loader here refuses both while the document is composed, before any value is
 - more than ``MAX_VALUES`` values once every alias is expanded, more than ``MAX_ALIASES``
   aliases, values nested deeper than ``MAX_DEPTH`` (aliases expanded), an alias inside its
   own anchor (a document that contains itself);
-- a file over ``MAX_BYTES``, text that is not UTF-8, and a value its tag cannot hold
-  (``!!int abc``).
+- a file over ``MAX_BYTES``, text that is not UTF-8, a value its tag cannot hold
+  (``!!int abc``), and a NUL character, raw or escaped (``"a\\0b"``).
 
 Every refusal is a ``LampError`` that names the file, the key and the line.
 """
@@ -74,6 +74,10 @@ class _GridLoader(yaml.SafeLoader):
             if len(self.path) > MAX_DEPTH:
                 self._refuse(mark, f"nested deeper than {MAX_DEPTH} levels")
             node = super().compose_node(parent, index)
+            if isinstance(node, ScalarNode) and "\x00" in node.value:
+                # Written "\0", "\x00" or "\u0000": no path or command line can hold it,
+                # so neither a stage's argv nor a --dry_run line could carry it.
+                self._refuse(mark, "a NUL character (\\0) in a value")
             children = ([] if isinstance(node, ScalarNode) else node.value
                         if isinstance(node, SequenceNode) else
                         [child for pair in node.value for child in pair])

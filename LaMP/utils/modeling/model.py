@@ -116,6 +116,13 @@ def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = Fa
                         f"{str(error).splitlines()[0]}") from None
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise LampError(f"--chat_template: the tokenizer of {name_or_path} has no chat template")
+    if tokenizer.eos_token_id is None:
+        # Every target (training, label scoring) ends in it and generation stops at it: a
+        # tokenizer without one (BERT's WordPiece) would fail deep inside training.
+        raise LampError(f"model {name_or_path!r}: its tokenizer "
+                        f"({type(tokenizer).__name__}) has no end-of-sequence token "
+                        "(eos_token), so no answer could end (use a seq2seq or causal LM's "
+                        "tokenizer)")
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; padding is masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
