@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
         lamp_model = load_model(args.model_addr, device=device, adapter=args.adapter,
                                 chat_template=args.chat_template,
                                 trust_remote_code=args.trust_remote_code,
-                                cache_dir=args.cache_dir)
+                                cache_dir=args.cache_dir, lengths=(args.max_length, args.generation_max_length))
         prompt_fn = lamp_model.prompt_builder(args.task, args.max_length, args.input_truncation,
                                               args.prompt_budget)
         settings = GenerationSettings(max_length=args.max_length,

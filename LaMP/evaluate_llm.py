@@ -127,7 +127,7 @@ def find_adapters(args: argparse.Namespace):
     # The adapters are checked against the model's layers from its config alone: both
     # ways of serving (--user_adapter_batches) then take and refuse the same folders.
     model_config = load_config(args.model_addr, trust_remote_code=args.trust_remote_code,
-                               cache_dir=args.cache_dir)
+                               cache_dir=args.cache_dir, lengths=(args.max_length, args.generation_max_length))
     user_adapters = find_user_adapters(
         args.user_adapters, [user for _, user in ids_and_users],
         missing=args.missing_user_adapter, model=args.model_addr,
@@ -156,7 +156,8 @@ def predict(args: argparse.Namespace, user_adapters, ids_and_users, launch, devi
     lamp_model = load_model(args.model_addr, device=str(device),
                             adapter=base_adapter or args.adapter,
                             chat_template=args.chat_template,
-                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+                            lengths=(args.max_length, args.generation_max_length))
     if base_adapter:
         # OPPU: the users' adapters were trained on the base with the task adapter merged
         # in (train_user_peft.py --base_adapter); they are served on the same.

@@ -128,7 +128,7 @@ class Personalizer:
                             adapter=adapter["path"] if adapter else None,
                             chat_template=args.chat_template,
                             trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
-                            dtype=torch.float32)
+                            dtype=torch.float32, lengths=(args.max_length, args.generation_max_length))
         if adapter:
             loaded.model = loaded.model.merge_and_unload()
         self.lamp_model = loaded

@@ -155,7 +155,8 @@ def load_tokenizer_side(args: argparse.Namespace):
 
     config, tokenizer, seq2seq = load_config_and_tokenizer(
         args.model_name, chat_template=args.chat_template,
-        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+        lengths=(args.max_length, args.generation_max_length))
     return config, LampModel(model=None, tokenizer=tokenizer, is_seq2seq=seq2seq, device=None,
                              chat_template=args.chat_template)
 

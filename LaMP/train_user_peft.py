@@ -207,7 +207,7 @@ def load_base(args: argparse.Namespace):
     loaded = load_model(args.model_name, device=str(device), adapter=args.base_adapter,
                         chat_template=args.chat_template,
                         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
-                        dtype=torch.float32)
+                        dtype=torch.float32, lengths=(args.max_length, args.generation_max_length))
     model = loaded.model
     if args.base_adapter:
         model = model.merge_and_unload()  # the task adapter becomes part of the base

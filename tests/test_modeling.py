@@ -463,3 +463,38 @@ def test_a_tokenizer_without_an_end_token_is_one_line_before_the_weights(
                                "(BertTokenizer) has no end-of-sequence token (eos_token), so "
                                "no answer could end (use a seq2seq or causal LM's tokenizer)"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged.json"]
+
+
+def test_lengths_past_a_models_positions_are_named_from_its_config():
+    from transformers import BartConfig, GPT2Config, T5Config
+
+    from LaMP.utils.modeling.model import positions_problem
+
+    gpt2 = GPT2Config(n_positions=40)
+    assert positions_problem(gpt2, 16, 24) is None  # 40 positions hold 16 + 24
+    assert positions_problem(gpt2, 16, 32) == (
+        "--max_length 16 + --generation_max_length 32 = 48 tokens exceed its 40 positions; "
+        "lower the flag")
+    bart = BartConfig(max_position_embeddings=64)  # each side on its own
+    assert positions_problem(bart, 64, 64) is None
+    assert "--max_length 65 or --generation_max_length 8 exceed its 64" in \
+        positions_problem(bart, 65, 8)
+    assert positions_problem(T5Config(), 10_000, 10_000) is None  # relative positions
+
+
+@pytest.mark.parametrize("script", ["train_llm", "evaluate_llm", "train_user_peft"])
+def test_lengths_a_model_cannot_hold_are_one_line_before_its_weights(
+        tmp_path, capsys, tiny_llama, no_auto_model_weights, script):
+    import shutil
+
+    short = tmp_path / "short_llama"
+    shutil.copytree(tiny_llama, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    main, argv = encoder_runs(tmp_path, short)[script]
+    status, lines = run_cli(main, argv, capsys)
+    assert status == 2
+    assert len(problems(lines)) == 1
+    assert problems(lines)[0].startswith(f"error: model {str(short)!r}: --max_length 64 + "
+                                         "--generation_max_length ")
+    assert problems(lines)[0].endswith("exceed its 32 positions; lower the flag")

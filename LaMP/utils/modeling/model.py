@@ -86,9 +86,11 @@ def generation_problem(config, trust_remote_code: bool = False) -> str | None:
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False,
-                cache_dir: str | None = None):
+                cache_dir: str | None = None, lengths: tuple[int, int] | None = None):
     """The model's config: it says whether the model is seq2seq or causal. A model that is
-    neither (an encoder such as BERT) is refused here, before anything else loads."""
+    neither (an encoder such as BERT) is refused here, before anything else loads, and so
+    are ``lengths`` (``--max_length``, ``--generation_max_length``) its positions cannot
+    hold."""
     from transformers import AutoConfig
 
     try:
@@ -97,10 +99,32 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False,
                                             local_files_only=is_local(name_or_path))
     except (OSError, ValueError) as error:
         raise LampError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
-    problem = generation_problem(config, trust_remote_code)
+    problem = generation_problem(config, trust_remote_code) or (
+        lengths is not None and positions_problem(config, *lengths))
     if problem:
         raise LampError(f"model {name_or_path!r}: {problem}")
     return config
+
+
+def positions_problem(config, max_length: int, new_tokens: int) -> str | None:
+    """Why ``max_length`` prompt tokens and ``new_tokens`` generated ones overflow the
+    positions the model has (its ``max_position_embeddings`` or ``n_positions``; a causal
+    model reads both in one sequence, a seq2seq model each on its own side), or None.
+    Models with relative positions (T5) state no limit."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                        None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    if is_seq2seq_config(config):
+        needed, what = max(max_length, new_tokens), (
+            f"--max_length {max_length} or --generation_max_length {new_tokens}")
+    else:
+        needed, what = max_length + new_tokens, (
+            f"--max_length {max_length} + --generation_max_length {new_tokens} = "
+            f"{max_length + new_tokens} tokens")
+    if needed <= limit:
+        return None
+    return f"{what} exceed its {limit} positions; lower the flag"
 
 
 def load_tokenizer(name_or_path: str, *, seq2seq: bool, chat_template: bool = False,
@@ -164,11 +188,11 @@ def load_pretrained(name_or_path: str, *, config=None, dtype: torch.dtype | None
 def load_model_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
                              dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                              cache_dir: str | None = None, quantization_config=None,
-                             device_map=None):
+                             device_map=None, lengths: tuple[int, int] | None = None):
     """(model, tokenizer, is_seq2seq); the tokenizer is checked before the weights load."""
     config, tokenizer, seq2seq = load_config_and_tokenizer(
         name_or_path, chat_template=chat_template, trust_remote_code=trust_remote_code,
-        cache_dir=cache_dir)
+        cache_dir=cache_dir, lengths=lengths)
     model, _ = load_pretrained(name_or_path, config=config, dtype=dtype,
                                quantization_config=quantization_config, device_map=device_map,
                                trust_remote_code=trust_remote_code, cache_dir=cache_dir)
@@ -176,10 +200,11 @@ def load_model_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
 
 
 def load_config_and_tokenizer(name_or_path: str, *, chat_template: bool = False,
-                              trust_remote_code: bool = False, cache_dir: str | None = None):
+                              trust_remote_code: bool = False, cache_dir: str | None = None,
+                              lengths: tuple[int, int] | None = None):
     """(config, tokenizer, is_seq2seq): all that building prompts needs, without weights."""
     options = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-    config = load_config(name_or_path, **options)
+    config = load_config(name_or_path, lengths=lengths, **options)
     seq2seq = is_seq2seq_config(config)
     tokenizer = load_tokenizer(name_or_path, seq2seq=seq2seq, chat_template=chat_template,
                                **options)
@@ -522,8 +547,10 @@ def _longest_first(lengths: Sequence[int]) -> list[int]:
 
 def load_model(name_or_path: str, *, device: str | None = None, adapter: str | None = None,
                chat_template: bool = False, trust_remote_code: bool = False,
-               cache_dir: str | None = None, dtype: torch.dtype | None = None) -> LampModel:
-    """Load a model (and optionally a peft adapter) for inference, once."""
+               cache_dir: str | None = None, dtype: torch.dtype | None = None,
+               lengths: tuple[int, int] | None = None) -> LampModel:
+    """Load a model (and optionally a peft adapter) for inference, once; ``lengths``: the
+    prompt and generation lengths it must hold (``load_config``)."""
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if adapter:
@@ -532,7 +559,7 @@ def load_model(name_or_path: str, *, device: str | None = None, adapter: str | N
         check_adapter_folder(adapter)
     model, tokenizer, seq2seq = load_model_and_tokenizer(
         name_or_path, chat_template=chat_template, dtype=dtype,
-        trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+        trust_remote_code=trust_remote_code, cache_dir=cache_dir, lengths=lengths)
     if adapter:
         from peft import PeftModel
 
