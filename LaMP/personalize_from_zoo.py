@@ -10,11 +10,13 @@ The support set of a user is their profile, as per-user training sees it (the ta
 template). ``--method select``: every candidate's loss on the support set, the
 ``--shortlist`` lowest re-ranked by the task metric on the support set (greedy answers), the
 best one wins; ``--use_clusters`` scores each cluster's medoid first and then only the
-best cluster's members. ``--method random``: a seeded uniform choice. A user who is a member
-of the zoo is never given their own adapter. Leaves ``users/<user>/`` (a plain LoRA folder and
-``user.json``), ``users.json`` (served unchanged by ``evaluate_llm.py --user_adapters``),
-``selection.json`` (each user's choice, losses and weights: ``eval/zoo_bound.py`` reads it)
-and ``args.json``; a rerun skips the users already done.
+best cluster's members. ``--method random``: a seeded uniform choice. ``--method lorahub``:
+``--lorahub_adapters`` members drawn with the seed, weighted by nevergrad's NGOpt (weights in
+±1.5, ``--lorahub_budget`` evaluations of support loss + 0.05·mean|w|); the user gets their
+weighted sum. A user who is a member of the zoo is never given their own adapter. Leaves
+``users/<user>/`` (a plain LoRA folder and ``user.json``), ``users.json`` (served unchanged by
+``evaluate_llm.py --user_adapters``), ``selection.json`` (each user's choice, losses and
+weights: ``eval/zoo_bound.py`` reads it) and ``args.json``; a rerun skips the users already done.
 """
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ from LaMP.utils.errors import LampError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("select", "random")
+METHODS = ("select", "random", "lorahub")
 SHORTLIST = 15  # the losses' shortlist the metric re-ranks (the fork's setting)
+LORAHUB_ADAPTERS = 20  # members a LoRA-hub combination draws (LoRA-hub's setting)
+LORAHUB_BUDGET = 40  # objective evaluations of the weight search (LoRA-hub's setting)
 SELECTION = "selection.json"
 
 
@@ -56,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "args.json; a rerun into it skips the users already done")
     parser.add_argument("--method", choices=METHODS, default="select",
                         help="select: support loss shortlist, then the task metric; random: "
-                             "a seeded uniform choice among the other users' adapters")
+                             "a seeded uniform choice among the other users' adapters; "
+                             "lorahub: a weighted sum of drawn members, the weights searched "
+                             "by nevergrad (pip install nevergrad)")
     parser.add_argument("--shortlist", type=int, default=SHORTLIST,
                         help=f"select: the lowest-loss candidates re-ranked by the metric "
                              f"(default {SHORTLIST})")
@@ -68,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--use_clusters", action="store_true",
                         help="select: score the zoo's cluster medoids first, then the members "
                              "of the best cluster only (build_zoo.py --cluster)")
+    parser.add_argument("--lorahub_adapters", type=int, default=LORAHUB_ADAPTERS,
+                        help=f"lorahub: how many of the other users' adapters the combination "
+                             f"draws, seeded by --seed and the user id (default "
+                             f"{LORAHUB_ADAPTERS})")
+    parser.add_argument("--lorahub_budget", type=int, default=LORAHUB_BUDGET,
+                        help=f"lorahub: evaluations of the support objective the weight search "
+                             f"makes (default {LORAHUB_BUDGET})")
     add_profile_arguments(parser)
     add_generation_arguments(parser, training=False)
     add_model_arguments(parser)
@@ -78,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--shortlist must be >= 1")
     if args.use_clusters and args.method != "select":
         parser.error("--use_clusters goes with --method select")
+    if args.lorahub_adapters < 1 or args.lorahub_budget < 1:
+        parser.error("--lorahub_adapters and --lorahub_budget must be >= 1")
+    if args.include_null and args.method == "lorahub":
+        parser.error("--include_null: lorahub's weights reach the base model already (all "
+                     "zero); leave it out")
     if args.is_ranked:
         parser.error("--is_ranked: the support examples are the profile items themselves; "
                      "leave it out")
@@ -115,14 +133,14 @@ class Personalizer:
     """The model (loaded once, with the zoo's adapter slot), the support examples' maker and
     the choice of each user's member."""
 
-    def __init__(self, args: argparse.Namespace, zoo):
+    def __init__(self, args: argparse.Namespace, zoo, minimise=None):
         import torch
 
         from LaMP.utils.evaluation.metrics import metric_for  # noqa: F401 (fails early)
         from LaMP.utils.modeling.model import load_model
         from LaMP.utils.modeling.zoo import ZooAdapter
 
-        self.args, self.zoo = args, zoo
+        self.args, self.zoo, self.minimise = args, zoo, minimise
         adapter = zoo.index.get("base_adapter")
         loaded = load_model(args.model_addr, device=args.device,
                             adapter=adapter["path"] if adapter else None,
@@ -161,6 +179,9 @@ class Personalizer:
             candidates = candidates + [NULL_MEMBER]
         if not candidates:
             raise LampError(f"--zoo {args.zoo}: no member but user {user!r}'s own adapter")
+        if args.method == "lorahub":
+            return {**record, **self.combine(user, candidates, features, examples),
+                    "excluded_own": own is not None}
         if args.method == "random":
             winner = random.Random(derived_seed(args.seed, user)).choice(candidates)
             utilities = {}
@@ -180,29 +201,53 @@ class Personalizer:
                        "excluded_own": own is not None})
         return record
 
+    def combine(self, user: str, candidates, features, examples) -> dict:
+        """LoRA-hub: the weights of drawn members that minimise the support objective."""
+        from LaMP.utils.modeling.user_training import derived_seed
+        from LaMP.utils.modeling.zoo import lorahub_members, lorahub_objective, lorahub_weights
+
+        args, zoo = self.args, self.zoo
+        seed = derived_seed(args.seed, user)
+        members = lorahub_members(candidates, args.lorahub_adapters, seed)
+        objective = lorahub_objective(zoo, members,
+                                      lambda vector: self.vector_loss(vector, features))
+        weights = lorahub_weights(objective, len(members), args.lorahub_budget, seed,
+                                  self.minimise)
+        vector = zoo.vector_of(members, weights)
+        # A search over the support set is no choice among N fixed adapters: the certificate
+        # (eval/zoo_bound.py) does not cover it, so no number of candidates is recorded.
+        return {"members": members, "weights": weights, "candidates": None,
+                "budget": args.lorahub_budget, "objective": objective(weights),
+                "support_size": len(examples),
+                "support_error": 1.0 - self.vector_utility(vector, examples)}
+
     def features(self, examples):
         from LaMP.utils.modeling.training import training_features
 
         return training_features(self.lamp_model, examples, max_length=self.args.max_length,
                                  target_max_length=self.args.generation_max_length)
 
-    def use(self, member: str) -> None:
-        self.slot.use(self.zoo.vector_of([member], [1.0]))
-
     def support_loss(self, member: str, features) -> float:
+        return self.vector_loss(self.zoo.vector_of([member], [1.0]), features)
+
+    def support_utility(self, member: str, examples) -> float:
+        return self.vector_utility(self.zoo.vector_of([member], [1.0]), examples)
+
+    def vector_loss(self, vector, features) -> float:
+        """The mean support loss of the zoo vector ``vector`` (Σ w_j·R_j)."""
         from LaMP.utils.modeling.zoo import example_losses
 
-        self.use(member)
+        self.slot.use(vector)
         return float(example_losses(self.lamp_model, features,
                                     self.args.per_device_batch_size).mean())
 
-    def support_utility(self, member: str, examples) -> float:
-        """The mean per-example task metric (higher better, in [0, 1]) of the member's greedy
-        answers to the support prompts."""
+    def vector_utility(self, vector, examples) -> float:
+        """The mean per-example task metric (higher better, in [0, 1]) of the zoo vector's
+        greedy answers to the support prompts."""
         from LaMP.utils.evaluation.scoring import utilities
         from LaMP.utils.modeling.answering import predict
 
-        self.use(member)
+        self.slot.use(vector)
         args = self.args
         answers = predict(self.lamp_model, args.task, examples, max_length=args.max_length,
                           max_new_tokens=args.generation_max_length, num_beams=1,
@@ -249,6 +294,10 @@ def main(argv=None) -> dict:
                                                    scan_users)
     from LaMP.utils.modeling.zoo import read_zoo
 
+    from LaMP.utils.modeling.zoo import nevergrad_minimiser
+
+    # Before any file or model: without the optional extra the method cannot run.
+    minimise = nevergrad_minimiser() if args.method == "lorahub" else None
     check_readable(args.validation_data, "--validation_data")
     check_outputs(folders={"--output_dir": args.output_dir},
                   contents={"--output_dir": run_contents()},
@@ -266,7 +315,7 @@ def main(argv=None) -> dict:
     pending = pending_users(output_dir, users, trained_on)
     profiles = collect_profiles(args.validation_data, task, pending)
     check_users_have_items(task, profiles, args.seed, args.validation_data)
-    personalizer = Personalizer(args, zoo) if pending else None
+    personalizer = Personalizer(args, zoo, minimise) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(output_dir / "args.json", {**plain_run_args(args),
@@ -280,9 +329,9 @@ def main(argv=None) -> dict:
         record = personalizer.choose(user, examples)
         write_user(output_dir, zoo, user, record, trained_on)
         done.append(user)
-        logger.info("user %s: %s (support error %.4f over %d items, %d candidates)", user,
-                    record["members"][0], record["support_error"], record["support_size"],
-                    record["candidates"])
+        logger.info("user %s: %s (support error %.4f over %d items)", user,
+                    " + ".join(f"{w:g}·{m}" for m, w in zip(record["members"], record["weights"])),
+                    record["support_error"], record["support_size"])
     run_record = {"task": task.name, "model_name": zoo.index["base_model"]["name"],
                   "base_adapter": (zoo.index.get("base_adapter") or {}).get("path"),
                   "peft": "lora", "zoo": str(Path(args.zoo).resolve()), "method": args.method}

@@ -292,6 +292,131 @@ def test_served_answers_equal_the_chosen_adapter_loaded_by_hand(runs, tmp_path):
     assert served["golds"] == by_hand["golds"]
 
 
+# -- LoRA-hub ------------------------------------------------------------------------------------
+
+def tiny_zoo(vectors: np.ndarray, users: list[str]):
+    from LaMP.utils.modeling.zoo import Zoo
+
+    return Zoo(index={"users": users, "modules": []}, basis={}, vectors=vectors)
+
+
+def test_the_lorahub_objective_is_the_loss_of_the_weighted_sum_plus_the_mean_abs_weight():
+    from LaMP.utils.modeling.zoo import lorahub_objective
+
+    zoo = tiny_zoo(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, -1.0], [5.0, 5.0, 5.0]]),
+                   ["a", "b", "c"])
+    seen = []
+    loss = lambda vector: seen.append(vector) or float(vector.sum())  # noqa: E731
+    objective = lorahub_objective(zoo, ["a", "b"], loss)
+    # 0.5·a - 1·b = (0.5, -3, 2); its sum -0.5; 0.05 · (0.5 + 1) / 2 = 0.0375.
+    assert objective([0.5, -1.0]) == pytest.approx(-0.5 + 0.0375)
+    np.testing.assert_allclose(seen[0], [0.5, -3.0, 2.0])
+    assert objective(np.zeros(2)) == 0.0
+
+
+def test_lorahub_draws_a_seeded_subset_in_the_candidates_order():
+    from LaMP.utils.modeling.zoo import lorahub_members
+
+    candidates = [f"u{i}" for i in range(30)]
+    drawn = lorahub_members(candidates, 20, seed=3)
+    assert len(set(drawn)) == 20 and set(drawn) <= set(candidates)
+    assert drawn == sorted(drawn, key=candidates.index) == lorahub_members(candidates, 20, 3)
+    assert drawn != lorahub_members(candidates, 20, seed=4)
+    assert lorahub_members(candidates[:5], 20, seed=3) == candidates[:5]
+
+
+def test_lorahub_weights_are_the_minimisers_held_to_the_bounds():
+    from LaMP.utils.modeling.zoo import lorahub_weights
+
+    calls = []
+
+    def minimise(objective, dimension, budget, seed):
+        calls.append((dimension, budget, seed))
+        return np.array([3.0, -1.5000001, 0.25])
+
+    assert lorahub_weights(len, 3, 40, 7, minimise) == [1.5, -1.5, 0.25]
+    assert calls == [(3, 40, 7)]
+
+
+def test_nevergrad_searches_within_the_bounds_and_budget_reproducibly():
+    pytest.importorskip("nevergrad", reason="nevergrad is an optional extra "
+                                            "(pip install nevergrad)")
+    from LaMP.utils.modeling.zoo import lorahub_weights, nevergrad_minimiser
+
+    target = np.array([1.0, -0.5, 2.0])
+    calls = []
+
+    def objective(weights):
+        calls.append(np.asarray(weights).copy())
+        return float(((np.asarray(weights) - target) ** 2).sum())
+
+    weights = lorahub_weights(objective, 3, 40, 7, nevergrad_minimiser())
+    assert len(calls) <= 40 and all(np.abs(w).max() <= 1.5 for w in calls)
+    # The third weight's optimum lies outside ±1.5: the search stops at the bound.
+    assert objective(weights) < objective(np.zeros(3)) - 3.0
+    assert lorahub_weights(objective, 3, 40, 7, nevergrad_minimiser()) == weights
+
+
+def unit_search(objective, dimension, budget, seed):
+    """A stand-in for nevergrad: w = 0 and each member alone at weight 1, the best of them."""
+    points = [np.zeros(dimension)] + [np.eye(dimension)[j] for j in range(dimension)]
+    assert len(points) <= budget
+    unit_search.calls.append((dimension, budget, [objective(p) for p in points]))
+    return points[int(np.argmin(unit_search.calls[-1][2]))]
+
+
+def test_lorahub_serves_the_weighted_sum_of_other_users_members(runs, planted_zoo, tmp_path,
+                                                                 monkeypatch):
+    from safetensors.numpy import load_file
+
+    from LaMP.utils.data.users import user_adapter_dir
+    from LaMP.utils.modeling import zoo as zoo_module
+
+    unit_search.calls = []
+    monkeypatch.setattr(zoo_module, "nevergrad_minimiser", lambda: unit_search)
+    data = questions(tmp_path / "dev.json", [("611", "dev611"), ("611", "611")])
+    result = choose(runs, planted_zoo, data, tmp_path / "out", "--method", "lorahub",
+                    "--lorahub_adapters", "3", "--lorahub_budget", "5")
+    chosen = result["selection"]["users"]
+    assert result["selection"]["method"] == "lorahub"
+    assert sorted((d, b) for d, b, _ in unit_search.calls) == [(2, 5), (3, 5)]
+    # dev611 draws all three members; 611's own adapter is planted best, wrecking ones not.
+    assert chosen["dev611"]["members"] == ["610", "611", "612"]
+    assert chosen["dev611"]["weights"] == [0.0, 1.0, 0.0]
+    values = dict((d, v) for d, _, v in unit_search.calls)
+    assert chosen["dev611"]["objective"] == pytest.approx(values[3][2])
+    # 611 is a member: never its own adapter; only the wrecking members are left.
+    assert chosen["611"]["members"] == ["610", "612"] and chosen["611"]["excluded_own"]
+    assert chosen["611"]["candidates"] is None and chosen["611"]["budget"] == 5
+    zoo = zoo_module.read_zoo(planted_zoo)
+    for user in ("dev611", "611"):
+        served = load_file(str(user_adapter_dir(tmp_path / "out", user) /
+                               "adapter_model.safetensors"))
+        expected = zoo_module.lora_state(zoo, zoo.vector_of(chosen[user]["members"],
+                                                            chosen[user]["weights"]))
+        assert sorted(served) == sorted(expected)
+        for key in expected:
+            np.testing.assert_allclose(served[key], expected[key], atol=1e-6)
+
+
+def test_lorahub_without_nevergrad_or_with_bad_flags_is_one_error_line(runs, tmp_path,
+                                                                       capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nevergrad", None)  # import nevergrad fails
+    common = ["--validation_data", questions(tmp_path / "d.json", [("610", "x")]), "--task",
+              "LaMP-7", "--model_addr", runs["model"], "--zoo", runs["zoo"], "--output_dir",
+              tmp_path / "out", "--method", "lorahub"]
+    cases = {(): "pip install nevergrad",
+             ("--lorahub_budget", "0"): "must be >= 1",
+             ("--lorahub_adapters", "0"): "must be >= 1",
+             ("--include_null",): "--include_null: lorahub's weights reach the base model"}
+    for extra, message in cases.items():
+        status, lines = run_cli(personalize.main, [*common, *extra], capsys)
+        assert status != 0 and len(problems(lines)) == 1 and message in problems(lines)[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 # -- the certificate -----------------------------------------------------------------------------
 
 def test_the_bound_is_hoeffding_plus_a_union_bound_by_hand(tmp_path):

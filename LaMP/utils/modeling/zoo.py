@@ -364,6 +364,66 @@ def cluster_candidates(clusters: Sequence[Mapping], loss_of: Callable[[str], flo
     return ([m for m in clusters[best]["members"] if m != excluded], losses)
 
 
+# -- LoRA-hub: a weighted sum of members -------------------------------------------------------
+
+LORAHUB_BOUND = 1.5  # each weight's range, ±; LoRA-hub's setting
+LORAHUB_L1 = 0.05  # the weight of mean |w| in the objective; LoRA-hub's setting
+
+
+def lorahub_members(candidates: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` of ``candidates`` (all, if fewer) drawn uniformly with ``seed``, in the
+    candidates' order."""
+    import random
+
+    if count >= len(candidates):
+        return list(candidates)
+    drawn = set(random.Random(seed).sample(range(len(candidates)), count))
+    return [member for number, member in enumerate(candidates) if number in drawn]
+
+
+def lorahub_objective(zoo: Zoo, members: Sequence[str],
+                      loss_of_vector: Callable[[np.ndarray], float]
+                      ) -> Callable[[np.ndarray], float]:
+    """w ↦ support loss of Σ_j w_j·R_j + LORAHUB_L1·mean|w|. Summing R's over the shared
+    basis is summing the members' ΔW's, so the objective scores the combined adapter itself."""
+    def objective(weights) -> float:
+        weights = np.asarray(weights, dtype=np.float64)
+        return float(loss_of_vector(zoo.vector_of(members, weights))) + \
+            LORAHUB_L1 * float(np.abs(weights).mean())
+    return objective
+
+
+Minimiser = Callable[[Callable[[np.ndarray], float], int, int, int], np.ndarray]
+
+
+def nevergrad_minimiser() -> Minimiser:
+    """(objective, dimension, budget, seed) ↦ the weights nevergrad's NGOpt recommends
+    after ``budget`` evaluations, from w = 0, within ±LORAHUB_BOUND. nevergrad is an optional
+    extra, imported only here."""
+    try:
+        import nevergrad
+    except ImportError:
+        raise LampError("--method lorahub needs nevergrad, which is not installed: "
+                        "pip install nevergrad") from None
+
+    def minimise(objective, dimension: int, budget: int, seed: int) -> np.ndarray:
+        space = nevergrad.p.Array(init=np.zeros(dimension), lower=-LORAHUB_BOUND,
+                                  upper=LORAHUB_BOUND)
+        space.random_state = np.random.RandomState(seed % 2 ** 32)
+        optimiser = nevergrad.optimizers.NGOpt(parametrization=space, budget=budget)
+        return np.asarray(optimiser.minimize(objective).value, dtype=np.float64)
+    return minimise
+
+
+def lorahub_weights(objective: Callable[[np.ndarray], float], dimension: int, budget: int,
+                    seed: int, minimise: Minimiser) -> list[float]:
+    """The minimiser's weights, held to ±LORAHUB_BOUND (an optimiser's recommendation may
+    sit a rounding outside its bounds)."""
+    weights = np.asarray(minimise(objective, dimension, budget, seed), dtype=np.float64)
+    assert weights.shape == (dimension,), weights.shape
+    return [float(w) for w in np.clip(weights, -LORAHUB_BOUND, LORAHUB_BOUND)]
+
+
 # -- clustering (numpy) --------------------------------------------------------------------------
 
 def normalised(rows: np.ndarray) -> np.ndarray:
