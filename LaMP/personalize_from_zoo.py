@@ -280,6 +280,11 @@ def run_contents() -> tuple[str, ...]:
     return f"{USERS_FOLDER}/", USERS_INDEX, SELECTION, "args.json"
 
 
+STAGE = "personalize_from_zoo"  # args.json's "stage": what made the folder
+# Flags that may differ between the runs that fill one --output_dir (users of other files).
+RUN_LOCAL_FLAGS = frozenset({"validation_data", "output_dir", "device", "cache_dir"})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
@@ -288,7 +293,7 @@ def main(argv=None) -> dict:
                                         save_run_args)
     from LaMP.utils.data.users import USERS_FOLDER
     from LaMP.utils.modeling.checkpoints import check_model_folder
-    from LaMP.utils.modeling.user_store import (check_user_ids, pending_users,
+    from LaMP.utils.modeling.user_store import (check_same_run, check_user_ids, pending_users,
                                                 scan_user_records, write_users_index)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users)
@@ -310,6 +315,9 @@ def main(argv=None) -> dict:
     users = scan_users(args.validation_data, task)
     check_user_ids(users)
     output_dir = Path(args.output_dir)
+    # Users chosen otherwise (another method, zoo or seed) never join a run's folder.
+    check_same_run(output_dir, {**plain_run_args(args), "stage": STAGE}, RUN_LOCAL_FLAGS,
+                   "users personalized")
     trained_on = {"base_model": zoo.index["base_model"],
                   "base_adapter": zoo.index.get("base_adapter")}
     pending = pending_users(output_dir, users, trained_on)
@@ -318,8 +326,7 @@ def main(argv=None) -> dict:
     personalizer = Personalizer(args, zoo, minimise) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(output_dir / "args.json", {**plain_run_args(args),
-                                             "stage": "personalize_from_zoo"})
+    save_run_args(output_dir / "args.json", {**plain_run_args(args), "stage": STAGE})
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     from tqdm.auto import tqdm
 

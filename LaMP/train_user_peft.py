@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -119,31 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_previous_run(output_dir: Path, args: argparse.Namespace) -> None:
-    """A rerun into --output_dir continues it only with the same settings: adapters trained
-    otherwise would sit beside each other as if they were one run's."""
-    from LaMP.utils.data.fileio import RUN_FILES, TRAINING_RUN_FILES, read_json
+    """A rerun into --output_dir continues it only with the same settings."""
+    from LaMP.utils.modeling.user_store import check_same_run
 
-    if not output_dir.is_dir():
-        return
-    foreign = [name for name in TRAINING_RUN_FILES + RUN_FILES
-               if name != "args.json" and os.path.lexists(output_dir / name)]
-    if foreign:
-        raise LampError(f"--output_dir {output_dir} holds another stage's run "
-                        f"({', '.join(foreign)}); choose another folder")
-    if not (output_dir / "args.json").exists():
-        return
-    saved = read_json(output_dir / "args.json", "arguments file")
-    if not isinstance(saved, dict) or saved.get("stage") != "train_user_peft":
-        raise LampError(f"--output_dir {output_dir} holds another stage's args.json; choose "
-                        "another folder")
-    now = run_arguments(args)
-    differ = sorted(key for key in set(saved) | set(now)
-                    if key not in RUN_LOCAL_FLAGS and saved.get(key) != now.get(key))
-    if differ:
-        shown = ", ".join(f"--{key} {saved.get(key)!r} then, {now.get(key)!r} now"
-                          for key in differ[:3])
-        raise LampError(f"--output_dir {output_dir} holds per-user adapters trained with other "
-                        f"settings ({shown}); rerun with the same flags or choose another folder")
+    check_same_run(output_dir, run_arguments(args), RUN_LOCAL_FLAGS,
+                   "per-user adapters trained")
 
 
 def run_arguments(args: argparse.Namespace) -> dict:

@@ -273,6 +273,24 @@ def test_random_choice_is_seeded_and_never_the_users_own(runs, tmp_path):
     assert all(members[0] != user for user, members in picks[0].items())
 
 
+def test_a_rerun_with_other_settings_into_the_same_folder_is_refused(runs, tmp_path, capsys):
+    data = questions(tmp_path / "dev.json", [("610", "610")])
+    common = ["--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+              "--zoo", str(runs["zoo"]), "--output_dir", str(tmp_path / "out"), "--device",
+              "cpu", "--max_length", "96", "--generation_max_length", "8"]
+    personalize.main([*common, "--method", "random"])
+    before = (tmp_path / "out" / "selection.json").read_bytes()
+    for other in (["--method", "select"], ["--method", "random", "--seed", "7"]):
+        status, lines = run_cli(personalize.main, [*common, *other], capsys)
+        assert status == 2 and len(problems(lines)) == 1
+        assert "holds users personalized with other settings" in problems(lines)[0]
+    assert (tmp_path / "out" / "selection.json").read_bytes() == before
+    # The same flags continue the run; other users' questions may join it.
+    more = questions(tmp_path / "more.json", [("611", "611")])
+    personalize.main([*common[:1], more, *common[2:], "--method", "random"])
+    assert json.loads((tmp_path / "out" / "users.json").read_text())["num_users"] == 2
+
+
 def test_served_answers_equal_the_chosen_adapter_loaded_by_hand(runs, tmp_path):
     from LaMP.utils.data.users import user_adapter_dir
 

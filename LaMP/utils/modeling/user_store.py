@@ -222,3 +222,31 @@ def read_users_index(output_dir: str | os.PathLike) -> dict:
     return index
 
 
+def check_same_run(output_dir: Path, now: Mapping, run_local: frozenset, made: str) -> None:
+    """A rerun into ``output_dir`` continues the run whose ``args.json`` it holds only with
+    the same settings (``now``: the flags as args.json records them, its ``stage`` too;
+    ``run_local``: flags that may differ between the runs and shards that fill one folder):
+    user folders made otherwise would sit beside each other as if they were one run's.
+    ``made``: what the folder holds, for the error."""
+    from LaMP.utils.data.fileio import RUN_FILES, TRAINING_RUN_FILES
+
+    if not output_dir.is_dir():
+        return
+    foreign = [name for name in TRAINING_RUN_FILES + RUN_FILES
+               if name != "args.json" and os.path.lexists(output_dir / name)]
+    if foreign:
+        raise LampError(f"--output_dir {output_dir} holds another stage's run "
+                        f"({', '.join(foreign)}); choose another folder")
+    if not (output_dir / "args.json").exists():
+        return
+    saved = read_json(output_dir / "args.json", "arguments file")
+    if not isinstance(saved, dict) or saved.get("stage") != now.get("stage"):
+        raise LampError(f"--output_dir {output_dir} holds another stage's args.json; choose "
+                        "another folder")
+    differ = sorted(key for key in set(saved) | set(now)
+                    if key not in run_local and saved.get(key) != now.get(key))
+    if differ:
+        shown = ", ".join(f"--{key} {saved.get(key)!r} then, {now.get(key)!r} now"
+                          for key in differ[:3])
+        raise LampError(f"--output_dir {output_dir} holds {made} with other settings "
+                        f"({shown}); rerun with the same flags or choose another folder")
