@@ -464,7 +464,11 @@ def test_the_bound_is_hoeffding_plus_a_union_bound_by_hand(tmp_path):
 
 def test_bad_zoo_input_is_one_error_line(runs, tmp_path, capsys):
     (tmp_path / "sel.json").write_text(json.dumps({"users": {"u": {"candidates": 2}}}))
+    (tmp_path / "hub.json").write_text(json.dumps({"users": {"u": {
+        "method": "lorahub", "support_error": 0.1, "candidates": None, "support_size": 3}}}))
     cases = [
+        (zoo_bound.main, ["--selection", tmp_path / "hub.json", "--output_file",
+                          tmp_path / "b.json"], "the certificate does not cover it"),
         (zoo_bound.main, ["--selection", tmp_path / "sel.json", "--output_file",
                           tmp_path / "b.json"], "lacks support_error"),
         (personalize.main, ["--validation_data", questions(tmp_path / "d.json",
