@@ -198,3 +198,23 @@ def test_a_ropg_cell_runs_end_to_end_on_the_sample(tmp_path, tiny_t5, torch_sing
     dev = json.loads((SAMPLE / "LaMP_7" / "dev_questions.json").read_text("utf-8"))
     assert sorted(ranking) == sorted(q["id"] for q in dev[:2])
     assert (cell / "score" / "results.json").is_file()
+
+
+def test_the_shipped_ropg_table3_grid_plans_its_trained_retrievers_per_task(tmp_path, capsys):
+    """Every stage of the shipped grid's ROPG/RSPG cells passes its script's parser: the
+    sample (laid out as the time split) stands in for the data."""
+    from conftest import REPO
+
+    for task in SAMPLE.iterdir():
+        (tmp_path / "time").mkdir(exist_ok=True)
+        (tmp_path / "time" / task.name).symlink_to(task, target_is_directory=True)
+    result = reproduce.main(["--grid", str(REPO / "LaMP" / "configs" / "ropg_table3.yaml"),
+                             "--data_root", str(tmp_path), "--runs_dir", str(tmp_path / "runs"),
+                             "--dry_run", "--limit", "2"])
+    assert {name.split(".")[4] for name in result["cells"]} == {
+        "none", "bm25", "recency", "contriever", "ropg_kd", "ropg_rl", "rspg_pre", "rspg_post"}
+    scripts = [line.split()[1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("python ")]
+    # One feedback run per task, two encoders and two selectors trained from it.
+    assert [scripts.count(f"LaMP/{name}.py") for name in
+            ("collect_feedback", "train_retriever", "train_selector")] == [7, 14, 14]
