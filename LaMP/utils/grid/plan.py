@@ -114,11 +114,11 @@ class Planner:
     def key(self, run: StageRun) -> str:
         def identity(token):
             if isinstance(token, Ref):
-                return f"<{token.run.key}/{token.name}>"
+                return f"{token.prefix}<{token.run.key}/{token.name}>"
             if isinstance(token, Out):
                 return f"<out/{token.name}>"
             if isinstance(token, Raw):
-                return f"<raw {self.identity(token.path)}>"
+                return f"{token.prefix}<raw {self.identity(token.path)}>"
             return token
 
         text = json.dumps([run.stage.name, [identity(token) for token in run.argv]])
@@ -201,12 +201,12 @@ class Runner:
 
     def path(self, token, run: StageRun) -> str:
         if isinstance(token, Ref):
-            return str(self.folder(token.run) / token.name)
+            return token.prefix + str(self.folder(token.run) / token.name)
         if isinstance(token, Out):
             return str(self.folder(run) / token.name) if token.name != "." \
                 else str(self.folder(run))
         if isinstance(token, Raw):
-            return resolve_model(token.path)
+            return token.prefix + resolve_model(token.path)
         return token
 
     def argv(self, run: StageRun) -> list[str]:

@@ -10,6 +10,7 @@ key; ``load_grid`` refuses anything else.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,12 +20,11 @@ from typing import Any
 
 from LaMP.utils.cli.arguments import MAX_BOOTSTRAP
 from LaMP.utils.errors import LampError
-from LaMP.utils.grid.stages import flag_groups, method_stages
+from LaMP.utils.grid.stages import NO_RETRIEVER, TRAINED_RANKERS, flag_groups, method_stages
 from LaMP.utils.retrieval import RANKERS
 from LaMP.utils.seeds import MAX_SEED
 from LaMP.utils.tasks import Task, get_task
 
-NO_RETRIEVER = "none"  # k = 0: the bare input; no ranking, one cell shared by all retrievers
 # Where a task's files sit under --data_root: download_data.py's raw_data layout.
 DEFAULT_LAYOUT = {"questions": "{split}/{task}/{set}_questions.json",
                   "outputs": "{split}/{task}/{set}_outputs.json"}
@@ -36,6 +36,11 @@ FLAG = re.compile(r"[a-z][a-z0-9_]*")
 # typo or a bomb (six axes of a few dozen values), not an experiment one runner plans.
 MAX_CELLS = 100_000
 DEFAULT_BOOTSTRAP = {"samples": 1000, "seed": 0, "alpha": 0.05}  # compare.py's defaults
+
+# The rankers a grid retriever may name: rank_profiles.py's and those the grid trains.
+GRID_RANKERS = (*RANKERS, *TRAINED_RANKERS)
+SELECTOR_RANKERS = tuple(name for name, trained in TRAINED_RANKERS.items()
+                         if trained.ranker == "rspg")
 
 AXES = ("task", "split", "model", "method", "retriever", "k")
 
@@ -55,6 +60,8 @@ class Retriever:
     name: str
     ranker: str | None  # None for NO_RETRIEVER
     flags: dict
+    # A selector's (rspg_pre/rspg_post) candidate retrievers, other retrievers of the grid.
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass
@@ -280,16 +287,51 @@ def _parse_retrievers(value, draft: _Draft) -> dict[str, Retriever]:
     for retriever, spec in _mapping(source, "retrievers", value).items():
         key = f"retrievers.{retriever}"
         _name(source, "retrievers", retriever)
-        spec = {} if spec is None else _mapping(source, key, spec, ("ranker", "flags"))
+        spec = {} if spec is None else _mapping(source, key, spec,
+                                                ("ranker", "flags", "candidates"))
         ranker = spec.get("ranker", retriever)
         if retriever == NO_RETRIEVER:
             ranker = None
-        elif ranker not in RANKERS:
-            _fail(source, f"{key}.ranker", f"{ranker!r} is not one of {', '.join(RANKERS)} "
+        elif ranker not in GRID_RANKERS:
+            _fail(source, f"{key}.ranker", f"{ranker!r} is not one of {', '.join(GRID_RANKERS)} "
                                            f"(or the retriever {NO_RETRIEVER!r})")
         retrievers[retriever] = Retriever(retriever, ranker,
-                                          _flags(source, f"{key}.flags", spec.get("flags")))
-    return retrievers
+                                          _flags(source, f"{key}.flags", spec.get("flags")),
+                                          spec.get("candidates", MISSING))
+    return {name: _with_candidates(source, retriever, retrievers)
+            for name, retriever in retrievers.items()}
+
+
+def _selects(retriever: Retriever) -> bool:
+    """Whether the retriever picks among others (a selector's ranking): never a candidate."""
+    trained = TRAINED_RANKERS.get(retriever.ranker)
+    return retriever.ranker == "rspg" or (trained is not None and trained.ranker == "rspg")
+
+
+def _with_candidates(source: str, retriever: Retriever, retrievers: dict) -> Retriever:
+    """A trained selector's candidates (default: every retriever of the grid that ranks and
+    is no selector); anything else has none."""
+    key, given = f"retrievers.{retriever.name}.candidates", retriever.candidates
+    trained = TRAINED_RANKERS.get(retriever.ranker)
+    if trained is None or trained.ranker != "rspg":
+        if given is not MISSING:
+            _fail(source, key, f"only a selector ({', '.join(SELECTOR_RANKERS)}) has candidates")
+        return dataclasses.replace(retriever, candidates=())
+    able = [name for name, other in retrievers.items()
+            if other.ranker is not None and not _selects(other)]
+    if given is MISSING:
+        names = able
+    else:
+        names = _once(source, key, [_name(source, key, name) for name in
+                                    _names(source, key, given)])
+        for name in names:
+            if name not in able:
+                _fail(source, key, f"{name!r} is not a retriever of the grid that ranks and "
+                                   f"selects none (valid: {', '.join(able) or 'none'})")
+    if len(names) < 2:  # train_selector.py's rule, checked here to name the key
+        _fail(source, key, f"a selector chooses among two or more retrievers of the grid "
+                           f"that rank and select none (found: {', '.join(names) or 'none'})")
+    return dataclasses.replace(retriever, candidates=tuple(names))
 
 
 def _parse_k(value, draft: _Draft) -> list[int]:

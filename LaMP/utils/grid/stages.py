@@ -18,10 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+NO_RETRIEVER = "none"  # k = 0: the bare input; no ranking, one cell shared by all retrievers
+
 
 @dataclass(frozen=True)
 class Raw:
     path: str
+    prefix: str = ""  # text before the path in the token (``contriever=<folder>``)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Out:
 class Ref:
     run: "StageRun"
     name: str
+    prefix: str = ""  # text before the path in the token (``contriever=<folder>``)
 
 
 @dataclass(eq=False)
@@ -45,8 +49,8 @@ class StageRun:
     def folder_name(self) -> str:
         return f"{self.stage.name}-{self.key}"
 
-    def output(self, name: str) -> Ref:
-        return Ref(self, name)
+    def output(self, name: str, prefix: str = "") -> Ref:
+        return Ref(self, name, prefix)
 
 
 def flag_argv(flags: dict) -> list:
@@ -60,7 +64,9 @@ def flag_argv(flags: dict) -> list:
         if value is True:
             continue
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and item.startswith("local:"):
+            if isinstance(item, (Raw, Ref)):  # a path a builder put among the flags
+                argv.append(item)
+            elif isinstance(item, str) and item.startswith("local:"):
                 argv.append(Raw(item))
             else:
                 argv.append(str(item))
@@ -103,9 +109,18 @@ class Request:
             self._runs[stage] = self.planner.planned(stage, self)
         return self._runs[stage]
 
-    def on(self, set_name: str, subset: dict | None) -> "Request":
-        """The same cell on another question set."""
-        return Request(self.planner, self.axes, set_name, subset)
+    @property
+    def retriever(self):
+        return self.grid.retrievers.get(self.axes["retriever"])
+
+    def on(self, set_name: str, subset: dict | None, **axes) -> "Request":
+        """The same cell (but for ``axes``) on another question set."""
+        return Request(self.planner, {**self.axes, **axes}, set_name, subset)
+
+    def training(self, **axes) -> "Request":
+        """The cell on the grid's training set, under the grid's subset: the questions the
+        feedback stages learn from (a retriever and a selector are trained per cell)."""
+        return self.on(self.grid.train_set, self.grid.subset, **axes)
 
     def data_file(self, kind: str) -> Raw:
         """This set's ``questions`` or ``outputs`` file under the grid's layout."""
@@ -141,14 +156,100 @@ def _subset_argv(request: Request) -> list | None:
             "--output_outputs_addr", Out("outputs.json")]
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A grid ranker whose model a stage of the grid trains for the cell."""
+
+    ranker: str  # what rank_profiles.py runs
+    stage: str  # the stage that trains the model rank_profiles.py reads
+    option: dict  # that stage's flag that makes this ranker
+
+
+# A grid retriever whose ranker is one of these is trained from the cell's LLM on the
+# training set (docs/feedback-retrieval.md): ROPG's encoders and RSPG's selectors.
+TRAINED_RANKERS = {
+    "ropg_kd": Trained("contriever", "train_retriever", {"objective": "kd"}),
+    "ropg_rl": Trained("contriever", "train_retriever", {"objective": "rl"}),
+    "rspg_pre": Trained("rspg", "train_selector", {"mode": "pre"}),
+    "rspg_post": Trained("rspg", "train_selector", {"mode": "post"}),
+}
+
+
 def _rank_argv(request: Request) -> list | None:
-    retriever = request.grid.retrievers.get(request.axes["retriever"])
+    retriever = request.retriever
     if retriever is None or retriever.ranker is None:  # k = 0: the bare input
         return None
     questions, _ = questions_and_golds(request)
+    trained = TRAINED_RANKERS.get(retriever.ranker)
+    ranker, model_flags = retriever.ranker, {}
+    if trained is not None and trained.ranker == "contriever":
+        ranker = trained.ranker
+        model_flags = {"contriever_checkpoint": request.run(trained.stage).output("encoder")}
+    elif trained is not None:
+        ranker = trained.ranker
+        model_flags = {"selector": request.run(trained.stage).output("selector"),
+                       "retrievers": [_candidate_token(request.on(
+                           request.set_name, request.subset, retriever=name))
+                           for name in retriever.candidates]}
+        if trained.option["mode"] == "post":  # the selector reads each candidate's answers
+            model_flags["retriever_outputs"] = _candidate_outputs(request, request)
     return ["--input_data_addr", questions, "--output_ranking_addr", Out("ranking.json"),
-            "--task", request.axes["task"].name, "--ranker", retriever.ranker,
-            *request.flags("rank", retriever.flags)]
+            "--task", request.axes["task"].name, "--ranker", ranker,
+            *request.flags("rank", retriever.flags, model_flags)]
+
+
+def _candidate_token(request: Request):
+    """How rank_profiles.py --retrievers names the request's retriever: its ranker, or
+    ``contriever=<encoder>`` for a dense one with an encoder of its own."""
+    retriever = request.retriever
+    trained = TRAINED_RANKERS.get(retriever.ranker)
+    if trained is not None:  # a ROPG encoder (the schema refuses a selector as a candidate)
+        return request.run(trained.stage).output("encoder", prefix="contriever=")
+    checkpoint = merged_flags(request.grid.flags["rank"], retriever.flags).get(
+        "contriever_checkpoint")
+    if retriever.ranker != "contriever" or checkpoint in (None, False):
+        return retriever.ranker
+    if isinstance(checkpoint, str) and checkpoint.startswith("local:"):
+        return Raw(checkpoint, prefix="contriever=")
+    return f"contriever={checkpoint}"
+
+
+def _candidate_outputs(request: Request, on: Request) -> list:
+    """Each candidate's answers (the cell's method) on ``on``'s questions."""
+    return [on.on(on.set_name, on.subset, retriever=name).run(request.method.stage)
+            .output("predictions.json") for name in request.retriever.candidates]
+
+
+def _training_data(request: Request):
+    """The training questions with their gold outputs, unranked: what feedback is collected
+    on and what the retriever and the selector read."""
+    return request.training(retriever=NO_RETRIEVER, k=0).run("merge").output("merged.json")
+
+
+def _feedback_argv(request: Request) -> list:
+    task_flags = request.grid.task_flags.get(request.axes["task"].name, {})
+    return ["--train_data", _training_data(request), "--task", request.axes["task"].name,
+            "--model_addr", Raw(_model(request)), "--output_file", Out("feedback.jsonl"),
+            *request.flags("feedback", task_flags)]
+
+
+def _train_retriever_argv(request: Request) -> list:
+    trained = TRAINED_RANKERS[request.retriever.ranker]
+    return ["--feedback", request.run("feedback").output("feedback.jsonl"),
+            "--train_data", _training_data(request), "--task", request.axes["task"].name,
+            *flag_argv(trained.option), "--output_dir", Out("encoder"),
+            *request.flags("train_retriever")]
+
+
+def _train_selector_argv(request: Request) -> list:
+    trained = TRAINED_RANKERS[request.retriever.ranker]
+    training = request.training()
+    rankings = [training.on(training.set_name, training.subset, retriever=name).run("rank")
+                .output("ranking.json") for name in request.retriever.candidates]
+    return ["--train_data", _training_data(request), "--task", request.axes["task"].name,
+            "--rankings", *rankings, "--predictions", *_candidate_outputs(request, training),
+            *flag_argv(trained.option), "--num_retrieved", str(request.axes["k"]),
+            "--output_dir", Out("selector"), *request.flags("train_selector")]
 
 
 def _merge_argv(request: Request) -> list:
@@ -215,6 +316,13 @@ STAGES = {stage.name: stage for stage in (
           ("questions.json", "outputs.json"), _subset_argv, ("subset",)),
     Stage("rank", "LaMP/rank_profiles.py", "LaMP.rank_profiles", ("ranking.json",),
           _rank_argv, ("rank",)),
+    # The feedback stages (docs/feedback-retrieval.md): what the trained rankers read.
+    Stage("feedback", "LaMP/collect_feedback.py", "LaMP.collect_feedback",
+          ("feedback.jsonl",), _feedback_argv, ("model", "feedback")),
+    Stage("train_retriever", "LaMP/train_retriever.py", "LaMP.train_retriever", ("encoder",),
+          _train_retriever_argv, ("train_retriever",)),
+    Stage("train_selector", "LaMP/train_selector.py", "LaMP.train_selector", ("selector",),
+          _train_selector_argv, ("train_selector",)),
     Stage("merge", "LaMP/utils/merge_with_rank.py", "LaMP.utils.merge_with_rank",
           ("merged.json",), _merge_argv, ("merge",)),
     # "model": the flags both model stages take (prompt budget, generation).
