@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
 
     from LaMP.utils.devices import resolve_device
     from LaMP.utils.modeling.distributed import (end_process_group, init_process_group,
-                                                 launch_from_env)
+                                                 launch_from_env, synchronize)
 
     # Under torchrun / accelerate launch every process gets here having checked the same
     # inputs; each answers a contiguous slice and the main process writes everything.
@@ -228,6 +228,7 @@ def main(argv=None) -> dict:
     try:
         examples, predictions, elapsed = predict(args, user_adapters, ids_and_users, launch,
                                                  device)
+        synchronize(created_group)
     finally:
         end_process_group(created_group)
     results = None

@@ -97,6 +97,7 @@ def main(out: str, *model_dirs: str) -> None:
     results = {Path(m).name: check(m, Path(out) / Path(m).name, launch) for m in model_dirs}
     if launch.is_main:
         Path(out, "result.json").write_text(json.dumps(results))
+    dist.barrier()  # no process leaves the group while another still talks to it
     dist.destroy_process_group()
 
 

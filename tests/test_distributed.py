@@ -68,9 +68,20 @@ def eval_args(data: Path, model: Path, task: str, output_dir: Path, *extra: str)
             "--per_device_batch_size", "2", "--device", "cpu", *extra]
 
 
-def launched(script: str, args: list[str], port: int) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    """A loopback port no one listens on now (the system picks it), so that runs of this
+    file side by side do not meet on one rendezvous port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launched(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """``script`` (a path in the repository) under torchrun with 2 CPU processes (gloo), on
-    a fixed port (each test its own)."""
+    a free loopback port."""
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -99,8 +110,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path, request, task_num
     before = data.read_bytes()
     task = f"LaMP-{task_number}"
     evaluate_llm.main(eval_args(data, model_dir, task, tmp_path / "one", *extra))
-    done = launched("LaMP/evaluate_llm.py", eval_args(data, model_dir, task, tmp_path / "two", *extra),
-                    port=29611 + task_number)
+    done = launched("LaMP/evaluate_llm.py",
+                    eval_args(data, model_dir, task, tmp_path / "two", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_outputs(tmp_path / "one", tmp_path / "two")
     predictions = json.loads((tmp_path / "two" / "predictions.json").read_text())["golds"]
@@ -179,7 +190,7 @@ def test_fsdp2_sharded_prediction_and_gathered_adapter(tmp_path, opinionated_lla
     # accelerate runs FSDP only on GPUs, so the sharding it would apply (FSDP2, one unit per
     # transformer layer plus the top) is applied here by hand, on 2 CPU processes.
     done = launched("tests/distributed_worker.py",
-                    [str(tmp_path), str(opinionated_llama), str(tiny_t5)], port=29621)
+                    [str(tmp_path), str(opinionated_llama), str(tiny_t5)])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "result.json").read_text())
     from safetensors.torch import load_file

@@ -109,6 +109,17 @@ def gather_in_order(mine: Sequence[T], launch: Launch) -> list[T]:
     return [item for part in parts for item in part]
 
 
+def synchronize(created: bool) -> None:
+    """Wait until every process of the group this process created is here: gloo aborts a
+    process (``terminate called without an active exception``) that destroys its group while
+    another still finishes a collective with it. Call it once the work succeeded (a process
+    that failed never arrives, and the others would wait for it)."""
+    if created:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def end_process_group(created: bool) -> None:
     """Leave the group this process created (and only that one)."""
     if created:
