@@ -238,4 +238,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    from LaMP.utils.modeling.distributed import exit_process
+
+    exit_process(run(main))

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from LaMP.utils.modeling.distributed import gather_in_order, launch_from_env
+from LaMP.utils.modeling.distributed import (end_process_group, exit_process, gather_in_order,
+                                             launch_from_env, synchronize)
 from LaMP.utils.modeling.examples import Example
 from LaMP.utils.modeling.model import LampModel, load_model_and_tokenizer
 from LaMP.utils.modeling.predict import predict, predict_in_slices
@@ -97,9 +98,10 @@ def main(out: str, *model_dirs: str) -> None:
     results = {Path(m).name: check(m, Path(out) / Path(m).name, launch) for m in model_dirs}
     if launch.is_main:
         Path(out, "result.json").write_text(json.dumps(results))
-    dist.barrier()  # no process leaves the group while another still talks to it
-    dist.destroy_process_group()
+    synchronize(True)  # no process leaves the group while another still talks to it
+    end_process_group(True)
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)  # as the scripts end after a gloo group

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
@@ -120,9 +121,26 @@ def synchronize(created: bool) -> None:
         dist.barrier()
 
 
+_left_a_group: list[bool] = []  # set once this process has destroyed a group it created
+
+
 def end_process_group(created: bool) -> None:
     """Leave the group this process created (and only that one)."""
     if created:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+        _left_a_group.append(True)
+
+
+def exit_process(status: int) -> None:
+    """End a script's process with ``status``. A process that was in a gloo group skips the
+    interpreter's teardown (after flushing the logs and streams): there gloo's threads
+    abort it now and then (``terminate called without an active exception``, exit status
+    -6, with no Python frame left), and the launcher then stops every other process."""
+    if _left_a_group:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
