@@ -61,11 +61,14 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="training/generation batch")
 
 
-def run_measured(script: str, arguments: list[str], log: Path) -> dict:
+def run_measured(script: str, arguments: list[str], log: Path, cwd: Path | None = None,
+                 mode: str = "w") -> dict:
+    """Runs ``script`` with ``arguments`` in a child process (in ``cwd``), its stderr to
+    ``log`` (``mode`` "a" keeps what earlier runs wrote): its seconds and peak memory."""
     command = [sys.executable, "-c", MEASURE, str(REPO / script), *arguments]
-    with open(log, "w") as handle:
+    with open(log, mode) as handle:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=handle, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode:
         sys.exit(f"{script} failed; see {log}")
     line = [l for l in done.stdout.splitlines() if l.startswith("MEASURED ")][-1]

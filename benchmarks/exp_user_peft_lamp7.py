@@ -44,18 +44,16 @@ packages; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from bench_lora_lamp7 import LAMP_REAL, REPO, rank_and_merge, run_measured
+from jobs import JobGraph, paired_bootstrap, read_json, write_json
 
 logger = logging.getLogger("exp_user_peft_lamp7")
 
@@ -95,18 +93,6 @@ def parse_args(argv=None):
     if not 0 <= args.shard_id < args.num_shards:
         parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
     return args
-
-
-def write_json(path: Path, value) -> None:
-    """Whole or not at all: a kill never leaves a summary a rerun would take as done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
 
 
 # -- the users and their questions -----------------------------------------------------
@@ -167,39 +153,18 @@ def build_splits(work: Path, args) -> dict:
 
 # -- jobs -----------------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    name: str
-    needs: tuple[str, ...]
-    run: Callable[[], None]
-    done: Callable[[], bool]
-    per_user: bool = False  # every shard trains its share of the users
-
-
-class Experiment:
+class Experiment(JobGraph):
     def __init__(self, args):
         from LaMP.utils.modeling.local_models import smollm2_path
 
+        super().__init__(Path(args.work_dir))
         self.args = args
-        self.work = Path(args.work_dir)
         self.splits = build_splits(self.work, args)
         self.model = str(smollm2_path())
         self.common = ["--task", "LaMP-7", "--chat_template", "--max_length", "256",
                        "--seed", str(args.seed), "--device", "cpu"]
         self.generation = ["--generation_max_length", "48"]
-        self.jobs: dict[str, Job] = {}
         self.add_jobs()
-
-    def folder(self, name: str) -> Path:
-        return self.work / "jobs" / name
-
-    def summary(self, name: str) -> dict | None:
-        path = self.folder(name) / "summary.json"
-        return read_json(path) if path.exists() else None
-
-    def add(self, name: str, needs, run, done=None, per_user: bool = False) -> None:
-        self.jobs[name] = Job(name, tuple(needs), run,
-                              done or (lambda: self.summary(name) is not None), per_user)
 
     @staticmethod
     def profile(k: int) -> list[str]:
@@ -219,10 +184,6 @@ class Experiment:
             "rouge-1": scores["rouge-1"], "rouge-L": scores["rouge-L"], "k": k, "split": split,
             "wall_seconds": time.perf_counter() - started, "peak_mb": measured["peak_mb"],
             "predictions": str(out / "eval" / "predictions.json")})
-
-    def log(self, name: str, suffix: str = "") -> Path:
-        self.folder(name).mkdir(parents=True, exist_ok=True)
-        return self.folder(name) / f"run{suffix}.log"
 
     def train_task(self, name: str, k: int) -> None:
         out = self.folder(name)
@@ -326,37 +287,6 @@ class Experiment:
 
         self.add(name, needs, run, per_user=True)
 
-    # running them
-    def run(self) -> list[str]:
-        """Every job this shard can do now, in passes until none is left; the names of the
-        jobs still waiting (on another shard, or on a failed one)."""
-        args = self.args
-        singles = [name for name, job in self.jobs.items() if not job.per_user]
-        mine = {name for position, name in enumerate(singles)
-                if position % args.num_shards == args.shard_id}
-        attempted: set[str] = set()
-        while True:
-            ran = False
-            for name, job in self.jobs.items():
-                if name in attempted or job.done():
-                    continue
-                if not all(self.jobs[need].done() for need in job.needs):
-                    continue
-                if not job.per_user and name not in mine:
-                    continue
-                attempted.add(name)
-                done = sum(1 for other in self.jobs.values() if other.done())
-                logger.info("[%d/%d done] %s: starting", done, len(self.jobs), name)
-                started = time.perf_counter()
-                job.run()
-                logger.info("%s: %s after %.0f s", name,
-                            "done" if job.done() else "this shard's share done",
-                            time.perf_counter() - started)
-                ran = True
-            if not ran:
-                return [name for name, job in self.jobs.items() if not job.done()]
-
-
 def user_costs(folder: Path) -> dict:
     """Seconds, steps and bytes per user of a finished per-user job (its users.json)."""
     index = read_json(folder / "users.json")
@@ -402,16 +332,10 @@ def rows_of(experiment: Experiment) -> list[dict]:
 
 
 def compare(experiment: Experiment, row: dict, baseline: dict) -> dict:
-    out = experiment.folder(row["eval"]) / "versus_task_lora.json"
-    if not out.exists():
-        subprocess.run([sys.executable, str(REPO / "eval" / "compare.py"), "--golds_json",
-                        experiment.splits["heldout"]["golds"], "--preds_a",
-                        baseline["scores"]["predictions"], "--preds_b",
-                        row["scores"]["predictions"], "--task_name", "LaMP_7", "--output_file",
-                        str(out), "--bootstrap", str(experiment.args.bootstrap), "--seed",
-                        str(experiment.args.seed)], check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    return read_json(out)["metrics"]
+    return paired_bootstrap(experiment.splits["heldout"]["golds"],
+                            baseline["scores"]["predictions"], row["scores"]["predictions"],
+                            experiment.folder(row["eval"]) / "versus_task_lora.json",
+                            experiment.args.bootstrap, experiment.args.seed)
 
 
 def write_table(experiment: Experiment, waiting: list[str]) -> Path:
@@ -476,7 +400,7 @@ def main(argv=None):
                                                                      ".log")])
     logger.info("shard %d of %d: %s", args.shard_id, args.num_shards, vars(args))
     experiment = Experiment(args)
-    waiting = experiment.run()
+    waiting = experiment.run_shard(args.num_shards, args.shard_id)
     if waiting:
         logger.info("waiting on other shards (or a failed job): %s; rerun to continue",
                     ", ".join(waiting))
