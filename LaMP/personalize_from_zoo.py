@@ -17,6 +17,9 @@ weighted sum. A user who is a member of the zoo is never given their own adapter
 ``users/<user>/`` (a plain LoRA folder and ``user.json``), ``users.json`` (served unchanged by
 ``evaluate_llm.py --user_adapters``), ``selection.json`` (each user's choice, losses and
 weights: ``eval/zoo_bound.py`` reads it) and ``args.json``; a rerun skips the users already done.
+``--method pieces``: Personalized Pieces over the sharers of ``--gates``
+(``train_zoo_gates.py``): each module takes the ``--pieces_top_k`` sharers whose gates best
+match the user's history and adds their pieces with softmax weights.
 """
 from __future__ import annotations
 
@@ -39,10 +42,11 @@ from LaMP.utils.errors import LampError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("select", "random", "lorahub")
+METHODS = ("select", "random", "lorahub", "pieces")
 SHORTLIST = 15  # the losses' shortlist the metric re-ranks (the fork's setting)
 LORAHUB_ADAPTERS = 20  # members a LoRA-hub combination draws (LoRA-hub's setting)
 LORAHUB_BUDGET = 40  # objective evaluations of the weight search (LoRA-hub's setting)
+PIECES_TOP_K = 3  # pieces per module (Per-Pcs's setting)
 SELECTION = "selection.json"
 
 
@@ -62,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="select: support loss shortlist, then the task metric; random: "
                              "a seeded uniform choice among the other users' adapters; "
                              "lorahub: a weighted sum of drawn members, the weights searched "
-                             "by nevergrad (pip install nevergrad)")
+                             "by nevergrad (pip install nevergrad); pieces: per module, the "
+                             "sharers' pieces whose gates fit the user's history best "
+                             "(Personalized Pieces; needs --gates)")
     parser.add_argument("--shortlist", type=int, default=SHORTLIST,
                         help=f"select: the lowest-loss candidates re-ranked by the metric "
                              f"(default {SHORTLIST})")
@@ -81,6 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lorahub_budget", type=int, default=LORAHUB_BUDGET,
                         help=f"lorahub: evaluations of the support objective the weight search "
                              f"makes (default {LORAHUB_BUDGET})")
+    parser.add_argument("--gates", default=None,
+                        help="pieces: the sharers' gates, a train_zoo_gates.py --output_dir "
+                             "trained on --zoo")
+    parser.add_argument("--pieces_top_k", type=int, default=PIECES_TOP_K,
+                        help=f"pieces: sharers whose pieces each module adds (default "
+                             f"{PIECES_TOP_K}, Per-Pcs's)")
+    parser.add_argument("--pieces_temperature", type=float, default=1.0,
+                        help="pieces: temperature of the softmax over a module's top scores "
+                             "(default 1)")
     add_profile_arguments(parser)
     add_generation_arguments(parser, training=False)
     add_model_arguments(parser)
@@ -96,63 +111,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.include_null and args.method == "lorahub":
         parser.error("--include_null: lorahub's weights reach the base model already (all "
                      "zero); leave it out")
+    if (args.method == "pieces") != (args.gates is not None):
+        parser.error("--method pieces and --gates go together")
+    if args.pieces_top_k < 1 or not args.pieces_temperature > 0:
+        parser.error("--pieces_top_k must be >= 1 and --pieces_temperature > 0")
+    if args.include_null and args.method == "pieces":
+        parser.error("--include_null: pieces assemble sharers' pieces, with no null piece; "
+                     "leave it out")
     if args.is_ranked:
         parser.error("--is_ranked: the support examples are the profile items themselves; "
                      "leave it out")
     return args
 
 
-def check_zoo_fits(zoo, args: argparse.Namespace) -> None:
-    """The zoo's base model is --model_addr, its task adapter is unchanged, and it was
-    clustered when --use_clusters asks for it."""
-    from LaMP.utils.modeling.user_records import (adapter_identity, local_or_name,
-                                                  model_identity, same_model)
-
-    recorded = zoo.index["base_model"]
-    served = {"name": local_or_name(args.model_addr), "sha256": None}
-    if recorded.get("sha256"):
-        served = model_identity(args.model_addr)
-    if not same_model(recorded, served):
-        raise LampError(f"--zoo {args.zoo}: its adapters were trained on {recorded['name']}, "
-                        f"not on --model_addr {args.model_addr}")
-    adapter = zoo.index.get("base_adapter")
-    if adapter and adapter.get("sha256") and \
-            adapter_identity(adapter["path"])["sha256"] != adapter["sha256"]:
-        raise LampError(f"--zoo {args.zoo}: task adapter {adapter['path']} has other files "
-                        "than the zoo was trained on top of")
-    tasks = zoo.index.get("tasks") or []
-    if tasks and args.task.name not in tasks:
-        raise LampError(f"--zoo {args.zoo}: its adapters were trained for {', '.join(tasks)}, "
-                        f"not {args.task.name}")
-    if args.use_clusters and "clusters" not in zoo.index:
-        raise LampError(f"--use_clusters: --zoo {args.zoo} has no clusters (build it with "
-                        "--cluster)")
-
-
 class Personalizer:
     """The model (loaded once, with the zoo's adapter slot), the support examples' maker and
     the choice of each user's member."""
 
-    def __init__(self, args: argparse.Namespace, zoo, minimise=None):
-        import torch
-
+    def __init__(self, args: argparse.Namespace, zoo, minimise=None, gates=None):
         from LaMP.utils.evaluation.metrics import metric_for  # noqa: F401 (fails early)
-        from LaMP.utils.modeling.model import load_model
-        from LaMP.utils.modeling.zoo import ZooAdapter
+        from LaMP.utils.modeling.zoo import load_zoo_model
 
-        self.args, self.zoo, self.minimise = args, zoo, minimise
-        adapter = zoo.index.get("base_adapter")
-        loaded = load_model(args.model_addr, device=args.device,
-                            adapter=adapter["path"] if adapter else None,
-                            chat_template=args.chat_template,
-                            trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
-                            dtype=torch.float32, lengths=(args.max_length, args.generation_max_length))
-        if adapter:
-            loaded.model = loaded.model.merge_and_unload()
-        self.lamp_model = loaded
-        self.slot = ZooAdapter(loaded, zoo)
-        self.prompt_fn = loaded.prompt_builder(args.task, args.max_length,
-                                               args.input_truncation, args.prompt_budget)
+        self.args, self.zoo, self.minimise, self.gates = args, zoo, minimise, gates
+        self.lamp_model, self.slot, self.prompt_fn = load_zoo_model(args, zoo)
 
     def support(self, user: str, items):
         from LaMP.utils.modeling.user_training import user_examples
@@ -181,6 +162,9 @@ class Personalizer:
             raise LampError(f"--zoo {args.zoo}: no member but user {user!r}'s own adapter")
         if args.method == "lorahub":
             return {**record, **self.combine(user, candidates, features, examples),
+                    "excluded_own": own is not None}
+        if args.method == "pieces":
+            return {**record, **self.pieces(user, own, features, examples),
                     "excluded_own": own is not None}
         if args.method == "random":
             winner = random.Random(derived_seed(args.seed, user)).choice(candidates)
@@ -219,6 +203,29 @@ class Personalizer:
         return {"members": members, "weights": weights, "candidates": None,
                 "budget": args.lorahub_budget, "objective": objective(weights),
                 "support_size": len(examples),
+                "support_error": 1.0 - self.vector_utility(vector, examples)}
+
+    def pieces(self, user: str, own: str | None, features, examples) -> dict:
+        """Personalized Pieces: every module's best-scored sharers, other than the user."""
+        import numpy as np
+
+        from LaMP.utils.modeling.pieces import HistoryScorer, assemble, choose_pieces
+
+        args, gates = self.args, self.gates
+        positions = [i for i, sharer in enumerate(gates.sharers) if sharer != own]
+        if not positions:
+            raise LampError(f"--gates {args.gates}: no sharer but user {user!r}")
+        sharers = [gates.sharers[i] for i in positions]
+        self.slot.use(np.zeros(self.zoo.vectors.shape[1]))  # the history on the base model
+        scores = HistoryScorer(self.lamp_model, self.slot, args.per_device_batch_size).scores(
+            features, gates.gates, positions)
+        pieces = choose_pieces(scores, sharers, args.pieces_top_k, args.pieces_temperature)
+        vector = assemble(self.zoo, pieces)
+        used = sorted({member for piece in pieces.values() for member in piece["members"]})
+        # Weighted by the user's own data, module by module: no choice among N fixed
+        # adapters, so no number of candidates (eval/zoo_bound.py does not cover it).
+        return {"members": used, "weights": None, "pieces": pieces, "candidates": None,
+                "sharers": len(sharers), "support_size": len(examples),
                 "support_error": 1.0 - self.vector_utility(vector, examples)}
 
     def features(self, examples):
@@ -263,13 +270,13 @@ def write_user(output_dir: Path, zoo, user: str, record: dict, trained_on: dict)
     from LaMP.utils.data.fileio import atomic_folder, atomic_write_json
     from LaMP.utils.data.users import USER_RECORD, user_adapter_dir
     from LaMP.utils.modeling.user_store import replace_incomplete
-    from LaMP.utils.modeling.zoo import write_lora
+    from LaMP.utils.modeling.zoo import record_vector, write_lora
 
     folder = user_adapter_dir(output_dir, user)
     replace_incomplete(folder, user)
     full = {"user": user, "items": record["support_size"], **trained_on, "zoo": record}
     with atomic_folder(folder) as temporary:
-        write_lora(temporary, zoo, zoo.vector_of(record["members"], record["weights"]))
+        write_lora(temporary, zoo, record_vector(zoo, record))
         atomic_write_json(temporary / USER_RECORD, full, indent=1)
     return full
 
@@ -297,7 +304,7 @@ def main(argv=None) -> dict:
                                                 scan_user_records, write_users_index)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users)
-    from LaMP.utils.modeling.zoo import read_zoo
+    from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
 
     from LaMP.utils.modeling.zoo import nevergrad_minimiser
 
@@ -307,10 +314,15 @@ def main(argv=None) -> dict:
     check_outputs(folders={"--output_dir": args.output_dir},
                   contents={"--output_dir": run_contents()},
                   inputs={"--validation_data": args.validation_data, "--zoo": args.zoo,
-                          "--model_addr": args.model_addr})
+                          "--model_addr": args.model_addr, "--gates": args.gates})
     check_model_folder(args.model_addr, "--model_addr")
     zoo = read_zoo(args.zoo)
     check_zoo_fits(zoo, args)
+    gates = None
+    if args.gates:
+        from LaMP.utils.modeling.pieces import read_gates
+
+        gates = read_gates(args.gates, zoo, args.zoo)
     task = args.task
     users = scan_users(args.validation_data, task)
     check_user_ids(users)
@@ -323,7 +335,7 @@ def main(argv=None) -> dict:
     pending = pending_users(output_dir, users, trained_on)
     profiles = collect_profiles(args.validation_data, task, pending)
     check_users_have_items(task, profiles, args.seed, args.validation_data)
-    personalizer = Personalizer(args, zoo, minimise) if pending else None
+    personalizer = Personalizer(args, zoo, minimise, gates) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(output_dir / "args.json", {**plain_run_args(args), "stage": STAGE})
@@ -337,6 +349,7 @@ def main(argv=None) -> dict:
         write_user(output_dir, zoo, user, record, trained_on)
         done.append(user)
         logger.info("user %s: %s (support error %.4f over %d items)", user,
+                    f"pieces of {', '.join(record['members'])}" if record.get("pieces") else
                     " + ".join(f"{w:g}·{m}" for m, w in zip(record["members"], record["weights"])),
                     record["support_error"], record["support_size"])
     run_record = {"task": task.name, "model_name": zoo.index["base_model"]["name"],

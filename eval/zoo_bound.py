@@ -62,10 +62,11 @@ def user_bounds(selection: dict, delta: float, source: str) -> dict[str, dict]:
                         "selection.json)")
     bounds = {}
     for user, record in users.items():
-        if isinstance(record, dict) and record.get("method") == "lorahub":
-            raise LampError(f"{source}: user {user!r} was personalized by lorahub, a weight "
-                            "search rather than a choice among N fixed adapters: the "
-                            "certificate does not cover it")
+        if isinstance(record, dict) and record.get("method") in ("lorahub", "pieces"):
+            raise LampError(f"{source}: user {user!r} was personalized by "
+                            f"{record['method']}, a combination fitted to the user's data "
+                            "rather than a choice among N fixed adapters: the certificate "
+                            "does not cover it")
         try:
             error, n, m = (float(record["support_error"]), int(record["candidates"]),
                            int(record["support_size"]))

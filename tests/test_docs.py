@@ -160,6 +160,7 @@ SCRIPT_PAGES = {
     "LaMP/build_zoo.py": ["zoo.md"],
     "LaMP/personalize_from_zoo.py": ["zoo.md", "prompts.md", "evaluation.md"],
     "eval/zoo_bound.py": ["zoo.md"],
+    "LaMP/train_zoo_gates.py": ["zoo.md", "prompts.md", "evaluation.md"],
 }
 
 

@@ -488,3 +488,202 @@ def test_bad_zoo_input_is_one_error_line(runs, tmp_path, capsys):
         status, lines = run_cli(main, argv, capsys)
         assert status != 0 and len(problems(lines)) == 1 and message in problems(lines)[0], lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "b.json").exists()
+
+
+# -- Personalized Pieces ----------------------------------------------------------------------
+
+train_zoo_gates = load_script("LaMP/train_zoo_gates.py")
+
+
+def test_piece_scores_top_k_and_the_assembly_by_hand():
+    from LaMP.utils.modeling.pieces import (assemble, choose_pieces, example_scores,
+                                            layer_norm, top_pieces)
+    from LaMP.utils.modeling.zoo import Zoo
+
+    states = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, -1.0], [2.0, 2.0, 2.0, 5.0]])
+    gates = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0], [-1.0, 1.0, -1.0, 1.0]])
+
+    def normalised(row):
+        centred = row - row.mean()
+        return centred / math.sqrt((centred ** 2).mean() + 1e-5)
+
+    by_hand = [sum(normalised(x) @ normalised(g) for x in states) / 3 / 2.0 for g in gates]
+    np.testing.assert_allclose(example_scores(states, gates), by_hand, rtol=1e-12)
+    np.testing.assert_allclose(layer_norm(states)[0], normalised(states[0]))
+    # The top two (a tie goes to the earlier sharer), weighted by softmax(score / T).
+    order, weights = top_pieces(np.array([0.1, 0.7, 0.7, -2.0]), 2, 0.5)
+    assert order == [1, 2] and weights == pytest.approx([0.5, 0.5])
+    order, weights = top_pieces(np.array([0.3, -0.2, 0.9]), 2, 2.0)
+    e = [math.exp(0.9 / 2), math.exp(0.3 / 2)]
+    assert order == [2, 0] and weights == pytest.approx([e[0] / sum(e), e[1] / sum(e)])
+    # Two modules (ranks 2 and 1) of three members; each module adds its own pieces.
+    vectors = np.arange(15, dtype=np.float32).reshape(3, 5)
+    zoo = Zoo(index={"users": ["a", "b", "c"], "modules": [
+        {"name": "m1", "rank": 2, "offset": 0}, {"name": "m2", "rank": 1, "offset": 4}]},
+        basis={}, vectors=vectors)
+    pieces = choose_pieces({"m1": np.array([0.0, 1.0, 2.0]), "m2": np.array([5.0, 0.0, 0.0])},
+                           ["a", "b", "c"], 2, 1.0)
+    assert pieces["m1"]["members"] == ["c", "b"] and pieces["m2"]["members"] == ["a", "b"]
+    w1, w2 = pieces["m1"]["weights"], pieces["m2"]["weights"]
+    assert w1[0] == pytest.approx(math.exp(1) / (1 + math.exp(1)))
+    expected = np.concatenate([w1[0] * vectors[2, :4] + w1[1] * vectors[1, :4],
+                               [w2[0] * vectors[0, 4] + w2[1] * vectors[1, 4]]])
+    np.testing.assert_allclose(assemble(zoo, pieces), expected, rtol=1e-6)
+
+
+def zoo_model_args(runs, **extra):
+    import argparse
+
+    from LaMP.utils.tasks import get_task
+
+    return argparse.Namespace(model_addr=str(runs["model"]), device="cpu", chat_template=False,
+                              trust_remote_code=False, cache_dir=None, max_length=96,
+                              generation_max_length=16, task=get_task("LaMP-7"),
+                              input_truncation="share", prompt_budget="exact", **extra)
+
+
+def test_a_gate_feeds_the_branch_x_times_sigmoid_of_x_dot_g_and_answers_mark_positions(runs):
+    import torch
+
+    from LaMP.utils.modeling.pieces import Gates, HistoryScorer
+    from LaMP.utils.modeling.zoo import load_zoo_model, read_zoo
+
+    zoo = read_zoo(runs["zoo"])
+    lamp_model, slot, _ = load_zoo_model(zoo_model_args(runs), zoo)
+    slot.use(zoo.vector_of(["611"], [1.0]))
+    module = zoo.modules[0]
+    layer = slot.layers[module["name"]]
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, module["in"])
+    gates = Gates(slot, "cpu")
+    with torch.no_grad():
+        gates.params[module["name"]].copy_(torch.randn(module["in"]))
+        g = gates.params[module["name"]]
+        gate = torch.sigmoid(x @ g).unsqueeze(-1)
+        delta = torch.from_numpy(zoo.basis[f"{module['name']}.B"]).double() @ torch.from_numpy(
+            zoo.vectors[1, module["offset"]:module["offset"] + module["rank"] ** 2].reshape(
+                module["rank"], module["rank"])).double() @ torch.from_numpy(
+            zoo.basis[f"{module['name']}.A"]).double()
+        base = layer.base_layer(x)
+        expected = base.double() + (x * gate).double() @ delta.T
+        torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-4)
+        gates.remove()
+        torch.testing.assert_close(layer(x).double(), base.double() + x.double() @ delta.T,
+                                   atol=1e-5, rtol=1e-4)
+    # A causal model's answer positions are those that predict an answer token.
+    scorer = HistoryScorer(lamp_model, slot, 2)
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
+    where = scorer.positions(module["name"], {"labels": labels})
+    assert where.tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
+def gate_run(runs, out: Path, *extra: str) -> dict:
+    return train_zoo_gates.main([
+        "--zoo", str(runs["zoo"]), "--train_data", str(runs["root"] / "train.json"), "--task",
+        "LaMP-7", "--model_addr", str(runs["model"]), "--output_dir", str(out), "--device",
+        "cpu", "--max_length", "96", "--generation_max_length", "16", "--max_steps", "4",
+        "--per_device_batch_size", "2", "--learning_rate", "0.5", *extra])
+
+
+@pytest.fixture(scope="module")
+def gates(runs):
+    out = runs["root"] / "gates"
+    before = (runs["zoo"] / "vectors.safetensors").read_bytes()
+    result = gate_run(runs, out)
+    assert (runs["zoo"] / "vectors.safetensors").read_bytes() == before
+    return {"folder": out, "result": result}
+
+
+def test_every_members_gates_train_once_and_a_rerun_trains_none(runs, gates):
+    from safetensors.numpy import load_file
+
+    from LaMP.utils.data.users import user_adapter_dir
+    from LaMP.utils.modeling.zoo import read_zoo
+
+    zoo = read_zoo(runs["zoo"])
+    index = json.loads((gates["folder"] / "gates.json").read_text())
+    assert index["sharers"] == ["610", "611", "612"] and gates["result"]["trained"] == [
+        "610", "611", "612"]
+    for user in index["sharers"]:
+        state = load_file(str(user_adapter_dir(gates["folder"], user) / "gate.safetensors"))
+        assert sorted(state) == sorted(m["name"] for m in zoo.modules)
+        assert all(np.abs(g).max() > 0 for g in state.values())  # the gates moved from 0
+        record = json.loads((user_adapter_dir(gates["folder"], user) / "user.json").read_text())
+        assert record["user"] == user and record["steps"] == 4
+    again = gate_run(runs, gates["folder"])
+    assert again["trained"] == [] and again["index"] == index
+
+
+def test_pieces_assemble_other_sharers_pieces_and_serve_them(runs, gates, tmp_path):
+    from safetensors.numpy import load_file
+
+    from LaMP.utils.data.users import user_adapter_dir
+    from LaMP.utils.modeling import zoo as zoo_module
+    from LaMP.utils.modeling.pieces import assemble
+
+    data = questions(tmp_path / "dev.json", [("611", "dev611"), ("611", "611")])
+    result = choose(runs, runs["zoo"], data, tmp_path / "out", "--method", "pieces",
+                    "--gates", str(gates["folder"]), "--pieces_top_k", "2")
+    chosen = result["selection"]["users"]
+    zoo = zoo_module.read_zoo(runs["zoo"])
+    for user, sharers in (("dev611", {"610", "611", "612"}), ("611", {"610", "612"})):
+        record = chosen[user]
+        assert record["method"] == "pieces" and record["candidates"] is None
+        assert sorted(record["pieces"]) == sorted(m["name"] for m in zoo.modules)
+        for piece in record["pieces"].values():
+            assert len(piece["members"]) == 2 and set(piece["members"]) <= sharers
+            assert sum(piece["weights"]) == pytest.approx(1.0)
+            assert piece["weights"] == sorted(piece["weights"], reverse=True)
+        served = load_file(str(user_adapter_dir(tmp_path / "out", user) /
+                               "adapter_model.safetensors"))
+        expected = zoo_module.lora_state(zoo, assemble(zoo, record["pieces"]))
+        for key in expected:
+            np.testing.assert_allclose(served[key], expected[key], atol=1e-6)
+    assert chosen["611"]["excluded_own"] and chosen["611"]["sharers"] == 2
+    # The same user's history scores the sharers the same way every time.
+    again = choose(runs, runs["zoo"], data, tmp_path / "again", "--method", "pieces",
+                   "--gates", str(gates["folder"]), "--pieces_top_k", "2")
+    assert again["selection"]["users"] == chosen
+
+
+def test_bad_pieces_input_is_one_error_line(runs, gates, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other_zoo"
+    shutil.copytree(runs["zoo"], other)
+    index = json.loads((other / "zoo.json").read_text())
+    index["users"] = list(index["users"])  # same members; a changed index is another zoo
+    (other / "zoo.json").write_text(json.dumps(index) + " ")
+    (tmp_path / "pcs.json").write_text(json.dumps({"users": {"u": {
+        "method": "pieces", "support_error": 0.1, "candidates": None, "support_size": 3}}}))
+    data = questions(tmp_path / "d.json", [("610", "x")])
+    common = ["--validation_data", data, "--task", "LaMP-7", "--model_addr", runs["model"],
+              "--output_dir", tmp_path / "out"]
+    cases = [
+        (personalize.main, [*common, "--zoo", runs["zoo"], "--method", "pieces"],
+         "--method pieces and --gates go together"),
+        (personalize.main, [*common, "--zoo", runs["zoo"], "--gates", gates["folder"]],
+         "--method pieces and --gates go together"),
+        (personalize.main, [*common, "--zoo", other, "--method", "pieces", "--gates",
+                            gates["folder"]], "trained on another zoo"),
+        (personalize.main, [*common, "--zoo", runs["zoo"], "--method", "pieces", "--gates",
+                            runs["zoo"]], "no gates.json"),
+        (personalize.main, [*common, "--zoo", runs["zoo"], "--method", "pieces", "--gates",
+                            gates["folder"], "--pieces_top_k", "0"], "must be >= 1"),
+        (zoo_bound.main, ["--selection", tmp_path / "pcs.json", "--output_file",
+                          tmp_path / "b.json"], "the certificate does not cover it"),
+        (train_zoo_gates.main, ["--zoo", runs["zoo"], "--train_data", data, "--task", "LaMP-7",
+                                "--model_addr", runs["model"], "--output_dir",
+                                tmp_path / "out"], "none of its users is a member"),
+        (train_zoo_gates.main, ["--zoo", runs["zoo"], "--train_data", data, "--task", "LaMP-7",
+                                "--model_addr", runs["model"], "--output_dir",
+                                tmp_path / "out", "--users", "most_active:5"], "has 1 users"),
+        (train_zoo_gates.main, ["--zoo", runs["zoo"], "--train_data", data, "--task", "LaMP-7",
+                                "--model_addr", runs["model"], "--output_dir", runs["zoo"]],
+         "--output_dir"),
+    ]
+    for main, argv, message in cases:
+        status, lines = run_cli(main, argv, capsys)
+        assert status != 0 and len(problems(lines)) == 1 and message in problems(lines)[0], \
+            (message, lines)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "b.json").exists()

@@ -157,6 +157,16 @@ class Zoo:
         return total
 
 
+def record_vector(zoo: Zoo, record: Mapping) -> np.ndarray:
+    """The zoo vector a personalize_from_zoo.py record gives its user: its pieces assembled
+    module by module, or the weighted sum of its members."""
+    if record.get("pieces"):
+        from LaMP.utils.modeling.pieces import assemble
+
+        return assemble(zoo, record["pieces"])
+    return zoo.vector_of(record["members"], record["weights"])
+
+
 def flatten(modules: Sequence[XsModule]) -> np.ndarray:
     return np.concatenate([module.R.reshape(-1) for module in modules]).astype(np.float32)
 
@@ -210,6 +220,33 @@ def read_zoo(folder: str | Path, flag: str = "--zoo") -> Zoo:
     if absent:
         raise LampError(f"{flag} {folder}: {ZOO_BASIS} lacks modules {preview(absent)}")
     return Zoo(index=index, basis=basis, vectors=vectors)
+
+
+def check_zoo_fits(zoo: Zoo, args) -> None:
+    """The zoo's base model is --model_addr, its task adapter is unchanged, and it was
+    clustered when --use_clusters asks for it."""
+    from LaMP.utils.modeling.user_records import (adapter_identity, local_or_name,
+                                                  model_identity, same_model)
+
+    recorded = zoo.index["base_model"]
+    served = {"name": local_or_name(args.model_addr), "sha256": None}
+    if recorded.get("sha256"):
+        served = model_identity(args.model_addr)
+    if not same_model(recorded, served):
+        raise LampError(f"--zoo {args.zoo}: its adapters were trained on {recorded['name']}, "
+                        f"not on --model_addr {args.model_addr}")
+    adapter = zoo.index.get("base_adapter")
+    if adapter and adapter.get("sha256") and \
+            adapter_identity(adapter["path"])["sha256"] != adapter["sha256"]:
+        raise LampError(f"--zoo {args.zoo}: task adapter {adapter['path']} has other files "
+                        "than the zoo was trained on top of")
+    tasks = zoo.index.get("tasks") or []
+    if tasks and args.task.name not in tasks:
+        raise LampError(f"--zoo {args.zoo}: its adapters were trained for {', '.join(tasks)}, "
+                        f"not {args.task.name}")
+    if getattr(args, "use_clusters", False) and "clusters" not in zoo.index:
+        raise LampError(f"--use_clusters: --zoo {args.zoo} has no clusters (build it with "
+                        "--cluster)")
 
 
 # -- serving: a zoo vector as a plain LoRA ------------------------------------------------------
@@ -279,14 +316,14 @@ class ZooAdapter:
         self.lamp_model = lamp_model
         lamp_model.model = get_peft_model(lamp_model.model, peft_config, adapter_name=self.NAME)
         lamp_model.model.eval()
-        self._layers = {}
+        self.layers = {}
         for name, module in lamp_model.model.get_base_model().named_modules():
             if hasattr(module, "lora_A") and self.NAME in module.lora_A:
-                self._layers[name] = module
+                self.layers[name] = module
         state = lora_state(zoo, np.zeros(zoo.vectors.shape[1]))
         with torch.no_grad():
             for module in zoo.modules:
-                layer = self._layers[module["name"]]
+                layer = self.layers[module["name"]]
                 weight = layer.lora_A[self.NAME].weight
                 weight.copy_(torch.from_numpy(state[f"{_PREFIX}{module['name']}.lora_A.weight"])
                              .to(weight))
@@ -297,9 +334,30 @@ class ZooAdapter:
         state = lora_state(self.zoo, vector)
         with torch.no_grad():
             for module in self.zoo.modules:
-                weight = self._layers[module["name"]].lora_B[self.NAME].weight
+                weight = self.layers[module["name"]].lora_B[self.NAME].weight
                 weight.copy_(torch.from_numpy(state[f"{_PREFIX}{module['name']}.lora_B.weight"])
                              .to(weight))
+
+
+def load_zoo_model(args, zoo: Zoo):
+    """The zoo's base model (its task adapter merged in, float32) with one ``ZooAdapter`` slot,
+    and its prompt builder: (the LampModel, the slot, the prompt function)."""
+    import torch
+
+    from LaMP.utils.modeling.model import load_model
+
+    adapter = zoo.index.get("base_adapter")
+    loaded = load_model(args.model_addr, device=args.device,
+                        adapter=adapter["path"] if adapter else None,
+                        chat_template=args.chat_template,
+                        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+                        dtype=torch.float32, lengths=(args.max_length, args.generation_max_length))
+    if adapter:
+        loaded.model = loaded.model.merge_and_unload()
+    slot = ZooAdapter(loaded, zoo)
+    prompt_fn = loaded.prompt_builder(args.task, args.max_length, args.input_truncation,
+                                      args.prompt_budget)
+    return loaded, slot, prompt_fn
 
 
 def example_losses(lamp_model, features: Sequence[dict], batch_size: int) -> np.ndarray:

@@ -1,0 +1,258 @@
+"""Train the Personalized Pieces gates of an adapter zoo's sharers (the input of
+``personalize_from_zoo.py --method pieces``).
+
+Example (from the LaMP/ folder; the zoo is a build_zoo.py folder, the data the questions its
+members' adapters were trained on):
+    python train_zoo_gates.py --zoo ../runs/zoo --train_data ../runs/train_questions.json \
+        --task LaMP-7 --model_addr HuggingFaceTB/SmolLM2-135M-Instruct \
+        --output_dir ../runs/zoo_gates --users most_active:100
+
+Each sharer (every user of ``--train_data`` that is a zoo member, or those ``--users``
+picks) gets, per adapted module, a gate vector g: with the sharer's own zoo adapter on the
+model and fixed, the module's LoRA branch reads x·σ(x·g), and only the gates train, on the
+sharer's profile through the task's per-user template (Per-Pcs's recipe: gates reset to 0,
+lr 2e-5, 200 steps of 6, gradient clipping 0.3, no weight decay). Writes
+``users/<user>/gate.safetensors`` and ``user.json`` per sharer, ``gates.json`` and
+``args.json``; a rerun goes on from the sharers already done.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+if importlib.util.find_spec("LaMP") is None:
+    # Run from a checkout without `pip install -e .`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from LaMP.utils.cli.arguments import (add_budget_arguments, add_model_arguments,
+                                      add_model_name_argument, add_task_argument)
+from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
+from LaMP.utils.errors import LampError, preview
+
+logger = logging.getLogger(__name__)
+
+STAGE = "train_zoo_gates"  # args.json's "stage": what made the folder
+# Flags that may differ between the runs that fill one --output_dir.
+RUN_LOCAL_FLAGS = frozenset({"train_data", "output_dir", "users", "device", "cache_dir"})
+# Per-Pcs's gate training (as read from its released code).
+LEARNING_RATE, MAX_STEPS, BATCH_SIZE, MAX_GRAD_NORM = 2e-5, 200, 6, 0.3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from LaMP.utils.data.users import users_arg
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", required=True, help="a build_zoo.py --output_dir")
+    parser.add_argument("--train_data", required=True,
+                        help="questions whose users' profiles train the gates (raw or merged): "
+                             "the file the zoo's adapters were trained on")
+    add_task_argument(parser)
+    add_model_name_argument(parser, "--model_addr",
+                            "the base model the zoo was trained on: a hub name or a local folder")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for users/<user>/ (one gate file each), gates.json and "
+                             "args.json; a rerun into it skips the sharers already done")
+    parser.add_argument("--users", type=users_arg, default=None,
+                        help="the sharers: most_active:N (the N members with the most profile "
+                             "items, equal counts by id) or a file of user ids; default: every "
+                             "user of --train_data that is a zoo member")
+    parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE,
+                        help=f"AdamW's rate for the gates, constant (default {LEARNING_RATE:g}, "
+                             "Per-Pcs's)")
+    parser.add_argument("--max_steps", type=int, default=MAX_STEPS,
+                        help=f"optimizer steps per sharer (default {MAX_STEPS}, Per-Pcs's)")
+    parser.add_argument("--per_device_batch_size", type=int, default=BATCH_SIZE,
+                        help=f"examples per step (default {BATCH_SIZE}, Per-Pcs's)")
+    parser.add_argument("--max_grad_norm", type=float, default=MAX_GRAD_NORM,
+                        help=f"clip each step's gradient norm to this (default {MAX_GRAD_NORM}, "
+                             "Per-Pcs's; 0: no clipping)")
+    parser.add_argument("--generation_max_length", type=int, default=128,
+                        help="most tokens of an example's target (the answer)")
+    add_budget_arguments(parser)
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.max_steps < 1 or args.per_device_batch_size < 1:
+        parser.error("--max_steps and --per_device_batch_size must be >= 1")
+    if not args.learning_rate > 0 or args.max_grad_norm < 0:
+        parser.error("--learning_rate must be > 0 and --max_grad_norm >= 0")
+    if args.generation_max_length < 1 or args.max_length < 1:
+        parser.error("--generation_max_length and --max_length must be >= 1")
+    return args
+
+
+def run_contents() -> tuple[str, ...]:
+    from LaMP.utils.data.users import USERS_FOLDER
+
+    from LaMP.utils.modeling.pieces import GATES_INDEX
+
+    return f"{USERS_FOLDER}/", GATES_INDEX, "args.json"
+
+
+def training_settings(args: argparse.Namespace):
+    from LaMP.utils.modeling.user_training import TrainSettings
+
+    return TrainSettings(learning_rate=args.learning_rate, weight_decay=0.0,
+                         num_train_epochs=1.0, max_steps=args.max_steps,
+                         batch_size=args.per_device_batch_size, warmup_ratio=0.0,
+                         lr_scheduler_type="constant", max_length=args.max_length,
+                         target_max_length=args.generation_max_length,
+                         max_grad_norm=args.max_grad_norm)
+
+
+class GateTrainer:
+    """The model with the zoo's slot and the gates on it; one sharer at a time."""
+
+    def __init__(self, args: argparse.Namespace, zoo):
+        from LaMP.utils.modeling.pieces import Gates
+        from LaMP.utils.modeling.user_training import UserAdapterTrainer
+        from LaMP.utils.modeling.zoo import load_zoo_model
+
+        self.args, self.zoo = args, zoo
+        self.lamp_model, self.slot, self.prompt_fn = load_zoo_model(args, zoo)
+        for parameter in self.lamp_model.model.parameters():
+            parameter.requires_grad_(False)  # the model and the sharer's adapter stay fixed
+        self.gates = Gates(self.slot, self.lamp_model.device)
+        # The per-user loop, stepping the gates alone.
+        self.loop = UserAdapterTrainer.__new__(UserAdapterTrainer)
+        self.loop.lamp_model, self.loop.model = self.lamp_model, self.lamp_model.model
+        self.loop.settings = training_settings(args)
+        self.loop.trainable_parameters = lambda: list(self.gates.params.values())
+
+    def train(self, user: str, items) -> tuple[dict, dict]:
+        """``user``'s gates and record."""
+        from LaMP.utils.modeling.training import training_features
+        from LaMP.utils.modeling.user_training import derived_seed, user_examples
+
+        import torch
+
+        started = time.perf_counter()
+        args = self.args
+        examples = user_examples(args.task, user, items, seed=args.seed, prompt_fn=self.prompt_fn)
+        features = training_features(self.lamp_model, examples, max_length=args.max_length,
+                                     target_max_length=args.generation_max_length)
+        self.slot.use(self.zoo.vector_of([user], [1.0]))
+        self.gates.reset()
+        seed = derived_seed(args.seed, user)
+        torch.manual_seed(seed)
+        steps, final_loss = self.loop.fit(features, seed)
+        return self.gates.values(), {"user": user, "items": len(examples), "steps": steps,
+                                     "final_loss": final_loss, "seed": seed,
+                                     "seconds": round(time.perf_counter() - started, 3)}
+
+
+def write_sharer(output_dir: Path, user: str, gates: dict, record: dict) -> None:
+    from safetensors.numpy import save_file
+
+    from LaMP.utils.data.fileio import atomic_folder, atomic_write_json
+    from LaMP.utils.data.users import USER_RECORD, user_adapter_dir
+    from LaMP.utils.modeling.pieces import GATE_FILE
+    from LaMP.utils.modeling.user_store import replace_incomplete
+
+    folder = user_adapter_dir(output_dir, user)
+    replace_incomplete(folder, user)
+    with atomic_folder(folder) as temporary:
+        save_file(gates, str(temporary / GATE_FILE))
+        atomic_write_json(temporary / USER_RECORD, record, indent=1)
+
+
+def done_sharers(output_dir: Path, sharers: list[str]) -> dict[str, dict]:
+    """The records of the sharers whose folder is whole (a gate file and the user's record)."""
+    from LaMP.utils.data.users import find_user_folder, read_user_record
+    from LaMP.utils.modeling.pieces import GATE_FILE
+
+    done = {}
+    for user in sharers:
+        folder = find_user_folder(output_dir, user)
+        record = read_user_record(folder) if folder else None
+        if record and record.get("user") == user and (folder / GATE_FILE).is_file():
+            done[user] = record
+    return done
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    from LaMP.utils.data.fileio import (atomic_write_json, check_outputs, check_readable,
+                                        plain_run_args, remove_stale_temporaries_in,
+                                        save_run_args)
+    from LaMP.utils.data.questions import iter_questions
+    from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes
+    from LaMP.utils.modeling.checkpoints import check_model_folder
+    from LaMP.utils.modeling.pieces import GATES_INDEX, zoo_digest
+    from LaMP.utils.modeling.user_store import check_same_run, check_user_ids
+    from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
+                                                   scan_users)
+    from LaMP.utils.data.users import users_file
+    from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
+
+    check_readable(args.train_data, "--train_data")
+    check_outputs(folders={"--output_dir": args.output_dir},
+                  contents={"--output_dir": run_contents()},
+                  inputs={"--train_data": args.train_data, "--zoo": args.zoo,
+                          "--model_addr": args.model_addr, "--users": users_file(args.users)})
+    check_model_folder(args.model_addr, "--model_addr")
+    zoo = read_zoo(args.zoo)
+    check_zoo_fits(zoo, args)
+    task = args.task
+    users = scan_users(args.train_data, task)
+    members = set(zoo.users)
+    if args.users:
+        sharers = choose_users(args.users, users,
+                               lambda: {user: size for user, size in profile_sizes(
+                                   iter_questions(args.train_data, task)).items()
+                                        if user in members}, args.train_data)
+        strangers = [user for user in sharers if user not in members]
+        if strangers:
+            raise LampError(f"--users {args.users}: users that are no member of --zoo "
+                            f"{args.zoo}: {preview(strangers)}")
+    else:
+        sharers = sorted(user for user in users if user in members)
+    if not sharers:
+        raise LampError(f"--train_data {args.train_data}: none of its users is a member of "
+                        f"--zoo {args.zoo}")
+    check_user_ids(sharers)
+    output_dir = Path(args.output_dir)
+    settings = {**plain_run_args(args), "stage": STAGE}
+    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained")
+    done = done_sharers(output_dir, sharers)
+    pending = [user for user in sharers if user not in done]
+    profiles = collect_profiles(args.train_data, task, pending)
+    check_users_have_items(task, profiles, args.seed, args.train_data)
+    trainer = GateTrainer(args, zoo) if pending else None
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_run_args(output_dir / "args.json", settings)
+    remove_stale_temporaries_in(output_dir / USERS_FOLDER)
+    from tqdm.auto import tqdm
+
+    for user in tqdm(pending, desc="sharers", unit="sharer"):
+        gates, record = trainer.train(user, profiles.pop(user))
+        write_sharer(output_dir, user, gates, record)
+        done[user] = record
+        logger.info("sharer %s: %d items, %d steps, final loss %.4f, %.1f s", user,
+                    record["items"], record["steps"], record["final_loss"], record["seconds"])
+    everyone = sorted(done_sharers(output_dir, sorted(set(done) | set(_indexed(output_dir)))))
+    index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": zoo_digest(args.zoo),
+             "task": task.name, "modules": [{"name": m["name"], "in": m["in"]}
+                                            for m in zoo.modules],
+             "sharers": everyone}
+    atomic_write_json(output_dir / GATES_INDEX, index, indent=1)
+    return {"sharers": sharers, "trained": pending, "index": index}
+
+
+def _indexed(output_dir: Path) -> list[str]:
+    """The sharers an earlier run's gates.json lists (a run for other users adds to them)."""
+    from LaMP.utils.data.fileio import read_json
+    from LaMP.utils.modeling.pieces import GATES_INDEX
+
+    path = output_dir / GATES_INDEX
+    return list(read_json(path, "gates index").get("sharers", [])) if path.is_file() else []
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
