@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import logging
 import sys
+import time
 from pathlib import Path
 
 
@@ -75,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rerank_metric", choices=("task", "none"), default="task",
                         help="select: re-rank the shortlist by the task's selection metric on "
                              "the support set (task), or take the lowest loss (none)")
+    parser.add_argument("--support_items", type=int, default=None,
+                        help="use at most this many of a user's profile items as the support "
+                             "set, drawn with --seed and the user id (default: all; a cost knob: "
+                             "every candidate is scored on every support item)")
     parser.add_argument("--include_null", action="store_true",
                         help="also consider no adapter at all (the base model) as a candidate")
     parser.add_argument("--use_clusters", action="store_true",
@@ -102,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_common(parser, args)
     check_generation_arguments(parser, args)
+    if args.support_items is not None and args.support_items < 1:
+        parser.error("--support_items must be >= 1")
     if args.shortlist < 1:
         parser.error("--shortlist must be >= 1")
     if args.use_clusters and args.method != "select":
@@ -136,10 +143,20 @@ class Personalizer:
         self.lamp_model, self.slot, self.prompt_fn = load_zoo_model(args, zoo)
 
     def support(self, user: str, items):
-        from LaMP.utils.modeling.user_training import user_examples
+        """The user's support examples: every usable profile item, or ``--support_items``
+        of them drawn with the seed and the user id (kept in profile order)."""
+        import random
 
-        return user_examples(self.args.task, user, items, seed=self.args.seed,
-                             prompt_fn=self.prompt_fn)
+        from LaMP.utils.modeling.user_training import derived_seed, user_examples
+
+        examples = user_examples(self.args.task, user, items, seed=self.args.seed,
+                                 prompt_fn=self.prompt_fn)
+        cap = getattr(self.args, "support_items", None)
+        if cap and len(examples) > cap:
+            kept = sorted(random.Random(derived_seed(self.args.seed, user, "support"))
+                          .sample(range(len(examples)), cap))
+            examples = [examples[i] for i in kept]
+        return examples
 
     def choose(self, user: str, examples) -> dict:
         import random
@@ -344,8 +361,10 @@ def main(argv=None) -> dict:
 
     done = []
     for user in tqdm(pending, desc="users", unit="user"):
+        started = time.perf_counter()
         examples = personalizer.support(user, profiles.pop(user))
         record = personalizer.choose(user, examples)
+        record["seconds"] = round(time.perf_counter() - started, 3)  # the user's whole cost
         write_user(output_dir, zoo, user, record, trained_on)
         done.append(user)
         logger.info("user %s: %s (support error %.4f over %d items)", user,

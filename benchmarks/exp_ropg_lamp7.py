@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from bench_lora_lamp7 import REPO, lamp7_splits, run_measured
-from jobs import JobGraph, paired_bootstrap, read_json, write_json
+from jobs import JobGraph, paired_bootstrap, read_json, start_logging, write_json
 
 logger = logging.getLogger("exp_ropg_lamp7")
 
@@ -446,11 +446,7 @@ def write_table(experiment: Experiment, waiting: list[str]) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(),
-                                  logging.FileHandler(work / "experiment.log")])
+    start_logging(Path(args.work_dir) / "experiment.log")
     # One torch thread per job unless told otherwise: the jobs share the cores.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     logger.info("%s", vars(args))

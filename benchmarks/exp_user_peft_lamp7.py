@@ -53,7 +53,8 @@ import time
 from pathlib import Path
 
 from bench_lora_lamp7 import LAMP_REAL, REPO, rank_and_merge, run_measured
-from jobs import JobGraph, paired_bootstrap, read_json, write_json
+from jobs import (JobGraph, add_run_arguments, check_run_arguments, paired_bootstrap, read_json,
+                  start_logging, write_json)
 
 logger = logging.getLogger("exp_user_peft_lamp7")
 
@@ -80,18 +81,9 @@ def parse_args(argv=None):
                         help="the per-user epochs the tuning users choose among")
     parser.add_argument("--user_epochs", type=int, default=None,
                         help="per-user epochs for both recipes (skips the tuning)")
-    parser.add_argument("--user_max_steps", type=int, default=None,
-                        help="cap each user's steps (a smoke run)")
-    parser.add_argument("--task_max_steps", type=int, default=None,
-                        help="cap the task LoRA's steps (a smoke run)")
-    parser.add_argument("--batch_size", type=int, default=8, help="generation batch")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="paired bootstrap resamples of each comparison")
-    parser.add_argument("--num_shards", type=int, default=1, help="processes sharing the work")
-    parser.add_argument("--shard_id", type=int, default=0, help="this process, 0 … N - 1")
+    add_run_arguments(parser, generation_batch=8)
     args = parser.parse_args(argv)
-    if not 0 <= args.shard_id < args.num_shards:
-        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    check_run_arguments(parser, args)
     return args
 
 
@@ -392,12 +384,7 @@ def write_table(experiment: Experiment, waiting: list[str]) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(),
-                                  logging.FileHandler(work / f"experiment.shard{args.shard_id}"
-                                                                     ".log")])
+    start_logging(Path(args.work_dir) / f"experiment.shard{args.shard_id}.log")
     logger.info("shard %d of %d: %s", args.shard_id, args.num_shards, vars(args))
     experiment = Experiment(args)
     waiting = experiment.run_shard(args.num_shards, args.shard_id)

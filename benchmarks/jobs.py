@@ -31,6 +31,34 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def add_run_arguments(parser, *, generation_batch: int, user_max_steps: bool = True) -> None:
+    """The flags every long experiment shares: smoke-run caps, the generation batch, the
+    bootstrap and the shards."""
+    if user_max_steps:
+        parser.add_argument("--user_max_steps", type=int, default=None,
+                            help="cap each user's steps (a smoke run)")
+    parser.add_argument("--task_max_steps", type=int, default=None,
+                        help="cap the task adapter's steps (a smoke run)")
+    parser.add_argument("--batch_size", type=int, default=generation_batch,
+                        help="generation batch")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="paired bootstrap resamples of each comparison")
+    parser.add_argument("--num_shards", type=int, default=1, help="processes sharing the work")
+    parser.add_argument("--shard_id", type=int, default=0, help="this process, 0 … N - 1")
+
+
+def check_run_arguments(parser, args) -> None:
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+
+
+def start_logging(log_file: Path) -> None:
+    """Progress to the terminal and to ``log_file`` (in a work folder, made if needed)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(log_file)])
+
+
 def paired_bootstrap(golds: str, preds_a: str, preds_b: str, out: Path, bootstrap: int,
                      seed: int) -> dict:
     """``eval/compare.py`` of B against A (made once; its JSON kept at ``out``): the metrics'

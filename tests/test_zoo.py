@@ -687,3 +687,16 @@ def test_bad_pieces_input_is_one_error_line(runs, gates, tmp_path, capsys):
         assert status != 0 and len(problems(lines)) == 1 and message in problems(lines)[0], \
             (message, lines)
     assert not (tmp_path / "out").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_support_items_caps_the_support_set_with_the_seed(runs, tmp_path):
+    data = questions(tmp_path / "dev.json", [("611", "dev611")])
+    sizes = {}
+    for run, extra in (("all", ()), ("a", ("--support_items", "2")), ("b", ("--support_items", "2"))):
+        result = choose(runs, runs["zoo"], data, tmp_path / run, "--method", "random", *extra)
+        record = result["selection"]["users"]["dev611"]
+        sizes[run] = (record["support_size"], record["support_error"])
+        assert record["seconds"] >= 0
+    profile = json.loads(Path(data).read_text())[0]["profile"]
+    assert sizes["all"][0] == len(profile) > 2
+    assert sizes["a"] == sizes["b"] and sizes["a"][0] == 2
