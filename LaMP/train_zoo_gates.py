@@ -109,7 +109,6 @@ class GateTrainer:
 
     def __init__(self, args: argparse.Namespace, zoo):
         from LaMP.utils.modeling.pieces import Gates
-        from LaMP.utils.modeling.user_training import UserAdapterTrainer
         from LaMP.utils.modeling.zoo import load_zoo_model
 
         self.args, self.zoo = args, zoo
@@ -117,16 +116,13 @@ class GateTrainer:
         for parameter in self.lamp_model.model.parameters():
             parameter.requires_grad_(False)  # the model and the sharer's adapter stay fixed
         self.gates = Gates(self.slot, self.lamp_model.device)
-        # The per-user loop, stepping the gates alone.
-        self.loop = UserAdapterTrainer.__new__(UserAdapterTrainer)
-        self.loop.lamp_model, self.loop.model = self.lamp_model, self.lamp_model.model
-        self.loop.settings = training_settings(args)
-        self.loop.trainable_parameters = lambda: list(self.gates.params.values())
+        self.settings = training_settings(args)
 
     def train(self, user: str, items) -> tuple[dict, dict]:
         """``user``'s gates and record."""
         from LaMP.utils.modeling.training import training_features
-        from LaMP.utils.modeling.user_training import derived_seed, user_examples
+        from LaMP.utils.modeling.user_training import (derived_seed, fit_parameters,
+                                                       user_examples)
 
         import torch
 
@@ -139,7 +135,8 @@ class GateTrainer:
         self.gates.reset()
         seed = derived_seed(args.seed, user)
         torch.manual_seed(seed)
-        steps, final_loss = self.loop.fit(features, seed)
+        steps, final_loss = fit_parameters(self.lamp_model, list(self.gates.params.values()),
+                                           features, self.settings, seed)
         return self.gates.values(), {"user": user, "items": len(examples), "steps": steps,
                                      "final_loss": final_loss, "seed": seed,
                                      "seconds": round(time.perf_counter() - started, 3)}

@@ -231,6 +231,48 @@ class TrainSettings:
         return max(1, math.ceil(self.num_train_epochs * math.ceil(n_examples / self.batch_size)))
 
 
+def fit_parameters(lamp_model, parameters: list, features: Sequence[dict],
+                   settings: TrainSettings, seed: int) -> tuple[int, float | None]:
+    """A plain AdamW loop over ``features`` stepping ``parameters`` (the rest of the model
+    fixed), with a seeded shuffle per epoch, each step's gradient clipped to
+    ``max_grad_norm`` as the Hugging Face Trainer clips it; returns the steps taken and the
+    mean loss of the last epoch's steps."""
+    import torch
+
+    from LaMP.utils.modeling.training import PaddingCollator
+
+    model = lamp_model.model
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    total = settings.total_steps(len(features))
+    scheduler = settings.scheduler(optimizer, total)
+    collate = PaddingCollator(lamp_model.tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    device = lamp_model.device
+    batches_per_epoch = math.ceil(len(features) / settings.batch_size)
+    recent: list[float] = []
+    model.train()
+    order: list[int] = []
+    for step in range(total):
+        position = step % batches_per_epoch
+        if position == 0:
+            order = torch.randperm(len(features), generator=generator).tolist()
+            recent = []
+        rows = order[position * settings.batch_size:(position + 1) * settings.batch_size]
+        batch = {key: value.to(device)
+                 for key, value in collate([features[row] for row in rows]).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent.append(float(loss.detach()))
+    model.eval()
+    return total, (sum(recent) / len(recent) if recent else None)
+
+
 class UserAdapterTrainer:
     """Trains one fresh adapter per user on one loaded model, saving each as a peft folder.
 
@@ -295,44 +337,9 @@ class UserAdapterTrainer:
         return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
     def fit(self, features: Sequence[dict], seed: int) -> tuple[int, float | None]:
-        """A plain AdamW loop over ``features`` with a seeded shuffle per epoch, each step's
-        gradient clipped to ``max_grad_norm`` as the Hugging Face Trainer clips it; returns
-        the steps taken and the mean loss of the last epoch's steps."""
-        import torch
-
-        from LaMP.utils.modeling.training import PaddingCollator
-
-        settings = self.settings
-        parameters = self.trainable_parameters()
-        optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate,
-                                      weight_decay=settings.weight_decay)
-        total = settings.total_steps(len(features))
-        scheduler = settings.scheduler(optimizer, total)
-        collate = PaddingCollator(self.lamp_model.tokenizer.pad_token_id)
-        generator = torch.Generator().manual_seed(seed)
-        device = self.lamp_model.device
-        batches_per_epoch = math.ceil(len(features) / settings.batch_size)
-        recent: list[float] = []
-        self.model.train()
-        order: list[int] = []
-        for step in range(total):
-            position = step % batches_per_epoch
-            if position == 0:
-                order = torch.randperm(len(features), generator=generator).tolist()
-                recent = []
-            rows = order[position * settings.batch_size:(position + 1) * settings.batch_size]
-            batch = {key: value.to(device)
-                     for key, value in collate([features[row] for row in rows]).items()}
-            loss = self.model(**batch).loss
-            loss.backward()
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            recent.append(float(loss.detach()))
-        self.model.eval()
-        return total, (sum(recent) / len(recent) if recent else None)
+        """``fit_parameters`` of the current adapter's trainable parameters."""
+        return fit_parameters(self.lamp_model, self.trainable_parameters(), features,
+                              self.settings, seed)
 
     def save_adapter(self, folder: Path) -> None:
         """The current adapter as a standard peft folder (adapter_config.json and
