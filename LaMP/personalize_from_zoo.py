@@ -307,6 +307,9 @@ def run_contents() -> tuple[str, ...]:
 STAGE = "personalize_from_zoo"  # args.json's "stage": what made the folder
 # Flags that may differ between the runs that fill one --output_dir (users of other files).
 RUN_LOCAL_FLAGS = frozenset({"validation_data", "output_dir", "device", "cache_dir"})
+# Flags newer than some output folders: one made without them ran at these values.
+ADDED_FLAGS = {"gates": None, "pieces_top_k": PIECES_TOP_K, "pieces_temperature": 1.0,
+               "support_items": None}
 
 
 def main(argv=None) -> dict:
@@ -346,7 +349,7 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir)
     # Users chosen otherwise (another method, zoo or seed) never join a run's folder.
     check_same_run(output_dir, {**plain_run_args(args), "stage": STAGE}, RUN_LOCAL_FLAGS,
-                   "users personalized")
+                   "users personalized", added=ADDED_FLAGS)
     trained_on = {"base_model": zoo.index["base_model"],
                   "base_adapter": zoo.index.get("base_adapter")}
     pending = pending_users(output_dir, users, trained_on)

@@ -171,6 +171,24 @@ def done_sharers(output_dir: Path, sharers: list[str]) -> dict[str, dict]:
     return done
 
 
+def finished_sharers(output_dir: Path) -> list[str]:
+    """Every sharer whose whole folder is under ``output_dir`` (this run's, an earlier one's,
+    one killed before its index), sorted: the index lists them all."""
+    from LaMP.utils.data.users import USERS_FOLDER, find_user_folder, read_user_record
+    from LaMP.utils.modeling.pieces import GATE_FILE
+
+    found = set()
+    root = output_dir / USERS_FOLDER
+    for folder in sorted(root.iterdir()) if root.is_dir() else ():
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue  # a temporary being written, or left by a kill
+        record = read_user_record(folder)
+        if record and (folder / GATE_FILE).is_file() and \
+                find_user_folder(output_dir, record["user"]) == folder:
+            found.add(record["user"])
+    return sorted(found)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
@@ -214,7 +232,9 @@ def main(argv=None) -> dict:
                         f"--zoo {args.zoo}")
     check_user_ids(sharers)
     output_dir = Path(args.output_dir)
-    settings = {**plain_run_args(args), "stage": STAGE}
+    # The zoo's digest too: gates trained on members since rebuilt at the same path must
+    # not pass for this zoo's.
+    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": zoo_digest(args.zoo)}
     check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained")
     done = done_sharers(output_dir, sharers)
     pending = [user for user in sharers if user not in done]
@@ -233,22 +253,13 @@ def main(argv=None) -> dict:
         done[user] = record
         logger.info("sharer %s: %d items, %d steps, final loss %.4f, %.1f s", user,
                     record["items"], record["steps"], record["final_loss"], record["seconds"])
-    everyone = sorted(done_sharers(output_dir, sorted(set(done) | set(_indexed(output_dir)))))
+    everyone = finished_sharers(output_dir)
     index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": zoo_digest(args.zoo),
              "task": task.name, "modules": [{"name": m["name"], "in": m["in"]}
                                             for m in zoo.modules],
              "sharers": everyone}
     atomic_write_json(output_dir / GATES_INDEX, index, indent=1)
     return {"sharers": sharers, "trained": pending, "index": index}
-
-
-def _indexed(output_dir: Path) -> list[str]:
-    """The sharers an earlier run's gates.json lists (a run for other users adds to them)."""
-    from LaMP.utils.data.fileio import read_json
-    from LaMP.utils.modeling.pieces import GATES_INDEX
-
-    path = output_dir / GATES_INDEX
-    return list(read_json(path, "gates index").get("sharers", [])) if path.is_file() else []
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, build_tiny_llama, load_script, problems, run_cli
+from conftest import SAMPLE, build_tiny_llama, listing, load_script, problems, run_cli
 
 build_zoo = load_script("LaMP/build_zoo.py")
 personalize = load_script("LaMP/personalize_from_zoo.py")
@@ -285,6 +285,12 @@ def test_a_rerun_with_other_settings_into_the_same_folder_is_refused(runs, tmp_p
         assert status == 2 and len(problems(lines)) == 1
         assert "holds users personalized with other settings" in problems(lines)[0]
     assert (tmp_path / "out" / "selection.json").read_bytes() == before
+    # A folder written before the pieces and support flags existed ran at their defaults.
+    saved = json.loads((tmp_path / "out" / "args.json").read_text())
+    for key in ("gates", "pieces_top_k", "pieces_temperature", "support_items"):
+        saved.pop(key)
+    (tmp_path / "out" / "args.json").write_text(json.dumps(saved))
+    personalize.main([*common, "--method", "random"])
     # The same flags continue the run; other users' questions may join it.
     more = questions(tmp_path / "more.json", [("611", "611")])
     personalize.main([*common[:1], more, *common[2:], "--method", "random"])
@@ -577,6 +583,27 @@ def test_a_gate_feeds_the_branch_x_times_sigmoid_of_x_dot_g_and_answers_mark_pos
     assert where.tolist() == [[False, True, True, False], [True, False, False, False]]
 
 
+def test_seq2seq_answer_positions_follow_where_a_module_reads_from():
+    import types
+
+    import torch
+
+    from LaMP.utils.modeling.pieces import HistoryScorer
+
+    scorer = HistoryScorer(types.SimpleNamespace(is_seq2seq=True), None, 1)
+    batch = {"labels": torch.tensor([[5, 6, -100]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    prompt, answer = [[True, True, True, True, False]], [[True, True, False]]
+    for name in ("encoder.block.0.layer.0.SelfAttention.q",
+                 "decoder.block.1.layer.1.EncDecAttention.v",
+                 "model.decoder.layers.0.encoder_attn.k_proj"):
+        assert scorer.positions(name, batch).tolist() == prompt, name
+    for name in ("decoder.block.0.layer.0.SelfAttention.v",
+                 "decoder.block.1.layer.1.EncDecAttention.q",
+                 "model.decoder.layers.0.self_attn.v_proj"):
+        assert scorer.positions(name, batch).tolist() == answer, name
+
+
 def gate_run(runs, out: Path, *extra: str) -> dict:
     return train_zoo_gates.main([
         "--zoo", str(runs["zoo"]), "--train_data", str(runs["root"] / "train.json"), "--task",
@@ -612,6 +639,33 @@ def test_every_members_gates_train_once_and_a_rerun_trains_none(runs, gates):
         assert record["user"] == user and record["steps"] == 4
     again = gate_run(runs, gates["folder"])
     assert again["trained"] == [] and again["index"] == index
+
+
+def test_gates_of_another_run_join_the_index_and_a_rebuilt_zoo_is_refused(runs, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(runs["zoo"], zoo)
+    (tmp_path / "a.txt").write_text("610\n")
+    (tmp_path / "b.txt").write_text("612\n")
+    common = ["--zoo", zoo, "--train_data", runs["root"] / "train.json", "--task", "LaMP-7",
+              "--model_addr", runs["model"], "--output_dir", tmp_path / "gates", "--device",
+              "cpu", "--max_length", "96", "--generation_max_length", "16", "--max_steps", "1",
+              "--per_device_batch_size", "2"]
+    train_zoo_gates.main([str(a) for a in [*common, "--users", tmp_path / "a.txt"]])
+    (tmp_path / "gates" / "gates.json").unlink()  # as if killed before the index
+    result = train_zoo_gates.main([str(a) for a in [*common, "--users", tmp_path / "b.txt"]])
+    assert result["trained"] == ["612"] and result["index"]["sharers"] == ["610", "612"]
+    vectors = load_file(str(zoo / "vectors.safetensors"))["R"]
+    save_file({"R": vectors * 2}, str(zoo / "vectors.safetensors"))  # the zoo rebuilt
+    before = listing(tmp_path / "gates")
+    status, lines = run_cli(train_zoo_gates.main, [*common, "--users", tmp_path / "b.txt"],
+                            capsys)
+    assert status != 0 and len(problems(lines)) == 1 and "zoo_sha256" in problems(lines)[0]
+    assert listing(tmp_path / "gates") == before
 
 
 def test_pieces_assemble_other_sharers_pieces_and_serve_them(runs, gates, tmp_path):
@@ -659,6 +713,10 @@ def test_bad_pieces_input_is_one_error_line(runs, gates, tmp_path, capsys):
     (other / "zoo.json").write_text(json.dumps(index) + " ")
     (tmp_path / "pcs.json").write_text(json.dumps({"users": {"u": {
         "method": "pieces", "support_error": 0.1, "candidates": None, "support_size": 3}}}))
+    bad_index = tmp_path / "bad_gates"
+    shutil.copytree(gates["folder"], bad_index)
+    index = json.loads((bad_index / "gates.json").read_text())
+    (bad_index / "gates.json").write_text(json.dumps({**index, "sharers": ["610", "610"]}))
     data = questions(tmp_path / "d.json", [("610", "x")])
     common = ["--validation_data", data, "--task", "LaMP-7", "--model_addr", runs["model"],
               "--output_dir", tmp_path / "out"]
@@ -671,6 +729,8 @@ def test_bad_pieces_input_is_one_error_line(runs, gates, tmp_path, capsys):
                             gates["folder"]], "trained on another zoo"),
         (personalize.main, [*common, "--zoo", runs["zoo"], "--method", "pieces", "--gates",
                             runs["zoo"]], "no gates.json"),
+        (personalize.main, [*common, "--zoo", runs["zoo"], "--method", "pieces", "--gates",
+                            bad_index], "not a gates index"),
         (personalize.main, [*common, "--zoo", runs["zoo"], "--method", "pieces", "--gates",
                             gates["folder"], "--pieces_top_k", "0"], "must be >= 1"),
         (zoo_bound.main, ["--selection", tmp_path / "pcs.json", "--output_file",

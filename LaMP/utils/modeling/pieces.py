@@ -30,6 +30,9 @@ from LaMP.utils.errors import LampError, preview
 GATES_INDEX = "gates.json"
 GATE_FILE = "gate.safetensors"
 TOP_K = 3  # pieces per module (Per-Pcs's setting)
+# Seq2seq modules whose input is the encoder's output (T5, BART/Marian), by name ending.
+CROSS_ATTENTION_INPUTS = ("EncDecAttention.k", "EncDecAttention.v", "encoder_attn.k_proj",
+                          "encoder_attn.v_proj")
 
 
 def zoo_digest(folder: str | Path) -> str:
@@ -101,14 +104,14 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
     from safetensors.numpy import load_file
 
     from LaMP.utils.data.fileio import read_json
-    from LaMP.utils.data.users import find_user_folder
+    from LaMP.utils.data.users import find_user_folder, read_user_record
 
     folder = Path(folder)
     if not (folder / GATES_INDEX).is_file():
         raise LampError(f"{flag} {folder}: no {GATES_INDEX} (not a train_zoo_gates.py folder)")
     index = read_json(folder / GATES_INDEX, "gates index")
-    sharers = index.get("sharers") if isinstance(index, dict) else None
-    if not isinstance(sharers, list) or not sharers:
+    sharers = checked_sharers(index, f"{flag} {folder}/{GATES_INDEX}")
+    if not sharers:
         raise LampError(f"{flag} {folder}/{GATES_INDEX}: no sharers")
     if index.get("zoo_sha256") != zoo_digest(zoo_folder):
         raise LampError(f"{flag} {folder}: its gates were trained on another zoo (or on this "
@@ -119,9 +122,11 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
     per_module = {module["name"]: [] for module in zoo.modules}
     for user in sorted(sharers):
         found = find_user_folder(folder, user)
+        record = read_user_record(found) if found else None
         path = found / GATE_FILE if found else None
-        if path is None or not path.is_file():
-            raise LampError(f"{flag} {folder}: no {GATE_FILE} for sharer {user!r}")
+        if path is None or not path.is_file() or not record or record.get("user") != user:
+            raise LampError(f"{flag} {folder}: no {GATE_FILE} for sharer {user!r} (or its "
+                            "folder's user.json names another user)")
         try:
             state = load_file(str(path))
         except Exception as error:  # safetensors' own error types
@@ -134,6 +139,16 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
             per_module[module["name"]].append(g.astype(np.float32))
     return SharerGates(sorted(sharers), {name: np.stack(rows) for name, rows in
                                          per_module.items()})
+
+
+def checked_sharers(index, source: str) -> list[str]:
+    """A gates index's sharers: a JSON object whose "sharers" is a list of distinct ids."""
+    sharers = index.get("sharers") if isinstance(index, dict) else None
+    if not isinstance(sharers, list) or not all(isinstance(u, str) for u in sharers) \
+            or len(set(sharers)) != len(sharers):
+        raise LampError(f"{source}: not a gates index (an object whose \"sharers\" lists "
+                        "distinct user ids)")
+    return sharers
 
 
 # -- scoring and assembling -------------------------------------------------------------------
@@ -195,13 +210,15 @@ class HistoryScorer:
     def positions(self, name: str, batch: dict):
         """Which positions of module ``name``'s input stand for the answer: in a causal
         model those that predict an answer token (the next label is set); in a seq2seq
-        decoder the label positions; in its encoder every real input token."""
+        decoder the label positions; in its encoder, and in the decoder's cross-attention
+        keys and values (which read the encoder's output), every real input token."""
         labels = batch["labels"]
         if not self.lamp_model.is_seq2seq:
             following = labels[:, 1:] != -100
             return np.concatenate([following.cpu().numpy(),
                                    np.zeros((labels.shape[0], 1), dtype=bool)], axis=1)
-        if ".encoder." in f".{name}." or name.startswith("encoder."):
+        if name.startswith("encoder.") or ".encoder." in f".{name}" or \
+                any(name.endswith(part) for part in CROSS_ATTENTION_INPUTS):
             return batch["attention_mask"].bool().cpu().numpy()
         return (labels != -100).cpu().numpy()
 
@@ -230,12 +247,22 @@ class HistoryScorer:
                     for name in gates:
                         where = self.positions(name, batch)
                         states = captured[name]
+                        if where.shape != states.shape[:2]:
+                            raise LampError(f"module {name}: its input has {states.shape[1]} "
+                                            f"positions, the answer mask {where.shape[1]}: "
+                                            "its input comes from neither the prompt nor the "
+                                            "answer (a module Personalized Pieces cannot score)")
                         for row in range(states.shape[0]):
-                            picked = states[row][where[row][:states.shape[1]]]
+                            picked = states[row][where[row]]
                             if len(picked):
                                 totals[name] += example_scores(picked, chosen[name])
                                 counted[name] += 1
         finally:
             for handle in handles:
                 handle.remove()
-        return {name: total / max(1, counted[name]) for name, total in totals.items()}
+        silent = [name for name, count in counted.items() if count == 0]
+        if silent:
+            raise LampError(f"no support example has an answer token left after truncation "
+                            f"(modules {preview(silent)}): nothing to score the sharers by; "
+                            "raise --max_length or --generation_max_length")
+        return {name: total / counted[name] for name, total in totals.items()}

@@ -222,12 +222,14 @@ def read_users_index(output_dir: str | os.PathLike) -> dict:
     return index
 
 
-def check_same_run(output_dir: Path, now: Mapping, run_local: frozenset, made: str) -> None:
+def check_same_run(output_dir: Path, now: Mapping, run_local: frozenset, made: str,
+                   added: Mapping | None = None) -> None:
     """A rerun into ``output_dir`` continues the run whose ``args.json`` it holds only with
     the same settings (``now``: the flags as args.json records them, its ``stage`` too;
     ``run_local``: flags that may differ between the runs and shards that fill one folder):
     user folders made otherwise would sit beside each other as if they were one run's.
-    ``made``: what the folder holds, for the error."""
+    ``made``: what the folder holds, for the error. ``added``: flags newer than some folders,
+    by their default: an args.json without one was a run at that default."""
     from LaMP.utils.data.fileio import RUN_FILES, TRAINING_RUN_FILES
 
     if not output_dir.is_dir():
@@ -243,6 +245,7 @@ def check_same_run(output_dir: Path, now: Mapping, run_local: frozenset, made: s
     if not isinstance(saved, dict) or saved.get("stage") != now.get("stage"):
         raise LampError(f"--output_dir {output_dir} holds another stage's args.json; choose "
                         "another folder")
+    saved = {**(added or {}), **saved}
     differ = sorted(key for key in set(saved) | set(now)
                     if key not in run_local and saved.get(key) != now.get(key))
     if differ:
