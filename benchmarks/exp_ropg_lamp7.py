@@ -17,8 +17,9 @@ learned, learns from the training questions and the frozen zero-shot LLM, as in 
    cannot choose "no profile" here, see docs/feedback-retrieval.md);
 4. the held-out questions answered with each retriever's top k (k = 1, 2) by the zero-shot
    model and by a task LoRA (``train_llm.py`` on the training questions, BM25 k = 2, one
-   epoch, lr 2e-3: the rate bench_lora_lamp7.py's sweep chose), which serves every
-   retriever unchanged; RSPG-Post reads the answers of the model it serves.
+   epoch at the generation batch, 32: 13 steps, lr 2e-3, the rate bench_lora_lamp7.py's
+   sweep chose at batch 8), which serves every retriever unchanged; RSPG-Post reads the
+   answers of the model it serves.
 
 Every row is compared with BM25 at the same k and model by a paired bootstrap
 (eval/compare.py); the table (ROUGE-1/L, differences, how often RSPG chose each retriever,
@@ -48,7 +49,7 @@ KS = (1, 2)
 CANDIDATES = ("bm25", "recency", "minilm", "ropg_kd", "ropg_rl")  # what RSPG chooses among
 SELECTORS = ("rspg_pre", "rspg_post")
 MODELS = ("zero_shot", "task_lora")
-TASK_LORA_RATE = "2e-3"  # chosen on the 48 sweep questions by bench_lora_lamp7.py
+TASK_LORA_RATE = "2e-3"  # chosen on the 48 sweep questions by bench_lora_lamp7.py (batch 8)
 TASK_LORA_K = 2
 LABELS = {"none": "no profile", "bm25": "BM25", "recency": "recency",
           "minilm": "MiniLM (all-MiniLM-L6-v2)", "ropg_kd": "ROPG-KD (from MiniLM)",
@@ -369,8 +370,11 @@ def write_table(experiment: Experiment, waiting: list[str]) -> Path:
     lines = [f"ROPG and RSPG on real LaMP-7 dev (benchmarks/exp_ropg_lamp7.py): "
              f"{args.n_train} training questions (feedback: the top {args.num_candidates} "
              f"BM25 items each), {args.n_test} held-out; SmolLM2-135M-Instruct, greedy, CPU; "
-             f"ROPG and RSPG {args.max_steps} steps from all-MiniLM-L6-v2. Differences against "
-             f"BM25 at the same k and model: paired bootstrap, {args.bootstrap} resamples.", ""]
+             f"ROPG and RSPG {args.max_steps} steps from all-MiniLM-L6-v2, trained from the "
+             "zero-shot model's answers; the task LoRA is train_llm.py on the training "
+             f"questions (BM25, k = {TASK_LORA_K}, one epoch at batch {args.batch_size}, lr "
+             f"{TASK_LORA_RATE}). Differences against BM25 at the same k and model: paired "
+             f"bootstrap, {args.bootstrap} resamples.", ""]
     if waiting:
         lines += [f"Incomplete: {len(waiting)} jobs not done ({', '.join(waiting[:6])}"
                   f"{', …' if len(waiting) > 6 else ''}).", ""]
