@@ -287,7 +287,8 @@ def write_user(output_dir: Path, zoo, user: str, record: dict, trained_on: dict)
     from LaMP.utils.data.fileio import atomic_folder, atomic_write_json
     from LaMP.utils.data.users import USER_RECORD, user_adapter_dir
     from LaMP.utils.modeling.user_store import replace_incomplete
-    from LaMP.utils.modeling.zoo import record_vector, write_lora
+    from LaMP.utils.modeling.pieces import record_vector
+    from LaMP.utils.modeling.zoo import write_lora
 
     folder = user_adapter_dir(output_dir, user)
     replace_incomplete(folder, user)

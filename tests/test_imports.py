@@ -113,7 +113,7 @@ LAYERS = (
 SCRIPTS = ("LaMP.rank_profiles", "LaMP.evaluate_llm", "LaMP.train_llm", "LaMP.train_user_peft",
            "LaMP.reproduce", "LaMP.utils.merge_with_rank", "LaMP.utils.make_subset",
            "LaMP.collect_feedback", "LaMP.train_retriever", "LaMP.train_selector",
-           "LaMP.build_zoo", "LaMP.personalize_from_zoo")
+           "LaMP.build_zoo", "LaMP.personalize_from_zoo", "LaMP.train_zoo_gates")
 
 
 def layer_of(name: str) -> int | None:

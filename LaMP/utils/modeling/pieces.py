@@ -189,6 +189,14 @@ def assemble(zoo, pieces: Mapping[str, Mapping]) -> np.ndarray:
     return vector
 
 
+def record_vector(zoo, record: Mapping) -> np.ndarray:
+    """The zoo vector a personalize_from_zoo.py record gives its user: its pieces assembled
+    module by module, or the weighted sum of its members."""
+    if record.get("pieces"):
+        return assemble(zoo, record["pieces"])
+    return zoo.vector_of(record["members"], record["weights"])
+
+
 def choose_pieces(module_scores: Mapping[str, np.ndarray], sharers: Sequence[str],
                   top_k: int, temperature: float) -> dict[str, dict]:
     """Per module, its pieces: the best ``top_k`` of ``sharers`` by that module's scores."""

@@ -157,16 +157,6 @@ class Zoo:
         return total
 
 
-def record_vector(zoo: Zoo, record: Mapping) -> np.ndarray:
-    """The zoo vector a personalize_from_zoo.py record gives its user: its pieces assembled
-    module by module, or the weighted sum of its members."""
-    if record.get("pieces"):
-        from LaMP.utils.modeling.pieces import assemble
-
-        return assemble(zoo, record["pieces"])
-    return zoo.vector_of(record["members"], record["weights"])
-
-
 def flatten(modules: Sequence[XsModule]) -> np.ndarray:
     return np.concatenate([module.R.reshape(-1) for module in modules]).astype(np.float32)
 
