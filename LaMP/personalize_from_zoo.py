@@ -151,7 +151,7 @@ class Personalizer:
 
         examples = user_examples(self.args.task, user, items, seed=self.args.seed,
                                  prompt_fn=self.prompt_fn)
-        cap = getattr(self.args, "support_items", None)
+        cap = self.args.support_items
         if cap and len(examples) > cap:
             kept = sorted(random.Random(derived_seed(self.args.seed, user, "support"))
                           .sample(range(len(examples)), cap))
@@ -286,8 +286,8 @@ def write_user(output_dir: Path, zoo, user: str, record: dict, trained_on: dict)
     """``user``'s folder: the chosen combination as a plain LoRA, and its user.json."""
     from LaMP.utils.data.fileio import atomic_folder, atomic_write_json
     from LaMP.utils.data.users import USER_RECORD, user_adapter_dir
-    from LaMP.utils.modeling.user_store import replace_incomplete
     from LaMP.utils.modeling.pieces import record_vector
+    from LaMP.utils.modeling.user_store import replace_incomplete
     from LaMP.utils.modeling.zoo import write_lora
 
     folder = user_adapter_dir(output_dir, user)

@@ -87,7 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_contents() -> tuple[str, ...]:
     from LaMP.utils.data.users import USERS_FOLDER
-
     from LaMP.utils.modeling.pieces import GATES_INDEX
 
     return f"{USERS_FOLDER}/", GATES_INDEX, "args.json"
@@ -120,11 +119,11 @@ class GateTrainer:
 
     def train(self, user: str, items) -> tuple[dict, dict]:
         """``user``'s gates and record."""
+        import torch
+
         from LaMP.utils.modeling.training import training_features
         from LaMP.utils.modeling.user_training import (derived_seed, fit_parameters,
                                                        user_examples)
-
-        import torch
 
         started = time.perf_counter()
         args = self.args
@@ -157,20 +156,6 @@ def write_sharer(output_dir: Path, user: str, gates: dict, record: dict) -> None
         atomic_write_json(temporary / USER_RECORD, record, indent=1)
 
 
-def done_sharers(output_dir: Path, sharers: list[str]) -> dict[str, dict]:
-    """The records of the sharers whose folder is whole (a gate file and the user's record)."""
-    from LaMP.utils.data.users import find_user_folder, read_user_record
-    from LaMP.utils.modeling.pieces import GATE_FILE
-
-    done = {}
-    for user in sharers:
-        folder = find_user_folder(output_dir, user)
-        record = read_user_record(folder) if folder else None
-        if record and record.get("user") == user and (folder / GATE_FILE).is_file():
-            done[user] = record
-    return done
-
-
 def finished_sharers(output_dir: Path) -> list[str]:
     """Every sharer whose whole folder is under ``output_dir`` (this run's, an earlier one's,
     one killed before its index), sorted: the index lists them all."""
@@ -196,13 +181,12 @@ def main(argv=None) -> dict:
                                         plain_run_args, remove_stale_temporaries_in,
                                         save_run_args)
     from LaMP.utils.data.questions import iter_questions
-    from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes
+    from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes, users_file
     from LaMP.utils.modeling.checkpoints import check_model_folder
     from LaMP.utils.modeling.pieces import GATES_INDEX, zoo_digest
     from LaMP.utils.modeling.user_store import check_same_run, check_user_ids
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users)
-    from LaMP.utils.data.users import users_file
     from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
 
     check_readable(args.train_data, "--train_data")
@@ -234,9 +218,10 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir)
     # The zoo's digest too: gates trained on members since rebuilt at the same path must
     # not pass for this zoo's.
-    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": zoo_digest(args.zoo)}
+    digest = zoo_digest(args.zoo)
+    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": digest}
     check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained")
-    done = done_sharers(output_dir, sharers)
+    done = set(finished_sharers(output_dir))
     pending = [user for user in sharers if user not in done]
     profiles = collect_profiles(args.train_data, task, pending)
     check_users_have_items(task, profiles, args.seed, args.train_data)
@@ -250,14 +235,12 @@ def main(argv=None) -> dict:
     for user in tqdm(pending, desc="sharers", unit="sharer"):
         gates, record = trainer.train(user, profiles.pop(user))
         write_sharer(output_dir, user, gates, record)
-        done[user] = record
         logger.info("sharer %s: %d items, %d steps, final loss %.4f, %.1f s", user,
                     record["items"], record["steps"], record["final_loss"], record["seconds"])
-    everyone = finished_sharers(output_dir)
-    index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": zoo_digest(args.zoo),
+    index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": digest,
              "task": task.name, "modules": [{"name": m["name"], "in": m["in"]}
                                             for m in zoo.modules],
-             "sharers": everyone}
+             "sharers": finished_sharers(output_dir)}
     atomic_write_json(output_dir / GATES_INDEX, index, indent=1)
     return {"sharers": sharers, "trained": pending, "index": index}
 

@@ -132,7 +132,8 @@ class Experiment(JobGraph):
         return str(self.folder(self.answer_job(model, split, retriever, k)) / "eval"
                    / "predictions.json")
 
-    def fresh(self, name: str, *outputs: Path) -> None:
+    @staticmethod
+    def fresh(*outputs: Path) -> None:
         """A job run again after a kill starts from nothing: its outputs are this
         experiment's own files under jobs/."""
         for output in outputs:
@@ -169,7 +170,7 @@ class Experiment(JobGraph):
     def rank(self, name: str, split: str, retriever: str, model: str | None, k: int) -> None:
         out = self.folder(name)
         ranking, merged = out / "ranking.json", out / "merged.json"
-        self.fresh(name, ranking, merged, out / "ranking.args.json", out / "merged.args.json")
+        self.fresh(ranking, merged, out / "ranking.args.json", out / "merged.args.json")
         questions = self.work / f"{split}_questions.json"
         if retriever in SELECTORS:
             mode = retriever.removeprefix("rspg_")
@@ -202,7 +203,7 @@ class Experiment(JobGraph):
 
     def train_retriever(self, name: str, objective: str) -> None:
         out = self.folder(name) / "encoder"
-        self.fresh(name, out)
+        self.fresh(out)
         measured = run_measured("LaMP/train_retriever.py", [
             "--feedback", *self.feedback_files(), "--train_data", str(self.merged["train"]),
             "--task", "LaMP-7", "--objective", objective, "--contriever_checkpoint",
@@ -212,7 +213,7 @@ class Experiment(JobGraph):
 
     def train_selector(self, name: str, mode: str, k: int) -> None:
         out = self.folder(name) / "selector"
-        self.fresh(name, out)
+        self.fresh(out)
         measured = run_measured("LaMP/train_selector.py", [
             "--train_data", str(self.merged["train"]), "--task", "LaMP-7",
             "--rankings", *[self.ranked("train", c)[0] for c in CANDIDATES],
@@ -223,7 +224,7 @@ class Experiment(JobGraph):
 
     def train_task(self, name: str) -> None:
         out = self.folder(name) / "adapter"
-        self.fresh(name, out)
+        self.fresh(out)
         steps = ["--max_steps", str(self.args.task_max_steps)] if self.args.task_max_steps else []
         measured = run_measured("LaMP/train_llm.py", [
             "--train_data", str(self.merged["train"]),
@@ -239,7 +240,7 @@ class Experiment(JobGraph):
 
     def answer(self, name: str, model: str, split: str, retriever: str, k: int) -> None:
         out = self.folder(name) / "eval"
-        self.fresh(name, out)
+        self.fresh(out)
         data = self.merged[split] if retriever == "none" else \
             self.ranked(split, retriever, model, k)[1]
         profile = [] if retriever == "none" else \

@@ -17,7 +17,6 @@ adds the A's and the B's). A gates folder (``train_zoo_gates.py --output_dir``):
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from LaMP.utils.errors import LampError, preview
 
 GATES_INDEX = "gates.json"
 GATE_FILE = "gate.safetensors"
-TOP_K = 3  # pieces per module (Per-Pcs's setting)
 # Seq2seq modules whose input is the encoder's output (T5, BART/Marian), by name ending.
 CROSS_ATTENTION_INPUTS = ("EncDecAttention.k", "EncDecAttention.v", "encoder_attn.k_proj",
                           "encoder_attn.v_proj")
@@ -37,12 +35,11 @@ CROSS_ATTENTION_INPUTS = ("EncDecAttention.k", "EncDecAttention.v", "encoder_att
 
 def zoo_digest(folder: str | Path) -> str:
     """sha256 of a zoo's index and vectors: gates belong to the members they were trained on."""
+    from LaMP.utils.modeling.user_records import files_digest
     from LaMP.utils.modeling.zoo import ZOO_INDEX, ZOO_VECTORS
 
-    digest = hashlib.sha256()
-    for name in (ZOO_INDEX, ZOO_VECTORS):
-        digest.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
-    return digest.hexdigest()
+    folder = Path(folder)
+    return files_digest(folder, [folder / ZOO_INDEX, folder / ZOO_VECTORS])
 
 
 # -- the gates on a model ----------------------------------------------------------------------
@@ -116,7 +113,8 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
     if index.get("zoo_sha256") != zoo_digest(zoo_folder):
         raise LampError(f"{flag} {folder}: its gates were trained on another zoo (or on this "
                         f"zoo's members before they changed) than --zoo {zoo_folder}")
-    strangers = [user for user in sharers if user not in set(zoo.users)]
+    members = set(zoo.users)
+    strangers = [user for user in sharers if user not in members]
     if strangers:
         raise LampError(f"{flag} {folder}: sharers that are no zoo member: {preview(strangers)}")
     per_module = {module["name"]: [] for module in zoo.modules}
