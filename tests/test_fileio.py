@@ -1115,22 +1115,68 @@ def test_sighup_is_a_clean_exit_too_and_an_ignored_signal_stays_ignored():
     assert ignored.returncode == 0 and ignored.stderr.splitlines() == ["cleaned up"]
 
 
-def test_a_forked_worker_dies_quietly_on_sigterm():
-    # A pool worker inherits run()'s handler but not its except clause: no traceback there.
-    completed = run_under_cli("""
+@pytest.mark.parametrize("signame, exit_code", [("SIGTERM", -signal.SIGTERM), ("SIGINT", 7)])
+def test_a_forked_worker_dies_quietly_on_sigterm_and_ignores_ctrl_c(signame, exit_code):
+    # A pool worker inherits run()'s handlers but not its except clauses: no traceback there;
+    # SIGTERM kills it, and Ctrl-C (the whole group's) is its parent's to handle.
+    completed = run_under_cli(f"""
         ready, told = os.pipe()
         child = os.fork()
         if child == 0:
             os.write(told, b"x")  # in its sleep from here on
-            time.sleep(30)
-            os._exit(0)
+            time.sleep(0.5)
+            os._exit(7)
         os.read(ready, 1)
-        os.kill(child, signal.SIGTERM)
+        os.kill(child, signal.{signame})
         _, status = os.waitpid(child, 0)
         print("child", os.waitstatus_to_exitcode(status), file=sys.stderr)
-    """)
+    """, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert completed.returncode == 0
-    assert completed.stderr.splitlines() == [f"child {-signal.SIGTERM}"]
+    assert completed.stderr.splitlines() == [f"child {exit_code}"]
+
+
+# A stop signal that lands inside a __del__ (a zip file or a tokenizer being collected): its
+# handler's exception is dropped there by Python, and the run would go on to write its output.
+LOST_STOP = """
+    from LaMP.utils.data.fileio import atomic_folder, atomic_write_json
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.{signal})
+            time.sleep(0.01)  # the handler runs here, inside __del__
+    Collected()
+    print("went on", file=sys.stderr)
+    {write}
+"""
+WRITES = {
+    "a file": "atomic_write_json({out!r}, [1])",
+    "a folder": "with atomic_folder({out!r}) as folder:\n        (folder / 'x').write_text('1')",
+    "nothing more": "pass",
+}
+
+
+@pytest.mark.parametrize("signame, status, line", [("SIGINT", 130, "interrupted"),
+                                                   ("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                   ("SIGHUP", 129, "terminated (SIGHUP)")])
+@pytest.mark.parametrize("write", WRITES)
+def test_a_stop_lost_inside_a_finaliser_still_ends_the_run_and_writes_nothing(
+        tmp_path, signame, status, line, write):
+    out = tmp_path / "out"
+    body = LOST_STOP.format(signal=signame, write=WRITES[write].format(out=str(out)))
+    completed = run_under_cli(body, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert completed.returncode == status, completed.stderr
+    assert completed.stderr.splitlines() == ["went on", line]  # no "Exception ignored" trace
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary
+
+
+def test_an_ordinary_exception_lost_in_a_finaliser_is_still_printed():
+    completed = run_under_cli("""
+        class Broken:
+            def __del__(self):
+                raise ValueError("a finaliser's own fault")
+        Broken()
+    """, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert completed.returncode == 0
+    assert "ValueError: a finaliser's own fault" in completed.stderr
 
 
 def test_only_a_dead_writers_temporary_of_the_same_output_is_removed(tmp_path):

@@ -409,8 +409,9 @@ def alive(pid: int) -> bool:
                                                     ("SIGTERM", 143, "terminated (SIGTERM)"),
                                                     ("SIGKILL", -9, None)])
 def test_an_interrupted_run_leaves_no_workers_and_no_files(tmp_path, how, status, last_line):
-    # Big enough for workers and for a run that is still going when the workers appear.
-    path = write_questions(tmp_path / "q.json", tricky_questions(4000, items=40))
+    # Big enough for workers, and long enough (about a second of ranking after they appear)
+    # that the signal lands mid-run on a loaded machine too.
+    path = write_questions(tmp_path / "q.json", tricky_questions(20000, items=40))
     assert path.stat().st_size > parallel_rank.MIN_BYTES
     out = tmp_path / "out"
     process = subprocess.Popen(

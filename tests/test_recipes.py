@@ -11,7 +11,6 @@ import pytest
 from conftest import SAMPLE, load_script
 from LaMP.utils.data.users import choose_users, most_active_users, profile_sizes, read_user_ids
 from LaMP.utils.errors import LampError
-from LaMP.utils.modeling import user_training
 from LaMP.utils.modeling.recipes import RECIPE_FLAGS, RECIPES, TASK_STAGE, USER_STAGE, get_recipe
 from LaMP.utils.modeling.user_store import read_users_index
 from LaMP.utils.modeling.user_training import item_examples

@@ -16,7 +16,8 @@ from LaMP.utils.data.outputs import load_outputs
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.examples import Example
 from LaMP.utils.modeling.model import LampModel, load_pretrained, load_tokenizer
-from LaMP.utils.modeling.training import (IGNORE_INDEX, PaddingCollator, add_lora, contiguous_slice,
+from LaMP.utils.modeling.distributed import contiguous_slice
+from LaMP.utils.modeling.training import (IGNORE_INDEX, PaddingCollator, add_lora,
                                           training_features)
 from LaMP.utils.tasks import get_task
 

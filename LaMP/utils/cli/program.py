@@ -10,7 +10,8 @@ import sys
 import threading
 from typing import Callable, Sequence
 
-from LaMP.utils.errors import LampError
+from LaMP.utils.errors import (LampError, Terminated, forget_stops, note_stop,
+                               raise_if_stopped, stopped)
 from LaMP.utils.seeds import MAX_SEED
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,26 +46,27 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, turned into an exception so that ``finally`` blocks (which remove
-    the temporaries of outputs being written) run before the process exits."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 _handler_owner: list[int] = []  # the pid that installed the handler (run() of this process)
 
 
-def _raise_terminated(signum, frame) -> None:
+def _raise_stop(signum, frame) -> None:
     if os.getpid() not in _handler_owner:
         # A forked worker (a multiprocessing pool) inherits the handler; it has no run() to
         # catch the exception and would print a traceback: it dies the default way instead.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
+        if signum != signal.SIGINT:
+            os.kill(os.getpid(), signum)
         return
-    raise Terminated(signum)
+    note_stop(signum)  # kept even if the exception below is lost (raised inside a __del__)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def _quiet_lost_stops(unraisable) -> None:
+    """sys.unraisablehook: a stop's exception lost inside a ``__del__`` is not printed as a
+    traceback; the run ends interrupted at its next output instead (errors.raise_if_stopped)."""
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)) and stopped():
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def _interruption(error: BaseException) -> BaseException | None:
@@ -78,27 +80,35 @@ def _interruption(error: BaseException) -> BaseException | None:
     return None
 
 
-# What `kill`, a batch scheduler, a container stop or a closed terminal sends.
-_CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Ctrl-C, and what `kill`, a batch scheduler, a container stop or a closed terminal sends,
+# each with the handling it replaces (Python's own for Ctrl-C).
+_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                 signal.SIGHUP: signal.SIG_DFL}
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; a user mistake ends with one line on stderr and status 2.
 
     SIGTERM and SIGHUP end the run like Ctrl-C does: writes in progress are abandoned and
-    their temporaries removed; the status is 128 + the signal number (143 for SIGTERM).
+    their temporaries removed; the status is 128 + the signal number (143 for SIGTERM, 130
+    for Ctrl-C). A stop that lands where Python drops exceptions (a ``__del__``) still ends
+    the run, at its next output or at its end, and nothing is written after it.
     """
     previous = {}
+    forget_stops()
     # signal.signal works only in the main thread; elsewhere (a test runner's worker) the
     # default handling stays. A signal already ignored (nohup) or handled stays so.
     if threading.current_thread() is threading.main_thread():
         _handler_owner[:] = [os.getpid()]
-        for signum in _CLEAN_EXIT_SIGNALS:
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, _raise_terminated)
+        for signum, default in _STOP_SIGNALS.items():
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, _raise_stop)
+    hook, sys.unraisablehook = sys.unraisablehook, _quiet_lost_stops
     try:
         try:
             main(argv)
+            # A stop whose exception was lost after the last output was published.
+            raise_if_stopped()
         except SystemError as error:
             # A signal whose handler raised while a C extension was calling back into Python
             # (ijson building an object) comes out wrapped: the interruption is what happened.
@@ -120,6 +130,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         print(f"terminated ({signal.Signals(stop.signum).name})", file=sys.stderr)
         return 128 + stop.signum
     finally:
+        sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0

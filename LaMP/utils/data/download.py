@@ -24,7 +24,7 @@ from tqdm import tqdm
 from LaMP.utils.data.fileio import JsonListWriter, atomic_write_json, read_json
 from LaMP.utils.data.outputs import MAX_OUTPUTS_BYTES, OutputsFile, parse_outputs, write_outputs
 from LaMP.utils.data.questions import input_problem, iter_questions
-from LaMP.utils.errors import LampError, preview
+from LaMP.utils.errors import LampError, preview, raise_if_stopped
 from LaMP.utils.tasks import TASKS, Task, get_task
 
 # The script's name, not __name__: every line this module logs is download_data.py's report.
@@ -575,6 +575,7 @@ def fetch_file(job: FileJob, fetcher: Fetcher, manifest: Manifest, invalid_golds
         reason = str(error).replace(str(job.part), job.rel)
         raise LampError(f"the downloaded file is not valid, {reject(job, reason)} "
                         f"({reason})") from None
+    raise_if_stopped()  # the .part stays, checked without fetching on the next run
     with _writing(job.path):
         job.part.replace(job.path)
         for stale in rejected_paths(job):  # an earlier refusal this file replaces
@@ -726,6 +727,7 @@ def _fix_pair(members: list[FileJob], results: dict[str, FileResult], ids: list[
                 staged.append((job, staging, *drop_questions(job, set(todo), staging), todo))
                 if staged[-1][2] == 0:
                     raise LampError(f"{job.rel}: dropping {preview(todo)} would leave nothing")
+        raise_if_stopped()
         for job, staging, records, items, todo in staged:
             os.replace(staging, job.path)
             result = results[job.rel]

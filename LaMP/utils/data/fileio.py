@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from LaMP.utils.data.jsoninput import READ_SIZE, GuardedReader, RepeatedKeys
-from LaMP.utils.errors import LampError
+from LaMP.utils.errors import LampError, raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -563,6 +563,7 @@ class _Output:
     def commit(self) -> None:
         try:
             self.handle.close()  # a full disk often shows only here, when buffers flush
+            raise_if_stopped()  # a stop whose exception was lost publishes nothing
             if self.tmp_name is not None:
                 os.replace(self.tmp_name, self.target)
         except OSError as error:
@@ -647,6 +648,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         try:
             temporary.mkdir()
             yield temporary
+            raise_if_stopped()
             os.rename(temporary, target)  # no replace: a folder is never renamed over another
         except OSError as error:
             if os.path.lexists(target):

@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from LaMP.utils.errors import LampError
+from LaMP.utils.errors import LampError, raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def _build_once(target: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        raise_if_stopped()
         try:
             os.replace(tmp, target)
         except OSError:

@@ -23,7 +23,7 @@ values are what the scripts record in args.json.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from LaMP.utils.errors import LampError

@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from LaMP.utils.modeling.checkpoints import RUN_ARGS
-from LaMP.utils.modeling.distributed import Launch, contiguous_slice  # noqa: F401 (tests import it)
+from LaMP.utils.modeling.distributed import Launch
 from LaMP.utils.modeling.examples import Example
 from LaMP.utils.data.fileio import save_run_args
 from LaMP.utils.modeling.model import IGNORE as IGNORE_INDEX  # positions the loss skips
