@@ -28,7 +28,8 @@ if importlib.util.find_spec("LaMP") is None:
     # do): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+from LaMP.utils.cli.arguments import (add_bf16_arguments, add_generation_arguments,
+                                      add_model_arguments,
                                       add_model_name_argument,
                                       add_optimizer_arguments, add_profile_arguments,
                                       add_task_argument, check_common, check_generation_arguments,
@@ -77,12 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Default (neither flag): bf16 autocast where it is native. With length grouping it
     # trained SmolLM2 1.5x faster per CPU-second on an AVX512-BF16 CPU, held-out loss within
     # 0.3% (benchmarks/bench_training.py; GPUs: the usual bf16 mixed precision).
-    parser.add_argument("--bf16", dest="bf16", action="store_const", const=True, default=None,
-                        help="bf16 autocast, an error where the hardware has no native bf16 "
-                             "(default: on for GPUs from Ampere on and CPUs with AVX512-BF16 "
-                             "or AMX-BF16, off elsewhere)")
-    parser.add_argument("--no_bf16", dest="bf16", action="store_const", const=False,
-                        help="train in fp32 even where bf16 is native")
+    add_bf16_arguments(parser)
     parser.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                         help="draw training batches in plain random order (the published "
                              "recipe) instead of grouping questions of similar length, "

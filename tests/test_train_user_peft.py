@@ -378,6 +378,103 @@ def test_adapters_save_in_bf16_when_asked_and_still_load(tmp_path, tiny_llama,
     PeftModel.from_pretrained(base.model, str(folder))  # loads onto the fp32 model
 
 
+@pytest.fixture
+def autocast_seen(monkeypatch):
+    """Per training forward pass: whether CPU bf16 autocast was on, and the dtype of every
+    trainable parameter then."""
+    import torch
+
+    from LaMP.utils.modeling import training
+
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)  # native, as here
+    seen: list[tuple[bool, set]] = []
+    original = user_training.fit_parameters
+
+    def spy(lamp_model, parameters, features, settings, seed):
+        def record(module, inputs):
+            if module.training:
+                seen.append((torch.is_autocast_enabled("cpu"),
+                             {parameter.dtype for parameter in parameters}))
+
+        hook = lamp_model.model.register_forward_pre_hook(record)
+        try:
+            return original(lamp_model, parameters, features, settings, seed)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(user_training, "fit_parameters", spy)
+    return seen
+
+
+@pytest.mark.parametrize("flags, autocast", [((), True), (("--bf16",), True),
+                                              (("--no_bf16",), False)])
+def test_bf16_autocast_is_on_where_native_unless_refused_and_weights_stay_fp32(
+        tmp_path, tiny_llama, torch_single_thread, autocast_seen, flags, autocast):
+    import torch
+    from safetensors.torch import load_file
+
+    data = sample_users(tmp_path, 1)
+    result = train_user_peft.main(train_argv(data, tiny_llama, tmp_path / "out", *flags))
+    assert autocast_seen == [(autocast, {torch.float32})] * 2  # two steps
+    assert read_users_index(tmp_path / "out")["bf16"] is autocast
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["bf16"] is autocast
+    folder = user_adapter_dir(tmp_path / "out", result["trained"][0])
+    assert {t.dtype for t in load_file(folder / "adapter_model.safetensors").values()} == {
+        torch.float32}
+
+
+def test_bf16_autocast_moves_the_adapter_where_fp32_does(tmp_path, tiny_llama,
+                                                         torch_single_thread, monkeypatch):
+    from safetensors.torch import load_file
+
+    from LaMP.utils.modeling import training
+
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)  # any CPU runs it
+    data = sample_users(tmp_path, 1)
+    runs = {}
+    for flag in ("--bf16", "--no_bf16"):
+        result = train_user_peft.main(train_argv(data, tiny_llama, tmp_path / flag, flag))
+        folder = user_adapter_dir(tmp_path / flag, result["trained"][0])
+        runs[flag] = load_file(folder / "adapter_model.safetensors")
+    for name, fp32 in runs["--no_bf16"].items():
+        bf16 = runs["--bf16"][name]
+        if fp32.abs().max() > 0:  # B moved off zero in both, to within bf16's rounding
+            assert (bf16 - fp32).norm() < 0.1 * fp32.norm(), name
+            assert not bf16.equal(fp32)
+
+
+def test_bf16_where_it_is_not_native_is_one_error_and_the_default_is_fp32(
+        tmp_path, capsys, monkeypatch):
+    from LaMP.utils.modeling import training
+
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
+    data = sample_users(tmp_path, 1)
+    argv = train_argv(data, tmp_path / "model", tmp_path / "out")
+    assert train_user_peft.parse_args(argv).bf16 is False
+    assert run_cli(train_user_peft.main, [*argv, "--bf16"], capsys) == (2, [
+        "error: --bf16: this CPU has no AVX512-BF16 or AMX-BF16 instructions; use --no_bf16 "
+        "or leave both out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_from_before_bf16_was_recorded_continues_in_fp32_only(
+        tmp_path, tiny_llama, torch_single_thread, capsys, monkeypatch):
+    from LaMP.utils.modeling import training
+
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)
+    data = sample_users(tmp_path, 2)
+    out = tmp_path / "out"
+    argv = train_argv(data, tiny_llama, out, "--users", "most_active:1")
+    train_user_peft.main([*argv, "--no_bf16"])
+    saved = json.loads((out / "args.json").read_text())
+    del saved["bf16"]  # as an older run wrote it: it trained in fp32
+    (out / "args.json").write_text(json.dumps(saved))
+    wider = train_argv(data, tiny_llama, out)
+    status, lines = run_cli(train_user_peft.main, wider, capsys)  # the default is bf16 here
+    assert status == 2 and len(lines) == 1 and "(--bf16 False then, True now)" in lines[0]
+    assert len(train_user_peft.main([*wider, "--no_bf16"])["trained"]) == 1
+
+
 def test_users_json_records_each_user_and_the_run(tmp_path, tiny_llama, torch_single_thread):
     data = sample_users(tmp_path, 2)
     result = train_user_peft.main(train_argv(data, tiny_llama, tmp_path / "out"))

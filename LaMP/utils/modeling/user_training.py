@@ -202,6 +202,7 @@ class TrainSettings:
     max_length: int
     target_max_length: int
     max_grad_norm: float = 0.0  # the total gradient norm each step is clipped to; 0: none
+    bf16: bool = False  # forward passes under bf16 autocast (the parameters stay fp32)
 
     def scheduler(self, optimizer, total_steps: int):
         from transformers import get_scheduler
@@ -261,7 +262,8 @@ def fit_parameters(lamp_model, parameters: list, features: Sequence[dict],
         rows = order[position * settings.batch_size:(position + 1) * settings.batch_size]
         batch = {key: value.to(device)
                  for key, value in collate([features[row] for row in rows]).items()}
-        loss = model(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+            loss = model(**batch).loss
         loss.backward()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
