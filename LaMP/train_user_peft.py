@@ -347,7 +347,7 @@ def training_settings(args: argparse.Namespace):
         batch_size=args.per_device_batch_size, warmup_ratio=args.warmup_ratio,
         lr_scheduler_type=args.lr_scheduler_type, max_length=args.max_length,
         target_max_length=args.generation_max_length, max_grad_norm=args.max_grad_norm,
-        bf16=bool(args.bf16))
+        bf16=args.bf16)
 
 
 def recipe_values(args: argparse.Namespace) -> dict:

@@ -338,8 +338,8 @@ def write_table(experiment: Experiment, waiting: list[str]) -> Path:
              f"the {args.users} most active users held out, {args.tuning_users} tuning users, "
              f"the task LoRA on {args.n_task_train} other users; SmolLM2-135M-Instruct, BM25, "
              "greedy, CPU; every adapter trained under bf16 autocast where the CPU has it "
-             "natively (the scripts' default), answers in fp32. Differences against the task LoRA at the same k: paired bootstrap, "
-             f"{args.bootstrap} resamples.", ""]
+             "natively (the scripts' default), answers in fp32. Differences against the task "
+             f"LoRA at the same k: paired bootstrap, {args.bootstrap} resamples.", ""]
     if waiting:
         lines += [f"Incomplete: {len(waiting)} jobs not done ({', '.join(waiting[:6])}"
                   f"{', …' if len(waiting) > 6 else ''}).", ""]
