@@ -16,7 +16,8 @@ best cluster's members. ``--method random``: a seeded uniform choice. ``--method
 weighted sum. A user who is a member of the zoo is never given their own adapter. Leaves
 ``users/<user>/`` (a plain LoRA folder and ``user.json``), ``users.json`` (served unchanged by
 ``evaluate_llm.py --user_adapters``), ``selection.json`` (each user's choice, losses and
-weights: ``eval/zoo_bound.py`` reads it) and ``args.json``; a rerun skips the users already done.
+weights: ``eval/zoo_bound.py`` reads it) and ``args.json``; a rerun skips the users already done,
+and ``--num_shards`` / ``--shard_id`` split the users between processes that share the folder.
 ``--method pieces``: Personalized Pieces over the sharers of ``--gates``
 (``train_zoo_gates.py``): each module takes the ``--pieces_top_k`` sharers whose gates best
 match the user's history and adds their pieces with softmax weights.
@@ -37,7 +38,8 @@ if importlib.util.find_spec("LaMP") is None:
 
 from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
                                       add_model_name_argument, add_profile_arguments,
-                                      add_task_argument, check_common, check_generation_arguments)
+                                      add_shard_arguments, add_task_argument, check_common,
+                                      check_generation_arguments, check_shard_arguments)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError
 
@@ -103,10 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default 1)")
     add_profile_arguments(parser)
     add_generation_arguments(parser, training=False)
+    add_shard_arguments(parser, "personalize", users=True)
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_common(parser, args)
     check_generation_arguments(parser, args)
+    check_shard_arguments(parser, args)
     if args.support_items is not None and args.support_items < 1:
         parser.error("--support_items must be >= 1")
     if args.shortlist < 1:
@@ -307,7 +311,8 @@ def run_contents() -> tuple[str, ...]:
 
 STAGE = "personalize_from_zoo"  # args.json's "stage": what made the folder
 # Flags that may differ between the runs that fill one --output_dir (users of other files).
-RUN_LOCAL_FLAGS = frozenset({"validation_data", "output_dir", "device", "cache_dir"})
+RUN_LOCAL_FLAGS = frozenset({"validation_data", "output_dir", "device", "cache_dir",
+                             "num_shards", "shard_id"})
 # Flags newer than some output folders: one made without them ran at these values.
 ADDED_FLAGS = {"gates": None, "pieces_top_k": PIECES_TOP_K, "pieces_temperature": 1.0,
                "support_items": None}
@@ -322,9 +327,9 @@ def main(argv=None) -> dict:
     from LaMP.utils.data.users import USERS_FOLDER
     from LaMP.utils.modeling.checkpoints import check_model_folder
     from LaMP.utils.modeling.user_store import (check_same_run, check_user_ids, pending_users,
-                                                scan_user_records, write_users_index)
+                                                write_users_index)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
-                                                   scan_users)
+                                                   scan_users, shard_users)
     from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
 
     from LaMP.utils.modeling.zoo import nevergrad_minimiser
@@ -349,17 +354,23 @@ def main(argv=None) -> dict:
     check_user_ids(users)
     output_dir = Path(args.output_dir)
     # Users chosen otherwise (another method, zoo or seed) never join a run's folder.
-    check_same_run(output_dir, {**plain_run_args(args), "stage": STAGE}, RUN_LOCAL_FLAGS,
+    recorded = {key: value for key, value in plain_run_args(args).items()
+                if key not in ("num_shards", "shard_id")}  # the same file from every shard
+    check_same_run(output_dir, {**recorded, "stage": STAGE}, RUN_LOCAL_FLAGS,
                    "users personalized", added=ADDED_FLAGS)
     trained_on = {"base_model": zoo.index["base_model"],
                   "base_adapter": zoo.index.get("base_adapter")}
-    pending = pending_users(output_dir, users, trained_on)
+    mine = shard_users(users, args.shard_id, args.num_shards)
+    pending = pending_users(output_dir, mine, trained_on)
+    logger.info("%d users in %s; shard %d of %d: %d users, %d already done", len(users),
+                args.validation_data, args.shard_id, args.num_shards, len(mine),
+                len(mine) - len(pending))
     profiles = collect_profiles(args.validation_data, task, pending)
     check_users_have_items(task, profiles, args.seed, args.validation_data)
     personalizer = Personalizer(args, zoo, minimise, gates) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(output_dir / "args.json", {**plain_run_args(args), "stage": STAGE})
+    save_run_args(output_dir / "args.json", {**recorded, "stage": STAGE})
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     from tqdm.auto import tqdm
 
@@ -378,12 +389,16 @@ def main(argv=None) -> dict:
     run_record = {"task": task.name, "model_name": zoo.index["base_model"]["name"],
                   "base_adapter": (zoo.index.get("base_adapter") or {}).get("path"),
                   "peft": "lora", "zoo": str(Path(args.zoo).resolve()), "method": args.method}
-    index = write_users_index(output_dir, run_record, users)
-    selection = {"task": task.name, "zoo": run_record["zoo"], "method": args.method,
-                 "users": {user: record["zoo"] for user, record
-                           in scan_user_records(output_dir).items() if "zoo" in record}}
-    atomic_write_json(output_dir / SELECTION, selection, indent=1)
-    return {"users": users, "chosen": done, "index": index, "selection": selection}
+    selection = {"task": task.name, "zoo": run_record["zoo"], "method": args.method}
+
+    def write_selection(records: dict) -> None:  # under users.json's lock: shards share it
+        selection["users"] = {user: record["zoo"] for user, record in records.items()
+                              if "zoo" in record}
+        atomic_write_json(output_dir / SELECTION, selection, indent=1)
+
+    index = write_users_index(output_dir, run_record, users, also=write_selection)
+    return {"users": users, "shard_users": mine, "chosen": done, "index": index,
+            "selection": selection}
 
 
 if __name__ == "__main__":

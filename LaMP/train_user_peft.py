@@ -34,8 +34,9 @@ from LaMP.utils.cli.arguments import (add_bf16_arguments, add_generation_argumen
                                       add_model_arguments,
                                       add_model_name_argument,
                                       add_optimizer_arguments, add_profile_arguments,
-                                      add_task_argument, check_common, check_generation_arguments,
-                                      check_optimizer_arguments, profile_options)
+                                      add_shard_arguments, add_task_argument, check_common,
+                                      check_generation_arguments, check_optimizer_arguments,
+                                      check_shard_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.data.fileio import check_outputs, require_regular_file, save_run_args
 from LaMP.utils.data.users import users_arg, users_file
@@ -91,10 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save_dtype", choices=SAVE_DTYPES, default="fp32",
                         help="dtype of the saved adapter weights (fp32: as trained; bf16 "
                              "halves the bytes per user)")
-    parser.add_argument("--num_shards", type=int, default=1,
-                        help="split the users into this many shards (e.g. a SLURM array)")
-    parser.add_argument("--shard_id", type=int, default=0,
-                        help="the shard this run trains, 0 … --num_shards - 1")
+    add_shard_arguments(parser, "train", users=True)
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     apply_recipe(args, USER_STAGE)  # the flags not given take the recipe's values
@@ -105,10 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if get_method(args.peft).builder is None:
         parser.error("--peft none trains the whole model: per-user training needs an adapter "
                      "method (one copy of the model per user is what it avoids)")
-    if args.num_shards < 1:
-        parser.error("--num_shards must be >= 1")
-    if not 0 <= args.shard_id < args.num_shards:
-        parser.error(f"--shard_id must be in 0 … {args.num_shards - 1}")
+    check_shard_arguments(parser, args)
     if args.is_ranked:
         parser.error("--is_ranked: a file's ranking orders the profile for its question; "
                      "per-user training retrieves for each profile item among the user's "

@@ -138,7 +138,7 @@ class Experiment(UserPeftExperiment):
         self.xs_users("zoo_members", "task", ("train_task_k0",))
         self.add("build_zoo", ("zoo_members",), self.build_zoo)
         if args.smoke:
-            self.add("correlation", ("build_zoo",), self.correlation)
+            self.add("correlation", ("build_zoo",), self.correlation, per_user=True)
             return
         for k in KS:
             self.add(f"task_k{k}", ("train_task_k0",), lambda k=k: self.evaluate(
@@ -151,7 +151,7 @@ class Experiment(UserPeftExperiment):
                 logger.info("nevergrad is not installed: no LoRA-hub row (pip install nevergrad)")
                 continue
             needs = ("build_zoo", "gates") if arm == "pieces" else ("build_zoo",)
-            self.add(arm, needs, lambda a=arm, f=flags: self.personalize(a, f))
+            self.add(arm, needs, lambda a=arm, f=flags: self.personalize(a, f), per_user=True)
             self.add_evaluations(arm)
             if arm in ("select", "select_loss", "random"):
                 self.add(f"{arm}_bound", (f"{arm}_k0",), lambda a=arm: self.bound(a))
@@ -199,18 +199,23 @@ class Experiment(UserPeftExperiment):
         write_json(self.folder("gates") / "summary.json", measured)
 
     def personalize(self, arm: str, flags: list[str]) -> None:
+        """``arm``'s choice for this shard's share of the new users; the shard that finds
+        every user done writes the summary."""
         extra = ["--gates", str(self.folder("gates") / "gates")] if arm == "pieces" else []
-        measured = self.script(arm, "LaMP/personalize_from_zoo.py", [
+        args = self.args
+        self.script(arm, "LaMP/personalize_from_zoo.py", [
             "--validation_data", self.splits["heldout"]["merged"], "--task", "LaMP-7",
             "--model_addr", self.model, "--zoo", self.zoo(), "--output_dir",
             str(self.folder(arm)), "--chat_template", "--max_length", "256",
             "--generation_max_length", "48", "--per_device_batch_size", str(self.args.batch_size),
-            "--device", "cpu", "--seed", str(self.args.seed), *self.support(), *flags, *extra])
+            "--device", "cpu", "--seed", str(args.seed), "--num_shards", str(args.num_shards),
+            "--shard_id", str(args.shard_id), *self.support(), *flags, *extra])
+        if not self.users_done(arm, "heldout"):
+            return  # another shard's users are still to come
         selection = read_json(self.folder(arm) / "selection.json")["users"]
         seconds = [record["seconds"] for record in selection.values()]
         write_json(self.folder(arm) / "summary.json", {
-            **measured, "users": len(selection),
-            "seconds_per_user": sum(seconds) / len(seconds)})
+            "users": len(selection), "seconds_per_user": sum(seconds) / len(seconds)})
 
     def support(self) -> list[str]:
         return ["--support_items", str(self.args.support_items)] if self.args.support_items else []
@@ -231,9 +236,18 @@ class Experiment(UserPeftExperiment):
             / len(users),
             "mean_bound": sum(u["bound"] for u in users.values()) / len(users)})
 
+    def correlated(self) -> dict:
+        """The new users every shard of the correlation has done so far."""
+        done = {}
+        for path in sorted(self.folder("correlation").glob("users.shard*.json")):
+            done.update(read_json(path))
+        return done
+
     def correlation(self) -> None:
-        """Per new user: every member's support loss and the ROUGE-1 of its answer to the
-        user's question (k = 0, greedy), and their Spearman correlation."""
+        """Per new user (this shard's share): every member's support loss and the ROUGE-1 of
+        its answer to the user's question (k = 0, greedy), and their Spearman correlation.
+        Each shard keeps its users in users.shard<i>.json; the one that finds every user done
+        writes the summary."""
         import numpy as np
 
         from LaMP.personalize_from_zoo import Personalizer
@@ -242,6 +256,7 @@ class Experiment(UserPeftExperiment):
         from LaMP.utils.evaluation.scoring import utilities
         from LaMP.utils.modeling.answering import predict
         from LaMP.utils.modeling.examples import Example
+        from LaMP.utils.modeling.user_training import shard_users
         from LaMP.utils.modeling.zoo import read_zoo
         from LaMP.utils.tasks import get_task
 
@@ -255,11 +270,15 @@ class Experiment(UserPeftExperiment):
             support_items=self.args.support_items or None)
         personalizer = Personalizer(settings, zoo)
         golds = {g["id"]: g["output"] for g in read_json(self.splits["heldout"]["golds"])["golds"]}
-        out = self.folder("correlation") / "users.json"
-        done = read_json(out) if out.exists() else {}
-        for question in iter_questions(self.splits["heldout"]["merged"], task):
+        folder = self.folder("correlation")
+        out = folder / f"users.shard{self.args.shard_id}.json"
+        done = self.correlated()
+        questions = list(iter_questions(self.splits["heldout"]["merged"], task))
+        mine = set(shard_users([user_of(q) for q in questions], self.args.shard_id,
+                               self.args.num_shards))
+        for question in questions:
             user = user_of(question)
-            if user in done:
+            if user in done or user not in mine:
                 continue
             started = time.perf_counter()
             examples = personalizer.support(user, question["profile"])
@@ -278,12 +297,17 @@ class Experiment(UserPeftExperiment):
                           "by_loss": scores[int(np.argmin(losses))], "best": max(scores),
                           "mean": float(np.mean(scores)),
                           "seconds": time.perf_counter() - started}
-            write_json(out, done)
+            write_json(out, {u: r for u, r in done.items() if u in mine})
             logger.info("user %s: Spearman %.3f, ROUGE-1 of the lowest loss %.3f (best %.3f, "
                         "mean %.3f)", user, rho, done[user]["by_loss"], done[user]["best"],
                         done[user]["mean"])
+        done = self.correlated()
+        if len(done) < len(questions):
+            return  # another shard's users are still to come
+        out = folder / "users.json"
+        write_json(out, dict(sorted(done.items())))
         rhos = [record["spearman"] for record in done.values()]
-        write_json(self.folder("correlation") / "summary.json", {
+        write_json(folder / "summary.json", {
             "users": len(done), "members": len(zoo.users),
             "mean_spearman": float(np.nanmean(rhos)),
             "negative": sum(r < 0 for r in rhos), "users_json": str(out)})

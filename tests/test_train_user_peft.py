@@ -708,7 +708,7 @@ def bad_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return argv + ["--num_shards", "2", "--shard_id", "2"], \
             "error: --shard_id must be in 0 … 1"
     if case == "no shards":
-        return argv + ["--num_shards", "0"], "error: --num_shards must be >= 1"
+        return argv + ["--num_shards", "0"], "error: --num_shards must be at least 1"
     if case == "missing data":
         return train_argv(str(tmp_path / "nope.json"), Path("no/model"), out), \
             f"error: --train_data {tmp_path / 'nope.json'} does not exist"

@@ -273,6 +273,37 @@ def test_random_choice_is_seeded_and_never_the_users_own(runs, tmp_path):
     assert all(members[0] != user for user, members in picks[0].items())
 
 
+def test_shards_split_the_users_and_together_write_what_one_run_does(runs, tmp_path, capsys):
+    data = questions(tmp_path / "dev.json", [("610", "610"), ("611", "611"), ("612", "612"),
+                                             ("610", "dev610")])
+    whole = choose(runs, runs["zoo"], data, tmp_path / "whole", "--method", "random")
+    shards = [choose(runs, runs["zoo"], data, tmp_path / "shared", "--method", "random",
+                     "--num_shards", "2", "--shard_id", str(i)) for i in (0, 1)]
+    # Every second user in id order: disjoint, and together every user once.
+    assert [s["shard_users"] for s in shards] == [["610", "612"], ["611", "dev610"]]
+    assert shards[0]["chosen"] == ["610", "612"] and shards[1]["chosen"] == ["611", "dev610"]
+    # The last shard's selection.json and users.json hold the first shard's users too.
+    strip = lambda users: {u: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                           for u, r in users.items()}
+    for out in ("whole", "shared"):
+        assert sorted(json.loads((tmp_path / out / "selection.json").read_text())["users"]) == [
+            "610", "611", "612", "dev610"]
+    shared = json.loads((tmp_path / "shared" / "selection.json").read_text())["users"]
+    assert strip(shared) == strip(whole["selection"]["users"])
+    assert json.loads((tmp_path / "shared" / "users.json").read_text())["num_missing"] == 0
+    # Shard flags are the run's, not the folder's: args.json is the one-process run's.
+    saved = [json.loads((tmp_path / out / "args.json").read_text()) for out in ("shared", "whole")]
+    assert "num_shards" not in saved[0] and "shard_id" not in saved[0]
+    assert {**saved[0], "output_dir": None} == {**saved[1], "output_dir": None}
+    for bad, message in ((["--num_shards", "0"], "--num_shards must be at least 1"),
+                         (["--num_shards", "2", "--shard_id", "2"], "--shard_id must be in 0 … 1")):
+        status, lines = run_cli(personalize.main, [
+            "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+            "--zoo", str(runs["zoo"]), "--output_dir", str(tmp_path / "bad"), *bad], capsys)
+        assert status == 2 and problems(lines) == [f"error: {message}"]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_rerun_with_other_settings_into_the_same_folder_is_refused(runs, tmp_path, capsys):
     data = questions(tmp_path / "dev.json", [("610", "610")])
     common = ["--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),

@@ -142,13 +142,18 @@ class RetrieverFlags:
         return getattr(args, self.batch_size.removeprefix("--"))
 
 
-def add_shard_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+def add_shard_arguments(parser: argparse.ArgumentParser, verb: str, users: bool = False
+                        ) -> None:
     """``--num_shards N --shard_id i``: this run does (``verb``) contiguous slice i of N of
-    the questions; ``check_shard_arguments`` checks them."""
-    parser.add_argument("--num_shards", type=int, default=1,
-                        help="split the questions into this many contiguous slices (default 1)")
+    the questions, or with ``users`` every N-th user in id order from the i-th (shards of
+    balanced size whatever the file's order); ``check_shard_arguments`` checks them."""
+    what = ("the users into this many shards, every N-th user in id order (e.g. a SLURM "
+            "array; default 1)" if users else
+            "the questions into this many contiguous slices (default 1)")
+    parser.add_argument("--num_shards", type=int, default=1, help=f"split {what}")
     parser.add_argument("--shard_id", type=int, default=0,
-                        help=f"which slice to {verb}, 0 … num_shards-1 (default 0)")
+                        help=f"which {'shard' if users else 'slice'} to {verb}, "
+                             "0 … num_shards-1 (default 0)")
 
 
 def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from LaMP.utils.data.fileio import atomic_write_json, read_json
 from LaMP.utils.data.users import (USER_RECORD, USERS_FOLDER, USERS_INDEX, find_user_folder,
@@ -197,10 +197,12 @@ def _index_lock(output_dir: Path) -> Iterator[None]:
 
 
 def write_users_index(output_dir: str | os.PathLike, run: Mapping,
-                      users_in_data: Sequence[str] | None = None) -> dict:
+                      users_in_data: Sequence[str] | None = None,
+                      also: Callable[[dict], None] | None = None) -> dict:
     """Rebuild ``users.json`` from the user folders on disk: ``run`` (model, task, base
     adapter, …) and every complete user's record; with ``users_in_data``, how many of the
-    data's users have no adapter yet."""
+    data's users have no adapter yet. ``also(records)``: another file made from the same
+    records, written under the same lock (so that it too is last written from them all)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with _index_lock(output_dir):
@@ -210,6 +212,8 @@ def write_users_index(output_dir: str | os.PathLike, run: Mapping,
             index["num_users_in_data"] = len(users_in_data)
             index["num_missing"] = sum(1 for user in users_in_data if user not in records)
         atomic_write_json(output_dir / USERS_INDEX, index, indent=1)
+        if also is not None:
+            also(records)
     return index
 
 
