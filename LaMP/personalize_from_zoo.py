@@ -36,7 +36,8 @@ if importlib.util.find_spec("LaMP") is None:
     # Run from a checkout without `pip install -e .`: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import (add_generation_arguments, add_model_arguments,
+from LaMP.utils.cli.arguments import (add_bf16_arguments, add_generation_arguments,
+                                      add_model_arguments,
                                       add_model_name_argument, add_profile_arguments,
                                       add_shard_arguments, add_task_argument, check_common,
                                       check_generation_arguments, check_shard_arguments)
@@ -106,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_profile_arguments(parser)
     add_generation_arguments(parser, training=False)
     add_shard_arguments(parser, "personalize", users=True)
+    # Default: bf16 autocast where it is native, as the training scripts. A forward pass of
+    # SmolLM2 on a support batch ran 3.6x faster on an AVX512-BF16 CPU.
+    add_bf16_arguments(parser, fp32="score candidates and answer the support set in fp32")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_common(parser, args)
@@ -132,6 +136,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.is_ranked:
         parser.error("--is_ranked: the support examples are the profile items themselves; "
                      "leave it out")
+    from LaMP.utils.modeling.training import resolve_bf16
+
+    args.bf16 = resolve_bf16(args.bf16, use_cpu=args.device == "cpu")  # as args.json says
     return args
 
 
@@ -145,6 +152,14 @@ class Personalizer:
 
         self.args, self.zoo, self.minimise, self.gates = args, zoo, minimise, gates
         self.lamp_model, self.slot, self.prompt_fn = load_zoo_model(args, zoo)
+
+    def autocast(self):
+        """The precision of every pass that chooses: bf16 autocast with ``--bf16`` (weights
+        and the zoo's vectors stay fp32), else fp32."""
+        import torch
+
+        return torch.autocast(self.lamp_model.device.type, dtype=torch.bfloat16,
+                              enabled=bool(getattr(self.args, "bf16", False)))
 
     def support(self, user: str, items):
         """The user's support examples: every usable profile item, or ``--support_items``
@@ -315,7 +330,7 @@ RUN_LOCAL_FLAGS = frozenset({"validation_data", "output_dir", "device", "cache_d
                              "num_shards", "shard_id"})
 # Flags newer than some output folders: one made without them ran at these values.
 ADDED_FLAGS = {"gates": None, "pieces_top_k": PIECES_TOP_K, "pieces_temperature": 1.0,
-               "support_items": None}
+               "support_items": None, "bf16": False}
 
 
 def main(argv=None) -> dict:
@@ -378,7 +393,8 @@ def main(argv=None) -> dict:
     for user in tqdm(pending, desc="users", unit="user"):
         started = time.perf_counter()
         examples = personalizer.support(user, profiles.pop(user))
-        record = personalizer.choose(user, examples)
+        with personalizer.autocast():
+            record = personalizer.choose(user, examples)
         record["seconds"] = round(time.perf_counter() - started, 3)  # the user's whole cost
         write_user(output_dir, zoo, user, record, trained_on)
         done.append(user)
@@ -389,7 +405,8 @@ def main(argv=None) -> dict:
     run_record = {"task": task.name, "model_name": zoo.index["base_model"]["name"],
                   "base_adapter": (zoo.index.get("base_adapter") or {}).get("path"),
                   "peft": "lora", "zoo": str(Path(args.zoo).resolve()), "method": args.method}
-    selection = {"task": task.name, "zoo": run_record["zoo"], "method": args.method}
+    selection = {"task": task.name, "zoo": run_record["zoo"], "method": args.method,
+                 "bf16": args.bf16}
 
     def write_selection(records: dict) -> None:  # under users.json's lock: shards share it
         selection["users"] = {user: record["zoo"] for user, record in records.items()

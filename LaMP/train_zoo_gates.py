@@ -13,7 +13,9 @@ model and fixed, the module's LoRA branch reads x·σ(x·g), and only the gates 
 sharer's profile through the task's per-user template (Per-Pcs's recipe: gates reset to 0,
 lr 2e-5, 200 steps of 6, gradient clipping 0.3, no weight decay). Writes
 ``users/<user>/gate.safetensors`` and ``user.json`` per sharer, ``gates.json`` and
-``args.json``; a rerun goes on from the sharers already done.
+``args.json``; a rerun goes on from the sharers already done, and ``--num_shards`` /
+``--shard_id`` split the sharers between processes that share the folder (``gates.json``
+lists the sharers still to train; ``--method pieces`` waits for none).
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ if importlib.util.find_spec("LaMP") is None:
     # Run from a checkout without `pip install -e .`: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LaMP.utils.cli.arguments import (add_budget_arguments, add_model_arguments,
-                                      add_model_name_argument, add_task_argument)
+from LaMP.utils.cli.arguments import (add_bf16_arguments, add_budget_arguments,
+                                      add_model_arguments, add_model_name_argument,
+                                      add_shard_arguments, add_task_argument,
+                                      check_shard_arguments)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError, preview
 
@@ -38,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 STAGE = "train_zoo_gates"  # args.json's "stage": what made the folder
 # Flags that may differ between the runs that fill one --output_dir.
-RUN_LOCAL_FLAGS = frozenset({"train_data", "output_dir", "users", "device", "cache_dir"})
+RUN_LOCAL_FLAGS = frozenset({"train_data", "output_dir", "users", "device", "cache_dir",
+                             "num_shards", "shard_id"})
+# Flags newer than some output folders, at the value those folders' runs had.
+ADDED_FLAGS = {"bf16": False}
 # Per-Pcs's gate training (as read from its released code).
 LEARNING_RATE, MAX_STEPS, BATCH_SIZE, MAX_GRAD_NORM = 2e-5, 200, 6, 0.3
 
@@ -73,15 +80,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "Per-Pcs's; 0: no clipping)")
     parser.add_argument("--generation_max_length", type=int, default=128,
                         help="most tokens of an example's target (the answer)")
+    add_bf16_arguments(parser)
     add_budget_arguments(parser)
+    add_shard_arguments(parser, "train", users=True)
     add_model_arguments(parser)
     args = parser.parse_args(argv)
+    check_shard_arguments(parser, args)
     if args.max_steps < 1 or args.per_device_batch_size < 1:
         parser.error("--max_steps and --per_device_batch_size must be >= 1")
     if not args.learning_rate > 0 or args.max_grad_norm < 0:
         parser.error("--learning_rate must be > 0 and --max_grad_norm >= 0")
     if args.generation_max_length < 1 or args.max_length < 1:
         parser.error("--generation_max_length and --max_length must be >= 1")
+    from LaMP.utils.modeling.training import resolve_bf16
+
+    args.bf16 = resolve_bf16(args.bf16, use_cpu=args.device == "cpu")  # as args.json says
     return args
 
 
@@ -100,7 +113,7 @@ def training_settings(args: argparse.Namespace):
                          batch_size=args.per_device_batch_size, warmup_ratio=0.0,
                          lr_scheduler_type="constant", max_length=args.max_length,
                          target_max_length=args.generation_max_length,
-                         max_grad_norm=args.max_grad_norm)
+                         max_grad_norm=args.max_grad_norm, bf16=args.bf16)
 
 
 class GateTrainer:
@@ -184,9 +197,9 @@ def main(argv=None) -> dict:
     from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes, users_file
     from LaMP.utils.modeling.checkpoints import check_model_folder
     from LaMP.utils.modeling.pieces import GATES_INDEX, zoo_digest
-    from LaMP.utils.modeling.user_store import check_same_run, check_user_ids
+    from LaMP.utils.modeling.user_store import check_same_run, check_user_ids, index_lock
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
-                                                   scan_users)
+                                                   scan_users, shard_users)
     from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
 
     check_readable(args.train_data, "--train_data")
@@ -219,10 +232,13 @@ def main(argv=None) -> dict:
     # The zoo's digest too: gates trained on members since rebuilt at the same path must
     # not pass for this zoo's.
     digest = zoo_digest(args.zoo)
-    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": digest}
-    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained")
+    settings = {**{key: value for key, value in plain_run_args(args).items()
+                   if key not in ("num_shards", "shard_id")},  # the same from every shard
+                "stage": STAGE, "zoo_sha256": digest}
+    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained", added=ADDED_FLAGS)
     done = set(finished_sharers(output_dir))
-    pending = [user for user in sharers if user not in done]
+    mine = shard_users(sharers, args.shard_id, args.num_shards)
+    pending = [user for user in mine if user not in done]
     profiles = collect_profiles(args.train_data, task, pending)
     check_users_have_items(task, profiles, args.seed, args.train_data)
     trainer = GateTrainer(args, zoo) if pending else None
@@ -237,12 +253,18 @@ def main(argv=None) -> dict:
         write_sharer(output_dir, user, gates, record)
         logger.info("sharer %s: %d items, %d steps, final loss %.4f, %.1f s", user,
                     record["items"], record["steps"], record["final_loss"], record["seconds"])
-    index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": digest,
-             "task": task.name, "modules": [{"name": m["name"], "in": m["in"]}
-                                            for m in zoo.modules],
-             "sharers": finished_sharers(output_dir)}
-    atomic_write_json(output_dir / GATES_INDEX, index, indent=1)
-    return {"sharers": sharers, "trained": pending, "index": index}
+    with index_lock(output_dir):  # shards rebuild it in turn: the last sees every sharer
+        finished = finished_sharers(output_dir)
+        index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": digest,
+                 "task": task.name, "modules": [{"name": m["name"], "in": m["in"]}
+                                                for m in zoo.modules],
+                 "sharers": finished,
+                 "pending": sorted(set(sharers) - set(finished))}  # another shard's, still
+        atomic_write_json(output_dir / GATES_INDEX, index, indent=1)
+    if index["pending"]:
+        logger.info("%d sharers of other shards are still to train: %s lists them",
+                    len(index["pending"]), output_dir / GATES_INDEX)
+    return {"sharers": sharers, "shard_sharers": mine, "trained": pending, "index": index}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ Rows, each answering the new users' questions at k = 0 and 2 (BM25):
 * a random member (``--method random``);
 
 (the zoo methods score members on ``--support_items`` of the new user's tweets, 32 by default
-on a CPU; per-user SGD trains on the whole profile, as the fork's does)
+on a CPU, under bf16 autocast where it is native, personalize_from_zoo.py's default; every
+answer to a question is served in fp32 by evaluate_llm.py; per-user SGD trains on the whole
+profile, as the fork's does)
 * LoRA-hub (20 members, budget 40; only where nevergrad is installed);
 * Personalized Pieces (gates of the ``--sharers`` most active zoo users, ``train_zoo_gates.py``
   with ``--gate_steps`` steps; top 3 per module).
@@ -145,7 +147,7 @@ class Experiment(UserPeftExperiment):
                 f"task_k{k}", "heldout", k, "--adapter", self.task_adapter()))
         self.xs_users("sgd", "heldout", ("train_task_k0",))
         self.add_evaluations("sgd")
-        self.add("gates", ("build_zoo",), self.gates)
+        self.add("gates", ("build_zoo",), self.gates, per_user=True)
         for arm, flags in ARMS.items():
             if arm == "lorahub" and not nevergrad_installed():
                 logger.info("nevergrad is not installed: no LoRA-hub row (pip install nevergrad)")
@@ -189,14 +191,25 @@ class Experiment(UserPeftExperiment):
             "clusters": len(index.get("clusters", {}).get("clusters", []))})
 
     def gates(self) -> None:
-        measured = self.script("gates", "LaMP/train_zoo_gates.py", [
+        """This shard's share of the sharers' gates; the shard that finds none pending
+        writes the summary."""
+        args = self.args
+        self.script("gates", "LaMP/train_zoo_gates.py", [
             "--zoo", self.zoo(), "--train_data", str(SOURCE / "dev_questions.json"),
             "--task", "LaMP-7", "--model_addr", self.model, "--output_dir",
             str(self.folder("gates") / "gates"), "--users", f"most_active:{self.args.sharers}",
             "--max_steps", str(self.args.gate_steps), "--max_length", "256",
             "--generation_max_length", "48", "--chat_template", "--device", "cpu",
-            "--seed", str(self.args.seed)])
-        write_json(self.folder("gates") / "summary.json", measured)
+            "--seed", str(args.seed), "--num_shards", str(args.num_shards), "--shard_id",
+            str(args.shard_id)])
+        index = read_json(self.folder("gates") / "gates" / "gates.json")
+        if index["pending"]:
+            return  # another shard's sharers are still to come
+        records = [read_json(path) for path in
+                   (self.folder("gates") / "gates" / "users").glob("*/user.json")]
+        write_json(self.folder("gates") / "summary.json", {
+            "sharers": len(index["sharers"]),
+            "seconds_per_sharer": sum(r["seconds"] for r in records) / len(records)})
 
     def personalize(self, arm: str, flags: list[str]) -> None:
         """``arm``'s choice for this shard's share of the new users; the shard that finds
@@ -256,6 +269,7 @@ class Experiment(UserPeftExperiment):
         from LaMP.utils.evaluation.scoring import utilities
         from LaMP.utils.modeling.answering import predict
         from LaMP.utils.modeling.examples import Example
+        from LaMP.utils.modeling.training import resolve_bf16
         from LaMP.utils.modeling.user_training import shard_users
         from LaMP.utils.modeling.zoo import read_zoo
         from LaMP.utils.tasks import get_task
@@ -267,7 +281,8 @@ class Experiment(UserPeftExperiment):
             cache_dir=None, max_length=256, generation_max_length=48, task=task,
             input_truncation="share", prompt_budget="exact", seed=self.args.seed,
             per_device_batch_size=self.args.batch_size, label_scoring=False,
-            support_items=self.args.support_items or None)
+            support_items=self.args.support_items or None,
+            bf16=resolve_bf16(None, use_cpu=True))  # personalize_from_zoo.py's default
         personalizer = Personalizer(settings, zoo)
         golds = {g["id"]: g["output"] for g in read_json(self.splits["heldout"]["golds"])["golds"]}
         folder = self.folder("correlation")
@@ -287,8 +302,10 @@ class Experiment(UserPeftExperiment):
                             prompt=personalizer.prompt_fn(question["input"], []))
             losses, scores = [], []
             for member in zoo.users:
-                losses.append(personalizer.support_loss(member, features))
+                with personalizer.autocast():
+                    losses.append(personalizer.support_loss(member, features))
                 personalizer.slot.use(zoo.vector_of([member], [1.0]))
+                # The answer to the question as evaluate_llm.py serves it: in fp32.
                 answer = predict(personalizer.lamp_model, task, [query], max_length=256,
                                  max_new_tokens=48, num_beams=1, batch_size=1, progress=False)
                 scores.append(utilities(task, [query.id], [query.target], answer, "query")[0])

@@ -794,3 +794,80 @@ def test_support_items_caps_the_support_set_with_the_seed(runs, tmp_path):
     profile = json.loads(Path(data).read_text())[0]["profile"]
     assert sizes["all"][0] == len(profile) > 2
     assert sizes["a"] == sizes["b"] and sizes["a"][0] == 2
+
+
+def test_bf16_scores_under_autocast_and_an_older_folder_continues_only_in_fp32(
+        runs, planted_zoo, tmp_path, capsys, monkeypatch):
+    from LaMP.utils.modeling import training
+
+    data = questions(tmp_path / "dev.json", [("611", "dev611")])
+    fp32 = choose(runs, planted_zoo, data, tmp_path / "fp32", "--no_bf16",
+                  "--rerank_metric", "none")
+    assert fp32["selection"]["bf16"] is False
+    native = training.bf16_supported(True)
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
+    status, lines = run_cli(personalize.main, [
+        "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+        "--zoo", str(planted_zoo), "--output_dir", str(tmp_path / "bf16"), "--device", "cpu",
+        "--bf16"], capsys)
+    assert status != 0 and problems(lines) == [
+        "error: --bf16: this CPU has no AVX512-BF16 or AMX-BF16 instructions; use --no_bf16 "
+        "or leave both out"]
+    assert not (tmp_path / "bf16").exists()
+    # Where bf16 is not native, the default is fp32.
+    assert choose(runs, planted_zoo, data, tmp_path / "default")["selection"]["bf16"] is False
+    monkeypatch.undo()
+    if not native:
+        return  # what bf16 autocast changes needs a CPU (or GPU) that runs it natively
+    bf16 = choose(runs, planted_zoo, data, tmp_path / "bf16", "--bf16", "--rerank_metric", "none")
+    ours, theirs = (run["selection"]["users"]["dev611"] for run in (bf16, fp32))
+    assert bf16["selection"]["bf16"] is True
+    assert json.loads((tmp_path / "bf16" / "args.json").read_text())["bf16"] is True
+    # The planted best member still wins; the losses are bf16's, near fp32's but not them.
+    assert ours["members"] == theirs["members"] == ["611"]
+    for member, loss in theirs["support_losses"].items():
+        assert ours["support_losses"][member] == pytest.approx(loss, rel=0.05)
+    assert ours["support_losses"] != theirs["support_losses"]
+    # A folder from before the flag ran in fp32: it continues with --no_bf16 only.
+    saved = json.loads((tmp_path / "fp32" / "args.json").read_text())
+    saved.pop("bf16")
+    (tmp_path / "fp32" / "args.json").write_text(json.dumps(saved))
+    more = questions(tmp_path / "more.json", [("610", "dev610")])
+    common = ["--validation_data", more, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+              "--zoo", str(planted_zoo), "--output_dir", str(tmp_path / "fp32"), "--device",
+              "cpu", "--max_length", "96", "--generation_max_length", "8", "--rerank_metric",
+              "none"]
+    status, lines = run_cli(personalize.main, [*common, "--bf16"], capsys)
+    assert status == 2 and "holds users personalized with other settings" in problems(lines)[0]
+    assert personalize.main([*common, "--no_bf16"])["chosen"] == ["dev610"]
+
+
+def test_gate_shards_split_the_sharers_and_pieces_wait_for_the_last(runs, gates, tmp_path,
+                                                                   capsys):
+    from LaMP.utils.data.users import user_adapter_dir
+
+    out = tmp_path / "gates"
+    first = gate_run(runs, out, "--num_shards", "2", "--shard_id", "1")
+    assert first["shard_sharers"] == first["trained"] == ["611"]
+    assert first["index"]["sharers"] == ["611"] and first["index"]["pending"] == ["610", "612"]
+    data = questions(tmp_path / "dev.json", [("611", "dev611")])
+    status, lines = run_cli(personalize.main, [
+        "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+        "--zoo", str(runs["zoo"]), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+        "--method", "pieces", "--gates", str(out)], capsys)
+    assert status != 0 and len(problems(lines)) == 1
+    assert "2 sharers still to train" in problems(lines)[0] and "610" in problems(lines)[0]
+    assert not (tmp_path / "out").exists()
+    last = gate_run(runs, out, "--num_shards", "2", "--shard_id", "0")
+    assert last["trained"] == ["610", "612"]
+    assert last["index"]["sharers"] == ["610", "611", "612"] and last["index"]["pending"] == []
+    # Each sharer's gates are those of one process training them all (seeded per sharer).
+    for user in ("610", "611", "612"):
+        mine, whole = (json.loads((user_adapter_dir(folder, user) / "user.json").read_text())
+                       for folder in (out, gates["folder"]))
+        assert mine["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
+    shards_args, whole_args = (json.loads((f / "args.json").read_text())
+                               for f in (out, gates["folder"]))
+    assert {**shards_args, "output_dir": None} == {**whole_args, "output_dir": None}
+    assert choose(runs, runs["zoo"], data, tmp_path / "out", "--method", "pieces", "--gates",
+                  str(out))["chosen"] == ["dev611"]

@@ -215,15 +215,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                               "random ranker)")
 
 
-def add_bf16_arguments(parser: argparse.ArgumentParser) -> None:
+def add_bf16_arguments(parser: argparse.ArgumentParser, fp32: str = "train in fp32") -> None:
     """``--bf16`` / ``--no_bf16`` (``args.bf16``: True, False, or None for "where native",
-    which ``training.resolve_bf16`` settles once the device is known)."""
+    which ``training.resolve_bf16`` settles once the device is known); ``fp32`` says what
+    ``--no_bf16`` keeps in fp32."""
     parser.add_argument("--bf16", dest="bf16", action="store_const", const=True, default=None,
                         help="bf16 autocast, an error where the hardware has no native bf16 "
                              "(default: on for GPUs from Ampere on and CPUs with AVX512-BF16 "
                              "or AMX-BF16, off elsewhere)")
     parser.add_argument("--no_bf16", dest="bf16", action="store_const", const=False,
-                        help="train in fp32 even where bf16 is native")
+                        help=f"{fp32} even where bf16 is native")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, *, num_train_epochs: float,

@@ -108,6 +108,13 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
         raise LampError(f"{flag} {folder}: no {GATES_INDEX} (not a train_zoo_gates.py folder)")
     index = read_json(folder / GATES_INDEX, "gates index")
     sharers = checked_sharers(index, f"{flag} {folder}/{GATES_INDEX}")
+    pending = index.get("pending", [])
+    if not isinstance(pending, list) or not all(isinstance(u, str) for u in pending):
+        raise LampError(f"{flag} {folder}/{GATES_INDEX}: \"pending\" is not a list of user ids")
+    if pending:
+        raise LampError(f"{flag} {folder}: {len(pending)} sharers still to train (another "
+                        f"shard's, or a stopped run's: {preview(pending)}); finish "
+                        "train_zoo_gates.py first")
     if not sharers:
         raise LampError(f"{flag} {folder}/{GATES_INDEX}: no sharers")
     if index.get("zoo_sha256") != zoo_digest(zoo_folder):

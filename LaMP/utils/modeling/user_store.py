@@ -174,10 +174,10 @@ def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
 
 
 @contextlib.contextmanager
-def _index_lock(output_dir: Path) -> Iterator[None]:
-    """Serialise the rebuilds of ``users.json`` of concurrent processes (shards on one
-    machine, or on several that share the folder): the last rebuild then sees every finished
-    user. The lock file stays (``INDEX_LOCK``, hidden): removing it would let a waiter lock
+def index_lock(output_dir: Path) -> Iterator[None]:
+    """Serialise the rebuilds of ``users.json`` (or another index of the user folders) of
+    concurrent processes (shards on one machine, or on several that share the folder): the
+    last rebuild then sees every finished user. The lock file stays (``INDEX_LOCK``, hidden): removing it would let a waiter lock
     a file a newcomer no longer sees. Where the lock cannot be taken, the rebuild goes
     unlocked, and a rerun rebuilds the index again."""
     from filelock import FileLock
@@ -205,7 +205,7 @@ def write_users_index(output_dir: str | os.PathLike, run: Mapping,
     records, written under the same lock (so that it too is last written from them all)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with _index_lock(output_dir):
+    with index_lock(output_dir):
         records = scan_user_records(output_dir)
         index = {**run, "num_users": len(records), "users": records}
         if users_in_data is not None:
