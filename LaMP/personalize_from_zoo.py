@@ -337,12 +337,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
     from LaMP.utils.data.fileio import (atomic_write_json, check_outputs, check_readable,
-                                        plain_run_args, remove_stale_temporaries_in,
-                                        save_run_args)
+                                        plain_run_args, remove_stale_temporaries_in)
     from LaMP.utils.data.users import USERS_FOLDER
     from LaMP.utils.modeling.checkpoints import check_model_folder
     from LaMP.utils.modeling.user_store import (check_same_run, check_user_ids, pending_users,
-                                                write_users_index)
+                                                save_same_run, write_users_index)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users, shard_users)
     from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
@@ -369,10 +368,9 @@ def main(argv=None) -> dict:
     check_user_ids(users)
     output_dir = Path(args.output_dir)
     # Users chosen otherwise (another method, zoo or seed) never join a run's folder.
-    recorded = {key: value for key, value in plain_run_args(args).items()
-                if key not in ("num_shards", "shard_id")}  # the same file from every shard
-    check_same_run(output_dir, {**recorded, "stage": STAGE}, RUN_LOCAL_FLAGS,
-                   "users personalized", added=ADDED_FLAGS)
+    settings = {**plain_run_args(args), "stage": STAGE}
+    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "users personalized",
+                   added=ADDED_FLAGS)
     trained_on = {"base_model": zoo.index["base_model"],
                   "base_adapter": zoo.index.get("base_adapter")}
     mine = shard_users(users, args.shard_id, args.num_shards)
@@ -385,7 +383,8 @@ def main(argv=None) -> dict:
     personalizer = Personalizer(args, zoo, minimise, gates) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(output_dir / "args.json", {**recorded, "stage": STAGE})
+    save_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "users personalized",
+                  added=ADDED_FLAGS)  # the same file from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     from tqdm.auto import tqdm
 
@@ -404,7 +403,8 @@ def main(argv=None) -> dict:
                     record["support_error"], record["support_size"])
     run_record = {"task": task.name, "model_name": zoo.index["base_model"]["name"],
                   "base_adapter": (zoo.index.get("base_adapter") or {}).get("path"),
-                  "peft": "lora", "zoo": str(Path(args.zoo).resolve()), "method": args.method}
+                  "peft": "lora", "zoo": str(Path(args.zoo).resolve()), "method": args.method,
+                  "bf16": args.bf16}
     selection = {"task": task.name, "zoo": run_record["zoo"], "method": args.method,
                  "bf16": args.bf16}
 

@@ -38,7 +38,7 @@ from LaMP.utils.cli.arguments import (add_bf16_arguments, add_generation_argumen
                                       check_generation_arguments, check_optimizer_arguments,
                                       check_shard_arguments, profile_options)
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
-from LaMP.utils.data.fileio import check_outputs, require_regular_file, save_run_args
+from LaMP.utils.data.fileio import check_outputs, require_regular_file
 from LaMP.utils.data.users import users_arg, users_file
 from LaMP.utils.errors import LampError
 from LaMP.utils.modeling.peft_methods import add_peft_arguments, check_peft_arguments, get_method
@@ -234,7 +234,8 @@ def main(argv=None) -> dict:
     from LaMP.utils.data.questions import iter_questions
     from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes
     from LaMP.utils.modeling.user_records import local_or_name
-    from LaMP.utils.modeling.user_store import check_user_ids, pending_users, write_users_index
+    from LaMP.utils.modeling.user_store import (check_user_ids, pending_users, save_same_run,
+                                                write_users_index)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users, shard_users)
 
@@ -263,9 +264,8 @@ def main(argv=None) -> dict:
     setup = TrainingSetup(args) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(output_dir / "args.json",
-                  {key: value for key, value in run_arguments(args).items()
-                   if key not in ("num_shards", "shard_id")})  # the same file from every shard
+    save_same_run(output_dir, run_arguments(args), RUN_LOCAL_FLAGS,
+                  "per-user adapters trained", added=ADDED_FLAGS)  # the same from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     trained = setup.train(pending, profiles, trained_on) if setup else []
     # What serving needs to rebuild each user's model: the base, and the task adapter

@@ -187,17 +187,27 @@ def finished_sharers(output_dir: Path) -> list[str]:
     return sorted(found)
 
 
+def previous_pending(output_dir: Path) -> list[str]:
+    """The sharers gates.json lists as still to train (none if there is no index; one error
+    line if it is damaged)."""
+    from LaMP.utils.data.fileio import read_json
+    from LaMP.utils.modeling.pieces import GATES_INDEX, checked_pending
+
+    path = output_dir / GATES_INDEX
+    return checked_pending(read_json(path, "gates index"), str(path)) if path.exists() else []
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
     from LaMP.utils.data.fileio import (atomic_write_json, check_outputs, check_readable,
-                                        plain_run_args, remove_stale_temporaries_in,
-                                        save_run_args)
+                                        plain_run_args, remove_stale_temporaries_in)
     from LaMP.utils.data.questions import iter_questions
     from LaMP.utils.data.users import USERS_FOLDER, choose_users, profile_sizes, users_file
     from LaMP.utils.modeling.checkpoints import check_model_folder
     from LaMP.utils.modeling.pieces import GATES_INDEX, zoo_digest
-    from LaMP.utils.modeling.user_store import check_same_run, check_user_ids, index_lock
+    from LaMP.utils.modeling.user_store import (check_same_run, check_user_ids, index_lock,
+                                                save_same_run)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users, shard_users)
     from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
@@ -232,10 +242,9 @@ def main(argv=None) -> dict:
     # The zoo's digest too: gates trained on members since rebuilt at the same path must
     # not pass for this zoo's.
     digest = zoo_digest(args.zoo)
-    settings = {**{key: value for key, value in plain_run_args(args).items()
-                   if key not in ("num_shards", "shard_id")},  # the same from every shard
-                "stage": STAGE, "zoo_sha256": digest}
+    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": digest}
     check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained", added=ADDED_FLAGS)
+    previous_pending(output_dir)  # a damaged index: one line now, not after the training
     done = set(finished_sharers(output_dir))
     mine = shard_users(sharers, args.shard_id, args.num_shards)
     pending = [user for user in mine if user not in done]
@@ -244,7 +253,8 @@ def main(argv=None) -> dict:
     trainer = GateTrainer(args, zoo) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(output_dir / "args.json", settings)
+    save_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained",
+                  added=ADDED_FLAGS)  # the same file from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     from tqdm.auto import tqdm
 
@@ -253,13 +263,16 @@ def main(argv=None) -> dict:
         write_sharer(output_dir, user, gates, record)
         logger.info("sharer %s: %d items, %d steps, final loss %.4f, %.1f s", user,
                     record["items"], record["steps"], record["final_loss"], record["seconds"])
-    with index_lock(output_dir):  # shards rebuild it in turn: the last sees every sharer
+    with index_lock(output_dir, GATES_INDEX):  # shards rebuild it in turn
         finished = finished_sharers(output_dir)
+        # Still to train: this run's other shards' sharers, and those an earlier run (other
+        # --users, a stopped shard) left pending.
+        wanted = set(sharers) | set(previous_pending(output_dir))
         index = {"zoo": str(Path(args.zoo).resolve()), "zoo_sha256": digest,
                  "task": task.name, "modules": [{"name": m["name"], "in": m["in"]}
                                                 for m in zoo.modules],
-                 "sharers": finished,
-                 "pending": sorted(set(sharers) - set(finished))}  # another shard's, still
+                 "bf16": args.bf16, "sharers": finished,
+                 "pending": sorted(wanted - set(finished))}
         atomic_write_json(output_dir / GATES_INDEX, index, indent=1)
     if index["pending"]:
         logger.info("%d sharers of other shards are still to train: %s lists them",

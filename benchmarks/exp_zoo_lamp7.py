@@ -205,8 +205,11 @@ class Experiment(UserPeftExperiment):
         index = read_json(self.folder("gates") / "gates" / "gates.json")
         if index["pending"]:
             return  # another shard's sharers are still to come
-        records = [read_json(path) for path in
-                   (self.folder("gates") / "gates" / "users").glob("*/user.json")]
+        from LaMP.utils.data.users import find_user_folder
+
+        folder = self.folder("gates") / "gates"
+        records = [read_json(find_user_folder(folder, user) / "user.json")
+                   for user in index["sharers"]]
         write_json(self.folder("gates") / "summary.json", {
             "sharers": len(index["sharers"]),
             "seconds_per_sharer": sum(r["seconds"] for r in records) / len(records)})
@@ -287,6 +290,7 @@ class Experiment(UserPeftExperiment):
         golds = {g["id"]: g["output"] for g in read_json(self.splits["heldout"]["golds"])["golds"]}
         folder = self.folder("correlation")
         out = folder / f"users.shard{self.args.shard_id}.json"
+        own = read_json(out) if out.exists() else {}  # this shard's file, as it is
         done = self.correlated()
         questions = list(iter_questions(self.splits["heldout"]["merged"], task))
         mine = set(shard_users([user_of(q) for q in questions], self.args.shard_id,
@@ -314,20 +318,23 @@ class Experiment(UserPeftExperiment):
                           "by_loss": scores[int(np.argmin(losses))], "best": max(scores),
                           "mean": float(np.mean(scores)),
                           "seconds": time.perf_counter() - started}
-            write_json(out, {u: r for u, r in done.items() if u in mine})
+            own[user] = done[user]
+            write_json(out, own)
             logger.info("user %s: Spearman %.3f, ROUGE-1 of the lowest loss %.3f (best %.3f, "
                         "mean %.3f)", user, rho, done[user]["by_loss"], done[user]["best"],
                         done[user]["mean"])
-        done = self.correlated()
-        if len(done) < len(questions):
+        found = self.correlated()
+        if not all(user_of(q) in found for q in questions):
             return  # another shard's users are still to come
+        done = {user: found[user] for user in sorted(user_of(q) for q in questions)}
         out = folder / "users.json"
-        write_json(out, dict(sorted(done.items())))
+        write_json(out, done)
         rhos = [record["spearman"] for record in done.values()]
         write_json(folder / "summary.json", {
             "users": len(done), "members": len(zoo.users),
             "mean_spearman": float(np.nanmean(rhos)),
-            "negative": sum(r < 0 for r in rhos), "users_json": str(out)})
+            "negative": sum(r < 0 for r in rhos), "users_json": str(out),
+            "bf16": settings.bf16})
 
 
 def spearman(x, y) -> float:
@@ -358,8 +365,9 @@ def write_smoke_table(experiment: Experiment, waiting: list[str]) -> Path:
              f"{args.zoo_users} users' LoRA-XS adapters ({args.zoo_epochs} epochs each, on the "
              f"task adapter), the {args.users} most active users as new users; SmolLM2-135M-"
              "Instruct, CPU. Per user: Spearman correlation between each member's support loss "
-             f"(on {args.support_items or 'all'} of the user's tweets) and the ROUGE-1 of its "
-             "answer to the user's question (k = 0).", ""]
+             f"(on {args.support_items or 'all'} of the user's tweets, under bf16 autocast "
+             "where native) and the ROUGE-1 of its answer to the user's question (k = 0, "
+             "fp32).", ""]
     if waiting:
         lines += [f"Incomplete: {len(waiting)} jobs not done ({', '.join(waiting)}).", ""]
     if summary:
@@ -383,8 +391,10 @@ def write_table(experiment: Experiment, waiting: list[str]) -> Path:
     base = {k: experiment.summary(f"task_k{k}") for k in KS}
     lines = [f"The adapter zoo on real LaMP-7 dev, user split (benchmarks/exp_zoo_lamp7.py): "
              f"{args.zoo_users} zoo users' LoRA-XS adapters, the {args.users} most active users "
-             "as new users; SmolLM2-135M-Instruct, BM25, greedy, CPU. Differences against the "
-             f"task adapter at the same k: paired bootstrap, {args.bootstrap} resamples.", ""]
+             "as new users; SmolLM2-135M-Instruct, BM25, greedy, CPU; the zoo methods choose "
+             "under bf16 autocast where native, every answer to a question is served in "
+             "fp32. Differences against the task adapter at the same k: paired bootstrap, "
+             f"{args.bootstrap} resamples.", ""]
     if waiting:
         lines += [f"Incomplete: {len(waiting)} jobs not done ({', '.join(waiting[:6])}"
                   f"{', …' if len(waiting) > 6 else ''}).", ""]

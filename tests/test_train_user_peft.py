@@ -524,7 +524,37 @@ def test_the_index_is_rebuilt_under_a_lock_and_unlocked_where_none_can_be_taken(
     (out / "users.json").unlink()
     assert user_store.write_users_index(out, {"task": "LaMP-7"})["num_users"] == 0
     assert json.loads((out / "users.json").read_text())["users"] == {}
-    assert "users.json is rebuilt unlocked" in caplog.text
+    assert "users.json is written unlocked" in caplog.text
+
+
+def test_of_two_shards_that_both_found_no_args_json_the_later_is_refused(tmp_path, monkeypatch):
+    import filelock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stage = {"stage": "train_user_peft", "lora_r": 8, "bf16": True, "num_shards": 2}
+    local = frozenset({"num_shards", "shard_id"})
+    # Both checked an empty folder before their work; the first then writes its args.json.
+    user_store.check_same_run(out, {**stage, "shard_id": 0}, local, "users")
+    user_store.check_same_run(out, {**stage, "bf16": False, "shard_id": 1}, local, "users")
+    checked = user_store.check_same_run
+    locked = []
+
+    def check_while_locked(*args, **kwargs):
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(out / user_store.INDEX_LOCK).acquire(blocking=False)
+        locked.append(True)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(user_store, "check_same_run", check_while_locked)
+    user_store.save_same_run(out, {**stage, "shard_id": 0}, local, "users")
+    saved = (out / "args.json").read_text()
+    assert json.loads(saved) == {"stage": "train_user_peft", "lora_r": 8, "bf16": True}
+    with pytest.raises(LampError, match=r"--bf16 True then, False now"):
+        user_store.save_same_run(out, {**stage, "bf16": False, "shard_id": 1}, local, "users")
+    assert (out / "args.json").read_text() == saved and locked == [True, True]
+    user_store.save_same_run(out, {**stage, "shard_id": 1}, local, "users")  # the same: joins
+    assert (out / "args.json").read_text() == saved
 
 
 def test_the_defaults_are_the_per_user_recipe(tmp_path):

@@ -800,25 +800,43 @@ def test_bf16_scores_under_autocast_and_an_older_folder_continues_only_in_fp32(
         runs, planted_zoo, tmp_path, capsys, monkeypatch):
     from LaMP.utils.modeling import training
 
+    native = training.bf16_supported(True)
     data = questions(tmp_path / "dev.json", [("611", "dev611")])
     fp32 = choose(runs, planted_zoo, data, tmp_path / "fp32", "--no_bf16",
                   "--rerank_metric", "none")
-    assert fp32["selection"]["bf16"] is False
-    native = training.bf16_supported(True)
+    assert fp32["selection"]["bf16"] is False and fp32["index"]["bf16"] is False
+    common = ["--task", "LaMP-7", "--model_addr", str(runs["model"]), "--zoo", str(planted_zoo),
+              "--device", "cpu", "--max_length", "96", "--generation_max_length", "8",
+              "--rerank_metric", "none"]
+    # Where bf16 is not native, --bf16 is one error line and the default is fp32.
     monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
-    status, lines = run_cli(personalize.main, [
-        "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
-        "--zoo", str(planted_zoo), "--output_dir", str(tmp_path / "bf16"), "--device", "cpu",
-        "--bf16"], capsys)
+    status, lines = run_cli(personalize.main, ["--validation_data", data, *common,
+                                               "--output_dir", tmp_path / "bf16", "--bf16"],
+                            capsys)
     assert status != 0 and problems(lines) == [
         "error: --bf16: this CPU has no AVX512-BF16 or AMX-BF16 instructions; use --no_bf16 "
         "or leave both out"]
     assert not (tmp_path / "bf16").exists()
-    # Where bf16 is not native, the default is fp32.
     assert choose(runs, planted_zoo, data, tmp_path / "default")["selection"]["bf16"] is False
+    # A folder from before the flag ran in fp32: where the default is bf16, it continues with
+    # --no_bf16 only, and the refusal says why.
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)
+    saved = json.loads((tmp_path / "fp32" / "args.json").read_text())
+    saved.pop("bf16")
+    (tmp_path / "fp32" / "args.json").write_text(json.dumps(saved))
+    more = questions(tmp_path / "more.json", [("610", "dev610")])
+    before = listing(tmp_path / "fp32")
+    status, lines = run_cli(personalize.main, ["--validation_data", more, *common,
+                                               "--output_dir", tmp_path / "fp32"], capsys)
+    assert status == 2 and len(problems(lines)) == 1
+    assert "(--bf16 False then, True now); it was made before --bf16 existed, so it ran at " \
+           "False" in problems(lines)[0]
+    assert listing(tmp_path / "fp32") == before
+    assert personalize.main(["--validation_data", more, *common, "--output_dir",
+                             str(tmp_path / "fp32"), "--no_bf16"])["chosen"] == ["dev610"]
     monkeypatch.undo()
     if not native:
-        return  # what bf16 autocast changes needs a CPU (or GPU) that runs it natively
+        pytest.skip("what bf16 autocast changes needs hardware that runs it natively")
     bf16 = choose(runs, planted_zoo, data, tmp_path / "bf16", "--bf16", "--rerank_metric", "none")
     ours, theirs = (run["selection"]["users"]["dev611"] for run in (bf16, fp32))
     assert bf16["selection"]["bf16"] is True
@@ -828,18 +846,6 @@ def test_bf16_scores_under_autocast_and_an_older_folder_continues_only_in_fp32(
     for member, loss in theirs["support_losses"].items():
         assert ours["support_losses"][member] == pytest.approx(loss, rel=0.05)
     assert ours["support_losses"] != theirs["support_losses"]
-    # A folder from before the flag ran in fp32: it continues with --no_bf16 only.
-    saved = json.loads((tmp_path / "fp32" / "args.json").read_text())
-    saved.pop("bf16")
-    (tmp_path / "fp32" / "args.json").write_text(json.dumps(saved))
-    more = questions(tmp_path / "more.json", [("610", "dev610")])
-    common = ["--validation_data", more, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
-              "--zoo", str(planted_zoo), "--output_dir", str(tmp_path / "fp32"), "--device",
-              "cpu", "--max_length", "96", "--generation_max_length", "8", "--rerank_metric",
-              "none"]
-    status, lines = run_cli(personalize.main, [*common, "--bf16"], capsys)
-    assert status == 2 and "holds users personalized with other settings" in problems(lines)[0]
-    assert personalize.main([*common, "--no_bf16"])["chosen"] == ["dev610"]
 
 
 def test_gate_shards_split_the_sharers_and_pieces_wait_for_the_last(runs, gates, tmp_path,
@@ -871,3 +877,57 @@ def test_gate_shards_split_the_sharers_and_pieces_wait_for_the_last(runs, gates,
     assert {**shards_args, "output_dir": None} == {**whole_args, "output_dir": None}
     assert choose(runs, runs["zoo"], data, tmp_path / "out", "--method", "pieces", "--gates",
                   str(out))["chosen"] == ["dev611"]
+
+
+def test_pending_sharers_survive_a_run_with_other_users_and_bad_gate_input_is_one_line(
+        runs, tmp_path, capsys, monkeypatch):
+    from LaMP.utils.modeling import training
+
+    (tmp_path / "a.txt").write_text("610\n612\n")
+    (tmp_path / "b.txt").write_text("611\n")
+    out = tmp_path / "gates"
+    common = ["--max_steps", "1", "--no_bf16"]
+    first = gate_run(runs, out, *common, "--users", str(tmp_path / "a.txt"), "--num_shards",
+                     "2", "--shard_id", "0")
+    assert first["trained"] == ["610"] and first["index"]["pending"] == ["612"]
+    # Another run's sharers join; the first run's other shard is still owed.
+    other = gate_run(runs, out, *common, "--users", str(tmp_path / "b.txt"))
+    assert other["index"]["sharers"] == ["610", "611"] and other["index"]["pending"] == ["612"]
+    last = gate_run(runs, out, *common, "--users", str(tmp_path / "a.txt"), "--num_shards", "2",
+                    "--shard_id", "1")
+    assert last["trained"] == ["612"] and last["index"]["pending"] == []
+    assert last["index"]["sharers"] == ["610", "611", "612"] and last["index"]["bf16"] is False
+
+    def refused(folder, *extra):
+        before = listing(folder) if folder.exists() else None
+        status, lines = run_cli(train_zoo_gates.main, [
+            "--zoo", runs["zoo"], "--train_data", runs["root"] / "train.json", "--task",
+            "LaMP-7", "--model_addr", runs["model"], "--output_dir", folder, "--device", "cpu",
+            "--max_length", "96", "--generation_max_length", "16", "--max_steps", "1",
+            "--per_device_batch_size", "2", "--learning_rate", "0.5", *extra], capsys)
+        assert status != 0 and len(problems(lines)) == 1, lines
+        assert (listing(folder) if folder.exists() else None) == before
+        return problems(lines)[0]
+
+    # A damaged "pending": one line before any training, from both scripts.
+    index = json.loads((out / "gates.json").read_text())
+    for hostile in (5, ["610", 3], {"610": 1}):
+        (out / "gates.json").write_text(json.dumps({**index, "pending": hostile}))
+        assert "not a gates index" in refused(out, "--no_bf16", "--users", str(tmp_path / "b.txt"))
+        data = questions(tmp_path / "dev.json", [("611", "dev611")])
+        status, lines = run_cli(personalize.main, [
+            "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+            "--zoo", str(runs["zoo"]), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+            "--method", "pieces", "--gates", str(out)], capsys)
+        assert status != 0 and len(problems(lines)) == 1 and "not a gates index" in problems(
+            lines)[0]
+    (out / "gates.json").write_text(json.dumps(index))
+    # --bf16 where it is not native; a folder from before the flag, where the default is bf16.
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
+    assert "--bf16: this CPU has no AVX512-BF16" in refused(tmp_path / "new", "--bf16")
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)
+    saved = json.loads((out / "args.json").read_text())
+    saved.pop("bf16")
+    (out / "args.json").write_text(json.dumps(saved))
+    assert "made before --bf16 existed" in refused(out, "--users", str(tmp_path / "b.txt"))
+    assert gate_run(runs, out, *common, "--users", str(tmp_path / "b.txt"))["trained"] == []

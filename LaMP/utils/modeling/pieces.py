@@ -12,7 +12,8 @@ A piece here is a member's R of one module: the zoo's modules share A and B, so 
 sum of R's is the weighted sum of the pieces' ΔW exactly (Per-Pcs, with plain LoRA pieces,
 adds the A's and the B's). A gates folder (``train_zoo_gates.py --output_dir``)::
 
-    gates.json                 the zoo it was trained on (a digest), the modules, the sharers
+    gates.json                 the zoo it was trained on (a digest), the modules, bf16, the
+                               sharers, and those still pending (to train: another shard's)
     users/<user>/gate.safetensors   "<module>": g, per module; user.json: the sharer's record
 """
 from __future__ import annotations
@@ -108,9 +109,7 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
         raise LampError(f"{flag} {folder}: no {GATES_INDEX} (not a train_zoo_gates.py folder)")
     index = read_json(folder / GATES_INDEX, "gates index")
     sharers = checked_sharers(index, f"{flag} {folder}/{GATES_INDEX}")
-    pending = index.get("pending", [])
-    if not isinstance(pending, list) or not all(isinstance(u, str) for u in pending):
-        raise LampError(f"{flag} {folder}/{GATES_INDEX}: \"pending\" is not a list of user ids")
+    pending = checked_pending(index, f"{flag} {folder}/{GATES_INDEX}")
     if pending:
         raise LampError(f"{flag} {folder}: {len(pending)} sharers still to train (another "
                         f"shard's, or a stopped run's: {preview(pending)}); finish "
@@ -144,6 +143,15 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
             per_module[module["name"]].append(g.astype(np.float32))
     return SharerGates(sorted(sharers), {name: np.stack(rows) for name, rows in
                                          per_module.items()})
+
+
+def checked_pending(index, source: str) -> list[str]:
+    """A gates index's sharers still to train ("pending": a list of ids; none if absent)."""
+    pending = index.get("pending", []) if isinstance(index, dict) else None
+    if not isinstance(pending, list) or not all(isinstance(u, str) for u in pending):
+        raise LampError(f"{source}: not a gates index (its \"pending\", if any, lists user "
+                        "ids)")
+    return pending
 
 
 def checked_sharers(index, source: str) -> list[str]:

@@ -174,7 +174,7 @@ def scan_user_records(output_dir: str | os.PathLike) -> dict[str, dict]:
 
 
 @contextlib.contextmanager
-def index_lock(output_dir: Path) -> Iterator[None]:
+def index_lock(output_dir: Path, what: str = USERS_INDEX) -> Iterator[None]:
     """Serialise the rebuilds of ``users.json`` (or another index of the user folders) of
     concurrent processes (shards on one machine, or on several that share the folder): the
     last rebuild then sees every finished user. The lock file stays (``INDEX_LOCK``, hidden): removing it would let a waiter lock
@@ -186,8 +186,8 @@ def index_lock(output_dir: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except OSError as error:
-        logger.warning("%s: cannot lock (%s); users.json is rebuilt unlocked",
-                       output_dir / INDEX_LOCK, error.strerror or error)
+        logger.warning("%s: cannot lock (%s); %s is written unlocked",
+                       output_dir / INDEX_LOCK, error.strerror or error, what)
         yield
         return
     try:
@@ -249,11 +249,32 @@ def check_same_run(output_dir: Path, now: Mapping, run_local: frozenset, made: s
     if not isinstance(saved, dict) or saved.get("stage") != now.get("stage"):
         raise LampError(f"--output_dir {output_dir} holds another stage's args.json; choose "
                         "another folder")
+    older = [key for key in (added or {}) if key not in saved]  # made before these flags
     saved = {**(added or {}), **saved}
     differ = sorted(key for key in set(saved) | set(now)
                     if key not in run_local and saved.get(key) != now.get(key))
     if differ:
         shown = ", ".join(f"--{key} {saved.get(key)!r} then, {now.get(key)!r} now"
                           for key in differ[:3])
+        before = [key for key in differ if key in older]
+        why = (f"; it was made before --{before[0]} existed, so it ran at "
+               f"{saved[before[0]]!r}" if before else "")
         raise LampError(f"--output_dir {output_dir} holds {made} with other settings "
-                        f"({shown}); rerun with the same flags or choose another folder")
+                        f"({shown}){why}; rerun with the same flags or choose another folder")
+
+
+SHARD_FLAGS = ("num_shards", "shard_id")  # which process this is, not what the run makes
+
+
+def save_same_run(output_dir: Path, now: Mapping, run_local: frozenset, made: str,
+                  added: Mapping | None = None) -> None:
+    """Write ``output_dir``'s args.json (``now`` without the shard flags), checking again
+    under the folder's lock what ``check_same_run`` checked before the work began: of two
+    processes that both found no args.json (shards started together, on machines that
+    resolve a default differently), the later one is refused rather than mixed in."""
+    from LaMP.utils.data.fileio import save_run_args
+
+    with index_lock(output_dir, "args.json"):
+        check_same_run(output_dir, now, run_local, made, added)
+        save_run_args(output_dir / "args.json",
+                      {key: value for key, value in now.items() if key not in SHARD_FLAGS})
