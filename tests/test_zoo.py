@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, build_tiny_llama, listing, load_script, problems, run_cli
+from conftest import (SAMPLE, build_tiny_bert, build_tiny_llama, listing, load_script, problems,
+                      run_cli)
 
 build_zoo = load_script("LaMP/build_zoo.py")
 personalize = load_script("LaMP/personalize_from_zoo.py")
@@ -296,7 +297,8 @@ def test_shards_split_the_users_and_together_write_what_one_run_does(runs, tmp_p
     assert "num_shards" not in saved[0] and "shard_id" not in saved[0]
     assert {**saved[0], "output_dir": None} == {**saved[1], "output_dir": None}
     for bad, message in ((["--num_shards", "0"], "--num_shards must be at least 1"),
-                         (["--num_shards", "2", "--shard_id", "2"], "--shard_id must be in 0 … 1")):
+                         (["--num_shards", "2", "--shard_id", "2"],
+                          "--shard_id must be in 0 … 1")):
         status, lines = run_cli(personalize.main, [
             "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
             "--zoo", str(runs["zoo"]), "--output_dir", str(tmp_path / "bad"), *bad], capsys)
@@ -643,6 +645,20 @@ def gate_run(runs, out: Path, *extra: str) -> dict:
         "--per_device_batch_size", "2", "--learning_rate", "0.5", *extra])
 
 
+def gates_refused(runs, capsys, folder: Path, *extra) -> str:
+    """train_zoo_gates.py's one error line for ``extra`` (the flags of gate_run, one step);
+    ``folder`` as it was before."""
+    before = listing(folder) if folder.exists() else None
+    status, lines = run_cli(train_zoo_gates.main, [
+        "--zoo", runs["zoo"], "--train_data", runs["root"] / "train.json", "--task", "LaMP-7",
+        "--model_addr", runs["model"], "--output_dir", folder, "--device", "cpu",
+        "--max_length", "96", "--generation_max_length", "16", "--max_steps", "1",
+        "--per_device_batch_size", "2", "--learning_rate", "0.5", *extra], capsys)
+    assert status != 0 and len(problems(lines)) == 1, lines
+    assert (listing(folder) if folder.exists() else None) == before
+    return problems(lines)[0]
+
+
 @pytest.fixture(scope="module")
 def gates(runs):
     out = runs["root"] / "gates"
@@ -898,22 +914,13 @@ def test_pending_sharers_survive_a_run_with_other_users_and_bad_gate_input_is_on
     assert last["trained"] == ["612"] and last["index"]["pending"] == []
     assert last["index"]["sharers"] == ["610", "611", "612"] and last["index"]["bf16"] is False
 
-    def refused(folder, *extra):
-        before = listing(folder) if folder.exists() else None
-        status, lines = run_cli(train_zoo_gates.main, [
-            "--zoo", runs["zoo"], "--train_data", runs["root"] / "train.json", "--task",
-            "LaMP-7", "--model_addr", runs["model"], "--output_dir", folder, "--device", "cpu",
-            "--max_length", "96", "--generation_max_length", "16", "--max_steps", "1",
-            "--per_device_batch_size", "2", "--learning_rate", "0.5", *extra], capsys)
-        assert status != 0 and len(problems(lines)) == 1, lines
-        assert (listing(folder) if folder.exists() else None) == before
-        return problems(lines)[0]
 
     # A damaged "pending": one line before any training, from both scripts.
     index = json.loads((out / "gates.json").read_text())
     for hostile in (5, ["610", 3], {"610": 1}):
         (out / "gates.json").write_text(json.dumps({**index, "pending": hostile}))
-        assert "not a gates index" in refused(out, "--no_bf16", "--users", str(tmp_path / "b.txt"))
+        assert "not a gates index" in gates_refused(runs, capsys, out, "--no_bf16", "--users",
+                                                    tmp_path / "b.txt")
         data = questions(tmp_path / "dev.json", [("611", "dev611")])
         status, lines = run_cli(personalize.main, [
             "--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
@@ -924,10 +931,95 @@ def test_pending_sharers_survive_a_run_with_other_users_and_bad_gate_input_is_on
     (out / "gates.json").write_text(json.dumps(index))
     # --bf16 where it is not native; a folder from before the flag, where the default is bf16.
     monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
-    assert "--bf16: this CPU has no AVX512-BF16" in refused(tmp_path / "new", "--bf16")
+    assert "--bf16: this CPU has no AVX512-BF16" in gates_refused(runs, capsys, tmp_path / "new",
+                                                                  "--bf16")
     monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)
     saved = json.loads((out / "args.json").read_text())
     saved.pop("bf16")
     (out / "args.json").write_text(json.dumps(saved))
-    assert "made before --bf16 existed" in refused(out, "--users", str(tmp_path / "b.txt"))
+    assert "made before --bf16 existed" in gates_refused(runs, capsys, out, "--users",
+                                                         tmp_path / "b.txt")
     assert gate_run(runs, out, *common, "--users", str(tmp_path / "b.txt"))["trained"] == []
+
+
+def test_cluster_sharers_are_the_most_active_of_planted_groups():
+    from LaMP.utils.errors import LampError
+    from LaMP.utils.modeling.pieces import cluster_sharers
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) * 10
+    users = [f"u{i}" for i in range(9)]
+    embeddings = np.vstack([centres[i // 3] + 0.01 * rng.normal(size=3) for i in range(9)])
+    sizes = {"u0": 5, "u1": 9, "u2": 9, "u3": 1, "u4": 2, "u5": 3, "u6": 4, "u7": 4, "u8": 4}
+    result = cluster_sharers(users, embeddings, sizes, 3, seed=0)
+    # u1 and u2 tie on 9 items: the smaller id; u6, u7, u8 tie on 4: u6.
+    assert result["sharers"] == ["u1", "u5", "u6"]
+    assert sorted(map(tuple, (c["members"] for c in result["clusters"]))) == [
+        ("u0", "u1", "u2"), ("u3", "u4", "u5"), ("u6", "u7", "u8")]
+    assert cluster_sharers(users, embeddings, sizes, 3, seed=0) == result
+    # The direction matters, not the length (the embeddings are L2-normalised first).
+    assert cluster_sharers(users, embeddings * np.arange(1, 10)[:, None], sizes, 3, 0) == result
+    assert cluster_sharers(users, embeddings, sizes, 1, 0)["sharers"] == ["u1"]
+    with pytest.raises(LampError, match="clusters:10: must be in 1 … 9"):
+        cluster_sharers(users, embeddings, sizes, 10, 0)
+
+
+def test_profile_embeddings_are_the_mean_of_the_items_embeddings(tmp_path):
+    import torch
+
+    from LaMP.utils.retrieval.dense import embed, load_encoder, profile_embeddings
+    from LaMP.utils.tasks import get_task
+
+    task = get_task("LaMP-7")
+    profiles = {"a": [{"id": "1", "text": "red fox jumps"}, {"id": "2", "text": "blue"}],
+                "b": [{"id": "3", "text": "green green fox"}]}
+    folder = build_tiny_bert(tmp_path / "bert", ["red fox jumps", "blue", "green green fox"])
+    tokenizer, model = load_encoder(folder, torch.float32)
+    model.eval()
+    rows = profile_embeddings(task, profiles, model, tokenizer, torch.device("cpu"), batch_size=2)
+    with torch.inference_mode():
+        one = {text: embed(model, tokenizer, [text], 64, "cpu")[0].numpy()
+               for text in ("red fox jumps", "blue", "green green fox")}
+    assert rows.shape == (2, 32)
+    np.testing.assert_allclose(rows[0], (one["red fox jumps"] + one["blue"]) / 2, atol=1e-5)
+    np.testing.assert_allclose(rows[1], one["green green fox"], atol=1e-5)
+
+
+def test_clusters_n_trains_the_most_active_member_of_each_cluster_once(runs, tmp_path, capsys,
+                                                                     monkeypatch):
+    profiles = {q["id"]: q["profile"] for q in json.loads((runs["root"] / "train.json")
+                                                           .read_text())}
+    encoder = build_tiny_bert(tmp_path / "bert", [item["text"] for items in profiles.values()
+                                                  for item in items])
+    out = tmp_path / "gates"
+    flags = ["--users", "clusters:2", "--sharer_encoder", encoder, "--max_steps", "1",
+             "--no_bf16"]
+    result = gate_run(runs, out, *flags)
+    stored = json.loads((out / "sharers.json").read_text())
+    (key, clustering), = stored.items()
+    assert key == f"clusters:2 {encoder} seed 42"
+    assert result["index"]["sharers"] == result["trained"] == clustering["sharers"]
+    assert sorted(u for c in clustering["clusters"] for u in c["members"]) == [
+        "610", "611", "612"]
+    for cluster in clustering["clusters"]:
+        most = max(len(profiles[u]) for u in cluster["members"])
+        assert len(profiles[cluster["sharer"]]) == most
+        assert cluster["sharer"] == min(u for u in cluster["members"] if len(profiles[u]) == most)
+    # A rerun (or another shard) takes the stored clustering: no encoder runs again.
+    from LaMP.utils.retrieval import dense
+
+    monkeypatch.setattr(dense, "profile_embeddings", lambda *a, **k: pytest.fail("re-embedded"))
+    again = gate_run(runs, out, *flags)
+    assert again["trained"] == [] and again["index"]["sharers"] == clustering["sharers"]
+    monkeypatch.undo()
+    new = tmp_path / "new"
+    for extra, message in (
+            (["--users", "clusters:4", "--sharer_encoder", encoder], "has 3 zoo members"),
+            (["--users", "clusters:0"], "clusters:N needs a whole number"),
+            (["--sharer_encoder", encoder], "--sharer_encoder goes with --users clusters:N"),
+            (["--users", "clusters:2", "--sharer_encoder", tmp_path / "nothing"],
+             "cannot load the encoder")):
+        assert message in gates_refused(runs, capsys, new, "--no_bf16", *extra)
+    for hostile in ("[1, 2]", json.dumps({key: {"sharers": 5}}), "{"):
+        (out / "sharers.json").write_text(hostile)
+        assert "sharers.json" in gates_refused(runs, capsys, out, *flags)

@@ -145,6 +145,27 @@ def read_gates(folder: str | Path, zoo, zoo_folder: str | Path, flag: str = "--g
                                          per_module.items()})
 
 
+def cluster_sharers(users: Sequence[str], embeddings: np.ndarray, sizes: Mapping[str, int],
+                    k: int, seed: int) -> dict:
+    """Per-Pcs's sharers: k-means (seeded k-means++) on the users' L2-normalised profile
+    embeddings, and in each cluster the most active user (the most profile items, ties to the
+    smaller id). A cluster k-means leaves empty has no sharer, so there may be fewer than k.
+    Returns {"sharers": sorted ids, "clusters": [{"sharer", "members"}]} (members sorted)."""
+    from LaMP.utils.modeling.zoo import kmeans, normalised
+
+    if not 1 <= k <= len(users):
+        raise LampError(f"clusters:{k}: must be in 1 … {len(users)} (the zoo members in the "
+                        "data)")
+    labels, _ = kmeans(normalised(np.asarray(embeddings, dtype=np.float64)), k, seed)
+    clusters = []
+    for label in sorted(set(labels.tolist())):
+        members = sorted(users[i] for i in np.flatnonzero(labels == label))
+        sharer = min(members, key=lambda user: (-sizes[user], user))
+        clusters.append({"sharer": sharer, "members": members})
+    clusters.sort(key=lambda cluster: cluster["sharer"])
+    return {"sharers": sorted(c["sharer"] for c in clusters), "clusters": clusters}
+
+
 def checked_pending(index, source: str) -> list[str]:
     """A gates index's sharers still to train ("pending": a list of ids; none if absent)."""
     pending = index.get("pending", []) if isinstance(index, dict) else None

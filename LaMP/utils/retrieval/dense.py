@@ -188,6 +188,29 @@ def embed(model, tokenizer, texts: list[str], max_length: int, device) -> torch.
     return mean_pool(model(**tokens).last_hidden_state, tokens["attention_mask"])
 
 
+def profile_embeddings(task: Task, profiles: dict[str, list], model, tokenizer, device,
+                       batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """One row per user of ``profiles`` (in its order): the mean of the user's items'
+    embeddings (their retrieval text, mean-pooled, float32), texts encoded shortest first in
+    batches of ``batch_size``."""
+    texts, owner = [], []
+    for row, items in enumerate(profiles.values()):
+        texts.extend(task.corpus(items))
+        owner.extend([row] * len(items))
+    max_length = encoder_max_length(tokenizer, model)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    vectors = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            vectors[chosen] = embed(model, tokenizer, [texts[i] for i in chosen], max_length,
+                                    device).float().cpu().numpy()
+    sums = np.zeros((len(profiles), vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, np.asarray(owner, dtype=np.int64), vectors)
+    counts = np.bincount(np.asarray(owner, dtype=np.int64), minlength=len(profiles))
+    return sums / np.maximum(counts, 1)[:, None]
+
+
 def encoder_max_length(tokenizer, model) -> int:
     """The most tokens a text keeps: the tokenizer's and the position table's limit, 512
     where neither is set (a tokenizer without a limit says ~1e30)."""
