@@ -1023,3 +1023,61 @@ def test_clusters_n_trains_the_most_active_member_of_each_cluster_once(runs, tmp
     for hostile in ("[1, 2]", json.dumps({key: {"sharers": 5}}), "{"):
         (out / "sharers.json").write_text(hostile)
         assert "sharers.json" in gates_refused(runs, capsys, out, *flags)
+
+
+def test_a_seq2seq_zoo_selects_assembles_pieces_and_serves_them(tmp_path):
+    """The whole zoo on a tiny T5: LoRA-XS users, the zoo, gates, a chosen member and
+    assembled pieces, each served by evaluate_llm.py as loading its folder by hand does."""
+    import torch
+
+    from conftest import build_tiny_t5
+
+    from LaMP.utils.data.users import user_adapter_dir
+    from LaMP.utils.modeling.zoo import read_zoo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_tiny_t5(tmp_path / "t5")
+        data = questions(tmp_path / "train.json", [("610", "610"), ("611", "611"), ("612", "612")])
+        users = train(data, model, tmp_path / "users", steps=40)
+        build_zoo.main(["--user_adapters", str(users), "--output_dir", str(tmp_path / "zoo")])
+        zoo = read_zoo(tmp_path / "zoo")
+        names = [m["name"] for m in zoo.modules]
+        assert any(".encoder." in f".{n}" for n in names) and any("EncDecAttention" in n
+                                                                 for n in names)
+        train_zoo_gates.main([
+            "--zoo", str(tmp_path / "zoo"), "--train_data", data, "--task", "LaMP-7",
+            "--model_addr", str(model), "--output_dir", str(tmp_path / "gates"), "--device",
+            "cpu", "--max_length", "96", "--generation_max_length", "16", "--max_steps", "2",
+            "--per_device_batch_size", "2", "--learning_rate", "0.5", "--no_bf16"])
+        dev = questions(tmp_path / "dev.json", [("611", "dev611")])
+        common = ["--validation_data", dev, "--task", "LaMP-7", "--model_addr", str(model),
+                  "--device", "cpu", "--max_length", "96", "--generation_max_length", "8"]
+        chosen = {}
+        for method, extra in (("select", []), ("pieces", ["--gates", str(tmp_path / "gates"),
+                                                          "--pieces_top_k", "1"])):
+            chosen[method] = personalize.main([
+                *common, "--zoo", str(tmp_path / "zoo"), "--output_dir", str(tmp_path / method),
+                "--method", method, "--no_bf16", *extra])["selection"]["users"]["dev611"]
+        pieces = chosen["pieces"]["pieces"]
+        assert sorted(pieces) == sorted(names)  # encoder, decoder and cross-attention alike
+        assert all(len(p["members"]) == 1 and p["weights"] == [1.0] for p in pieces.values())
+        served = {}
+        for method, by_hand in (("select", user_adapter_dir(users, chosen["select"]["members"][0])),
+                                ("pieces", user_adapter_dir(tmp_path / "pieces", "dev611"))):
+            answers = []
+            for out, flags in (("served", ["--user_adapters", str(tmp_path / method)]),
+                               ("by_hand", ["--adapter", str(by_hand)])):
+                evaluate_llm.main([*common, "--output_dir", str(tmp_path / f"{method}_{out}"),
+                                   "--generation_num_beams", "1", *flags])
+                answers.append(json.loads((tmp_path / f"{method}_{out}" / "predictions.json")
+                                          .read_text())["golds"])
+            assert answers[0] == answers[1] and answers[0][0]["output"], method
+            served[method] = answers[0]
+        evaluate_llm.main([*common, "--output_dir", str(tmp_path / "base"),
+                           "--generation_num_beams", "1"])
+        base = json.loads((tmp_path / "base" / "predictions.json").read_text())["golds"]
+        assert served["select"] != base and served["pieces"] != base  # the adapters act
+    finally:
+        torch.set_num_threads(threads)
