@@ -27,6 +27,7 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli.arguments import add_seed_argument
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError, preview
+from LaMP.utils.modeling.recipes import DEFAULT_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,19 @@ def gather_users(roots: list[str]) -> dict[str, dict]:
         if not records:
             raise LampError(f"--user_adapters {root}: no complete user folder (users/<user>/ "
                             "with user.json)")
-        # The run's task, where its index says (user.json does not): a zoo serves one task.
-        task = (read_users_index(root).get("task") if (Path(root) / USERS_INDEX).is_file()
-                else None)
+        # What the run's index says and user.json does not: the task (a zoo serves one), the
+        # recipe whose per-user template made the examples (a run from before recipes used
+        # LaMP's), and whether the prompts carried retrieved items.
+        run_index = (read_users_index(root) if (Path(root) / USERS_INDEX).is_file() else {})
+        made = {"task": run_index.get("task"),
+                "recipe": run_index.get("recipe") or DEFAULT_RECIPE,
+                "retrieved": (run_index.get("num_retrieved") or 0)
+                if run_index.get("use_profile") else 0}
         for user, record in records.items():
             if user in found:
                 twice.append(user)
             found[user] = {**record, "folder": str((Path(root) / record["folder"]).resolve()),
-                           "run": str(Path(root).resolve()), "task": task}
+                           "run": str(Path(root).resolve()), **made}
     if twice:
         raise LampError(f"--user_adapters: users in more than one run: "
                         f"{preview(sorted(map(repr, twice)))}; a zoo holds one adapter per user")
@@ -155,6 +161,22 @@ def read_members(records: dict[str, dict], args: argparse.Namespace, model: dict
     return configs[first], members
 
 
+def one_recipe(records: dict[str, dict]) -> str:
+    """The recipe every member's examples were made with (the template a new user's support
+    set and the gates' training must use too); one error line for mixed recipes or members
+    trained with retrieved items, which support sets do not carry."""
+    recipes = sorted({record["recipe"] for record in records.values()})
+    if len(recipes) > 1:
+        raise LampError(f"--user_adapters: runs of different recipes ({', '.join(recipes)}); "
+                        "a zoo's members must have learned from one per-user template")
+    retrieved = sorted({record["run"] for record in records.values() if record["retrieved"]})
+    if retrieved:
+        raise LampError(f"--user_adapters {retrieved[0]}: trained with retrieved profile items "
+                        "in each prompt (--use_profile); a zoo's support sets carry none, so "
+                        "train its members without it")
+    return recipes[0]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
@@ -190,6 +212,7 @@ def main(argv=None) -> dict:
                         "serves one task")
     if tasks:
         index["tasks"] = tasks
+    index["recipe"] = one_recipe(records)
     if args.cluster:
         index["clusters"] = cluster_zoo(users, vectors, k=args.num_clusters, seed=args.seed,
                                         k_max=args.max_clusters)

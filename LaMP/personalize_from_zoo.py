@@ -6,8 +6,8 @@ Example (from the LaMP/ folder):
         --task LaMP-7 --model_addr HuggingFaceTB/SmolLM2-135M-Instruct \
         --zoo ../runs/zoo --output_dir ../runs/zoo_dev --method select
 
-The support set of a user is their profile, as per-user training sees it (the task's per-user
-template). ``--method select``: every candidate's loss on the support set, the
+The support set of a user is their profile, as per-user training sees it (the per-user
+template of the recipe the zoo's members learned from). ``--method select``: every candidate's loss on the support set, the
 ``--shortlist`` lowest re-ranked by the task metric on the support set (greedy answers), the
 best one wins; ``--use_clusters`` scores each cluster's medoid first and then only the
 best cluster's members. ``--method random``: a seeded uniform choice. ``--method lorahub``:
@@ -148,9 +148,10 @@ class Personalizer:
 
     def __init__(self, args: argparse.Namespace, zoo, minimise=None, gates=None):
         from LaMP.utils.evaluation.metrics import metric_for  # noqa: F401 (fails early)
-        from LaMP.utils.modeling.zoo import load_zoo_model
+        from LaMP.utils.modeling.zoo import load_zoo_model, zoo_template
 
         self.args, self.zoo, self.minimise, self.gates = args, zoo, minimise, gates
+        self.template = zoo_template(zoo, args.task)  # the members' own
         self.lamp_model, self.slot, self.prompt_fn = load_zoo_model(args, zoo)
 
     def autocast(self):
@@ -169,7 +170,7 @@ class Personalizer:
         from LaMP.utils.modeling.user_training import derived_seed, user_examples
 
         examples = user_examples(self.args.task, user, items, seed=self.args.seed,
-                                 prompt_fn=self.prompt_fn)
+                                 prompt_fn=self.prompt_fn, template=self.template)
         cap = self.args.support_items
         if cap and len(examples) > cap:
             kept = sorted(random.Random(derived_seed(self.args.seed, user, "support"))
@@ -344,7 +345,7 @@ def main(argv=None) -> dict:
                                                 save_same_run, write_users_index)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users, shard_users)
-    from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
+    from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo, zoo_template
 
     from LaMP.utils.modeling.zoo import nevergrad_minimiser
 
@@ -379,7 +380,8 @@ def main(argv=None) -> dict:
                 args.validation_data, args.shard_id, args.num_shards, len(mine),
                 len(mine) - len(pending))
     profiles = collect_profiles(args.validation_data, task, pending)
-    check_users_have_items(task, profiles, args.seed, args.validation_data)
+    check_users_have_items(task, profiles, args.seed, args.validation_data,
+                           zoo_template(zoo, task))
     personalizer = Personalizer(args, zoo, minimise, gates) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,11 @@ members' adapters were trained on):
 
 Each sharer (every user of ``--train_data`` that is a zoo member, or those ``--users``
 picks: ``clusters:N`` as Per-Pcs does, the most active member of each of N k-means clusters
-of profile embeddings) gets, per adapted module, a gate vector g: with the sharer's own zoo adapter on the
-model and fixed, the module's LoRA branch reads x·σ(x·g), and only the gates train, on the
-sharer's profile through the task's per-user template (Per-Pcs's recipe: gates reset to 0,
-lr 2e-5, 200 steps of 6, gradient clipping 0.3, no weight decay). Writes
+of profile embeddings) gets, per adapted module, a gate vector g: with the sharer's own zoo
+adapter on the model and fixed, the module's LoRA branch reads x·σ(x·g), and only the gates
+train, on the sharer's profile through the per-user template its adapter learned from (the
+zoo's recipe's), with Per-Pcs's gate recipe: gates reset to 0, lr 2e-5, 200 steps of 6,
+gradient clipping 0.3, no weight decay. Writes
 ``users/<user>/gate.safetensors`` and ``user.json`` per sharer, ``gates.json`` and
 ``args.json``; a rerun goes on from the sharers already done, and ``--num_shards`` /
 ``--shard_id`` split the sharers between processes that share the folder (``gates.json``
@@ -222,9 +223,10 @@ class GateTrainer:
 
     def __init__(self, args: argparse.Namespace, zoo):
         from LaMP.utils.modeling.pieces import Gates
-        from LaMP.utils.modeling.zoo import load_zoo_model
+        from LaMP.utils.modeling.zoo import load_zoo_model, zoo_template
 
         self.args, self.zoo = args, zoo
+        self.template = zoo_template(zoo, args.task)  # the sharers' adapters learned from it
         self.lamp_model, self.slot, self.prompt_fn = load_zoo_model(args, zoo)
         for parameter in self.lamp_model.model.parameters():
             parameter.requires_grad_(False)  # the model and the sharer's adapter stay fixed
@@ -241,7 +243,8 @@ class GateTrainer:
 
         started = time.perf_counter()
         args = self.args
-        examples = user_examples(args.task, user, items, seed=args.seed, prompt_fn=self.prompt_fn)
+        examples = user_examples(args.task, user, items, seed=args.seed, prompt_fn=self.prompt_fn,
+                                 template=self.template)
         features = training_features(self.lamp_model, examples, max_length=args.max_length,
                                      target_max_length=args.generation_max_length)
         self.slot.use(self.zoo.vector_of([user], [1.0]))
@@ -311,7 +314,7 @@ def main(argv=None) -> dict:
                                                 save_same_run)
     from LaMP.utils.modeling.user_training import (check_users_have_items, collect_profiles,
                                                    scan_users, shard_users)
-    from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo
+    from LaMP.utils.modeling.zoo import check_zoo_fits, read_zoo, zoo_template
 
     clustered = (args.users or "").startswith(CLUSTERS)
     check_readable(args.train_data, "--train_data")
@@ -362,7 +365,7 @@ def main(argv=None) -> dict:
     mine = shard_users(sharers, args.shard_id, args.num_shards)
     pending = [user for user in mine if user not in done]
     profiles = collect_profiles(args.train_data, task, pending)
-    check_users_have_items(task, profiles, args.seed, args.train_data)
+    check_users_have_items(task, profiles, args.seed, args.train_data, zoo_template(zoo, task))
     trainer = GateTrainer(args, zoo) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)

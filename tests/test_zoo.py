@@ -29,13 +29,14 @@ def questions(path: Path, picked: list[tuple[str, str]]) -> str:
     return str(path)
 
 
-def train(data: str, model: Path, out: Path, steps: int = 2, peft: str = "lora_xs") -> Path:
+def train(data: str, model: Path, out: Path, steps: int = 2, peft: str = "lora_xs",
+          *extra: str) -> Path:
     train_user_peft.main(["--train_data", data, "--task", "LaMP-7", "--model_name", str(model),
                           "--output_dir", str(out), "--max_steps", str(steps),
                           "--per_device_batch_size", "4", "--max_length", "96",
                           "--generation_max_length", "16", "--learning_rate", "2e-1",
                           "--device", "cpu", "--peft", peft, "--lora_r", str(RANK),
-                          "--lora_dropout", "0", "--warmup_ratio", "0"])
+                          "--lora_dropout", "0", "--warmup_ratio", "0", *extra])
     return out
 
 
@@ -172,8 +173,15 @@ def test_mixed_bases_a_user_in_two_runs_and_other_methods_are_refused(runs, tmp_
                   tmp_path / "again")
     lora = train(questions(tmp_path / "l.json", [("614", "614")]), runs["model"],
                  tmp_path / "lora", peft="lora")
+    oppu = train(questions(tmp_path / "p.json", [("615", "615")]), runs["model"],
+                 tmp_path / "oppu", 2, "lora_xs", "--recipe", "oppu")
+    retrieved = train(questions(tmp_path / "r.json", [("616", "616")]), runs["model"],
+                      tmp_path / "retrieved", 2, "lora_xs", "--use_profile", "--num_retrieved",
+                      "1")
     cases = {
         (str(runs["users"]), str(other)): "trained on different base models",
+        (str(runs["users"]), str(oppu)): "runs of different recipes (lamp, oppu)",
+        (str(retrieved),): "trained with retrieved profile items in each prompt",
         (str(runs["users"]), str(again)): "users in more than one run: 1 (first: '610')",
         (str(runs["users"]), str(lora)): "a LORA adapter; a zoo holds lora_xs adapters",
     }
@@ -182,6 +190,39 @@ def test_mixed_bases_a_user_in_two_runs_and_other_methods_are_refused(runs, tmp_
                                                  tmp_path / "zoo"], capsys)
         assert status != 0 and len(problems(lines)) == 1 and message in problems(lines)[0]
         assert not (tmp_path / "zoo").exists()
+
+
+def test_support_sets_and_gates_use_the_template_the_members_learned_from(runs, tmp_path,
+                                                                        monkeypatch):
+    from LaMP.utils.modeling import user_training
+    from LaMP.utils.modeling.recipes import get_recipe
+    from LaMP.utils.modeling.zoo import read_zoo
+    from LaMP.utils.tasks import get_task
+
+    task = get_task("LaMP-7")
+    assert json.loads((runs["zoo"] / "zoo.json").read_text())["recipe"] == "lamp"
+    data = questions(tmp_path / "p.json", [("610", "610"), ("611", "611")])
+    oppu = train(data, runs["model"], tmp_path / "oppu", 2, "lora_xs", "--recipe", "oppu")
+    build_zoo.main(["--user_adapters", str(oppu), "--output_dir", str(tmp_path / "zoo")])
+    assert read_zoo(tmp_path / "zoo").index["recipe"] == "oppu"
+    # Every example the zoo's scripts make goes through the members' template.
+    used = []
+    made = user_training.user_examples
+
+    def recording(*args, **kwargs):
+        used.append(kwargs.get("template"))
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(user_training, "user_examples", recording)
+    dev = questions(tmp_path / "dev.json", [("611", "dev611")])
+    record = choose(runs, tmp_path / "zoo", dev, tmp_path / "out", "--method", "random",
+                    "--no_bf16")["selection"]["users"]["dev611"]
+    gate_run(runs, tmp_path / "gates", "--max_steps", "1", "--no_bf16", "--zoo",
+             str(tmp_path / "zoo"), "--train_data", data)
+    oppu_template = get_recipe("oppu").user_template(task)
+    assert oppu_template is not task.user_template and len(used) == 3  # dev611, 610, 611
+    assert all(template is oppu_template for template in used)
+    assert record["support_size"] > 0
 
 
 def test_clusters_find_planted_groups_with_their_medoids_first():

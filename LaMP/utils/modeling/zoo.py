@@ -329,6 +329,20 @@ class ZooAdapter:
                              .to(weight))
 
 
+def zoo_template(zoo: Zoo, task, flag: str = "--zoo"):
+    """The per-user template the zoo's members learned from (their recipe's for ``task``; a
+    zoo from before recipes were recorded: LaMP's): a new user's support set and the gates'
+    training examples are made with it too."""
+    from LaMP.utils.modeling.recipes import DEFAULT_RECIPE, get_recipe
+
+    name = zoo.index.get("recipe") or DEFAULT_RECIPE
+    template = get_recipe(name).user_template(task)
+    if template is None:
+        raise LampError(f"{flag}: its members' recipe {name!r} has no per-user template for "
+                        f"{task.name}")
+    return template
+
+
 def load_zoo_model(args, zoo: Zoo):
     """The zoo's base model (its task adapter merged in, float32) with one ``ZooAdapter`` slot,
     and its prompt builder: (the LampModel, the slot, the prompt function)."""
