@@ -107,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_profile_arguments(parser)
     add_generation_arguments(parser, training=False)
     add_shard_arguments(parser, "personalize", users=True)
-    # Default: bf16 autocast where it is native, as the training scripts. A forward pass of
-    # SmolLM2 on a support batch ran 3.6x faster on an AVX512-BF16 CPU.
+    # Default: bf16 autocast where it is native, as the training scripts. SmolLM2's support
+    # pass ran 2.7x faster on an AVX512-BF16 CPU (benchmarks/bench_zoo_scoring.py).
     add_bf16_arguments(parser, fp32="score candidates and answer the support set in fp32")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
