@@ -27,7 +27,6 @@ if importlib.util.find_spec("LaMP") is None:
 from LaMP.utils.cli.arguments import add_seed_argument
 from LaMP.utils.cli.program import ArgumentParser, run, setup_logging
 from LaMP.utils.errors import LampError, preview
-from LaMP.utils.modeling.recipes import DEFAULT_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +69,8 @@ def gather_users(roots: list[str]) -> dict[str, dict]:
     """Every complete user folder's record under ``roots`` (``folder``: absolute), by user;
     a user in two runs is one error line."""
     from LaMP.utils.data.fileio import check_readable
-    from LaMP.utils.data.users import USERS_INDEX
-    from LaMP.utils.modeling.user_store import read_users_index, scan_user_records
+    from LaMP.utils.modeling.user_store import scan_user_records
+    from LaMP.utils.modeling.zoo import run_made_with
 
     found: dict[str, dict] = {}
     twice = []
@@ -81,14 +80,10 @@ def gather_users(roots: list[str]) -> dict[str, dict]:
         if not records:
             raise LampError(f"--user_adapters {root}: no complete user folder (users/<user>/ "
                             "with user.json)")
-        # What the run's index says and user.json does not: the task (a zoo serves one), the
-        # recipe whose per-user template made the examples (a run from before recipes used
-        # LaMP's), and whether the prompts carried retrieved items.
-        run_index = (read_users_index(root) if (Path(root) / USERS_INDEX).is_file() else {})
-        made = {"task": run_index.get("task"),
-                "recipe": run_index.get("recipe") or DEFAULT_RECIPE,
-                "retrieved": (run_index.get("num_retrieved") or 0)
-                if run_index.get("use_profile") else 0}
+        # What the run's record says and user.json does not: the task (a zoo serves one),
+        # the recipe whose per-user template made the examples, and whether the prompts
+        # carried retrieved items.
+        made = run_made_with(root)
         for user, record in records.items():
             if user in found:
                 twice.append(user)

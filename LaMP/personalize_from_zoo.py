@@ -7,10 +7,11 @@ Example (from the LaMP/ folder):
         --zoo ../runs/zoo --output_dir ../runs/zoo_dev --method select
 
 The support set of a user is their profile, as per-user training sees it (the per-user
-template of the recipe the zoo's members learned from). ``--method select``: every candidate's loss on the support set, the
-``--shortlist`` lowest re-ranked by the task metric on the support set (greedy answers), the
-best one wins; ``--use_clusters`` scores each cluster's medoid first and then only the
-best cluster's members. ``--method random``: a seeded uniform choice. ``--method lorahub``:
+template of the recipe the zoo's members learned from). ``--method select``: every
+candidate's loss on the support set, the ``--shortlist`` lowest re-ranked by the task metric
+on the support set (greedy answers), the best one wins; ``--use_clusters`` scores each
+cluster's medoid first and then only the best cluster's members. ``--method random``: a
+seeded uniform choice. ``--method lorahub``:
 ``--lorahub_adapters`` members drawn with the seed, weighted by nevergrad's NGOpt (weights in
 ±1.5, ``--lorahub_budget`` evaluations of support loss + 0.05·mean|w|); the user gets their
 weighted sum. A user who is a member of the zoo is never given their own adapter. Leaves
@@ -369,9 +370,15 @@ def main(argv=None) -> dict:
     check_user_ids(users)
     output_dir = Path(args.output_dir)
     # Users chosen otherwise (another method, zoo or seed) never join a run's folder.
-    settings = {**plain_run_args(args), "stage": STAGE}
-    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "users personalized",
-                   added=ADDED_FLAGS)
+    # The zoo's digest too: users chosen from a zoo since rebuilt at the same path (other
+    # members, another template) must not join this folder's. A folder from before the
+    # digest was recorded is taken to be of this zoo, as it was then.
+    from LaMP.utils.modeling.pieces import zoo_digest
+
+    digest = zoo_digest(args.zoo)
+    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": digest}
+    added = {**ADDED_FLAGS, "zoo_sha256": digest}
+    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "users personalized", added=added)
     trained_on = {"base_model": zoo.index["base_model"],
                   "base_adapter": zoo.index.get("base_adapter")}
     mine = shard_users(users, args.shard_id, args.num_shards)
@@ -386,7 +393,7 @@ def main(argv=None) -> dict:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "users personalized",
-                  added=ADDED_FLAGS)  # the same file from every shard
+                  added=added)  # the same file from every shard
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     from tqdm.auto import tqdm
 

@@ -13,11 +13,12 @@ of profile embeddings) gets, per adapted module, a gate vector g: with the share
 adapter on the model and fixed, the module's LoRA branch reads x·σ(x·g), and only the gates
 train, on the sharer's profile through the per-user template its adapter learned from (the
 zoo's recipe's), with Per-Pcs's gate recipe: gates reset to 0, lr 2e-5, 200 steps of 6,
-gradient clipping 0.3, no weight decay. Writes
-``users/<user>/gate.safetensors`` and ``user.json`` per sharer, ``gates.json`` and
-``args.json``; a rerun goes on from the sharers already done, and ``--num_shards`` /
-``--shard_id`` split the sharers between processes that share the folder (``gates.json``
-lists the sharers still to train; ``--method pieces`` waits for none).
+gradient clipping 0.3, no weight decay. Writes ``users/<user>/gate.safetensors`` and
+``user.json`` per sharer, ``gates.json``, ``args.json`` and, for ``clusters:N``,
+``sharers.json`` (the clustering, kept for reruns and shards); a rerun goes on from the
+sharers already done, and ``--num_shards`` / ``--shard_id`` split the sharers between
+processes that share the folder (``gates.json`` lists the sharers still to train;
+``--method pieces`` waits for none).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 STAGE = "train_zoo_gates"  # args.json's "stage": what made the folder
 # Flags that may differ between the runs that fill one --output_dir.
 RUN_LOCAL_FLAGS = frozenset({"train_data", "output_dir", "users", "device", "cache_dir",
-                             "num_shards", "shard_id"})
+                             "num_shards", "shard_id", "sharer_encoder"})  # who shares
 # Flags newer than some output folders, at the value those folders' runs had.
 ADDED_FLAGS = {"bf16": False}
 # Per-Pcs's gate training (as read from its released code).
@@ -94,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_shard_arguments(parser, args)
     if args.sharer_encoder is not None and not (args.users or "").startswith(CLUSTERS):
         parser.error("--sharer_encoder goes with --users clusters:N")
+    if args.sharer_encoder == "":
+        parser.error("--sharer_encoder: give a local folder or a hub name")
     if args.max_steps < 1 or args.per_device_batch_size < 1:
         parser.error("--max_steps and --per_device_batch_size must be >= 1")
     if not args.learning_rate > 0 or args.max_grad_norm < 0:
@@ -121,7 +124,7 @@ def sharers_arg(text: str) -> str:
         count = text[len(CLUSTERS):]
         if not (count.isascii() and count.isdigit() and int(count) >= 1):
             raise argparse.ArgumentTypeError(f"{text!r}: clusters:N needs a whole number N >= 1")
-        return text
+        return f"{CLUSTERS}{int(count)}"  # clusters:02 is clusters:2
     return users_arg(text)
 
 
@@ -140,14 +143,22 @@ def encoder_name(args: argparse.Namespace) -> str:
     return str(minilm_path(args.cache_dir))
 
 
-def clustering_key(args: argparse.Namespace) -> str:
-    """What a stored clustering was made with: the spec and the encoder as given."""
-    return f"{args.users} {args.sharer_encoder or 'all-MiniLM-L6-v2'} seed {args.seed}"
+def clustering_key(args: argparse.Namespace, candidates: list[str]) -> str:
+    """What a clustering is made of: the spec, the encoder (a local one by its absolute
+    path), the seed and the members clustered (a digest of their ids)."""
+    import hashlib
+    import os
+
+    encoder = args.sharer_encoder or "all-MiniLM-L6-v2"
+    if os.path.isdir(encoder):
+        encoder = os.path.abspath(encoder)
+    members = hashlib.sha256("\n".join(candidates).encode()).hexdigest()[:16]
+    return f"{args.users} {encoder} seed {args.seed} members {members}"
 
 
-def stored_clustering(output_dir: Path, key: str) -> dict | None:
-    """The clustering ``key`` names in the folder's sharers.json (one error line if the file
-    is damaged), or None."""
+def stored_clustering(output_dir: Path, key: str, candidates: list[str]) -> dict | None:
+    """The clustering ``key`` names in the folder's sharers.json, or None; one error line if
+    the file is damaged or its sharers are not among ``candidates``."""
     from LaMP.utils.data.fileio import read_json
     from LaMP.utils.modeling.pieces import checked_sharers
 
@@ -158,7 +169,11 @@ def stored_clustering(output_dir: Path, key: str) -> dict | None:
     if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
         raise LampError(f"{path}: not a sharers file (an object of clusterings)")
     if key in stored:
-        checked_sharers(stored[key], f"{path} ({key})")
+        strangers = sorted(set(checked_sharers(stored[key], f"{path} ({key})"))
+                           - set(candidates))
+        if strangers:
+            raise LampError(f"{path} ({key}): sharers that are no zoo member of the data: "
+                            f"{preview(strangers)}")
     return stored.get(key)
 
 
@@ -190,14 +205,15 @@ def cluster_members(args: argparse.Namespace, task, members_in_data: list[str],
     return clustering
 
 
-def keep_clustering(output_dir: Path, key: str, clustering: dict) -> None:
+def keep_clustering(output_dir: Path, key: str, clustering: dict, candidates: list[str]
+                    ) -> None:
     """Store ``clustering`` under ``key`` in sharers.json, unless another process stored a
     different one meanwhile (one error line: the folder's sharers are already another's)."""
     from LaMP.utils.data.fileio import atomic_write_json, read_json
     from LaMP.utils.modeling.user_store import index_lock
 
     with index_lock(output_dir, SHARER_CLUSTERS):
-        stored = stored_clustering(output_dir, key)
+        stored = stored_clustering(output_dir, key, candidates)
         if stored is not None and stored["sharers"] != clustering["sharers"]:
             raise LampError(f"{output_dir / SHARER_CLUSTERS}: another run clustered the "
                             f"members otherwise for {key!r} meanwhile; rerun to use its sharers")
@@ -330,14 +346,22 @@ def main(argv=None) -> dict:
     task = args.task
     users = scan_users(args.train_data, task)
     members = set(zoo.users)
+    output_dir = Path(args.output_dir)
+    # The zoo's digest too: gates trained on members since rebuilt at the same path must
+    # not pass for this zoo's. Checked before any sharer is chosen (an encoder runs for it).
+    digest = zoo_digest(args.zoo)
+    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": digest}
+    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained", added=ADDED_FLAGS)
+    previous_pending(output_dir)  # a damaged index: one line now, not after the training
+    template = zoo_template(zoo, task)
     clustering = None
     if clustered:
-        key = clustering_key(args)
-        clustering = stored_clustering(Path(args.output_dir), key)
+        candidates = sorted(user for user in users if user in members)
+        key = clustering_key(args, candidates)
+        clustering = stored_clustering(output_dir, key, candidates)
         if clustering is None:
-            clustering = cluster_members(
-                args, task, sorted(user for user in users if user in members),
-                profile_sizes(iter_questions(args.train_data, task)))
+            clustering = cluster_members(args, task, candidates,
+                                         profile_sizes(iter_questions(args.train_data, task)))
         sharers = clustering["sharers"]
     elif args.users:
         sharers = choose_users(args.users, users,
@@ -354,25 +378,18 @@ def main(argv=None) -> dict:
         raise LampError(f"--train_data {args.train_data}: none of its users is a member of "
                         f"--zoo {args.zoo}")
     check_user_ids(sharers)
-    output_dir = Path(args.output_dir)
-    # The zoo's digest too: gates trained on members since rebuilt at the same path must
-    # not pass for this zoo's.
-    digest = zoo_digest(args.zoo)
-    settings = {**plain_run_args(args), "stage": STAGE, "zoo_sha256": digest}
-    check_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained", added=ADDED_FLAGS)
-    previous_pending(output_dir)  # a damaged index: one line now, not after the training
     done = set(finished_sharers(output_dir))
     mine = shard_users(sharers, args.shard_id, args.num_shards)
     pending = [user for user in mine if user not in done]
     profiles = collect_profiles(args.train_data, task, pending)
-    check_users_have_items(task, profiles, args.seed, args.train_data, zoo_template(zoo, task))
+    check_users_have_items(task, profiles, args.seed, args.train_data, template)
     trainer = GateTrainer(args, zoo) if pending else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    if clustering is not None:
-        keep_clustering(output_dir, key, clustering)
     save_same_run(output_dir, settings, RUN_LOCAL_FLAGS, "gates trained",
                   added=ADDED_FLAGS)  # the same file from every shard
+    if clustering is not None:
+        keep_clustering(output_dir, key, clustering, candidates)
     remove_stale_temporaries_in(output_dir / USERS_FOLDER)
     from tqdm.auto import tqdm
 

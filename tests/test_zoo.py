@@ -214,6 +214,14 @@ def test_support_sets_and_gates_use_the_template_the_members_learned_from(runs, 
         return made(*args, **kwargs)
 
     monkeypatch.setattr(user_training, "user_examples", recording)
+    checked = []
+    check = user_training.check_users_have_items
+
+    def checking(task, profiles, seed, path, template=None):
+        checked.append(template)
+        return check(task, profiles, seed, path, template)
+
+    monkeypatch.setattr(user_training, "check_users_have_items", checking)
     dev = questions(tmp_path / "dev.json", [("611", "dev611")])
     record = choose(runs, tmp_path / "zoo", dev, tmp_path / "out", "--method", "random",
                     "--no_bf16")["selection"]["users"]["dev611"]
@@ -222,6 +230,7 @@ def test_support_sets_and_gates_use_the_template_the_members_learned_from(runs, 
     oppu_template = get_recipe("oppu").user_template(task)
     assert oppu_template is not task.user_template and len(used) == 3  # dev611, 610, 611
     assert all(template is oppu_template for template in used)
+    assert len(checked) == 2 and all(template is oppu_template for template in checked)
     assert record["support_size"] > 0
 
 
@@ -1038,7 +1047,7 @@ def test_clusters_n_trains_the_most_active_member_of_each_cluster_once(runs, tmp
     result = gate_run(runs, out, *flags)
     stored = json.loads((out / "sharers.json").read_text())
     (key, clustering), = stored.items()
-    assert key == f"clusters:2 {encoder} seed 42"
+    assert key.startswith(f"clusters:2 {encoder} seed 42 members ")
     assert result["index"]["sharers"] == result["trained"] == clustering["sharers"]
     assert sorted(u for c in clustering["clusters"] for u in c["members"]) == [
         "610", "611", "612"]
@@ -1061,9 +1070,23 @@ def test_clusters_n_trains_the_most_active_member_of_each_cluster_once(runs, tmp
             (["--users", "clusters:2", "--sharer_encoder", tmp_path / "nothing"],
              "cannot load the encoder")):
         assert message in gates_refused(runs, capsys, new, "--no_bf16", *extra)
-    for hostile in ("[1, 2]", json.dumps({key: {"sharers": 5}}), "{"):
+    # Who shares is the run's choice, not the folder's: other --users (and encoders) add.
+    mixed = tmp_path / "mixed"
+    gate_run(runs, mixed, "--users", "most_active:1", "--max_steps", "1", "--no_bf16")
+    gate_run(runs, mixed, *flags)
+    assert gate_run(runs, mixed, "--max_steps", "1", "--no_bf16")["index"]["sharers"] == [
+        "610", "611", "612"]
+    # clusters:02 is clusters:2: the same stored clustering, nothing embedded again.
+    monkeypatch.setattr(dense, "profile_embeddings", lambda *a, **k: pytest.fail("re-embedded"))
+    assert gate_run(runs, out, "--users", "clusters:02", *flags[2:])["trained"] == []
+    monkeypatch.undo()
+    for hostile, message in (("[1, 2]", "not a sharers file"),
+                             (json.dumps({key: {"sharers": 5}}), "not a gates index"),
+                             ("{", "sharers.json"),
+                             (json.dumps({key: {**clustering, "sharers": ["610", "dev9"]}}),
+                              "sharers that are no zoo member of the data: 1 (first: dev9)")):
         (out / "sharers.json").write_text(hostile)
-        assert "sharers.json" in gates_refused(runs, capsys, out, *flags)
+        assert message in gates_refused(runs, capsys, out, *flags)
 
 
 def test_a_seq2seq_zoo_selects_assembles_pieces_and_serves_them(tmp_path):
@@ -1122,3 +1145,72 @@ def test_a_seq2seq_zoo_selects_assembles_pieces_and_serves_them(tmp_path):
         assert served["select"] != base and served["pieces"] != base  # the adapters act
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_zoo_without_its_recipe_takes_its_runs_and_bad_recipes_are_one_line(runs, tmp_path,
+                                                                             capsys):
+    import shutil
+
+    from LaMP.utils.modeling.zoo import read_zoo, zoo_recipe
+
+    data = questions(tmp_path / "p.json", [("610", "610"), ("611", "611")])
+    oppu = train(data, runs["model"], tmp_path / "oppu", 2, "lora_xs", "--recipe", "oppu")
+    # A run stopped before its users.json: its args.json says the recipe.
+    (oppu / "users.json").unlink()
+    build_zoo.main(["--user_adapters", str(oppu), "--output_dir", str(tmp_path / "zoo")])
+    assert read_zoo(tmp_path / "zoo").index["recipe"] == "oppu"
+    # A zoo built before the recipe was recorded: its members' runs say it.
+    index = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
+    (tmp_path / "zoo" / "zoo.json").write_text(json.dumps(
+        {k: v for k, v in index.items() if k != "recipe"}))
+    assert zoo_recipe(read_zoo(tmp_path / "zoo")) == "oppu"
+    dev = questions(tmp_path / "dev.json", [("612", "dev612")])
+    common = ["--validation_data", dev, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+              "--device", "cpu", "--max_length", "96", "--generation_max_length", "8",
+              "--method", "random", "--no_bf16"]
+    shutil.rmtree(oppu)  # ... and once they are gone, nothing does
+    for zoo_json, message in (
+            ({k: v for k, v in index.items() if k != "recipe"}, "rebuild it with build_zoo.py"),
+            ({**index, "recipe": ["oppu"]}, "zoo.json's recipe ['oppu'] is none of"),
+            ({**index, "recipe": "nosuch"}, "zoo.json's recipe 'nosuch' is none of")):
+        (tmp_path / "zoo" / "zoo.json").write_text(json.dumps(zoo_json))
+        status, lines = run_cli(personalize.main, [*common, "--zoo", tmp_path / "zoo",
+                                                   "--output_dir", tmp_path / "out"], capsys)
+        assert status != 0 and len(problems(lines)) == 1 and message in problems(lines)[0], lines
+        assert not (tmp_path / "out").exists()
+    # A run whose record names a recipe this project does not know.
+    again = train(data, runs["model"], tmp_path / "again", 1)
+    for recipe in (["oppu"], "nosuch", 3):
+        record = json.loads((again / "users.json").read_text())
+        (again / "users.json").write_text(json.dumps({**record, "recipe": recipe}))
+        status, lines = run_cli(build_zoo.main, ["--user_adapters", again, "--output_dir",
+                                                 tmp_path / "zoo2"], capsys)
+        assert status != 0 and len(problems(lines)) == 1 and "is none of lamp, oppu" in \
+            problems(lines)[0], lines
+        assert not (tmp_path / "zoo2").exists()
+
+
+def test_a_selection_folder_refuses_a_zoo_rebuilt_at_its_path(runs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(runs["zoo"], zoo)
+    data = questions(tmp_path / "dev.json", [("610", "dev610")])
+    common = ["--validation_data", data, "--task", "LaMP-7", "--model_addr", str(runs["model"]),
+              "--zoo", str(zoo), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+              "--max_length", "96", "--generation_max_length", "8", "--method", "random"]
+    personalize.main(common)
+    # A folder from before the digest was recorded continues as it did.
+    saved = json.loads((tmp_path / "out" / "args.json").read_text())
+    (tmp_path / "out" / "args.json").write_text(json.dumps(
+        {k: v for k, v in saved.items() if k != "zoo_sha256"}))
+    more = questions(tmp_path / "more.json", [("611", "dev611")])
+    assert personalize.main([*common[:1], more, *common[2:]])["chosen"] == ["dev611"]
+    vectors = load_file(str(zoo / "vectors.safetensors"))["R"]
+    save_file({"R": vectors * 2}, str(zoo / "vectors.safetensors"))  # the zoo rebuilt
+    before = listing(tmp_path / "out")
+    status, lines = run_cli(personalize.main, common, capsys)
+    assert status == 2 and len(problems(lines)) == 1 and "--zoo_sha256" in problems(lines)[0]
+    assert listing(tmp_path / "out") == before

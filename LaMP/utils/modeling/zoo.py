@@ -329,13 +329,62 @@ class ZooAdapter:
                              .to(weight))
 
 
-def zoo_template(zoo: Zoo, task, flag: str = "--zoo"):
-    """The per-user template the zoo's members learned from (their recipe's for ``task``; a
-    zoo from before recipes were recorded: LaMP's): a new user's support set and the gates'
-    training examples are made with it too."""
-    from LaMP.utils.modeling.recipes import DEFAULT_RECIPE, get_recipe
+def run_made_with(root: str | Path) -> dict:
+    """What a per-user training run's examples were made with, as its users.json says (or,
+    for a run stopped before it, its args.json): ``task``, ``recipe`` (whose per-user
+    template; a run from before recipes used LaMP's) and ``retrieved`` (profile items in
+    each prompt). One error line for a recipe this project does not know."""
+    from LaMP.utils.data.fileio import read_json
+    from LaMP.utils.data.users import USERS_INDEX
+    from LaMP.utils.modeling.recipes import DEFAULT_RECIPE, RECIPES
 
-    name = zoo.index.get("recipe") or DEFAULT_RECIPE
+    root = Path(root)
+    made, source = {}, root
+    for name in (USERS_INDEX, "args.json"):
+        if (root / name).is_file():
+            made = read_json(root / name, "per-user run record")
+            source = root / name
+            break
+    if not isinstance(made, dict):
+        raise LampError(f"{source}: not a per-user run's record (a JSON object)")
+    recipe = made.get("recipe", DEFAULT_RECIPE)
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise LampError(f"{source}: recipe {recipe!r} is none of {', '.join(RECIPES)}")
+    retrieved = made.get("num_retrieved") if made.get("use_profile") else 0
+    return {"task": made.get("task") if isinstance(made.get("task"), str) else None,
+            "recipe": recipe, "retrieved": retrieved if isinstance(retrieved, int) else 1}
+
+
+def zoo_recipe(zoo: Zoo, flag: str = "--zoo") -> str:
+    """The recipe the zoo's members learned from: zoo.json's, or for a zoo built before it
+    was recorded, their runs' (one error line where those are gone or disagree)."""
+    from LaMP.utils.modeling.recipes import RECIPES
+
+    recipe = zoo.index.get("recipe")
+    if recipe is not None:
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise LampError(f"{flag}: zoo.json's recipe {recipe!r} is none of "
+                            f"{', '.join(RECIPES)}")
+        return recipe
+    members = zoo.index.get("members")
+    runs = sorted({m.get("run") for m in members.values() if isinstance(m, dict)}
+                  if isinstance(members, dict) else set())
+    if not runs or not all(isinstance(run, str) and Path(run).is_dir() for run in runs):
+        raise LampError(f"{flag}: zoo.json does not say which recipe its members learned "
+                        "from, and their training runs are gone; rebuild it with build_zoo.py")
+    recipes = sorted({run_made_with(run)["recipe"] for run in runs})
+    if len(recipes) > 1:
+        raise LampError(f"{flag}: its members' runs used different recipes "
+                        f"({', '.join(recipes)}); rebuild it with build_zoo.py")
+    return recipes[0]
+
+
+def zoo_template(zoo: Zoo, task, flag: str = "--zoo"):
+    """The per-user template the zoo's members learned from (``zoo_recipe``'s, for
+    ``task``): a new user's support set and the gates' training examples use it too."""
+    from LaMP.utils.modeling.recipes import get_recipe
+
+    name = zoo_recipe(zoo, flag)
     template = get_recipe(name).user_template(task)
     if template is None:
         raise LampError(f"{flag}: its members' recipe {name!r} has no per-user template for "
