@@ -697,7 +697,7 @@ def gate_run(runs, out: Path, *extra: str) -> dict:
 
 def gates_refused(runs, capsys, folder: Path, *extra) -> str:
     """train_zoo_gates.py's one error line for ``extra`` (the flags of gate_run, one step);
-    ``folder`` as it was before."""
+    ``folder`` left unchanged."""
     before = listing(folder) if folder.exists() else None
     status, lines = run_cli(train_zoo_gates.main, [
         "--zoo", runs["zoo"], "--train_data", runs["root"] / "train.json", "--task", "LaMP-7",
