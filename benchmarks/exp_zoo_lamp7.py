@@ -1,9 +1,9 @@
 """A new user personalised from a zoo of other users' LoRA-XS adapters against the task adapter
 and per-user SGD: SmolLM2-135M-Instruct on real LaMP-7 dev (user split), on a CPU.
 
+    python benchmarks/exp_zoo_lamp7.py --smoke      # 128-user zoo, 16 users: can selection work?
     python benchmarks/exp_zoo_lamp7.py [--work_dir runs/exp_zoo] [--zoo_users 400] \
         [--users 64] [--num_shards N --shard_id i]
-    python benchmarks/exp_zoo_lamp7.py --smoke      # 128-user zoo, 16 users: can selection work?
 
 The users of exp_user_peft_lamp7.py (its splits, made the same way): the ``--users`` most
 active users are the new users, the next ``--tuning_users`` check the task adapter's
@@ -35,10 +35,13 @@ Every row is compared with the task adapter at the same k (paired bootstrap); th
 (ROUGE-1/L, differences, seconds per new user, the certificate's coverage for the choices
 among fixed members) goes to ``--results_dir`` as exp_zoo_lamp7.md and .json.
 
-``--smoke`` measures first whether selection can work here at all: with a 128-user zoo and
-16 new users, every member's support loss and the ROUGE-1 of its answer to the user's
-question (k = 0), and per user the Spearman correlation of the two (negative: a lower loss
-goes with a better answer); written as exp_zoo_lamp7_smoke.md.
+``--smoke`` measures first whether selection can work here at all: with a zoo of the first
+``--smoke_members`` (128) of the members and the ``--smoke_users`` (16) most active new users,
+every member's support loss and the ROUGE-1 of its answer to the user's question (k = 0), and
+per user the Spearman correlation of the two (negative: a lower loss goes with a better
+answer); written as exp_zoo_lamp7_smoke.md. The smoke is the first stage of the full run in
+the same work folder: its task adapter and its members are the full run's, which goes on
+from them.
 
 Jobs are resumable as in exp_user_peft_lamp7.py (per-user trainings go on from the users
 done; ``--num_shards`` processes share them). Needs ../shared/lamp-real (or LAMP_REAL_DIR)
@@ -87,18 +90,17 @@ LABELS = {"task": "task adapter alone (train_llm.py --recipe oppu, k = 0)",
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=None,
-                        help="folder for the splits, every job and the logs (default "
-                             "runs/exp_zoo, with --smoke runs/exp_zoo_smoke)")
+                        help="folder for the splits, every job and the logs, the smoke's "
+                             "and the full run's (default runs/exp_zoo)")
     parser.add_argument("--results_dir", default=str(REPO / "benchmarks" / "results"),
                         help="where the tables are written")
     parser.add_argument("--seed", type=int, default=0, help="seed of the zoo users and runs")
-    parser.add_argument("--users", type=int, default=None,
-                        help="new users: the most active ones (default 64; --smoke 16)")
+    parser.add_argument("--users", type=int, default=64,
+                        help="new users: the most active ones")
     parser.add_argument("--tuning_users", type=int, default=16,
                         help="the next most active users (the task adapter's validation)")
-    parser.add_argument("--zoo_users", type=int, default=None,
-                        help="other users: the task adapter's data and the zoo's members "
-                             "(default 400; --smoke 128)")
+    parser.add_argument("--zoo_users", type=int, default=400,
+                        help="other users: the task adapter's data and the zoo's members")
     parser.add_argument("--zoo_epochs", type=int, default=20,
                         help="epochs of every LoRA-XS adapter (the fork's 20)")
     parser.add_argument("--sharers", type=int, default=100,
@@ -111,14 +113,19 @@ def parse_args(argv=None):
                              "seed; 0: the whole profile, the fork's, which costs every member "
                              "a pass over up to 226 tweets per user on a CPU)")
     parser.add_argument("--smoke", action="store_true",
-                        help="only the correlation of support loss and query ROUGE-1")
+                        help="only the correlation of support loss and query ROUGE-1, on a "
+                             "zoo of the first --smoke_members members")
+    parser.add_argument("--smoke_users", type=int, default=16,
+                        help="--smoke: the most active of the new users")
+    parser.add_argument("--smoke_members", type=int, default=128,
+                        help="the members trained first, the smoke's zoo")
     add_run_arguments(parser, generation_batch=16)
     args = parser.parse_args(argv)
     check_run_arguments(parser, args)
-    args.users = args.users or (16 if args.smoke else 64)
-    args.zoo_users = args.zoo_users or (128 if args.smoke else 400)
-    args.work_dir = args.work_dir or str(REPO / "runs" / ("exp_zoo_smoke" if args.smoke
-                                                          else "exp_zoo"))
+    for name, most in (("smoke_users", "users"), ("smoke_members", "zoo_users")):
+        if not 1 <= getattr(args, name) <= getattr(args, most):
+            parser.error(f"--{name} must be between 1 and --{most} ({getattr(args, most)})")
+    args.work_dir = args.work_dir or str(REPO / "runs" / "exp_zoo")
     args.n_task_train = args.zoo_users  # what exp_user_peft_lamp7.py's splits call them
     return args
 
@@ -131,20 +138,25 @@ class Experiment(UserPeftExperiment):
     def script(self, name: str, script: str, arguments: list[str]) -> dict:
         return run_measured(script, arguments, self.log(name, f".shard{self.args.shard_id}"))
 
-    def zoo(self) -> str:
-        return str(self.folder("build_zoo") / "zoo")
+    def zoo(self, job: str = "build_zoo") -> str:
+        return str(self.folder(job) / "zoo")
 
     def task_adapter(self) -> str:
         return self.summary("train_task_k0")["adapter"]
 
     def add_jobs(self) -> None:
         args = self.args
+        self.member_splits()
         self.add("train_task_k0", (), lambda: self.train_task("train_task_k0", 0))
-        self.xs_users("zoo_members", "task", ("train_task_k0",))
-        self.add("build_zoo", ("zoo_members",), self.build_zoo)
+        members = [f"zoo_{split}" for split in ("members_first", "members_rest")
+                   if self.splits[split]["count"]][:1 if args.smoke else 2]
+        for name in members:
+            self.xs_users(name, name[len("zoo_"):], ("train_task_k0",))
         if args.smoke:
-            self.add("correlation", ("build_zoo",), self.correlation, per_user=True)
+            self.add("smoke_zoo", (members[0],), lambda: self.build_zoo("smoke_zoo", members[:1]))
+            self.add("correlation", ("smoke_zoo",), self.correlation, per_user=True)
             return
+        self.add("build_zoo", members, lambda: self.build_zoo("build_zoo", members))
         for k in KS:
             self.add(f"task_k{k}", ("train_task_k0",), lambda k=k: self.evaluate(
                 f"task_k{k}", "heldout", k, "--adapter", self.task_adapter()))
@@ -160,6 +172,26 @@ class Experiment(UserPeftExperiment):
             self.add_evaluations(arm)
             if arm in ("select", "select_loss", "random"):
                 self.add(f"{arm}_bound", (f"{arm}_k0",), lambda a=arm: self.bound(a))
+
+    def member_splits(self) -> None:
+        """The task users in two parts, the first ``--smoke_members`` (the smoke's zoo) and
+        the rest: users files written once per work folder (a folder that holds another
+        cut is refused)."""
+        from filelock import FileLock
+
+        users = Path(self.splits["task"]["users"]).read_text().split()
+        cut = self.args.smoke_members
+        with FileLock(self.work / ".splits.lock"):
+            for name, part in (("members_first", users[:cut]), ("members_rest", users[cut:])):
+                path = self.work / f"{name}_users.txt"
+                text = "".join(f"{user}\n" for user in part)
+                if path.exists() and path.read_text() != text:
+                    sys.exit(f"error: {self.work} holds a zoo of other first members "
+                             f"({len(path.read_text().split())} in {path.name}, not "
+                             f"--smoke_members {cut}); choose another --work_dir")
+                if not path.exists():
+                    path.write_text(text)
+                self.splits[name] = {"users": str(path), "spec": str(path), "count": len(part)}
 
     def add_evaluations(self, name: str) -> None:
         for k in KS:
@@ -181,15 +213,16 @@ class Experiment(UserPeftExperiment):
 
         self.add(name, needs, run, done=lambda: self.summary(name) is not None, per_user=True)
 
-    def build_zoo(self) -> None:
-        out = Path(self.zoo())
+    def build_zoo(self, name: str, members: list[str]) -> None:
+        """A zoo of the adapters of the ``members`` jobs."""
+        out = Path(self.zoo(name))
         if out.exists() and not (out / "zoo.json").exists():
             out.rmdir()
-        measured = self.script("build_zoo", "LaMP/build_zoo.py", [
-            "--user_adapters", str(self.folder("zoo_members")), "--output_dir", str(out),
-            "--cluster", "--seed", str(self.args.seed)])
+        measured = self.script(name, "LaMP/build_zoo.py", [
+            "--user_adapters", *(str(self.folder(job)) for job in members), "--output_dir",
+            str(out), "--cluster", "--seed", str(self.args.seed)])
         index = read_json(out / "zoo.json")
-        write_json(self.folder("build_zoo") / "summary.json", {
+        write_json(self.folder(name) / "summary.json", {
             **measured, "members": len(index["users"]),
             "clusters": len(index.get("clusters", {}).get("clusters", []))})
 
@@ -263,8 +296,9 @@ class Experiment(UserPeftExperiment):
         return done
 
     def correlation(self) -> None:
-        """Per new user (this shard's share): every member's support loss and the ROUGE-1 of
-        its answer to the user's question (k = 0, greedy), and their Spearman correlation.
+        """Per smoke user (this shard's share): every member of the smoke's zoo, its support
+        loss and the ROUGE-1 of its answer to the user's question (k = 0, greedy), and their
+        Spearman correlation.
         Each shard keeps its users in users.shard<i>.json; the one that finds every user done
         writes the summary."""
         import numpy as np
@@ -281,7 +315,7 @@ class Experiment(UserPeftExperiment):
         from LaMP.utils.tasks import get_task
 
         task = get_task("LaMP-7")
-        zoo = read_zoo(self.zoo())
+        zoo = read_zoo(self.zoo("smoke_zoo"))
         settings = argparse.Namespace(
             model_addr=self.model, device="cpu", chat_template=True, trust_remote_code=False,
             cache_dir=None, max_length=256, generation_max_length=48, task=task,
@@ -295,7 +329,10 @@ class Experiment(UserPeftExperiment):
         out = folder / f"users.shard{self.args.shard_id}.json"
         own = read_json(out) if out.exists() else {}  # this shard's file, as it is
         done = self.correlated()
-        questions = list(iter_questions(self.splits["heldout"]["merged"], task))
+        smoke = set(Path(self.splits["heldout"]["users"]).read_text().split()
+                    [:self.args.smoke_users])
+        questions = [question for question in iter_questions(self.splits["heldout"]["merged"],
+                                                             task) if user_of(question) in smoke]
         mine = set(shard_users([user_of(q) for q in questions], self.args.shard_id,
                                self.args.num_shards))
         for question in questions:
@@ -365,8 +402,10 @@ def write_smoke_table(experiment: Experiment, waiting: list[str]) -> Path:
     args = experiment.args
     summary = experiment.summary("correlation")
     lines = [f"Can zoo selection work on LaMP-7? (benchmarks/exp_zoo_lamp7.py --smoke): a zoo of "
-             f"{args.zoo_users} users' LoRA-XS adapters ({args.zoo_epochs} epochs each, on the "
-             f"task adapter), the {args.users} most active users as new users; SmolLM2-135M-"
+             f"the first {args.smoke_members} of the full run's {args.zoo_users} members' LoRA-XS "
+             f"adapters ({args.zoo_epochs} epochs each, on the task adapter, trained on all "
+             f"{args.zoo_users}), the {args.smoke_users} most active users as new users; "
+             "SmolLM2-135M-"
              "Instruct, CPU. Per user: Spearman correlation between each member's support loss "
              f"(on {args.support_items or 'all'} of the user's tweets, under bf16 autocast "
              "where native) and the ROUGE-1 of its answer to the user's question (k = 0, "
