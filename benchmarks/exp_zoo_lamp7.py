@@ -175,22 +175,37 @@ class Experiment(UserPeftExperiment):
 
     def member_splits(self) -> None:
         """The task users in two parts, the first ``--smoke_members`` (the smoke's zoo) and
-        the rest: users files written once per work folder (a folder that holds another
-        cut is refused)."""
+        the rest, kept in members.json with the settings every member is trained with: the
+        smoke and the full run share the members, so a folder made with other settings is
+        refused (each part trains into its own job folder, which train_user_peft.py checks
+        only against itself)."""
         from filelock import FileLock
 
+        args = self.args
         users = Path(self.splits["task"]["users"]).read_text().split()
-        cut = self.args.smoke_members
+        cut = args.smoke_members
+        parts = {"members_first": users[:cut], "members_rest": users[cut:]}
+        settings = {"smoke_members": cut, "zoo_epochs": args.zoo_epochs,
+                    "user_max_steps": args.user_max_steps,
+                    "task_max_steps": args.task_max_steps}
+        stamp = self.work / "members.json"
         with FileLock(self.work / ".splits.lock"):
-            for name, part in (("members_first", users[:cut]), ("members_rest", users[cut:])):
+            if stamp.exists() and read_json(stamp)["settings"] != settings:
+                held = read_json(stamp)["settings"]
+                sys.exit(f"error: {self.work} holds zoo members made with "
+                         f"{', '.join(f'--{k} {v}' for k, v in held.items() if settings[k] != v)}"
+                         f" (this run: "
+                         f"{', '.join(f'--{k} {v}' for k, v in settings.items() if held[k] != v)}"
+                         "); choose another --work_dir")
+            if not stamp.exists():
+                write_json(stamp, {"settings": settings, **parts})
+            for name, part in parts.items():
                 path = self.work / f"{name}_users.txt"
                 text = "".join(f"{user}\n" for user in part)
-                if path.exists() and path.read_text() != text:
-                    sys.exit(f"error: {self.work} holds a zoo of other first members "
-                             f"({len(path.read_text().split())} in {path.name}, not "
-                             f"--smoke_members {cut}); choose another --work_dir")
-                if not path.exists():
-                    path.write_text(text)
+                if not path.exists() or path.read_text() != text:  # whole or not at all
+                    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    temporary.write_text(text)
+                    os.replace(temporary, path)
                 self.splits[name] = {"users": str(path), "spec": str(path), "count": len(part)}
 
     def add_evaluations(self, name: str) -> None:
@@ -374,7 +389,7 @@ class Experiment(UserPeftExperiment):
             "users": len(done), "members": len(zoo.users),
             "mean_spearman": float(np.nanmean(rhos)),
             "negative": sum(r < 0 for r in rhos), "users_json": str(out),
-            "bf16": settings.bf16})
+            "support_items": self.args.support_items, "bf16": settings.bf16})
 
 
 def spearman(x, y) -> float:
@@ -401,13 +416,15 @@ def spearman(x, y) -> float:
 def write_smoke_table(experiment: Experiment, waiting: list[str]) -> Path:
     args = experiment.args
     summary = experiment.summary("correlation")
+    # What the correlation was run with, once it has run (a rerun with other flags keeps it).
+    users = summary["users"] if summary else args.smoke_users
+    support = summary.get("support_items", args.support_items) if summary else args.support_items
     lines = [f"Can zoo selection work on LaMP-7? (benchmarks/exp_zoo_lamp7.py --smoke): a zoo of "
              f"the first {args.smoke_members} of the full run's {args.zoo_users} members' LoRA-XS "
              f"adapters ({args.zoo_epochs} epochs each, on the task adapter, trained on all "
-             f"{args.zoo_users}), the {args.smoke_users} most active users as new users; "
-             "SmolLM2-135M-"
-             "Instruct, CPU. Per user: Spearman correlation between each member's support loss "
-             f"(on {args.support_items or 'all'} of the user's tweets, under bf16 autocast "
+             f"{args.zoo_users}), the {users} most active users as new users; "
+             "SmolLM2-135M-Instruct, CPU. Per user: Spearman correlation between each member's "
+             f"support loss (on {support or 'all'} of the user's tweets, under bf16 autocast "
              "where native) and the ROUGE-1 of its answer to the user's question (k = 0, "
              "fp32).", ""]
     if waiting:
