@@ -62,7 +62,7 @@ from pathlib import Path
 from bench_lora_lamp7 import REPO, run_measured
 from exp_user_peft_lamp7 import SOURCE, Experiment as UserPeftExperiment
 from jobs import (add_run_arguments, check_run_arguments, paired_bootstrap, read_json,
-                  start_logging, write_json)
+                  start_logging, write_json, write_text)
 
 logger = logging.getLogger("exp_zoo_lamp7")
 
@@ -190,22 +190,20 @@ class Experiment(UserPeftExperiment):
                     "task_max_steps": args.task_max_steps}
         stamp = self.work / "members.json"
         with FileLock(self.work / ".splits.lock"):
-            if stamp.exists() and read_json(stamp)["settings"] != settings:
-                held = read_json(stamp)["settings"]
+            held = read_json(stamp)["settings"] if stamp.exists() else settings
+            differ = [key for key in settings if held[key] != settings[key]]
+            if differ:
                 sys.exit(f"error: {self.work} holds zoo members made with "
-                         f"{', '.join(f'--{k} {v}' for k, v in held.items() if settings[k] != v)}"
-                         f" (this run: "
-                         f"{', '.join(f'--{k} {v}' for k, v in settings.items() if held[k] != v)}"
-                         "); choose another --work_dir")
+                         f"{', '.join(f'--{k} {held[k]}' for k in differ)} (this run: "
+                         f"{', '.join(f'--{k} {settings[k]}' for k in differ)}); choose "
+                         "another --work_dir")
             if not stamp.exists():
                 write_json(stamp, {"settings": settings, **parts})
             for name, part in parts.items():
                 path = self.work / f"{name}_users.txt"
                 text = "".join(f"{user}\n" for user in part)
-                if not path.exists() or path.read_text() != text:  # whole or not at all
-                    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                    temporary.write_text(text)
-                    os.replace(temporary, path)
+                if not path.exists() or path.read_text() != text:
+                    write_text(path, text)
                 self.splits[name] = {"users": str(path), "spec": str(path), "count": len(part)}
 
     def add_evaluations(self, name: str) -> None:

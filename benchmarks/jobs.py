@@ -19,12 +19,16 @@ from bench_lora_lamp7 import REPO
 logger = logging.getLogger("jobs")
 
 
-def write_json(path: Path, value) -> None:
-    """Whole or not at all: a kill never leaves a summary a rerun would take as done."""
+def write_text(path: Path, text: str) -> None:
+    """Whole or not at all: a kill never leaves a file a rerun would take as done."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temporary.write_text(json.dumps(value, indent=2))
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json(path: Path, value) -> None:
+    write_text(path, json.dumps(value, indent=2))
 
 
 def read_json(path: Path):
